@@ -1,0 +1,108 @@
+"""The one attention dispatch point. Every model calls `attend`; backends plug in here.
+
+Masking semantics (shared with `pallas_kernels.block_sparse_attention`): query i of batch row b
+sits at key index `i + q_offset[b]`. Key j is visible to query i iff
+  * not causal, or j <= i + q_offset[b];
+  * segment ids are equal (packed inputs: documents never see each other);
+  * no sliding window, or i + q_offset[b] - j < window.
+A query that sees no key returns 0 (reference backend), never NaN.
+
+Backends (`AttentionSpec.impl`):
+  * "reference": float32 einsum with a materialized [B, Sq, Sk] mask. Tests and debugging.
+  * "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
+  * "auto": `jax.nn.dot_product_attention(implementation=None)`: cuDNN on GPUs where it applies,
+    XLA otherwise.
+Sparse prefill (block-sparse kernels) will be selected here through `AttentionSpec`, never in
+model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "reference", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """How to compute attention. Static (hashable): it is part of the jit cache key."""
+
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+           q_offset: jax.Array | None = None, segment_ids: tuple[jax.Array, jax.Array] | None = None,
+           window: int | None = None, sm_scale: float | None = None,
+           spec: AttentionSpec = AttentionSpec()) -> jax.Array:
+    """Scaled dot-product attention with GQA.
+
+    Args:
+      q: [B, Sq, Hq, D]; k: [B, Sk, Hkv, D]; v: [B, Sk, Hkv, Dv], Hq a multiple of Hkv.
+      causal: mask keys after the query (by index, shifted by q_offset).
+      q_offset: int32 [B], key index of each row's first query (decode / chunked prefill).
+      segment_ids: (q_seg [B, Sq], kv_seg [B, Sk]) int32; attend only within equal ids.
+      window: sliding window length (Mistral), or None.
+      sm_scale: logit scale, default 1/sqrt(D).
+    Returns:
+      [B, Sq, Hq, Dv] in q's dtype.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    if spec.impl == "reference":
+        mask = build_mask(q.shape[1], k.shape[1], q.shape[0], causal, q_offset, segment_ids, window)
+        return reference_attention(q, k, v, mask, sm_scale)
+
+    implementation = None if spec.impl == "auto" else spec.impl
+    simple = q_offset is None and segment_ids is None and q.shape[1] == k.shape[1]
+    if simple:  # plain (windowed) causal self-attention: no mask array, fastest kernels
+        local = (window - 1, 0) if (window is not None and causal) else None
+        if window is not None and not causal:
+            local = (window - 1, window - 1)
+        return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal,
+                                            local_window_size=local, implementation=implementation)
+    mask = build_mask(q.shape[1], k.shape[1], q.shape[0], causal, q_offset, segment_ids, window)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=sm_scale,
+                                        implementation=implementation)
+
+
+def build_mask(sq: int, sk: int, batch: int, causal: bool, q_offset: jax.Array | None,
+               segment_ids: tuple[jax.Array, jax.Array] | None, window: int | None) -> jax.Array:
+    """bool [B, Sq, Sk]: True where query i may attend key j (see module docstring)."""
+    q_idx = jnp.arange(sq)[None, :, None]
+    if q_offset is not None:
+        q_idx = q_idx + jnp.asarray(q_offset, jnp.int32).reshape(-1, 1, 1)
+    k_idx = jnp.arange(sk)[None, None, :]
+    mask = jnp.ones((batch, sq, sk), bool)
+    if causal:
+        mask &= k_idx <= q_idx
+    if window is not None:
+        mask &= (q_idx - k_idx < window) & (k_idx - q_idx < (1 if causal else window))
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids
+        mask &= q_seg[:, :, None] == kv_seg[:, None, :]
+    return mask
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                        sm_scale: float) -> jax.Array:
+    """Pure-jnp float32 attention. mask bool [B, Sq, Sk]; fully masked rows give 0."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, sq, hkv, hq // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * sm_scale
+    m = mask[:, None, None]
+    logits = jnp.where(m, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
+    return out.reshape(b, sq, hq, v.shape[-1]).astype(q.dtype)

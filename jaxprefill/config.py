@@ -1,0 +1,243 @@
+"""Typed model configuration, built from a Hugging Face `config.json`, a GGUF header or YAML.
+
+One `ModelConfig` describes every Llama-family decoder we run (Llama 2/3/3.1, Qwen2/2.5, Qwen3,
+Mistral, SmolLM2). Differences between families are fields, not subclasses:
+
+| family  | qkv_bias | o_bias | qk_norm | notes                              |
+|---------|----------|--------|---------|------------------------------------|
+| llama   | attention_bias | attention_bias | no | llama3 / linear / yarn RoPE scaling |
+| mistral | no       | no     | no      | optional sliding window            |
+| qwen2   | yes      | no     | no      |                                    |
+| qwen3   | attention_bias | attention_bias | yes | explicit head_dim          |
+
+Both spellings of RoPE settings in config.json are read: transformers 4 (`rope_theta` +
+`rope_scaling`) and transformers 5 (`rope_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import yaml
+
+# model_type -> the `architectures` entry transformers writes for it.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class ConfigError(ValueError):
+    """A model or run configuration that cannot be used; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings. `type` selects how inverse frequencies are rescaled."""
+
+    type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise ConfigError(f"rope type {self.type!r} is not supported; supported: {ROPE_TYPES}")
+        if self.theta <= 0:
+            raise ConfigError(f"rope theta must be positive, got {self.theta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and options of a Llama-family decoder. Field names follow our code, not HF's."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(unsupported_message(self.model_type))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                              f"({self.num_kv_heads})")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+    # ---- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a transformers `config.json` dict (transformers 4 or 5 spelling)."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = d.get("architectures") or []
+            by_arch = {v: k for k, v in SUPPORTED_MODEL_TYPES.items()}
+            model_type = next((by_arch[a] for a in archs if a in by_arch), None)
+            if model_type is None:
+                raise ConfigError(unsupported_message(d.get("model_type"), archs))
+        try:
+            hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+            bias = bool(d.get("attention_bias", False))
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+            return cls(
+                model_type=model_type,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                qkv_bias=True if model_type == "qwen2" else bias,
+                o_bias=False if model_type == "qwen2" else bias,
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                qk_norm=model_type == "qwen3",
+                sliding_window=_sliding_window(model_type, d),
+                rope=rope_from_hf(d),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"config.json has a malformed field: {e}") from None
+
+    @classmethod
+    def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read `config.json` (a file or the directory holding it)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
+        return cls.from_hf_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict` (our own field names, e.g. from YAML); unknown keys are errors."""
+        d = dict(d)
+        rope = d.pop("rope", {}) or {}
+        check_keys(d, cls, "model config")
+        check_keys(rope, RopeConfig, "rope config")
+        if "eos_token_ids" in d:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(rope=RopeConfig(**rope), **d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def unsupported_message(model_type: Any, architectures: Any = ()) -> str:
+    supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+    return (f"unsupported architecture: model_type={model_type!r}, architectures={list(architectures)}; "
+            f"supported model types: {supported}")
+
+
+def check_keys(d: Mapping[str, Any], cls: type, what: str) -> None:
+    """Raise a ConfigError naming every key of `d` that is not a field of dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {what}; known keys: {sorted(known)}")
+
+
+def rope_from_hf(d: Mapping[str, Any]) -> RopeConfig:
+    """RoPE settings from either `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+    params = dict(d.get("rope_parameters") or {})
+    scaling = dict(d.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+    max_pos = d.get("max_position_embeddings")
+    orig = merged.get("original_max_position_embeddings") or d.get("original_max_position_embeddings")
+    factor = merged.get("factor")
+    if rope_type == "yarn" and factor is None and orig and max_pos:
+        factor = max_pos / orig
+    return RopeConfig(
+        type=rope_type,
+        theta=float(theta),
+        factor=float(factor if factor is not None else 1.0),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(orig or max_pos) if (orig or max_pos) else None,
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        attention_factor=merged.get("attention_factor"),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        truncate=bool(merged.get("truncate", True)),
+    )
+
+
+def _sliding_window(model_type: str, d: Mapping[str, Any]) -> int | None:
+    window = d.get("sliding_window")
+    if window is None:
+        return None
+    # Qwen2 ships a sliding_window value but only applies it when use_sliding_window is set.
+    if model_type.startswith("qwen") and not d.get("use_sliding_window", False):
+        return None
+    return int(window)
