@@ -25,7 +25,7 @@ demo: install
 	$(PY) -m jaxprefill.demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 --dist loadfile -q -rs --durations=15 tests
+	$(PY) -m pytest -n 2 --dist load -q -rs --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,11 +11,12 @@ from jaxprefill.generate import GenerationResult, PromptTooLongError, generate
 from jaxprefill.loading import BUNDLED_MODELS, WeightError, load
 from jaxprefill.models import KVCache, Llama
 from jaxprefill.sharding import make_mesh
+from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec", "BUNDLED_MODELS", "ConfigError", "GenerationResult", "KVCache", "Llama",
     "ModelConfig", "PromptTooLongError", "RopeConfig", "WeightError", "attend", "generate", "load",
-    "make_mesh",
+    "make_mesh", "BlockSparseLayout", "SegmentIds", "block_sparse_attention",
 ]

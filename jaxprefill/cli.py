@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxprefill", description="jaxprefill command line")
     sub = parser.add_subparsers(dest="command", required=True)
     register_generate(sub)
+    from jaxprefill.infer.cli import register as register_infer
+
+    register_infer(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,40 +1,49 @@
-"""`make demo`: the main job on the bundled real model (SmolLM2-135M-Instruct GGUF).
+"""`make demo`: the main job, a batch over bundled prompts on the bundled real model.
 
-Loads the model, answers a small batch of bundled prompts with greedy chat generation, and
-prints each answer with the batch's timings.
+SmolLM2-135M-Instruct (GGUF) answers `assets/demo_prompts.jsonl` through the batch engine
+(prepacked prefill, paged KV cache, continuous batching), the same path as
+`jaxprefill infer`; it prints each answer and the job's summary table.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from importlib import resources
+from pathlib import Path
 
 import jax
 
 import jaxprefill as jp
+from jaxprefill.infer import Engine, EngineConfig
+from jaxprefill.infer.jobs import run_job
 
 
 def main() -> None:
-    prompts = [json.loads(line) for line in
-               resources.files("jaxprefill").joinpath("assets/demo_prompts.jsonl").read_text().splitlines()
-               if line.strip()]
+    prompts = resources.files("jaxprefill").joinpath("assets/demo_prompts.jsonl")
     print(f"jaxprefill {jp.__version__} on {jax.devices()[0].platform} "
           f"({jax.device_count()} device(s))")
     t0 = time.perf_counter()
     model, tokenizer = jp.load("smollm2-135m-instruct")
     print(f"loaded smollm2-135m-instruct (GGUF, dequantized) in {time.perf_counter() - t0:.1f}s")
-
-    texts = [p["prompt"] for p in prompts]
-    jp.generate(model, tokenizer, texts, max_new_tokens=4, chat=True)  # compile once
-    outs = jp.generate(model, tokenizer, texts, max_new_tokens=64, chat=True, temperature=0.0)
-    for p, out in zip(prompts, outs):
-        print(f"\n[{p['id']}] {p['prompt']}\n  -> {out.text.strip()}  "
-              f"({out.prompt_tokens} prompt tok, {len(out.tokens)} new, {out.finish_reason})")
-    s = outs.stats
-    print(f"\nbatch of {len(texts)}: prefill {s.prompt_tokens} tokens in {s.prefill_s:.2f}s "
-          f"({s.prefill_tok_s:.0f} tok/s); decode {s.generated_tokens} tokens in {s.decode_s:.2f}s "
-          f"({s.decode_tok_s:.1f} tok/s)")
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=8, prefill_tokens=256, prefill_rows=1,
+                                                   page_size=64, num_pages=64, max_new_tokens=48,
+                                                   bucket=256))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "answers.jsonl"
+        with resources.as_file(prompts) as path:
+            summary = run_job(engine, path, out, progress=True)
+            questions = {json.loads(l)["id"]: json.loads(l) for l in path.read_text().splitlines()
+                         if l.strip()}
+        for row in map(json.loads, out.read_text().splitlines()):
+            q = questions[row["id"]]
+            asked = q.get("prompt") or q["messages"][-1]["content"]
+            print(f"\n[{row['id']}] {asked}\n  -> {row['text'].strip()}\n     "
+                  f"({row['prompt_tokens']} prompt tok, {row['completion_tokens']} new, "
+                  f"{row['finish_reason']}, TTFT {row['ttft_s']:.2f}s)")
+    print("\n" + summary.table())
+    print("(first-call times include XLA compilation)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from tqdm.auto import tqdm
 
 from jaxprefill.models import KVCache, Llama
@@ -107,13 +107,13 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
         tokens[i, :len(row)] = row
 
     graphdef, state = nnx.split(model)
-    sampling = (jnp.float32(temperature), jnp.float32(top_p), int(top_k))
-    keys = jax.vmap(lambda _: jax.random.key(seed))(jnp.arange(batch))
+    sampling = Sampling.make(batch, temperature, top_p, top_k, seed)
 
     t0 = time.perf_counter()
-    cache = KVCache.zeros(cfg, batch, cache_len, model.dtype)
+    cache_class = getattr(model, "cache_class", KVCache)  # DeepSeek: paged latent cache
+    cache = cache_class.zeros(cfg, batch, cache_len, model.dtype)
     next_tok, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                               keys, *sampling)
+                               sampling)
     next_tok = np.asarray(next_tok)
     t1 = time.perf_counter()
 
@@ -134,7 +134,7 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
         if all(f is not None for f in finish) or step == max_new_tokens - 1:
             break
         next_tok, cache = _decode(graphdef, state, jnp.asarray(next_tok[:, None]),
-                                  jnp.asarray(index), cache, keys, jnp.int32(step + 1), *sampling)
+                                  jnp.asarray(index), cache, sampling, step + 1)
         next_tok = np.asarray(next_tok)
         index += 1
     t2 = time.perf_counter()
@@ -162,42 +162,63 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
-           top_k: int) -> jax.Array:
-    """Next token per row from logits [B, V]: greedy when temperature == 0."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    if top_k > 0:
-        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
+           top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Next token per row from logits [B, V]; all other arguments are per row [B].
+
+    temperature 0 -> greedy. Otherwise softmax(logits / temperature) restricted to the top_k
+    (0 = all) most likely tokens and to the smallest prefix of them whose mass reaches top_p,
+    sampled with key fold_in(key(seed), step): a request samples the same tokens whatever batch,
+    slot or engine it runs in.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-    drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-    scaled = jnp.where(drop, -jnp.inf, scaled)
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    drop_sorted = ((jnp.cumsum(probs, axis=-1) - probs) >= top_p[:, None]) | (
+        (top_k[:, None] > 0) & (rank >= top_k[:, None]))
+    sorted_logits = jnp.where(drop_sorted, -jnp.inf, sorted_logits)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(4,))
-def _prefill(graphdef, state, tokens, lengths, cache, keys, temperature, top_p, top_k):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def _prefill(graphdef, state, tokens, lengths, cache, sampling):
     model = nnx.merge(graphdef, state)
     hidden, cache = model.forward(tokens, cache=cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    logits = model.logits(last)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-    return sample(logits, step_keys, temperature, top_p, top_k), cache
+    return sample(model.logits(last), *sampling.at_step(0)), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(4,))
-def _decode(graphdef, state, token, index, cache, keys, step, temperature, top_p, top_k):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def _decode(graphdef, state, token, index, cache, sampling, step):
     model = nnx.merge(graphdef, state)
     hidden, cache = model.forward(token, cache=cache, cache_index=index)
-    logits = model.logits(hidden[:, 0])
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    return sample(logits, step_keys, temperature, top_p, top_k), cache
+    return sample(model.logits(hidden[:, 0]), *sampling.at_step(step)), cache
+
+
+@struct.dataclass
+class Sampling:
+    """Per-row sampling settings [B] (a pytree, so one jitted function serves all settings)."""
+
+    seeds: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+
+    @classmethod
+    def make(cls, n: int, temperature=0.0, top_p=1.0, top_k=0, seed=0) -> "Sampling":
+        full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (n,)).copy()  # noqa: E731
+        return cls(full(seed, np.int32), full(temperature, np.float32), full(top_p, np.float32),
+                   full(top_k, np.int32))
+
+    def at_step(self, step) -> tuple:
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), self.seeds.shape)
+        return self.seeds, steps, self.temperature, self.top_p, self.top_k
 
 
 def _hits_stop(tokenizer, generated: list[int], stop: Sequence[str]) -> bool:

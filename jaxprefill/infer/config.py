@@ -1,0 +1,81 @@
+"""EngineConfig: the knobs of the batch inference engine (typed, YAML-loadable)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import yaml
+
+from jaxprefill.config import ConfigError, check_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static capacities of the engine; everything inside jit is shaped by these.
+
+    Prefill runs in rows of `prefill_tokens` tokens: short prompts are bin-packed into a row
+    (prepacking, segment ids + restarted positions), longer ones are split into chunks of
+    `prefill_tokens` (SARATHI) that attend to their cached prefix. Decode runs `max_batch` slots;
+    a finished slot is refilled from the queue at the next step (continuous batching).
+    """
+
+    max_batch: int = 8             # decode slots
+    prefill_tokens: int = 512      # tokens per prefill row (chunk size for long prompts)
+    prefill_rows: int = 2          # packed prefill rows per step
+    page_size: int = 64            # tokens per KV-cache page
+    num_pages: int = 256           # pages in the cache pool (shared by all sequences)
+    max_seq_len: int | None = None  # prompt + completion cap; default: the model's context
+    max_new_tokens: int = 128      # default per request
+    temperature: float = 0.0       # defaults; a request may override them
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    chat: bool = True              # render text prompts through the chat template
+    packing: bool = True           # False: one prompt per prefill row (padded; for comparison)
+    bucket: int = 256              # cache-view lengths are rounded up to this (bounds recompiles)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "prefill_tokens", "prefill_rows", "page_size", "num_pages",
+                     "max_new_tokens", "bucket"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"engine config: {name} must be a positive integer, got {value!r}")
+        if self.bucket % self.page_size:
+            raise ConfigError(f"engine config: bucket ({self.bucket}) must be a multiple of "
+                              f"page_size ({self.page_size})")
+        if not 0.0 <= self.temperature:
+            raise ConfigError(f"engine config: temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"engine config: top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EngineConfig":
+        check_keys(d, cls, "engine config")
+        return cls(**d)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+    """A batch job: which model, its dtype and attention backend, and the engine settings."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    attention: str = "auto"
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InferConfig":
+        d = dict(d)
+        check_keys(d, cls, "infer config")
+        engine = EngineConfig.from_dict(d.pop("engine", None) or {})
+        return cls(engine=engine, **d)
+
+    @classmethod
+    def from_yaml(cls, path) -> "InferConfig":
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping")
+        return cls.from_dict(d)

@@ -1,0 +1,312 @@
+"""The batch inference engine: prepacked + chunked prefill, paged KV cache, continuous batching.
+
+One `Engine.run` loop, each iteration:
+  1. admit waiting requests while a decode slot and enough pages (prompt + max_new_tokens) are
+     free; pages are reserved up front, so a running request never stalls for memory;
+  2. prefill under a token budget (`prefill_rows x prefill_tokens`): whole short prompts are
+     bin-packed into rows (first-fit decreasing), long prompts advance one chunk per iteration
+     against their cached prefix; a prompt whose last token is prefilled samples its first token
+     (time to first token);
+  3. one decode step for every slot that has finished prefill (decode-maximal batching: decodes
+     run every iteration, prefill fills the rest of the budget);
+  4. finished requests (eos, stop string, max_new_tokens) free their slot and pages and are
+     reported at once through `on_result`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxprefill.generate import PromptTooLongError, Sampling, encode_prompt
+from jaxprefill.infer import steps
+from jaxprefill.infer.config import EngineConfig
+from jaxprefill.infer.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
+from jaxprefill.infer.scheduler import pack_rows
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt to complete. Sampling fields left None take the engine config's defaults."""
+
+    id: str
+    prompt: str | list | None = None   # text, chat messages, or token ids
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: Sequence[str] | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    id: str
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str      # eos | stop | length
+    ttft_s: float           # submit -> first token
+    decode_tok_s: float     # generated tokens after the first / their time
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "text": self.text, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.tokens), "finish_reason": self.finish_reason,
+                "ttft_s": round(self.ttft_s, 4), "decode_tok_s": round(self.decode_tok_s, 2)}
+
+
+@dataclasses.dataclass
+class _Seq:
+    """Engine-side state of an admitted request."""
+
+    req: Request
+    ids: list[int]
+    max_new: int
+    sampling: tuple  # (seed, temperature, top_p, top_k)
+    slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    prefilled: int = 0
+    out: list[int] = dataclasses.field(default_factory=list)
+    t_submit: float = 0.0
+    t_first: float | None = None
+    finish: str | None = None
+
+
+class Engine:
+    """`Engine(model, tokenizer, config).generate(prompts)`; `run(requests, on_result)` streams."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        cfg = model.config
+        self.max_seq_len = config.max_seq_len or cfg.max_position_embeddings
+        self.graphdef, self.state = nnx.split(model)
+        self.cache = PagedKVCache.zeros(cfg, config.num_pages, config.page_size, model.dtype)
+        self.allocator = PageAllocator(config.num_pages)
+        eos = tokenizer.eos_token_ids if tokenizer is not None else ()
+        self.eos = set(eos or cfg.eos_token_ids)
+        self.stats = {"prefill_calls": 0, "decode_calls": 0, "packed_rows": 0, "chunk_rows": 0}
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def generate(self, prompts: Iterable, progress: bool = False) -> list[Result]:
+        """Complete prompts (text, messages, token ids, or Request); results in input order."""
+        reqs = [p if isinstance(p, Request) else Request(id=str(i), prompt=p)
+                for i, p in enumerate(prompts)]
+        done: dict[str, Result] = {}
+        self.run(reqs, lambda r: done.__setitem__(r.id, r), progress=progress)
+        return [done[r.id] for r in reqs]
+
+    def prepare(self, req: Request) -> _Seq:
+        """Tokenize and validate; raises ValueError / PromptTooLongError naming the problem."""
+        c = self.config
+        ids = encode_prompt(self.tokenizer, req.prompt, c.chat) if req.prompt is not None else []
+        if not ids:
+            raise ValueError(f"request {req.id!r}: empty prompt")
+        max_new = req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens
+        if max_new < 1:
+            raise ValueError(f"request {req.id!r}: max_new_tokens must be >= 1, got {max_new}")
+        if len(ids) + max_new > self.max_seq_len:
+            raise PromptTooLongError(
+                f"request {req.id!r}: prompt has {len(ids)} tokens; with max_new_tokens={max_new} "
+                f"it needs {len(ids) + max_new} positions but the limit is {self.max_seq_len}")
+        pages = math.ceil((len(ids) + max_new) / c.page_size)
+        if pages > c.num_pages - 1:
+            raise PromptTooLongError(f"request {req.id!r}: needs {pages} cache pages, the pool "
+                                     f"has {c.num_pages - 1}")
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        sampling = (pick(req.seed, c.seed), pick(req.temperature, c.temperature),
+                    pick(req.top_p, c.top_p), pick(req.top_k, c.top_k))
+        return _Seq(req, ids, max_new, sampling, t_submit=time.perf_counter())
+
+    def run(self, requests: Iterable[Request], on_result: Callable[[Result], None],
+            on_error: Callable[[Request, Exception], None] | None = None,
+            progress: bool = False, total: int | None = None) -> None:
+        """Complete every request, calling on_result as each finishes. Invalid requests go to
+        on_error (default: raise)."""
+        waiting: list[_Seq] = []
+        for req in requests:
+            try:
+                waiting.append(self.prepare(req))
+            except ValueError as e:
+                if on_error is None:
+                    raise
+                on_error(req, e)
+        slots: list[_Seq | None] = [None] * self.config.max_batch
+        bar = tqdm(total=total or len(waiting), desc="requests", disable=not progress)
+        while waiting or any(slots):
+            self._admit(waiting, slots)
+            active = [s for s in slots if s is not None]
+            if not active:
+                raise RuntimeError("no request fits the page pool; raise num_pages")
+            self._prefill([s for s in active if s.prefilled < len(s.ids)])
+            self._decode(slots)
+            for i, s in enumerate(slots):
+                if s is not None and s.finish is not None:
+                    self.allocator.free(s.pages)
+                    slots[i] = None
+                    on_result(self._result(s))
+                    bar.update(1)
+        bar.close()
+
+    # ---- scheduling ------------------------------------------------------------------------
+
+    def _admit(self, waiting: list[_Seq], slots: list) -> None:
+        while waiting and None in slots:
+            seq = waiting[0]
+            need = math.ceil((len(seq.ids) + seq.max_new) / self.config.page_size)
+            pages = self.allocator.allocate(need)
+            if pages is None:
+                return  # wait for running requests to free pages
+            waiting.pop(0)
+            seq.pages, seq.slot = pages, slots.index(None)
+            slots[seq.slot] = seq
+
+    def _prefill(self, pending: list[_Seq]) -> None:
+        c = self.config
+        fresh = [s for s in pending if s.prefilled == 0 and len(s.ids) <= c.prefill_tokens]
+        chunked = [s for s in pending if s not in fresh]
+        if fresh:
+            rows = pack_rows([len(s.ids) for s in fresh], c.prefill_tokens, c.prefill_rows,
+                             pack=c.packing)
+            self._run_packed([[fresh[i] for i in row] for row in rows])
+        if chunked:
+            self._run_chunks(chunked[: c.prefill_rows])
+
+    def _run_packed(self, rows: list[list[_Seq]]) -> None:
+        c = self.config
+        r, width, n = c.prefill_rows, c.prefill_tokens, c.max_batch
+        tokens = np.zeros((r, width), np.int32)
+        positions = np.zeros((r, width), np.int32)
+        segments = np.zeros((r, width), np.int32)
+        slots = np.full((r, width), c.num_pages * c.page_size, np.int32)  # out of range = skip
+        last = np.zeros(n, np.int32)
+        seqs = []
+        for ri, row in enumerate(rows):
+            col = 0
+            for seg, s in enumerate(row, start=1):
+                ln = len(s.ids)
+                tokens[ri, col:col + ln] = s.ids
+                positions[ri, col:col + ln] = np.arange(ln)
+                segments[ri, col:col + ln] = seg
+                pos = np.arange(ln)
+                slots[ri, col:col + ln] = (np.asarray(s.pages)[pos // c.page_size] * c.page_size
+                                           + pos % c.page_size)
+                last[len(seqs)] = ri * width + col + ln - 1
+                seqs.append(s)
+                col += ln
+        sampling, step = self._sampling(seqs, n)
+        nxt, self.cache = steps.prefill_packed(
+            self.graphdef, self.state, self.cache, *map(jnp.asarray, (tokens, positions, segments,
+                                                                      slots, last)),
+            sampling, step)
+        self.stats["prefill_calls"] += 1
+        self.stats["packed_rows"] += len(rows)
+        self._finish_prefill(seqs, np.asarray(nxt), [len(s.ids) for s in seqs])
+
+    def _run_chunks(self, seqs: list[_Seq]) -> None:
+        c = self.config
+        r, width = c.prefill_rows, c.prefill_tokens
+        tokens = np.zeros((r, width), np.int32)
+        start = np.zeros(r, np.int32)
+        n_valid = np.ones(r, np.int32)
+        ends = []
+        for i, s in enumerate(seqs):
+            chunk = s.ids[s.prefilled: s.prefilled + width]
+            tokens[i, :len(chunk)] = chunk
+            start[i], n_valid[i] = s.prefilled, len(chunk)
+            ends.append(s.prefilled + len(chunk))
+        table = self._page_table(seqs, r, max(int(start.max()) + width, 1))
+        sampling, step = self._sampling(seqs, r)
+        nxt, self.cache = steps.prefill_chunk(self.graphdef, self.state, self.cache,
+                                              jnp.asarray(tokens), table, jnp.asarray(start),
+                                              jnp.asarray(n_valid), sampling, step)
+        self.stats["prefill_calls"] += 1
+        self.stats["chunk_rows"] += len(seqs)
+        self._finish_prefill(seqs, np.asarray(nxt), ends)
+
+    def _finish_prefill(self, seqs: list[_Seq], nxt: np.ndarray, ends: list[int]) -> None:
+        now = time.perf_counter()
+        for i, (s, end) in enumerate(zip(seqs, ends)):
+            s.prefilled = end
+            if end == len(s.ids):  # prompt complete: its first generated token
+                s.t_first = now
+                self._append(s, int(nxt[i]))
+
+    def _decode(self, slots: list) -> None:
+        live = [s for s in slots if s is not None and s.prefilled == len(s.ids) and s.finish is None
+                and s.out]
+        if not live:
+            return
+        c, b = self.config, self.config.max_batch
+        tokens = np.zeros(b, np.int32)
+        index = np.zeros(b, np.int32)
+        rows: list[_Seq | None] = [None] * b
+        for s in live:
+            rows[s.slot] = s
+            tokens[s.slot] = s.out[-1]
+            index[s.slot] = len(s.ids) + len(s.out) - 1
+        table = self._page_table(rows, b, int(index.max()) + 1)
+        sampling, step = self._sampling(rows, b)
+        nxt, self.cache = steps.decode(self.graphdef, self.state, self.cache, jnp.asarray(tokens),
+                                       table, jnp.asarray(index), sampling, step)
+        self.stats["decode_calls"] += 1
+        nxt = np.asarray(nxt)
+        for s in live:
+            self._append(s, int(nxt[s.slot]))
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _append(self, s: _Seq, tok: int) -> None:
+        if tok in self.eos:
+            s.finish = "eos"
+            return
+        s.out.append(tok)
+        stop = s.req.stop
+        if stop and self.tokenizer is not None and any(x in self.tokenizer.decode(s.out) for x in stop):
+            s.finish = "stop"
+        elif len(s.out) >= s.max_new:
+            s.finish = "length"
+
+    def _page_table(self, seqs: Sequence[_Seq | None], rows: int, length: int) -> jax.Array:
+        """[rows, P] page ids covering `length` tokens, P rounded up to the bucket (bounded
+        recompiles); unused entries point at the scratch page."""
+        c = self.config
+        n = -(-max(length, 1) // c.bucket) * c.bucket // c.page_size
+        table = np.full((rows, n), SCRATCH_PAGE, np.int32)
+        for i, s in enumerate(seqs):
+            if s is not None:
+                k = min(len(s.pages), n)
+                table[i, :k] = s.pages[:k]
+        return jnp.asarray(table)
+
+    def _sampling(self, seqs: Sequence[_Seq | None], n: int) -> tuple[Sampling, jax.Array]:
+        """Per-row sampling settings and step numbers (tokens generated so far) for n rows."""
+        vals = np.zeros((4, n), np.float64)  # seed, temperature, top_p, top_k
+        vals[2] = 1.0
+        step = np.zeros(n, np.int32)
+        for i, s in enumerate(seqs):
+            if s is not None:
+                vals[:, i] = s.sampling
+                step[i] = len(s.out)
+        return (Sampling(jnp.asarray(vals[0], jnp.int32), jnp.asarray(vals[1], jnp.float32),
+                         jnp.asarray(vals[2], jnp.float32),
+                         jnp.asarray(vals[3], jnp.int32)), jnp.asarray(step))
+
+    def _result(self, s: _Seq) -> Result:
+        now = time.perf_counter()
+        text = self.tokenizer.decode(s.out) if self.tokenizer is not None else ""
+        if s.finish == "stop":
+            cut = min((text.find(x) for x in s.req.stop if x in text), default=len(text))
+            text = text[:cut]
+        t_first = s.t_first or now
+        n_after = max(len(s.out) - 1, 0)
+        return Result(s.req.id, text, s.out, len(s.ids), s.finish or "length",
+                      t_first - s.t_submit, n_after / max(now - t_first, 1e-9) if n_after else 0.0)

@@ -1,0 +1,31 @@
+"""Host-side prefill scheduling: bin-packing whole prompts into fixed-width rows (Prepacking)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def pack_rows(lengths: Sequence[int], width: int, max_rows: int, pack: bool = True) -> list[list[int]]:
+    """Assign prompts (by index) to at most `max_rows` rows of `width` tokens.
+
+    First-fit decreasing: longest first, each into the first row with room. Prompts that do not
+    fit this time are left out (they go in a later step). With pack=False each row holds one
+    prompt (padded batching, for comparison). Every length must be <= width.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > width:
+            raise ValueError(f"prompt of {n} tokens does not fit a row of {width}")
+        target = next((r for r in range(len(rows)) if room[r] >= n), None) if pack else None
+        if target is None:
+            if len(rows) == max_rows:
+                continue
+            rows.append([])
+            room.append(width)
+            target = len(rows) - 1
+        rows[target].append(i)
+        room[target] -= n
+    return rows

@@ -1,0 +1,10 @@
+"""Block-sparse attention kernels (Pallas TPU, Pallas GPU, XLA, reference); no jaxprefill import.
+
+    from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
+"""
+
+from pallas_kernels._prep import SegmentIds
+from pallas_kernels.attention import IMPLS, block_sparse_attention, default_impl
+from pallas_kernels.layout import BlockSparseLayout
+
+__all__ = ["BlockSparseLayout", "SegmentIds", "block_sparse_attention", "default_impl", "IMPLS"]

@@ -1,0 +1,1 @@
+"""gpu implementations of the block-sparse kernels."""

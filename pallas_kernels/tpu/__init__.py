@@ -1,0 +1,1 @@
+"""tpu implementations of the block-sparse kernels."""

@@ -1,0 +1,1 @@
+"""xla implementations of the block-sparse kernels."""
