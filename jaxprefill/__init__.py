@@ -6,10 +6,10 @@
 """
 
 from jaxprefill.attention import AttentionSpec, attend
-from jaxprefill.config import ConfigError, ModelConfig, RopeConfig
+from jaxprefill.config import ConfigError, MLAConfig, ModelConfig, RopeConfig
 from jaxprefill.generate import GenerationResult, PromptTooLongError, generate
 from jaxprefill.loading import BUNDLED_MODELS, WeightError, load
-from jaxprefill.models import KVCache, Llama
+from jaxprefill.models import DeepSeek, KVCache, Llama, MLACache
 from jaxprefill.sharding import make_mesh
 from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
 
@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionSpec", "BUNDLED_MODELS", "ConfigError", "GenerationResult", "KVCache", "Llama",
     "ModelConfig", "PromptTooLongError", "RopeConfig", "WeightError", "attend", "generate", "load",
-    "make_mesh", "BlockSparseLayout", "SegmentIds", "block_sparse_attention",
+    "make_mesh", "BlockSparseLayout", "SegmentIds", "block_sparse_attention", "DeepSeek",
+    "MLACache", "MLAConfig",
 ]

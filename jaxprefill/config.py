@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -110,6 +111,9 @@ class ModelConfig:
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Build from a transformers `config.json` dict (transformers 4 or 5 spelling)."""
         model_type = d.get("model_type")
+        if model_type in MLA_MODEL_TYPES:
+            raise ConfigError(f"model_type {model_type!r} is an MLA model: use MLAConfig.from_hf_dict "
+                              f"or config_from_hf_dict")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = d.get("architectures") or []
             by_arch = {v: k for k, v in SUPPORTED_MODEL_TYPES.items()}
@@ -190,7 +194,8 @@ class ModelConfig:
 
 
 def unsupported_message(model_type: Any, architectures: Any = ()) -> str:
-    supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+    supported = ", ".join(f"{k} ({v})" for k, v in
+                          {**SUPPORTED_MODEL_TYPES, **MLA_MODEL_TYPES}.items())
     return (f"unsupported architecture: model_type={model_type!r}, architectures={list(architectures)}; "
             f"supported model types: {supported}")
 
@@ -241,3 +246,212 @@ def _sliding_window(model_type: str, d: Mapping[str, Any]) -> int | None:
     if model_type.startswith("qwen") and not d.get("use_sliding_window", False):
         return None
     return int(window)
+
+
+# ---- DeepSeek MLA + MoE family ------------------------------------------------------------------
+
+# model_type -> architecture name, for the MLA (multi-head latent attention) family.
+MLA_MODEL_TYPES: dict[str, str] = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "kimi_k2": "DeepseekV3ForCausalLM",
+}
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek-V2/V3 and Kimi-K2: MLA attention (q/kv LoRA, decoupled RoPE) + DeepSeekMoE.
+
+    Dims: H heads; d_n `qk_nope_head_dim`, d_r `qk_rope_head_dim`, d_v `v_head_dim`,
+    d_c `kv_lora_rank` (the cached latent), d_q `q_lora_rank` (None: a plain `q_proj`, V2-Lite).
+    MoE: layer i is a MoE layer iff n_routed_experts > 0, i >= first_k_dense_replace and
+    i % moe_layer_freq == 0; otherwise a dense SwiGLU of `intermediate_size`.
+    Routing: V2 softmax scores, top-k ("greedy") or group-limited (max per group); V3/K2 sigmoid
+    scores + `e_score_correction_bias` for the choice only ("noaux_tc", group score = sum of the
+    top-2 in each group); weights optionally renormalized, then x routed_scaling_factor.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    max_position_embeddings: int
+    q_lora_rank: int | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    rope_interleave: bool = True
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MLA_MODEL_TYPES:
+            raise ConfigError(f"MLAConfig model_type must be one of {list(MLA_MODEL_TYPES)}, "
+                              f"got {self.model_type!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "max_position_embeddings", "num_experts_per_tok", "moe_layer_freq",
+                     "n_group", "topk_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported; {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ConfigError(f"topk_method {self.topk_method!r} is not supported; {TOPK_METHODS}")
+        if self.n_routed_experts:
+            if self.n_routed_experts % self.n_group:
+                raise ConfigError(f"n_routed_experts ({self.n_routed_experts}) must be a multiple "
+                                  f"of n_group ({self.n_group})")
+            if self.topk_group > self.n_group:
+                raise ConfigError(f"topk_group ({self.topk_group}) > n_group ({self.n_group})")
+            if self.num_experts_per_tok > self.n_routed_experts:
+                raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) > "
+                                  f"n_routed_experts ({self.n_routed_experts})")
+            if self.moe_intermediate_size <= 0:
+                raise ConfigError("moe_intermediate_size must be positive when n_routed_experts > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token per layer: normalized latent (d_c) + roped shared key (d_r)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """tau = qk_head_dim^-0.5 * m^2, m = yarn mscale(factor, mscale_all_dim) (DeepSeek code
+        and transformers' V3 class; the same scale is used by the absorbed decode path)."""
+        scale = self.qk_head_dim ** -0.5
+        r = self.rope
+        if r.type != "default" and r.mscale_all_dim and r.factor > 1:
+            m = 0.1 * r.mscale_all_dim * math.log(r.factor) + 1.0
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (self.n_routed_experts > 0 and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "MLAConfig":
+        """Build from a DeepSeek-V2/V3/Kimi-K2 `config.json` dict (transformers 4 or 5 spelling)."""
+        model_type = d.get("model_type")
+        if model_type not in MLA_MODEL_TYPES:
+            raise ConfigError(unsupported_message(model_type, d.get("architectures") or []))
+        v3 = model_type in ("deepseek_v3", "kimi_k2")
+        try:
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+            q_lora = d.get("q_lora_rank")
+            n_exp = int(d.get("n_routed_experts") or 0)
+            return cls(
+                model_type=model_type,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=int(d["num_attention_heads"]),
+                kv_lora_rank=int(d["kv_lora_rank"]),
+                qk_nope_head_dim=int(d["qk_nope_head_dim"]),
+                qk_rope_head_dim=int(d["qk_rope_head_dim"]),
+                v_head_dim=int(d["v_head_dim"]),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                q_lora_rank=None if q_lora is None else int(q_lora),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                rope=rope_from_hf(d),
+                rope_interleave=bool(d.get("rope_interleave", True)) if v3 else True,
+                n_routed_experts=n_exp,
+                n_shared_experts=int(d.get("n_shared_experts") or 0),
+                num_experts_per_tok=int(d.get("num_experts_per_tok") or 1),
+                moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
+                first_k_dense_replace=int(d.get("first_k_dense_replace") or 0),
+                moe_layer_freq=int(d.get("moe_layer_freq") or 1),
+                routed_scaling_factor=float(d.get("routed_scaling_factor") or 1.0),
+                scoring_func=d.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
+                topk_method=d.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
+                n_group=int(d.get("n_group") or 1),
+                topk_group=int(d.get("topk_group") or 1),
+                norm_topk_prob=bool(d.get("norm_topk_prob", v3)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"config.json has a malformed field: {e}") from None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MLAConfig":
+        """Inverse of `to_dict` (our field names, e.g. YAML); unknown keys are errors."""
+        d = dict(d)
+        rope = d.pop("rope", {}) or {}
+        check_keys(d, cls, "MLA model config")
+        check_keys(rope, RopeConfig, "rope config")
+        if "eos_token_ids" in d:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(rope=RopeConfig(**rope), **d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "MLAConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "MLAConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_from_hf_dict(d: Mapping[str, Any]) -> "ModelConfig | MLAConfig":
+    """Route a `config.json` dict by model_type: MLA family -> MLAConfig, else ModelConfig."""
+    if d.get("model_type") in MLA_MODEL_TYPES:
+        return MLAConfig.from_hf_dict(d)
+    return ModelConfig.from_hf_dict(d)
+
+
+def config_from_hf_file(path: str | os.PathLike) -> "ModelConfig | MLAConfig":
+    """`config_from_hf_dict` of a `config.json` file (or the directory holding it)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    return config_from_hf_dict(d)

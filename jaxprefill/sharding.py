@@ -1,9 +1,9 @@
 """Meshes and the one table that maps logical parameter axes to mesh axes.
 
 Mesh axes: `data` (batch), `fsdp` (batch + parameter sharding), `tensor` (heads / MLP / vocab),
-`sequence` (tokens of long prefill). A logical axis whose size does not divide by its mesh
-axes is replicated instead (e.g. SmolLM2's 3 KV heads on tensor=4), so every model runs on every
-mesh; `describe_sharding` shows what happened.
+`sequence` (tokens of long prefill), `expert` (MoE experts). A logical axis whose size does not
+divide by its mesh axes is replicated instead (e.g. SmolLM2's 3 KV heads on tensor=4), so every
+model runs on every mesh; `describe_sharding` shows what happened.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes). The only place this mapping lives.
 LOGICAL_RULES: dict[str, Any] = {
@@ -29,14 +29,15 @@ LOGICAL_RULES: dict[str, Any] = {
     "norm": None,
     "batch": ("data", "fsdp"),
     "length": "sequence",
+    "expert": "expert",
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1,
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `data x fsdp x tensor x sequence` devices (default: all local devices
-    must be used exactly; pass `devices` to use a subset)."""
-    sizes = (data, fsdp, tensor, sequence)
+    """A mesh over `data x fsdp x tensor x sequence x expert` devices (all local devices must be
+    used exactly; pass `devices` to use a subset)."""
+    sizes = (data, fsdp, tensor, sequence, expert)
     if any(s < 1 for s in sizes):
         raise ValueError(f"mesh axis sizes must be >= 1, got {dict(zip(MESH_AXES, sizes))}")
     devices = list(jax.devices() if devices is None else devices)

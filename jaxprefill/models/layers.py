@@ -139,3 +139,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return x * cos + rotated * sin
+
+
+def rope_cos_sin_half(positions: jax.Array, inv_freq: np.ndarray, scale: float
+                      ) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, S, D/2] (float32): one angle per rotation pair (no duplicated halves)."""
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: bool) -> jax.Array:
+    """Rotate x [B, S, H, D] by per-pair cos/sin [B, S, D/2]; output in rotate-half layout.
+
+    interleaved=True: pairs are (x[2i], x[2i+1]) (DeepSeek checkpoints, `view_as_complex`);
+    interleaved=False: pairs are (x[i], x[i + D/2]) (HF rotate-half). Either way the result is
+    [x1*cos - x2*sin | x2*cos + x1*sin] with x1/x2 the pair members, i.e. the de-interleaved
+    order of transformers' DeepseekV3 `apply_rotary_pos_emb_interleave`. Queries and keys are
+    permuted alike, so dot products equal DeepSeek's interleaved ones exactly.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

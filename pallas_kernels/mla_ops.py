@@ -1,0 +1,53 @@
+"""`mla_decode`: absorbed MLA decode attention over a paged latent cache, one entry point.
+
+    out_latent, lse = mla_decode(q_latent, q_pe, cache, page_table, lengths, sm_scale)
+
+Shapes: q_latent [B, H, Dc] (the query with W_UK absorbed, Dc = kv_lora_rank = 512 for
+DeepSeek), q_pe [B, H, Dr] (roped, Dr = 64), cache [num_pages, page, Dc + Dr] (page = 64 tokens:
+normalized latent | roped shared key), page_table int32 [B, P], lengths int32 [B]. Returns
+out_latent float32 [B, H, Dc] (W_UV is applied by the caller) and lse float32 [B, H].
+`sm_scale` must be passed explicitly: DeepSeek's is qk_head_dim^-0.5 * mscale^2 (never
+(Dc + Dr)^-0.5).
+
+impl: "reference" (pure jnp, gathers the whole cache), "pallas_gpu" (Triton lowering),
+"pallas_tpu" (Mosaic), "auto" (pallas on GPU/TPU, reference on CPU). Kernels split the KV
+sequence into `num_splits` chunks (flash-decoding) and merge them with their LSEs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from pallas_kernels.mla_reference import combine_splits, mla_decode_reference
+
+IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+
+
+def default_mla_impl() -> str:
+    platform = jax.devices()[0].platform
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+
+
+def mla_decode(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array, page_table: jax.Array,
+               lengths: jax.Array, sm_scale: float, *, impl: str = "auto",
+               num_splits: int | None = None, interpret: Any = False, **kernel_kwargs
+               ) -> tuple[jax.Array, jax.Array]:
+    """Absorbed MLA decode; see the module docstring. `kernel_kwargs` go to the kernel."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown mla_decode impl {impl!r}; choose one of {IMPLS}")
+    if impl == "auto":
+        impl = default_mla_impl()
+    if impl == "reference":
+        return mla_decode_reference(q_latent, q_pe, cache, page_table, lengths, sm_scale)
+    if impl == "pallas_gpu":
+        from pallas_kernels.gpu.mla_decode_triton import mla_decode_triton
+        return mla_decode_triton(q_latent, q_pe, cache, page_table, lengths, sm_scale=sm_scale,
+                                 num_splits=num_splits, interpret=interpret, **kernel_kwargs)
+    from pallas_kernels.tpu.mla_decode_tpu import mla_decode_tpu
+    return mla_decode_tpu(q_latent, q_pe, cache, page_table, lengths, sm_scale=sm_scale,
+                          num_splits=num_splits, interpret=interpret, **kernel_kwargs)
+
+
+__all__ = ["IMPLS", "combine_splits", "default_mla_impl", "mla_decode", "mla_decode_reference"]
