@@ -84,6 +84,12 @@ class Engine:
     """`Engine(model, tokenizer, config).generate(prompts)`; `run(requests, on_result)` streams."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        from jaxprefill.models import KVCache
+
+        if getattr(model, "cache_class", KVCache) is not KVCache:
+            raise NotImplementedError(
+                f"the engine's paged cache holds per-head K/V (Llama family); "
+                f"{type(model).__name__} uses {model.cache_class.__name__}: use jp.generate for now")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.config
         self.max_seq_len = config.max_seq_len or cfg.max_position_embeddings
