@@ -64,8 +64,34 @@ class RopeConfig:
             raise ConfigError(f"rope theta must be positive, got {self.theta}")
 
 
+class _YamlConfig:
+    """Shared I/O of the model config dataclasses: our own field names in dicts and YAML."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of `to_dict`; unknown keys are errors that name them."""
+        d = dict(d)
+        rope = d.pop("rope", {}) or {}
+        check_keys(d, cls, f"{cls.__name__} fields")
+        check_keys(rope, RopeConfig, "rope config")
+        if "eos_token_ids" in d:
+            d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(rope=RopeConfig(**rope), **d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike):
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_YamlConfig):
     """Shapes and options of a Llama-family decoder. Field names follow our code, not HF's."""
 
     model_type: str
@@ -170,27 +196,6 @@ class ModelConfig:
             raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Inverse of `to_dict` (our own field names, e.g. from YAML); unknown keys are errors."""
-        d = dict(d)
-        rope = d.pop("rope", {}) or {}
-        check_keys(d, cls, "model config")
-        check_keys(rope, RopeConfig, "rope config")
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
-        return cls(rope=RopeConfig(**rope), **d)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def unsupported_message(model_type: Any, architectures: Any = ()) -> str:
@@ -261,7 +266,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclasses.dataclass(frozen=True)
-class MLAConfig:
+class MLAConfig(_YamlConfig):
     """DeepSeek-V2/V3 and Kimi-K2: MLA attention (q/kv LoRA, decoupled RoPE) + DeepSeekMoE.
 
     Dims: H heads; d_n `qk_nope_head_dim`, d_r `qk_rope_head_dim`, d_v `v_head_dim`,
@@ -410,27 +415,6 @@ class MLAConfig:
                 raise
             raise ConfigError(f"config.json has a malformed field: {e}") from None
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MLAConfig":
-        """Inverse of `to_dict` (our field names, e.g. YAML); unknown keys are errors."""
-        d = dict(d)
-        rope = d.pop("rope", {}) or {}
-        check_keys(d, cls, "MLA model config")
-        check_keys(rope, RopeConfig, "rope config")
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
-        return cls(rope=RopeConfig(**rope), **d)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "MLAConfig":
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "MLAConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def config_from_hf_dict(d: Mapping[str, Any]) -> "ModelConfig | MLAConfig":
