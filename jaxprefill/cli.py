@@ -16,8 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register_generate(sub)
     from jaxprefill.infer.cli import register as register_infer
+    from jaxprefill.train.cli import register as register_train
 
     register_infer(sub)
+    register_train(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

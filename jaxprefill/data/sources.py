@@ -1,0 +1,99 @@
+"""Random-access document sources over local files (grain `RandomAccessDataSource` protocol:
+`len(src)` and `src[i] -> str`).
+
+Formats:
+  * text: every file is one document.
+  * jsonl: every line is a JSON object; the document is its `text_key` field. Lines are indexed
+    once (byte offsets), then read lazily, so a large corpus costs 8 bytes a line in memory.
+  * array_record: every record is one UTF-8 document (what `scripts/build_corpus.py` writes).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def expand(patterns: Sequence[str], key: str) -> list[str]:
+    """Sorted files matching the glob `patterns`; an error naming `key` if one matches nothing."""
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matched = [m for m in matched if os.path.isfile(m)]
+        if not matched:
+            raise FileNotFoundError(f"{key}: no file matches {pattern!r} (build a corpus with "
+                                    f"`python scripts/build_corpus.py`)")
+        files.extend(matched)
+    return files
+
+
+class TextFiles:
+    def __init__(self, files: Sequence[str]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.files[i], encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+class JsonlFiles:
+    def __init__(self, files: Sequence[str], text_key: str = "text"):
+        self.files = list(files)
+        self.text_key = text_key
+        file_ids, offsets = [], []
+        for fid, path in enumerate(self.files):
+            pos = 0
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        file_ids.append(fid)
+                        offsets.append(pos)
+                    pos += len(line)
+        self._file = np.asarray(file_ids, np.int32)
+        self._offset = np.asarray(offsets, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def __getitem__(self, i: int) -> str:
+        path = self.files[int(self._file[i])]
+        with open(path, "rb") as f:
+            f.seek(int(self._offset[i]))
+            record = json.loads(f.readline())
+        if not isinstance(record, dict) or self.text_key not in record:
+            raise KeyError(f"{path}: line at byte {int(self._offset[i])} has no {self.text_key!r} "
+                           f"field (set data.text_key)")
+        return str(record[self.text_key])
+
+
+class ArrayRecordFiles:
+    def __init__(self, files: Sequence[str]):
+        import grain
+
+        self.source = grain.sources.ArrayRecordDataSource(list(files))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> str:
+        record = self.source[i]
+        return record.decode("utf-8", errors="replace") if isinstance(record, bytes) else str(record)
+
+
+def open_source(fmt: str, patterns: Sequence[str], text_key: str = "text", key: str = "data.train"):
+    """A document source of `fmt` ("text", "jsonl", "array_record") over the files of `patterns`."""
+    files = expand(patterns, key)
+    if fmt == "text":
+        return TextFiles(files)
+    if fmt == "jsonl":
+        return JsonlFiles(files, text_key)
+    if fmt == "array_record":
+        return ArrayRecordFiles(files)
+    raise ValueError(f"data.format: unknown format {fmt!r}")

@@ -1,0 +1,57 @@
+"""`jaxprefill train --config <recipe.yaml> [key.sub=value ...]` (registered by jaxprefill.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train or continue pretraining a model from a YAML recipe",
+        description="Train from a recipe in configs/train/. Rerunning the same command with the "
+                    "same output_dir resumes from its latest checkpoint.")
+    p.add_argument("--config", required=True, help="training recipe (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. steps=100 optim.lr=1e-3 output_dir=runs/x")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="after training, export an HF-style safetensors directory here")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from jaxprefill.config import ConfigError
+    from jaxprefill.train import TrainConfig, Trainer
+
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.fit()
+        if args.export and result.status == "finished":
+            print(f"exported to {trainer.export(args.export)}", file=sys.stderr)
+    finally:
+        trainer.close()
+    last = result.last
+    summary = f"{result.status} at step {result.step}"
+    if "loss" in last:
+        summary += f": loss {last['loss']:.4f}"
+    if result.val_loss is not None:
+        summary += f", validation loss {result.val_loss:.4f}"
+    print(summary, file=sys.stderr)
+    return 0 if result.status == "finished" else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m jaxprefill.train.cli --config ...`)."""
+    parser = argparse.ArgumentParser(prog="jaxprefill")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

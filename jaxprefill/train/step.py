@@ -1,0 +1,144 @@
+"""The loss and the one jitted training step over (params, opt_state, step, rng) + a batch.
+
+Functional NNX: the model is split once (`graphdef`, Param state as a pure dict); inside the
+jitted step it is merged back, so the step traces once and nothing walks the object graph per
+call. Shapes: A grad-accumulation micro-steps, B rows per micro-step, S tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxprefill.models.layers import rope_cos_sin
+
+TrainState = dict[str, Any]  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    remat: str = "none"
+    packed: bool = True  # pass positions/segment ids to the model (False: plain causal rows)
+
+
+def merge(graphdef, template, params) -> nnx.Module:
+    """Model from a pure-dict params tree (`template` is the abstract Param state)."""
+    state = jax.tree.map(lambda x: x, template)  # fresh Variables: never mutate the template
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def hidden_states(model, tokens, positions, segment_ids, remat: str) -> jax.Array:
+    """[B, S, E] final-norm hidden states. remat "none" is exactly `model.forward`; otherwise each
+    block runs under `jax.checkpoint` (same math, a test checks the two agree)."""
+    if remat == "none":
+        return model.forward(tokens, positions, segment_ids)[0]
+    b, s = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    inv_freq, scale = model.rope
+    cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    for layer in model.layers:
+        graphdef, state = nnx.split(layer)
+
+        def block(state, x, cos, sin, segment_ids, graphdef=graphdef):
+            y, _ = nnx.merge(graphdef, state)(x, cos, sin, spec=model.attention,
+                                              segment_ids=segment_ids, cache=None, cache_index=None)
+            return y
+
+        x = jax.checkpoint(block, policy=REMAT_POLICIES[remat])(state, x, cos, sin, segment_ids)
+    return model.norm(x)
+
+
+def token_losses(model, batch: dict[str, jax.Array], opts: StepOptions) -> tuple[jax.Array, jax.Array]:
+    """Next-token cross-entropy summed over the batch, and the number of predicted tokens.
+
+    Token t predicts token t+1 only inside its own document (equal, non-zero segment ids), so no
+    loss crosses a document boundary or touches padding. batch arrays are int32 [B, S].
+    """
+    tokens, segs = batch["tokens"], batch["segment_ids"]
+    if opts.packed:
+        hidden = hidden_states(model, tokens, batch["positions"], segs, opts.remat)
+    else:
+        hidden = hidden_states(model, tokens, None, None, opts.remat)
+    logits = model.logits(hidden)  # float32 [B, S, V]
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = (segs == jnp.roll(segs, -1, axis=1)) & (segs > 0)
+    mask = mask.at[:, -1].set(False)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(mask, logz - target_logit, 0.0)
+    return nll.sum(), mask.sum().astype(jnp.float32)
+
+
+def make_train_step(graphdef, template, tx: optax.GradientTransformation, lr_fn: Callable,
+                    opts: StepOptions) -> Callable:
+    """step(state, batch) -> (state, metrics). batch arrays are int32 [A, B, S]; the loss is the
+    mean over every predicted token of all A micro-batches (so accumulation is exact)."""
+
+    def micro(params, mb):
+        def loss_sum(p):
+            return token_losses(merge(graphdef, template, p), mb, opts)
+        (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+        return total, count, grads
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        params = state["params"]
+        if batch["tokens"].shape[0] == 1:
+            total, count, grads = micro(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            def body(carry, mb):
+                t, c, g = micro(params, mb)
+                return jax.tree.map(jnp.add, carry, (t, c, g)), None
+            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                     jax.tree.map(jnp.zeros_like, params))
+            (total, count, grads), _ = jax.lax.scan(body, zeros, batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        grad_norm = _norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        rng, _ = jax.random.split(state["rng"])  # reserved for stochastic layers; advanced per step
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+        metrics = {"loss": total / denom, "tokens": count, "grad_norm": grad_norm,
+                   "lr": lr_fn(state["step"])}
+        return new_state, metrics
+
+    return step
+
+
+def _norm(tree) -> jax.Array:
+    tree_norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
+
+
+def make_eval_step(graphdef, template, opts: StepOptions) -> Callable:
+    """eval(params, batch [B, S]) -> (summed nll, token count)."""
+    def evaluate(params, batch):
+        return token_losses(merge(graphdef, template, params), batch, opts)
+    return evaluate
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+def state_shardings(params_shardings: Any, tx: optax.GradientTransformation, abstract_state: TrainState,
+                    replicated) -> TrainState:
+    """Shardings of the whole train state: optimizer moments follow their parameter."""
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], params_shardings,
+                                transform_non_params=lambda _: replicated,
+                                is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return {"params": params_shardings, "opt_state": opt, "step": replicated, "rng": replicated}

@@ -1,0 +1,332 @@
+"""`Trainer`: ties config, model, data, optimizer, the jitted step, checkpoints and metrics.
+
+    from jaxprefill.train import Trainer, TrainConfig
+    trainer = Trainer(TrainConfig.load("configs/train/tiny-cpu.yaml"))
+    result = trainer.fit()          # resumes from <output_dir>/checkpoints if there is one
+
+Output directory: config.yaml (the resolved config), metrics.jsonl, tensorboard/, checkpoints/,
+export/ (when checkpoint.export_at_end). Only process 0 writes logs; orbax coordinates saves
+across hosts itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import yaml
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxprefill.config import ConfigError
+from jaxprefill.sharding import logical_to_spec, make_mesh
+from jaxprefill.train import mfu as mfu_lib
+from jaxprefill.train.checkpoint import Checkpointer, StopSignal, abstract_like
+from jaxprefill.train.config import MeshSection, TrainConfig
+from jaxprefill.train.metrics import MetricsLog
+from jaxprefill.train.model import SplitModel, build, merged
+from jaxprefill.train.optimizer import make_optimizer
+from jaxprefill.train.step import (StepOptions, init_state, make_eval_step, make_train_step,
+                                   state_shardings)
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int                 # steps completed (the train state's step)
+    status: str               # "finished" | "preempted" | "stopped"
+    last: dict[str, Any]      # the last metrics record
+    val_loss: float | None
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` on multi-host launches (coordinator env set, SLURM with
+    several tasks, or a multi-worker TPU slice); a no-op on one host."""
+    env = os.environ
+    multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
+             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if multi and not getattr(jax.distributed, "is_initialized", lambda: False)():
+        jax.distributed.initialize()
+
+
+def training_attention(impl: str, packed: bool) -> str:
+    """The attention backend for training. "auto" sends packed rows on GPUs to the block-sparse
+    Pallas kernel, which has no backward pass (yet), so training uses cuDNN with the segment
+    mask there instead; every other case keeps the dispatch's choice."""
+    if impl == "auto" and packed and jax.default_backend() == "gpu":
+        return "cudnn"
+    return impl
+
+
+def build_mesh(m: MeshSection):
+    """The run's mesh. `data: -1` fills all devices; a smaller explicit mesh uses the first
+    devices (one host only: debugging, or comparing against fewer devices)."""
+    n = jax.device_count()
+    data = m.data if m.data != -1 else n // (m.fsdp * m.tensor)
+    used = data * m.fsdp * m.tensor
+    if data < 1 or used > n or (used < n and (m.data == -1 or jax.process_count() > 1)):
+        raise ConfigError(f"mesh: data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} does not fit "
+                          f"the {n} devices")
+    return make_mesh(data=data, fsdp=m.fsdp, tensor=m.tensor, devices=jax.devices()[:used])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, log_fn: Callable[[str], None] | None = None) -> None:
+        maybe_initialize_distributed()
+        self.cfg = cfg
+        self.is_main = jax.process_index() == 0
+        self.say = log_fn or (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True))
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.mesh = build_mesh(cfg.mesh)
+        packed = not (cfg.data.format == "synthetic" and not cfg.data.synthetic_docs)
+        attention = training_attention(cfg.model.attention, packed)
+        if attention != cfg.model.attention:
+            self.say(f"attention: {cfg.model.attention!r} -> {attention!r} (differentiable for packed rows)")
+        self.model: SplitModel = build(dataclasses.replace(cfg.model, attention=attention), self.mesh,
+                                       cfg.seed)
+        mcfg = self.model.config
+        self.tokenizer, self.train_loader, self.val_source = self._data()
+        if self.tokenizer is not None and self.tokenizer.vocab_size > mcfg.vocab_size:
+            raise ConfigError(f"data.tokenizer has {self.tokenizer.vocab_size} ids but the model's "
+                              f"vocab_size is {mcfg.vocab_size} (set model.overrides.vocab_size)")
+        if cfg.data.seq_len > mcfg.max_position_embeddings:
+            self.say(f"warning: data.seq_len {cfg.data.seq_len} > max_position_embeddings "
+                     f"{mcfg.max_position_embeddings}")
+
+        self.tx, self.lr_fn = make_optimizer(cfg.optim, self.model.params, cfg.steps)
+        replicated = NamedSharding(self.mesh, P())
+        abstract = jax.eval_shape(lambda p: init_state(p, self.tx, cfg.seed), self.model.params)
+        self.shardings = state_shardings(self.model.shardings, self.tx, abstract, replicated)
+        self.state = jax.jit(lambda p: init_state(p, self.tx, cfg.seed), out_shardings=self.shardings,
+                             donate_argnums=0)(self.model.params)  # donated: no second copy
+        self.model.params = None  # the train state owns the parameters from here on
+
+        a = cfg.optim.grad_accum
+        self.micro_batch = cfg.batch_size // a
+        spec = logical_to_spec((None, "batch", None), (a, self.micro_batch, cfg.data.seq_len), self.mesh)
+        self.batch_sharding = NamedSharding(self.mesh, spec)
+        self.eval_sharding = NamedSharding(self.mesh, P(*spec[1:]))
+        opts = StepOptions(remat=cfg.model.remat, packed=packed)
+        step = make_train_step(self.model.graphdef, self.model.template, self.tx, self.lr_fn, opts)
+        self.step_fn = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                               out_shardings=(self.shardings, replicated), donate_argnums=0)
+        self.eval_fn = jax.jit(make_eval_step(self.model.graphdef, self.model.template, opts),
+                               in_shardings=(self.shardings["params"], self.eval_sharding),
+                               out_shardings=replicated)
+        self.flops_per_token = mfu_lib.flops_per_token(mcfg, cfg.data.seq_len)
+        self.peak = mfu_lib.peak_flops()
+
+        self.ckpt = (Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+                                  async_save=cfg.checkpoint.async_save)
+                     if cfg.checkpoint.enabled else None)
+        self.metrics = MetricsLog(cfg.output_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_main)
+        if self.is_main:
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        self.resumed_from = self._maybe_restore()
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def _data(self):
+        d, cfg = self.cfg.data, self.cfg
+        hosts, host = jax.process_count(), jax.process_index()
+        if cfg.batch_size % hosts:
+            raise ConfigError(f"batch_size ({cfg.batch_size}) must divide over {hosts} hosts")
+        local_batch = cfg.batch_size // hosts
+        if d.format == "synthetic":
+            from jaxprefill.data.synthetic import SyntheticLoader
+
+            loader = SyntheticLoader(vocab_size=self.model.config.vocab_size, seq_len=d.seq_len,
+                                     batch_size=local_batch, seed=d.shuffle_seed + 1000 * host,
+                                     documents=d.synthetic_docs)
+            return None, loader, None
+        from jaxprefill.data import make_loader, make_tokenizer, open_source
+
+        tokenizer = make_tokenizer(d.tokenizer, cfg.model.pretrained)
+        source = open_source(d.format, d.train, d.text_key, key="data.train")
+        loader = make_loader(source, tokenizer, seq_len=d.seq_len, batch_size=local_batch,
+                             packing=d.packing, seed=d.shuffle_seed, shard_index=host,
+                             shard_count=hosts, add_bos=d.add_bos, add_eos=d.add_eos,
+                             workers=d.workers)
+        val = open_source(d.format, d.validation, d.text_key, key="data.validation") if d.validation else None
+        return tokenizer, loader, val
+
+    def _maybe_restore(self) -> int | None:
+        step = self.ckpt.latest_step() if self.ckpt is not None else None
+        if step is None:
+            self.say(f"starting from scratch in {self.cfg.output_dir}")
+            return None
+        state, data_state, meta = self.ckpt.restore(step, abstract_like(self.state, self.shardings))
+        self.state = state
+        self.train_loader.set_state(data_state)
+        if meta.get("model") != self.model.config.to_dict():
+            self.say("warning: the checkpoint's model config differs from this run's")
+        self.say(f"resumed from checkpoint step {step} in {self.ckpt.directory}")
+        self.metrics.write({"event": "resume", "step": step, "time": time.time()})
+        return step
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state["step"]))
+
+    def _next_batch(self) -> dict[str, jax.Array]:
+        """This host's rows [local B, S] -> global arrays [A, B/A, S] on the mesh."""
+        local = next(self.train_loader)
+        a = self.cfg.optim.grad_accum
+        out = {}
+        for k in ("tokens", "positions", "segment_ids"):
+            x = np.asarray(local[k], np.int32)
+            x = x.reshape(a, x.shape[0] // a, x.shape[1])
+            shape = (a, self.micro_batch, x.shape[2])
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, x, shape)
+        return out
+
+    def evaluate(self) -> float | None:
+        """Mean validation loss (nats/token) over the first `log.eval_batches` batches."""
+        if self.val_source is None:
+            return None
+        from jaxprefill.data import make_loader
+
+        d = self.cfg.data
+        hosts = jax.process_count()
+        loader = make_loader(self.val_source, self.tokenizer, seq_len=d.seq_len,
+                             batch_size=self.micro_batch // hosts, packing=d.packing, shuffle=False,
+                             repeat=False, shard_index=jax.process_index(), shard_count=hosts,
+                             add_bos=d.add_bos, add_eos=d.add_eos)
+        total = count = 0.0
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.log.eval_batches:
+                break
+            arrays = {k: jax.make_array_from_process_local_data(
+                self.eval_sharding, np.asarray(batch[k], np.int32), (self.micro_batch, d.seq_len))
+                for k in ("tokens", "positions", "segment_ids")}
+            t, c = jax.device_get(self.eval_fn(self.state["params"], arrays))
+            total, count = total + float(t), count + float(c)
+        return total / count if count else None
+
+    def save(self) -> None:
+        """Start an (async) checkpoint of the current step, unless it exists or saving is off."""
+        if self.ckpt is None:
+            return
+        step = self.step
+        if step in self.ckpt.all_steps():
+            return
+        meta = {"model": self.model.config.to_dict(), "config": self.cfg.to_dict()}
+        self.ckpt.save(step, self.state, self.train_loader.get_state(), meta)
+
+    def fit(self, callback: Callable[["Trainer", int], None] | None = None) -> TrainResult:
+        """Train to `cfg.steps`. `callback(trainer, step)` runs after every step (tests, hooks)."""
+        cfg = self.cfg
+        start = self.step
+        tokens_per_step = cfg.batch_size * cfg.data.seq_len
+        last: dict[str, Any] = {}
+        status, val_loss = "finished", None
+        pending: list[dict] = []
+        window_start, window_steps = None, 0
+        bar = self._progress(start)
+        t0 = time.perf_counter()
+        with StopSignal(cfg.checkpoint.save_on_sigterm) as stop:
+            for step in range(start, cfg.steps):
+                batch = self._next_batch()
+                self.state, metrics = self.step_fn(self.state, batch)
+                pending.append(metrics)
+                done = step + 1
+                if window_start is None:  # the first step includes compilation: time it apart
+                    jax.block_until_ready(metrics)
+                    window_start, window_steps = time.perf_counter(), 0
+                    self.metrics.write({"event": "first_step", "step": done,
+                                        "seconds": window_start - t0})
+                else:
+                    window_steps += 1
+                if done % cfg.log.every == 0 or done == cfg.steps:
+                    records = jax.device_get(pending)
+                    now = time.perf_counter()
+                    tok_s = (window_steps * tokens_per_step / (now - window_start)) if window_steps else None
+                    for i, r in enumerate(records):
+                        last = {"step": done - len(records) + 1 + i, **{k: float(v) for k, v in r.items()}}
+                        if i == len(records) - 1 and tok_s:
+                            last["tokens_per_s"] = tok_s
+                            m = mfu_lib.mfu(tok_s, self.model.config, cfg.data.seq_len,
+                                            jax.device_count(), self.peak)
+                            if m is not None:
+                                last["mfu"] = m
+                        self.metrics.write(last)
+                    pending, window_start, window_steps = [], now, 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != cfg.steps:
+                    self._log_eval(done)
+                if done % cfg.checkpoint.every == 0 and done != cfg.steps:
+                    self.save()
+                if callback is not None:
+                    callback(self, done)
+                if self._stop_requested(stop):
+                    status = "preempted"
+                    break
+        if bar is not None:
+            bar.close()
+        self.save()
+        if status == "preempted":
+            self.say(f"stop requested (SIGTERM): saved step {self.step}; rerun the same command to resume")
+        else:
+            val_loss = self._log_eval(self.step)
+            if cfg.checkpoint.export_at_end and self.is_main:
+                out = self.export(os.path.join(cfg.output_dir, "export"))
+                self.say(f"exported to {out}")
+        if self.ckpt is not None:
+            self.ckpt.wait()
+        return TrainResult(self.step, status, last, val_loss)
+
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        flag = stop.requested
+        if jax.process_count() > 1:  # every host must stop at the same step
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+        return flag
+
+    def _log_eval(self, step: int) -> float | None:
+        loss = self.evaluate()
+        if loss is not None:
+            self.metrics.write({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+            self.say(f"step {step}: validation loss {loss:.4f} (ppl {math.exp(min(loss, 50.0)):.2f})")
+        return loss
+
+    def _progress(self, start: int):
+        if not (self.cfg.log.progress and self.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+
+    # ---- outputs --------------------------------------------------------------------------------
+
+    def nnx_model(self):
+        """The current parameters as an NNX `Llama` (shares the arrays)."""
+        return merged(self.model, self.state["params"])
+
+    def export(self, out_dir: str, dtype: str = "float32") -> str:
+        from jaxprefill.train.export import export_hf
+
+        return export_hf(self.nnx_model(), out_dir, dtype=dtype, tokenizer=self.tokenizer)
+
+    def close(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+        self.metrics.close()
+
+
+def train(cfg: TrainConfig, **kwargs) -> TrainResult:
+    """Build a `Trainer`, run it to the end (or to a SIGTERM), close it."""
+    trainer = Trainer(cfg, **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
