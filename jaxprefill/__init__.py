@@ -10,6 +10,7 @@ from jaxprefill.config import ConfigError, MLAConfig, ModelConfig, RopeConfig
 from jaxprefill.generate import GenerationResult, PromptTooLongError, generate
 from jaxprefill.loading import BUNDLED_MODELS, WeightError, load
 from jaxprefill.models import DeepSeek, KVCache, Llama, MLACache
+from jaxprefill import sparse
 from jaxprefill.sharding import make_mesh
 from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
 
@@ -19,5 +20,5 @@ __all__ = [
     "AttentionSpec", "BUNDLED_MODELS", "ConfigError", "GenerationResult", "KVCache", "Llama",
     "ModelConfig", "PromptTooLongError", "RopeConfig", "WeightError", "attend", "generate", "load",
     "make_mesh", "BlockSparseLayout", "SegmentIds", "block_sparse_attention", "DeepSeek",
-    "MLACache", "MLAConfig",
+    "MLACache", "MLAConfig", "sparse",
 ]

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
 
     register_infer(sub)
     register_train(sub)
+    from jaxprefill.eval.cli import register as register_eval
+
+    register_eval(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -38,6 +41,9 @@ def register_generate(sub) -> None:
     gen.add_argument("--no-chat", dest="chat", action="store_false",
                      help="send prompts raw instead of through the chat template")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--sparse", default=None,
+                     help="sparse prefill: a policy name (e.g. flexprefill) or a YAML config "
+                          "(configs/sparse/*.yaml); default dense")
     gen.set_defaults(func=run_generate)
 
 
@@ -53,7 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         outs = jp.generate(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
                            chat=args.chat, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, seed=args.seed, stop=args.stop)
+                           top_k=args.top_k, seed=args.seed, stop=args.stop, sparse=args.sparse)
     except jp.PromptTooLongError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,28 @@ def main() -> None:
                   f"{row['finish_reason']}, TTFT {row['ttft_s']:.2f}s)")
     print("\n" + summary.table())
     print("(first-call times include XLA compilation)")
+    sparse_vs_dense(model, tokenizer)
+
+
+def sparse_vs_dense(model, tokenizer, length: int = 1536, policy: str = "flexprefill") -> None:
+    """One long passkey prompt, prefilled dense and sparse: same answer, prefill times.
+
+    At this length on a CPU sparse prefill is not faster (estimation + block gather cost more
+    than they save below ~10K tokens); the point is that the answer does not change. Speed:
+    docs/performance_sparse.md.
+    """
+    from jaxprefill.eval.tasks import make_sample
+
+    sample = make_sample(tokenizer, "passkey", length, 0.4, seed=0)
+    print(f"\nsparse prefill ({policy}) vs dense on a {length}-token passkey prompt "
+          f"(needle at 40% depth, answer {sample.answers[0]}):")
+    for sparse in (None, policy):
+        for _ in range(2):  # the second call shows the compiled time
+            outs = jp.generate(model, tokenizer, [sample.messages], max_new_tokens=12,
+                               sparse=sparse)
+        print(f"  {sparse or 'dense':>12s}: {outs[0].text.strip()!r}  "
+              f"prefill {outs.stats.prefill_s:.2f}s  "
+              f"{'correct' if sample.score(outs[0].text) else 'WRONG'}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
              max_new_tokens: int = 64, chat: bool = False, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] | None = None, eos_token_ids: Sequence[int] | None = None,
-             progress: bool = False) -> Generations:
+             progress: bool = False, sparse=None) -> Generations:
     """Generate a completion for each prompt (one batch).
 
     Args:
@@ -77,6 +77,8 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
         samples the same tokens whatever batch it is in).
       stop: strings that end a completion (excluded from the text).
       eos_token_ids: default: the tokenizer's, else the config's.
+      sparse: sparse prefill: a policy name ("flexprefill"), a YAML path, a dict, a
+        `jaxprefill.sparse.Policy` or `SparseConfig` (see jaxprefill.sparse). Decode stays dense.
     Returns:
       Generations (a list of GenerationResult, with `.stats`).
     Raises:
@@ -107,6 +109,8 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
         tokens[i, :len(row)] = row
 
     graphdef, state = nnx.split(model)
+    if sparse is not None:
+        graphdef = _sparse_graphdef(model, sparse)
     sampling = Sampling.make(batch, temperature, top_p, top_k, seed)
 
     t0 = time.perf_counter()
@@ -149,6 +153,21 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
     return results
 
 
+def _sparse_graphdef(model, sparse):
+    """The model's graphdef with AttentionSpec.sparse set (the model itself is left unchanged)."""
+    if not hasattr(model, "attention"):
+        raise ValueError(f"{type(model).__name__} has no attention spec to make sparse")
+    if type(model).__name__ != "Llama":
+        raise NotImplementedError(f"sparse prefill is wired into Llama models only, "
+                                  f"not {type(model).__name__}")
+    dense = model.attention
+    try:
+        model.attention = dataclasses.replace(dense, sparse=sparse)
+        return nnx.split(model)[0]
+    finally:
+        model.attention = dense
+
+
 def encode_prompt(tokenizer, prompt, chat: bool) -> list[int]:
     """Token ids of one prompt: ids pass through; text and messages use the tokenizer."""
     if isinstance(prompt, (list, tuple)) and (not prompt or isinstance(prompt[0], (int, np.integer))):
@@ -189,7 +208,10 @@ def sample(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: j
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
 def _prefill(graphdef, state, tokens, lengths, cache, sampling):
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.forward(tokens, cache=cache)
+    if getattr(getattr(model, "attention", None), "sparse", None) is not None:
+        hidden, cache = model.forward(tokens, cache=cache, lengths=lengths)  # sparse estimation
+    else:
+        hidden, cache = model.forward(tokens, cache=cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return sample(model.logits(last), *sampling.at_step(0)), cache
 

@@ -14,13 +14,16 @@ Backends (`AttentionSpec.impl`):
     (packed rows skip cross-document blocks, chunks skip future blocks).
   * "auto": on GPUs cuDNN for plain causal prefill and block_sparse for packed rows / chunks
     (see `auto_impl`); XLA otherwise.
-Sparse prefill (block-sparse kernels) will be selected here through `AttentionSpec`, never in
-model code.
+Sparse prefill: `AttentionSpec(sparse=SparseConfig)` (jaxprefill.sparse) routes plain causal
+self-attention prefills (no q_offset, no segment ids, no window, Sq == Sk >= min_length) of the
+layers its rules cover through the block-sparse kernel with the layer's policy layout. Models
+pass `layer=i` (and `lengths` [B], valid tokens per right-padded row) and never branch on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +36,22 @@ class AttentionSpec:
     """How to compute attention. Static (hashable): it is part of the jit cache key."""
 
     impl: str = "auto"
+    sparse: Any = None  # jaxprefill.sparse.SparseConfig, or None (dense prefill)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
+        if self.sparse is not None:
+            from jaxprefill.sparse import SparseConfig
+
+            object.__setattr__(self, "sparse", SparseConfig.parse(self.sparse))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
            q_offset: jax.Array | None = None, segment_ids: tuple[jax.Array, jax.Array] | None = None,
            window: int | None = None, sm_scale: float | None = None,
-           spec: AttentionSpec = AttentionSpec()) -> jax.Array:
+           spec: AttentionSpec = AttentionSpec(), layer: int | None = None,
+           lengths: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention with GQA.
 
     Args:
@@ -52,12 +61,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       segment_ids: (q_seg [B, Sq], kv_seg [B, Sk]) int32; attend only within equal ids.
       window: sliding window length (Mistral), or None.
       sm_scale: logit scale, default 1/sqrt(D) (D = q's head dim).
+      layer: the calling layer's index (selects the sparse prefill policy; None = dense).
+      lengths: int32 [B] valid tokens per right-padded row (sparse estimation ignores padding).
     Dv may differ from D (MLA: 192 / 128); non-reference backends pad to max(D, Dv) and slice.
     Returns:
       [B, Sq, Hq, Dv] in q's dtype.
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
+    policy = sparse_policy(spec, layer, q, k, causal, q_offset, segment_ids, window)
+    if policy is not None:
+        return sparse_prefill(q, k, v, policy, spec.sparse, layer, lengths, sm_scale)
     if spec.impl == "reference":
         mask = build_mask(q.shape[1], k.shape[1], q.shape[0], causal, q_offset, segment_ids, window)
         return reference_attention(q, k, v, mask, sm_scale)
@@ -87,6 +101,36 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     mask = build_mask(q.shape[1], k.shape[1], q.shape[0], causal, q_offset, segment_ids, window)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=sm_scale,
                                         implementation=implementation)
+
+
+def sparse_policy(spec: AttentionSpec, layer, q, k, causal, q_offset, segment_ids, window):
+    """The sparse prefill policy for this call, or None when attention stays dense.
+
+    Only plain causal self-attention prefills qualify: decode and chunked prefill (q_offset),
+    packed rows (segment ids) and sliding windows stay dense; so does a prefill shorter than
+    min_length (static: the padded length).
+    """
+    cfg = spec.sparse
+    if cfg is None or layer is None or not causal or q_offset is not None:
+        return None
+    if segment_ids is not None or window is not None or q.shape[1] != k.shape[1]:
+        return None
+    if q.shape[1] < max(cfg.min_length, 1) or q.shape[-1] != k.shape[-1]:
+        return None
+    return cfg.policy_for(layer)
+
+
+def sparse_prefill(q, k, v, policy, cfg, layer: int, lengths, sm_scale: float) -> jax.Array:
+    """Causal attention over the blocks ``policy`` selects for this layer."""
+    from pallas_kernels import block_sparse_attention
+
+    layout = policy.build(q, k, layer=layer, lengths=lengths, min_length=cfg.min_length)
+    impl = cfg.kernel
+    if impl == "auto":  # Triton kernel on GPUs with 16-bit inputs; XLA block gather elsewhere
+        gpu16 = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+        impl = "pallas_gpu" if gpu16 else ("pallas_tpu" if jax.default_backend() == "tpu"
+                                           else "xla")
+    return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=sm_scale, impl=impl)
 
 
 def auto_impl(q: jax.Array, simple: bool) -> str:

@@ -65,8 +65,36 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, spec: AttentionSpec,
                  segment_ids: jax.Array | None, cache: tuple[jax.Array, jax.Array] | None,
-                 cache_index: jax.Array | None):
-        """x [B, S, E] -> ([B, S, E], updated (k, v) cache or None)."""
+                 cache_index: jax.Array | None, layer: int | None = None,
+                 lengths: jax.Array | None = None):
+        """x [B, S, E] -> ([B, S, E], updated (k, v) cache or None).
+
+        `layer` and `lengths` [B] (valid tokens per row) feed sparse prefill (AttentionSpec.sparse).
+        """
+        q, k, v = self.project(x, cos, sin)
+        if cache is None or cache_index is None:
+            # Self-attention within this chunk: training, packed rows, or a fresh prefill that
+            # fills cache slots 0..S-1 (the fast causal path: no mask array, cuDNN on GPU).
+            segs = None if segment_ids is None else (segment_ids, segment_ids)
+            out = attend(q, k, v, causal=True, segment_ids=segs, window=self.cfg.sliding_window,
+                         spec=spec, layer=layer, lengths=lengths)
+            if cache is not None:
+                start = jnp.zeros((x.shape[0],), jnp.int32)
+                cache = (write_rows(cache[0], k, start), write_rows(cache[1], v, start))
+        else:  # continue rows: write this chunk at cache_index, attend over the whole cache
+            dt = x.dtype
+            k_cache = write_rows(cache[0], k, cache_index)
+            v_cache = write_rows(cache[1], v, cache_index)
+            out = attend(q, k_cache.astype(dt), v_cache.astype(dt), causal=True, q_offset=cache_index,
+                         window=self.cfg.sliding_window, spec=spec)
+            cache = (k_cache, v_cache)
+        y = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(x.dtype))
+        if self.cfg.o_bias:
+            y = y + self.o_bias[...].astype(x.dtype)
+        return y, cache
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [B, S, E] -> q [B, S, Hq, D], k, v [B, S, Hkv, D] (post-RoPE)."""
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dt))
         k = jnp.einsum("bse,ehd->bshd", x, self.k[...].astype(dt))
@@ -78,25 +106,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if cache is None or cache_index is None:
-            # Self-attention within this chunk: training, packed rows, or a fresh prefill that
-            # fills cache slots 0..S-1 (the fast causal path: no mask array, cuDNN on GPU).
-            segs = None if segment_ids is None else (segment_ids, segment_ids)
-            out = attend(q, k, v, causal=True, segment_ids=segs, window=cfg.sliding_window, spec=spec)
-            if cache is not None:
-                start = jnp.zeros((x.shape[0],), jnp.int32)
-                cache = (write_rows(cache[0], k, start), write_rows(cache[1], v, start))
-        else:  # continue rows: write this chunk at cache_index, attend over the whole cache
-            k_cache = write_rows(cache[0], k, cache_index)
-            v_cache = write_rows(cache[1], v, cache_index)
-            out = attend(q, k_cache.astype(dt), v_cache.astype(dt), causal=True, q_offset=cache_index,
-                         window=cfg.sliding_window, spec=spec)
-            cache = (k_cache, v_cache)
-        y = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(dt))
-        if cfg.o_bias:
-            y = y + self.o_bias[...].astype(dt)
-        return y, cache
+        return q, k, v
 
 
 class Block(nnx.Module):
@@ -142,13 +152,15 @@ class Llama(nnx.Module):
 
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                cache_index: jax.Array | None = None,
+                lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Hidden states [B, S, E] after the final norm, and the updated cache.
 
         With a cache and `cache_index` [B], the S new tokens of row b are written at slots
         cache_index[b]..+S-1 and attend to every earlier slot of that row (positions default to
         those slot indices). With a cache and no `cache_index`, this is a fresh prefill: tokens
-        fill slots 0..S-1 and attend only to each other (segment ids allowed).
+        fill slots 0..S-1 and attend only to each other (segment ids allowed). `lengths` [B]:
+        valid tokens per right-padded row, read by sparse prefill estimation only.
         """
         b, s = tokens.shape
         if positions is None:
@@ -165,7 +177,8 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, layer_cache = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
-                                   cache=layer_cache, cache_index=cache_index)
+                                   cache=layer_cache, cache_index=cache_index, layer=i,
+                                   lengths=lengths)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

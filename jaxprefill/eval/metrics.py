@@ -1,0 +1,93 @@
+"""Density, attention recall and output error of a block mask, exact on sampled query rows.
+
+* density: listed causal blocks / all causal blocks of the row's valid query blocks
+  (XAttention's definition; 1.0 = dense).
+* recall: dense attention probability mass that the mask keeps, for sampled query rows
+  (MInference Fig. 3c; FlexPrefill's gamma). 1.0 = nothing lost.
+* output error: ||o_sparse - o_dense|| / ||o_dense|| on the same rows, where o_sparse is the
+  softmax renormalized over the kept keys (what the kernel computes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Per-head metrics of one layer, float64 numpy [Hq]."""
+
+    density: np.ndarray
+    recall: np.ndarray
+    output_error: np.ndarray
+
+
+def block_density(mask: jax.Array, lengths: jax.Array, block: int) -> np.ndarray:
+    """mask bool [B, H, n, n] -> per-head density [H] over each row's valid causal blocks."""
+    mask = np.asarray(mask)
+    n = mask.shape[-1]
+    nb = (np.asarray(lengths) + block - 1) // block
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    causal = (j <= i)[None] & (i < nb[:, None, None])  # [B, n, n]
+    listed = (mask & causal[:, None]).sum(axis=(0, 2, 3))
+    return listed / causal.sum()
+
+
+def sample_rows(lengths, count: int, seed: int = 0, min_pos: int = 0) -> np.ndarray:
+    """int32 [B, count] query positions per row: evenly spread over [min_pos, length) plus
+    jitter; the last position is always included (it produces the first token)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for length in np.asarray(lengths):
+        lo = min(min_pos, length - 1)
+        pos = np.linspace(lo, length - 1, count).astype(np.int64)
+        jitter = rng.integers(0, max(1, (length - lo) // (2 * count)), count)
+        pos = np.clip(pos - jitter, lo, length - 1)
+        pos[-1] = length - 1
+        rows.append(pos)
+    return np.asarray(rows, np.int32)
+
+
+@jax.jit
+def _row_stats(q, k, v, mask, rows):
+    """q [B,S,Hq,D], k/v [B,S,Hkv,D], mask [B,Hl,n,n], rows [B,R] -> recall, err [B,Hq,R]."""
+    b, s, hq, d = q.shape
+    hkv, hl, n = k.shape[2], mask.shape[1], mask.shape[-1]
+    block = -(-s // n)
+    qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
+    qg = qr.reshape(b, -1, hkv, hq // hkv, d)
+    logit = jnp.einsum("brhgd,bkhd->bhgrk", qg, k.astype(jnp.float32), precision=_HI)
+    logit = logit.reshape(b, hq, -1, s) * d ** -0.5
+    causal = jnp.arange(s)[None, None, None, :] <= rows[:, None, :, None]
+    p = jax.nn.softmax(jnp.where(causal, logit, -jnp.inf), axis=-1)
+    head_map = jnp.arange(hq) * hl // hq  # layout head of each query head
+    m = jax.vmap(lambda mb, rb: mb[head_map][:, rb // block])(mask, rows)  # [B, Hq, R, n]
+    keep = jnp.repeat(m, block, axis=-1)[..., :s] & causal
+    kept = jnp.where(keep, p, 0.0)
+    recall = kept.sum(-1)
+    vg = jnp.repeat(v.astype(jnp.float32), hq // hkv, axis=2)
+    o_dense = jnp.einsum("bhrk,bkhd->bhrd", p, vg, precision=_HI)
+    o_sparse = jnp.einsum("bhrk,bkhd->bhrd", kept / jnp.maximum(recall, 1e-30)[..., None], vg,
+                          precision=_HI)
+    err = jnp.linalg.norm(o_sparse - o_dense, axis=-1) / jnp.maximum(
+        jnp.linalg.norm(o_dense, axis=-1), 1e-30)
+    return recall, err
+
+
+def head_stats(q, k, v, mask, lengths, block: int, rows: np.ndarray) -> LayerStats:
+    """Per-head density, mean recall and mean output error of ``mask`` for one layer.
+
+    q [B, S, Hq, D], k/v [B, S, Hkv, D], mask bool [B, Hl, n, n] (Hl = Hq or Hkv), rows int
+    [B, R] sampled query positions (see :func:`sample_rows`).
+    """
+    recall, err = _row_stats(q, k, v, jnp.asarray(mask), jnp.asarray(rows))
+    return LayerStats(
+        density=np.repeat(block_density(mask, lengths, block), q.shape[2] // mask.shape[1]),
+        recall=np.asarray(recall, np.float64).mean(axis=(0, 2)),
+        output_error=np.asarray(err, np.float64).mean(axis=(0, 2)))

@@ -1,0 +1,20 @@
+"""Sparse prefill: training-free policies turning one layer's (q, k) into a block-sparse layout.
+
+    from jaxprefill import sparse
+    policy = sparse.get("flexprefill", gamma=0.95, tau=0.1)
+    layout = policy.build(q, k, layer=i)      # q [B,S,Hq,D], k [B,S,Hkv,D] -> BlockSparseLayout
+
+    cfg = sparse.SparseConfig.parse("configs/sparse/smollm2.yaml")   # per-layer policies
+    jp.generate(model, tok, prompts, sparse=cfg)                      # or sparse="flexprefill"
+
+Policies: dense, streaming, minference, flexprefill, xattention, proxyattn, trianglemix,
+oracle_topk (see each module). Not implemented: pbs (needs position-aware causal masks in the
+kernels), blasst (needs an in-kernel skip predicate), MInference's column path (verticals are
+rounded up to blocks).
+"""
+
+from jaxprefill.sparse.base import Geometry, Policy
+from jaxprefill.sparse.config import LayerRule, SparseConfig
+from jaxprefill.sparse.registry import available, get, param_names
+
+__all__ = ["Geometry", "LayerRule", "Policy", "SparseConfig", "available", "get", "param_names"]

@@ -1,0 +1,123 @@
+"""``SparseConfig``: which policy each layer uses, the dense-below length, block sizes.
+
+Frozen and hashable: it sits in ``AttentionSpec`` (the model's static graph). Build one from a
+policy name, a policy object, a dict or a YAML file:
+
+    SparseConfig.parse("flexprefill")                       # every layer, defaults
+    SparseConfig.parse("configs/sparse/smollm2.yaml")
+    SparseConfig.from_dict({"min_length": 2048, "block_size": 64,
+                            "layers": [{"range": [0, 4], "policy": "dense"},
+                                       {"policy": "flexprefill", "params": {"gamma": 0.9}}]})
+
+YAML/dict keys: ``policy`` + ``params`` (all layers) or ``layers`` (a list of rules, first match
+wins; a rule without ``range`` matches every layer; ``range: [start, stop)``, stop may be null),
+``min_length`` (rows shorter than this, and whole prefills shorter than this, are dense),
+``block_size`` (overrides every policy's block size), ``heads`` ("q" | "kv", likewise),
+``kernel`` (block-sparse impl: auto | xla | reference | pallas_gpu | pallas_tpu). Layers no
+rule matches are dense. Unknown keys raise, naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from jaxprefill.sparse import registry
+from jaxprefill.sparse.base import Policy
+
+_TOP_KEYS = {"policy", "params", "layers", "min_length", "block_size", "heads", "kernel"}
+_RULE_KEYS = {"range", "policy", "params"}
+KERNELS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """Layers ``start <= i < stop`` (stop None = to the end) use ``policy``."""
+
+    start: int
+    stop: int | None
+    policy: Policy
+
+    def matches(self, layer: int) -> bool:
+        return layer >= self.start and (self.stop is None or layer < self.stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """Sparse prefill configuration (see module docstring)."""
+
+    rules: tuple[LayerRule, ...]
+    min_length: int = 1024
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"sparse kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {self.min_length}")
+
+    def policy_for(self, layer: int) -> Policy | None:
+        """The policy of ``layer``, or None (dense)."""
+        for rule in self.rules:
+            if rule.matches(layer):
+                return None if rule.policy.name == "dense" else rule.policy
+        return None
+
+    def describe(self) -> str:
+        parts = [f"[{r.start},{'' if r.stop is None else r.stop}) {r.policy.name}"
+                 for r in self.rules]
+        return f"sparse(min_length={self.min_length}: " + "; ".join(parts) + ")"
+
+    # ------------------------------------------------------------------------------ builders
+    @classmethod
+    def parse(cls, spec: Any) -> "SparseConfig":
+        """SparseConfig | Policy | policy name | YAML path | dict -> SparseConfig."""
+        if isinstance(spec, SparseConfig):
+            return spec
+        if isinstance(spec, Policy):
+            return cls((LayerRule(0, None, spec),))
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        if isinstance(spec, (str, os.PathLike)):
+            s = str(spec)
+            if s.endswith((".yaml", ".yml")) or os.path.sep in s:
+                return cls.from_yaml(s)
+            return cls.from_dict({"policy": s})
+        raise TypeError(f"cannot make a SparseConfig from {type(spec).__name__}")
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "SparseConfig":
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a sparse config must be a mapping")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SparseConfig":
+        bad = sorted(set(data) - _TOP_KEYS)
+        if bad:
+            raise ValueError(f"unknown sparse config key(s) {bad}; known: {sorted(_TOP_KEYS)}")
+        if ("policy" in data) == ("layers" in data):
+            raise ValueError("a sparse config needs exactly one of 'policy' or 'layers'")
+        common = {k: data[k] for k in ("block_size", "heads") if data.get(k) is not None}
+        raw = data["layers"] if "layers" in data else [
+            {"policy": data["policy"], "params": data.get("params") or {}}]
+        rules = []
+        for n, rule in enumerate(raw):
+            bad = sorted(set(rule) - _RULE_KEYS)
+            if bad:
+                raise ValueError(f"layers[{n}]: unknown key(s) {bad}; known: {sorted(_RULE_KEYS)}")
+            if "policy" not in rule:
+                raise ValueError(f"layers[{n}]: missing 'policy'")
+            start, stop = rule.get("range", (0, None))
+            params = {**common, **(rule.get("params") or {})}
+            rules.append(LayerRule(int(start), None if stop is None else int(stop),
+                                   registry.get(rule["policy"], **params)))
+        return cls(tuple(rules), int(data.get("min_length", 1024)), data.get("kernel", "auto"))

@@ -1,0 +1,22 @@
+"""``dense``: every causal block. The baseline, and what short rows fall back to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxprefill.sparse.base import Geometry, Policy
+from jaxprefill.sparse.registry import register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Dense(Policy):
+    """All causal blocks (density 1.0). Useful as a per-layer-range entry of a SparseConfig."""
+
+    name = "dense"
+
+    def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
+        return jnp.ones((geo.B, geo.Hkv, geo.n, geo.n), bool)  # one shared list per KV head

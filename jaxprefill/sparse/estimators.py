@@ -1,0 +1,190 @@
+"""Estimators shared by the policies: pure, jit-able functions of (q, k) and the geometry.
+
+Shapes: q [B, S, Hq, D], k [B, S, Hkv, D]; GQA is handled by grouped einsums (k is never
+repeated to Hq heads). Scores are float32. Per-row lengths come from ``geo.lengths``: padding
+tokens never contribute to a pooled mean, a softmax or a sum, so a row's estimate does not depend
+on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxprefill.sparse.base import Geometry
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:
+    """qx [B, Mq, Hq, D], kx [B, Mk, Hkv, D] -> float32 qx.kx [B, Hq, Mq, Mk] (GQA groups)."""
+    b, mq, hq, d = qx.shape
+    hkv = kx.shape[2]
+    qg = qx.astype(jnp.float32).reshape(b, mq, hkv, hq // hkv, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kx.astype(jnp.float32), precision=_HI)
+    return s.reshape(b, hq, mq, kx.shape[1])
+
+
+def zero_padding(x: jax.Array, geo: Geometry) -> jax.Array:
+    """x [B, S, ...] with the right-padding tokens of each row set to 0."""
+    valid = geo.valid_tokens().reshape(geo.B, geo.S, *([1] * (x.ndim - 2)))
+    return jnp.where(valid, x, 0)
+
+
+def pool_blocks(x: jax.Array, geo: Geometry) -> jax.Array:
+    """Mean over each block's valid tokens: x [B, S, H, D] -> float32 [B, n, H, D]."""
+    pad = geo.n * geo.block - geo.S
+    xv = zero_padding(x, geo).astype(jnp.float32)
+    xv = jnp.pad(xv, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    total = xv.reshape(geo.B, geo.n, geo.block, *x.shape[2:]).sum(axis=2)
+    cnt = jnp.pad(geo.valid_tokens(), ((0, 0), (0, pad))).reshape(geo.B, geo.n, geo.block)
+    cnt = cnt.sum(-1).astype(jnp.float32)
+    return total / jnp.maximum(cnt, 1.0)[:, :, None, None]
+
+
+def last_queries(q: jax.Array, geo: Geometry, n_last: int) -> tuple[jax.Array, jax.Array]:
+    """The last ``n_last`` valid queries of each row: ([B, n_last, Hq, D], positions [B, n_last]).
+
+    Rows shorter than n_last give negative positions for the missing rows (mask them out).
+    """
+    pos = geo.lengths[:, None] - n_last + jnp.arange(n_last)[None, :]
+    idx = jnp.clip(pos, 0, geo.S - 1)
+    return jnp.take_along_axis(q, idx[:, :, None, None], axis=1), pos
+
+
+def last_q_probs(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
+    """softmax(Q_last K^T / sqrt(D) + causal) of the last n_last queries: float32 [B, Hq, n_last, S].
+
+    Keys past each query (causal) or past the row length get probability 0; missing query rows
+    (row shorter than n_last) are all zero.
+    """
+    ql, pos = last_queries(q, geo, n_last)
+    s = grouped_logits(ql, k) * geo.scale
+    kpos = jnp.arange(geo.S)[None, None, :]
+    ok = (kpos <= pos[:, :, None]) & (pos[:, :, None] >= 0)  # [B, n_last, S]
+    s = jnp.where(ok[:, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.where(ok[:, None], p, 0.0)
+
+
+def slash_sums(p: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
+    """Diagonal sums of last-query probabilities: p [B, H, n_last, S] -> [B, H, S] by offset.
+
+    Offset o = query position - key position (0 = the main diagonal).
+    """
+    _, pos = last_queries(jnp.zeros((geo.B, geo.S, 1, 1)), geo, n_last)
+    o = jnp.arange(geo.S)
+    kidx = pos[:, :, None] - o[None, None, :]  # [B, n_last, S]: key of offset o in row r
+    ok = kidx >= 0
+    g = jnp.take_along_axis(p, jnp.clip(kidx, 0, geo.S - 1)[:, None], axis=-1)
+    return jnp.where(ok[:, None], g, 0.0).sum(axis=2)
+
+
+def block_sum(x: jax.Array, geo: Geometry) -> jax.Array:
+    """Sums the last axis (S tokens) into blocks: [..., S] -> [..., n]."""
+    pad = geo.n * geo.block - geo.S
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], geo.n, geo.block).sum(-1)
+
+
+def diagonal_blocks(sel: jax.Array, geo: Geometry) -> jax.Array:
+    """Block-diagonal offsets -> block mask: sel bool [B, H, n] (offset d = i - j) -> [B, H, n, n]."""
+    i = jnp.arange(geo.n)[:, None]
+    j = jnp.arange(geo.n)[None, :]
+    d = jnp.clip(i - j, 0, geo.n - 1)
+    return sel[:, :, d] & (j <= i)[None, None]
+
+
+def slash_offsets_to_blocks(sel_tok: jax.Array, geo: Geometry) -> jax.Array:
+    """Token-diagonal selection -> block-diagonal selection: bool [B, H, S] -> [B, H, n].
+
+    Token diagonal o = d*block + r crosses, in query block i, key blocks i-d and (r > 0) i-d-1.
+    """
+    blk = jnp.arange(geo.S) // geo.block
+    part = (jnp.arange(geo.S) % geo.block) > 0
+    out = jnp.zeros(sel_tok.shape[:-1] + (geo.n + 1,), bool)
+    out = out.at[..., blk].max(sel_tok)
+    out = out.at[..., blk + 1].max(sel_tok & part)
+    return out[..., : geo.n]
+
+
+def rank_desc(scores: jax.Array) -> jax.Array:
+    """int32 rank of each entry along the last axis, 0 = largest (ties: lower index first)."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+
+
+def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
+                    forced: jax.Array | None = None) -> jax.Array:
+    """Smallest set, in descending score order, whose mass reaches ``gamma`` of the valid total.
+
+    scores [..., m] (non-negative), valid bool [..., m]; forced entries are taken first (their
+    mass counts). gamma >= 1 keeps every valid entry: exact, where a float cumsum would drop the
+    entries whose probability underflows. Returns bool [..., m].
+    """
+    if gamma >= 1.0:
+        return valid
+    s = jnp.where(valid, scores, 0.0)
+    prio = jnp.where(valid, s, -1.0)
+    if forced is not None:
+        prio = jnp.where(forced & valid, jnp.inf, prio)
+    order = jnp.argsort(-prio, axis=-1, stable=True)
+    sorted_mass = jnp.take_along_axis(s, order, axis=-1)
+    before = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass
+    total = s.sum(axis=-1, keepdims=True)
+    keep_sorted = before < gamma * total
+    keep = jnp.zeros_like(keep_sorted)
+    keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
+    keep = keep | (forced & valid if forced is not None else False)
+    return keep & valid
+
+
+def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:
+    """bool [..., m]: the ``count`` (broadcast to [...]) highest valid entries of each row."""
+    r = rank_desc(jnp.where(valid, scores, -jnp.inf))
+    return (r < jnp.asarray(count)[..., None]) & valid
+
+
+_CHUNK_ELEMS = 1 << 27  # float32 scores per chunk (512 MiB)
+
+
+def block_softmax_scores(qx: jax.Array, kx: jax.Array, geo: Geometry, r: int,
+                         valid_rows: jax.Array, scale: float, pool: str = "sum") -> jax.Array:
+    """Row-softmax of qx.kx^T pooled into blocks, computed in chunks of query blocks.
+
+    qx [B, n*r, Hq, Dx], kx [B, n*r, Hkv, Dx]: r rows per block (r = block for exact attention,
+    block/stride for strided or reshaped estimates). Row i sees columns j <= i, both
+    < valid_rows[b] (causal at this granularity). Each softmax row is pooled over its block's
+    r x r cells ("sum" or "max"). Returns float32 [B, Hq, n, n]; the [n*r, n*r] matrix is never
+    materialized whole (at most ~_CHUNK_ELEMS floats live at once).
+    """
+    m = geo.n * r
+    chunk = max(1, min(geo.n, _CHUNK_ELEMS // max(1, geo.B * geo.Hq * r * m)))
+    n_chunks = -(-geo.n // chunk)
+    qc = jnp.pad(qx, ((0, 0), (0, n_chunks * chunk * r - m), (0, 0), (0, 0)))
+    qc = qc.reshape(geo.B, n_chunks, chunk * r, geo.Hq, qx.shape[-1]).transpose(1, 0, 2, 3, 4)
+    col = jnp.arange(m)[None, None, :]
+    vr = valid_rows[:, None, None]
+
+    def one_chunk(args):
+        c, qi = args  # qi [B, chunk*r, Hq, Dx]
+        row = c * chunk * r + jnp.arange(chunk * r)[None, :, None]
+        ok = ((col <= row) & (col < vr) & (row < vr))[:, None]
+        s = jnp.where(ok, grouped_logits(qi, kx) * scale, -jnp.inf)
+        p = jnp.where(ok, jax.nn.softmax(s, axis=-1), 0.0)  # [B, Hq, chunk*r, m]
+        p = p.reshape(geo.B, geo.Hq, chunk, r, geo.n, r)
+        return p.sum(axis=(3, 5)) if pool == "sum" else p.max(axis=(3, 5))
+
+    out = jax.lax.map(one_chunk, (jnp.arange(n_chunks), qc))  # [n_chunks, B, Hq, chunk, n]
+    out = out.transpose(1, 2, 0, 3, 4).reshape(geo.B, geo.Hq, n_chunks * chunk, geo.n)
+    return out[:, :, : geo.n]
+
+
+def padded(x: jax.Array, geo: Geometry) -> jax.Array:
+    """x [B, S, H, D] with padding tokens zeroed, extended with zeros to n*block tokens."""
+    return jnp.pad(zero_padding(x, geo), ((0, 0), (0, geo.n * geo.block - geo.S), (0, 0), (0, 0)))
+
+
+__all__ = ["block_softmax_scores", "padded", "grouped_logits", "zero_padding", "pool_blocks", "last_queries", "last_q_probs",
+           "slash_sums", "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
+           "cumulative_keep", "topk_mask"]

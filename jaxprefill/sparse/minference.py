@@ -1,0 +1,137 @@
+"""``minference``: MInference 1.0 (NeurIPS'24) vertical-slash / block-sparse / A-shape heads.
+
+Per head, one of three patterns (offline search: scripts/search_minference_patterns.py writes
+a per-head JSON; without one every head is vertical-slash, the released configs' fallback):
+
+* "vs" (vertical, slash): softmax(Q[-64:] K^T / sqrt(D) + causal) in float32 over the last 64
+  queries of the row; vertical score of key j = column sum, slash score of diagonal o = diagonal
+  sum. The first 30 columns and the 100 most local diagonals are always taken; then the top
+  max(vertical, 30) columns and top max(slash, 50) diagonals. Defaults VS(1000, 6096) (the
+  released configs' default head). Diagonals map to exact block diagonals; **vertical columns
+  are rounded up to whole key blocks** (our kernels have no column path yet: this over-counts
+  density when few columns share a block).
+* "bs": mean-pool Q and K over blocks, top ``bs_blocks`` key blocks per query block by
+  Q̂K̂ᵀ (no softmax; MInference's runtime k_b = 100 blocks of 64).
+* "a": A-shape, static sink + local window (search space 100 / 800 tokens).
+
+Block size 64 (MInference's index builder asserts 64 x 64). Short rows use dense (min_length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse.base import Geometry, Policy
+from jaxprefill.sparse.registry import register
+from jaxprefill.sparse.streaming import streaming_blocks
+
+PATTERNS = ("vs", "bs", "a")
+
+
+@functools.lru_cache(maxsize=16)
+def load_head_config(path: str) -> dict[int, tuple[tuple[str, int, int], ...]]:
+    """JSON {"layers": {"<layer>": [[pattern, p1, p2], ... one per query head]}} -> dict.
+
+    p1, p2: "vs" -> (vertical, slash); "bs" -> (blocks, 0); "a" -> (sink, local) tokens.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    if "layers" not in data:
+        raise ValueError(f"{path}: MInference head config needs a 'layers' key, got {sorted(data)}")
+    out = {}
+    for layer, heads in data["layers"].items():
+        rows = []
+        for h, entry in enumerate(heads):
+            if len(entry) != 3 or entry[0] not in PATTERNS:
+                raise ValueError(f"{path}: layer {layer} head {h}: want [pattern in {PATTERNS}, "
+                                 f"int, int], got {entry}")
+            rows.append((str(entry[0]), int(entry[1]), int(entry[2])))
+        out[int(layer)] = tuple(rows)
+    return out
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MInference(Policy):
+    """MInference. Params: vertical (1000), slash (6096), last_q (64), force_vertical (30),
+    force_slash (100), bs_blocks (100), a_sink (100), a_local (800), head_config (JSON path or
+    None), pattern ("vs": default pattern of unlisted heads), block_size (64)."""
+
+    name = "minference"
+    block_size: int = 64
+    vertical: int = 1000
+    slash: int = 6096
+    last_q: int = 64
+    force_vertical: int = 30
+    force_slash: int = 100
+    bs_blocks: int = 100
+    a_sink: int = 100
+    a_local: int = 800
+    head_config: str | None = None
+    pattern: str = "vs"  # the pattern of heads a head_config does not list
+
+    def head_patterns(self, layer: int, hq: int) -> tuple[tuple[str, int, int], ...]:
+        """(pattern, p1, p2) per query head of ``layer``."""
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"minference: pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        default = {"vs": ("vs", self.vertical, self.slash), "bs": ("bs", self.bs_blocks, 0),
+                   "a": ("a", self.a_sink, self.a_local)}[self.pattern]
+        if self.head_config is None:
+            return (default,) * hq
+        rows = load_head_config(self.head_config).get(layer)
+        if rows is None:
+            return (default,) * hq
+        if len(rows) != hq:
+            raise ValueError(f"{self.head_config}: layer {layer} lists {len(rows)} heads, "
+                             f"the model has {hq}")
+        return rows
+
+    def layer_key(self, layer: int) -> int:
+        return layer if self.head_config is not None else 0
+
+    def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
+        pats = self.head_patterns(layer, geo.Hq)
+        kinds = {p for p, _, _ in pats}
+        mask = jnp.zeros((geo.B, geo.Hq, geo.n, geo.n), bool)
+        if "vs" in kinds:
+            kv = np.array([max(a, self.force_vertical) if p == "vs" else 0 for p, a, _ in pats])
+            ks = np.array([max(b, 50) if p == "vs" else 0 for p, _, b in pats])
+            mask = mask | self.vertical_slash(q, k, geo, kv, ks)
+        if "bs" in kinds:
+            kb = np.array([a if p == "bs" else 0 for p, a, _ in pats])
+            mask = mask | block_topk(q, k, geo, kb)
+        if "a" in kinds:
+            is_a = np.array([p == "a" for p, _, _ in pats])
+            a = jnp.stack([streaming_blocks(geo, s, l) if p == "a" else
+                           jnp.zeros((geo.n, geo.n), bool) for p, s, l in pats])
+            mask = mask | (a[None] & is_a[None, :, None, None])
+        return mask
+
+    def vertical_slash(self, q, k, geo: Geometry, kv: np.ndarray, ks: np.ndarray) -> jax.Array:
+        """bool [B, Hq, n, n] from the top kv[h] columns and ks[h] diagonals of each head."""
+        p = est.last_q_probs(q, k, geo, self.last_q)  # [B, Hq, last_q, S]
+        tok = jnp.arange(geo.S)[None, None, :]
+        valid = tok < geo.lengths[:, None, None]  # key j / offset o exists in the row
+        vert = jnp.where(tok < self.force_vertical, jnp.inf, p.sum(axis=2))
+        slash = jnp.where(tok < self.force_slash, jnp.inf, est.slash_sums(p, geo, self.last_q))
+        sel_v = est.topk_mask(vert, valid, jnp.asarray(kv)[None, :])  # [B, Hq, S] columns
+        sel_s = est.topk_mask(slash, valid, jnp.asarray(ks)[None, :])  # [B, Hq, S] offsets
+        col_blocks = est.block_sum(sel_v.astype(jnp.int32), geo) > 0  # [B, Hq, n]
+        diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)
+        on = (kv > 0)[None, :, None, None]
+        return (diag | col_blocks[:, :, None, :]) & on
+
+
+def block_topk(q: jax.Array, k: jax.Array, geo: Geometry, kb: np.ndarray) -> jax.Array:
+    """MInference block-sparse heads: top kb[h] key blocks per query block by pooled Q̂K̂ᵀ."""
+    qp, kp = est.pool_blocks(q, geo), est.pool_blocks(k, geo)  # [B, n, H, D]
+    s = est.grouped_logits(qp, kp)  # [B, Hq, n, n]
+    valid = geo.causal()
+    return est.topk_mask(s, valid, jnp.asarray(kb)[None, :, None])

@@ -1,0 +1,68 @@
+"""``proxyattn``: ProxyAttn (ICLR'26), pooled proxy heads rank blocks, per-head budgets size them.
+
+The official repository was not retrievable; this follows the paper's description
+(../shared/research/sparse_prefill.md section 4), defaults marked "ours" are unverified:
+1. One proxy head per GQA group: Q_g = mean of the group's query heads, K_g = the group's KV
+   head. Token scores softmax(Q_g K_g^T / sqrt(D)) on every ``stride``-th token (the first of
+   each stride window; cost ~ 1/stride^2 of one head's attention per group), max-pooled into
+   blocks: one block ranking A_g shared by the group.
+2. Per query head i: a = softmax(Q_i[last block] K^T / sqrt(D)) summed into key blocks; budget
+   ratio r_i = (fewest blocks whose mass reaches gamma) / (blocks of the row).
+3. Query block m of head i keeps the top max(min_blocks, ceil(r_i * (m + 1))) blocks of A_g[m].
+
+Defaults (ours): gamma 0.95, stride 16, min_blocks 2, block 128. gamma >= 1 gives dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse.base import Geometry, Policy
+from jaxprefill.sparse.registry import register
+
+
+def proxy_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int) -> jax.Array:
+    """float32 [B, Hkv, n, n]: strided proxy-head attention max-pooled to blocks."""
+    qg = q.astype(jnp.float32).reshape(geo.B, geo.S, geo.Hkv, geo.G, geo.D).mean(axis=3)
+    qs = est.padded(qg, geo)[:, ::stride]  # first token of each stride window
+    ks = est.padded(k, geo)[:, ::stride]
+    valid_rows = (geo.lengths + stride - 1) // stride
+    proxy_geo = dataclasses.replace(geo, Hq=geo.Hkv)
+    return est.block_softmax_scores(qs, ks, proxy_geo, geo.block // stride, valid_rows,
+                                    geo.scale, pool="max")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ProxyAttn(Policy):
+    """ProxyAttn. Params: gamma (0.95), stride (16), min_blocks (2), block_size (128)."""
+
+    name = "proxyattn"
+    gamma: float = 0.95
+    stride: int = 16
+    min_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size % self.stride:
+            raise ValueError(f"proxyattn: block_size {self.block_size} is not a multiple of "
+                             f"stride {self.stride}")
+
+    def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
+        a_g = proxy_block_scores(q, k, geo, self.stride)  # [B, Hkv, n, n]
+        a = jnp.repeat(a_g, geo.G, axis=1)  # ranking shared by the group's query heads
+        p = est.last_q_probs(q, k, geo, geo.block)  # [B, Hq, block, S]
+        mass = est.block_sum(p.sum(axis=2), geo)  # [B, Hq, n]
+        nb = geo.row_blocks()[:, None]
+        blk_ok = jnp.arange(geo.n)[None, None, :] < nb[:, :, None]
+        need = est.cumulative_keep(mass, blk_ok, self.gamma).sum(-1)  # [B, Hq]
+        ratio = need / nb  # [B, Hq]
+        row_len = jnp.arange(geo.n)[None, None, :] + 1  # causal blocks of query block m
+        count = jnp.maximum(self.min_blocks, jnp.ceil(ratio[:, :, None] * row_len)).astype(
+            jnp.int32)
+        valid = jnp.broadcast_to(geo.causal(), a.shape)
+        return est.topk_mask(a, valid, count)

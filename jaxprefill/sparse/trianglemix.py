@@ -1,0 +1,46 @@
+"""``trianglemix``: TriangleMix (arXiv 2507.21526), a composition over layers.
+
+Layers < start_layer: dense. Layers >= start_layer: "triangle": every query block attends the
+sink (n_init tokens) and a local window (n_local tokens) only, except the query blocks holding
+the row's last n_last queries, which attend densely (the answer is produced there). Static
+pattern: no estimation. One list per KV head.
+
+Defaults (README, Llama-3.1-8B, 32 layers): start_layer 16, n_init 8, n_local 512, n_last 128.
+Block 128; sink and local windows round up to whole blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxprefill.sparse.base import Geometry, Policy
+from jaxprefill.sparse.registry import register
+from jaxprefill.sparse.streaming import streaming_blocks
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class TriangleMix(Policy):
+    """TriangleMix. Params: start_layer (16), n_init (8), n_local (512), n_last (128),
+    block_size (128)."""
+
+    name = "trianglemix"
+    start_layer: int = 16
+    n_init: int = 8
+    n_local: int = 512
+    n_last: int = 128
+
+    def layer_key(self, layer: int) -> int:
+        return min(layer, self.start_layer)
+
+    def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
+        full = jnp.ones((geo.B, geo.Hkv, geo.n, geo.n), bool)
+        if layer < self.start_layer:
+            return full
+        tri = streaming_blocks(geo, self.n_init, self.n_local)[None, None]
+        first_dense = (geo.lengths - self.n_last) // geo.block  # [B] block of the tail's start
+        tail = jnp.arange(geo.n)[None, :] >= first_dense[:, None]  # [B, n]
+        return jnp.where(tail[:, None, :, None], full, tri)

@@ -1,0 +1,131 @@
+"""Sparse prefill on a GPU: estimation cost and sparse attention time vs cuDNN dense attention.
+
+One attention layer at Llama-3-8B shapes (Hq=32, Hkv=8, D=128, bf16, batch 1) at 32K and 128K
+tokens, q/k from `jaxprefill.eval.synthetic_qk.structured_qk` (4 sink tokens, 16 vertical lines,
+a local window of ~256 tokens, Gaussian noise; see that module), v Gaussian. Per policy at its
+paper defaults:
+  * est_ms: jitted policy.build(q, k) (estimation + selection + layout conversion);
+  * attn_ms: the block-sparse Pallas GPU kernel over that layout;
+  * est / cudnn: estimation as a fraction of cuDNN causal attention (bar: <= 5% at 128K);
+  * total / cudnn: (estimation + sparse attention) / cuDNN: < 1 means faster than dense;
+  * density: listed / causal blocks.
+Times: median of --iters runs after a warm-up (compile excluded), block_until_ready.
+
+    python scripts/bench_sparse_gpu.py --lengths 32768 131072 --out $OUT/sparse_gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxprefill import sparse  # noqa: E402
+from jaxprefill.eval.synthetic_qk import structured_qk  # noqa: E402
+from pallas_kernels import block_sparse_attention  # noqa: E402
+
+POLICIES = {
+    "streaming": dict(sink=1024, local=4096),  # MInference's StreamingLLM baseline
+    "minference": dict(),  # VS(1000, 6096), block 64
+    "flexprefill": dict(gamma=0.95, tau=0.1),
+    "xattention": dict(threshold=0.9, stride=8),
+    "xattention_s16": dict(threshold=0.9, stride=16),
+    "proxyattn": dict(gamma=0.95, stride=16),
+    "trianglemix": dict(start_layer=0),  # a deep ("triangle") layer
+    "oracle_topk": dict(gamma=0.95),
+}
+
+
+def timeit(fn, iters: int) -> float:
+    """Median milliseconds of fn() (its outputs are blocked on); one warm-up call first."""
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def bench_length(seq: int, names: list[str], iters: int, heads: str) -> list[dict]:
+    hq, hkv, d = 32, 8, 128
+    q, k = jax.jit(structured_qk, static_argnums=(1, 2, 3, 4, 5))(jax.random.key(0), 1, seq, hq,
+                                                                   hkv, d)
+    v = jax.random.normal(jax.random.key(1), (1, seq, hkv, d), jnp.bfloat16)
+    gpu = jax.default_backend() == "gpu"  # CPU: a smoke run of the script (XLA everywhere)
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn" if gpu else None))
+    cudnn_ms = timeit(lambda: dense(q, k, v), iters)
+    print(f"S={seq}: cuDNN causal {cudnn_ms:.2f} ms", flush=True)
+    rows = []
+    for label in names:
+        name = label.split("_s")[0] if label.startswith("xattention_s") else label
+        if name == "oracle_topk" and seq > 65536:
+            continue  # as costly as dense attention by design; skipped at 128K to save time
+        try:
+            policy = sparse.get(name, heads=heads, **POLICIES[label])
+            build = jax.jit(lambda q, k: policy.build(q, k, layer=20))
+            attn = jax.jit(lambda q, k, v, lay: block_sparse_attention(
+                q, k, v, lay, causal=True, impl="pallas_gpu" if gpu else "xla"))
+            est_ms = timeit(lambda: build(q, k), iters)
+            layout = build(q, k)
+            attn_ms = timeit(lambda: attn(q, k, v, layout), iters)
+            cnt = np.asarray(layout.kv_cnt, np.float64)
+            n = layout.num_kv_blocks
+            density = cnt.sum() / (cnt.shape[0] * cnt.shape[1] * n * (n + 1) / 2)
+            row = dict(policy=label, seq=seq, cudnn_ms=cudnn_ms, est_ms=est_ms, attn_ms=attn_ms,
+                       est_frac=est_ms / cudnn_ms, total_frac=(est_ms + attn_ms) / cudnn_ms,
+                       density=density, block=policy.block_size, heads=layout.num_heads)
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            row = dict(policy=label, seq=seq, cudnn_ms=cudnn_ms, error=f"{type(e).__name__}: {e}"[:200])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| policy | S | block | density | est ms | sparse attn ms | cuDNN ms | est / cuDNN "
+           "| (est + attn) / cuDNN |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['policy']} | {r['seq']} | error: {r['error']} | | | | | | |")
+            continue
+        out.append(f"| {r['policy']} | {r['seq']} | {r['block']} | {r['density']:.3f} | "
+                   f"{r['est_ms']:.2f} | {r['attn_ms']:.2f} | {r['cudnn_ms']:.2f} | "
+                   f"{r['est_frac']:.1%} | {r['total_frac']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--heads", default="q", choices=["q", "kv"])
+    ap.add_argument("--out", default=None, help="markdown table path (a .json beside it)")
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+    for seq in args.lengths:
+        rows += bench_length(seq, args.policies, args.iters, args.heads)
+    md = f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}\n\n" + table(rows)
+    print(md)
+    if args.out:
+        Path(args.out).write_text(md + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
