@@ -31,7 +31,7 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-        if args.export and result.status == "finished":
+        if args.export and result.status in ("finished", "stopped"):  # stopped: time limit
             print(f"exported to {trainer.export(args.export)}", file=sys.stderr)
     finally:
         trainer.close()
@@ -42,7 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
     if result.val_loss is not None:
         summary += f", validation loss {result.val_loss:.4f}"
     print(summary, file=sys.stderr)
-    return 0 if result.status == "finished" else 3
+    return 0 if result.status in ("finished", "stopped") else 3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,17 +111,20 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Mesh axis sizes; `data: -1` takes every device not used by fsdp x tensor."""
+    """Mesh axis sizes; `data: -1` takes every device not used by fsdp x tensor x expert.
+    `expert` shards MoE expert weights (logical axis "expert"); the batch is split over it too."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
     def __post_init__(self) -> None:
         if self.data != -1:
             _positive("mesh.data", self.data)
         _positive("mesh.fsdp", self.fsdp)
         _positive("mesh.tensor", self.tensor)
+        _positive("mesh.expert", self.expert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +135,15 @@ class CheckpointSection:
     async_save: bool = True
     save_on_sigterm: bool = True
     export_at_end: bool = False       # also write <output_dir>/export (HF safetensors)
+    export_dtype: str = "float32"     # dtype of the exported weights
+    export_shard_mb: int | None = None  # split the export into safetensors shards of <= this
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every", self.every)
         _positive("checkpoint.keep", self.keep)
+        _choice("checkpoint.export_dtype", self.export_dtype, DTYPES)
+        if self.export_shard_mb is not None:
+            _positive("checkpoint.export_shard_mb", self.export_shard_mb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +169,9 @@ class TrainConfig:
     steps: int
     batch_size: int
     seed: int = 0
+    # stop (save, validate, export as if finished) once training has run this long; the LR
+    # schedule still follows `steps`, so set `steps` to about what fits (bounded-time recipes)
+    time_limit_s: float | None = None
     model: ModelSection = dataclasses.field(default_factory=lambda: ModelSection(config="tiny-llama"))
     data: DataSection = dataclasses.field(default_factory=lambda: DataSection(format="synthetic"))
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
@@ -171,6 +182,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ConfigError(f"time_limit_s must be positive or null, got {self.time_limit_s}")
         if self.batch_size % self.optim.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of "
                               f"optim.grad_accum ({self.optim.grad_accum})")

@@ -1,7 +1,10 @@
 """Export a trained model as a Hugging Face-style directory that `jp.load` (and transformers) reads:
 
     <dir>/config.json          transformers spelling (model_type, num_hidden_layers, rope_scaling...)
-    <dir>/model.safetensors    HF tensor names and layouts (`loading.weights.to_hf_tensors`)
+    <dir>/model.safetensors    HF tensor names and layouts (`loading.weights.to_hf_tensors`, or
+                               `loading.deepseek_weights.deepseek_to_hf_tensors` for DeepSeek);
+                               with `max_shard_bytes`, model-0000i-of-0000N.safetensors +
+                               model.safetensors.index.json instead
     <dir>/tokenizer.json (+ tokenizer_config.json)   when the run used an HF/GGUF tokenizer
 """
 
@@ -15,7 +18,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxprefill.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from jaxprefill.config import MLA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, MLAConfig, ModelConfig
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
               np.dtype(np.float16): "F16"}
@@ -70,6 +73,100 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, 
     return d
 
 
+def _rope_hf(rope) -> dict[str, Any]:
+    """`rope_theta` + `rope_scaling` (transformers 4 spelling) of a RopeConfig."""
+    d: dict[str, Any] = {"rope_theta": rope.theta}
+    if rope.type != "default":
+        scaling: dict[str, Any] = {"rope_type": rope.type, "type": rope.type, "factor": rope.factor,
+                                   "original_max_position_embeddings": rope.original_max_position_embeddings}
+        if rope.type == "llama3":
+            scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+        if rope.type == "yarn":
+            scaling.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
+            for k in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(rope, k) is not None:
+                    scaling[k] = getattr(rope, k)
+        d["rope_scaling"] = scaling
+    return d
+
+
+def mla_hf_config_dict(cfg: MLAConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """`MLAConfig` -> DeepSeek-V2/V3 config.json dict; `MLAConfig.from_hf_dict` of it gives an
+    equivalent config (same shapes, routing, RoPE and softmax scale)."""
+    d: dict[str, Any] = {
+        "architectures": [MLA_MODEL_TYPES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads,  # unused by MLA; transformers expects it
+        "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "hidden_act": "silu",
+        "n_routed_experts": cfg.n_routed_experts or None,
+        "n_shared_experts": cfg.n_shared_experts or None,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "first_k_dense_replace": cfg.first_k_dense_replace,
+        "moe_layer_freq": cfg.moe_layer_freq,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "scoring_func": cfg.scoring_func,
+        "topk_method": cfg.topk_method,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "torch_dtype": torch_dtype,
+        **_rope_hf(cfg.rope),
+    }
+    if cfg.model_type != "deepseek_v2":  # V2 is always interleaved; V3 has the switch
+        d["rope_interleave"] = cfg.rope_interleave
+    elif not cfg.rope_interleave:
+        raise ValueError("deepseek_v2 has no rope_interleave switch; export as deepseek_v3")
+    if cfg.bos_token_id is not None:
+        d["bos_token_id"] = cfg.bos_token_id
+    if cfg.eos_token_ids:
+        d["eos_token_id"] = list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_ids[0]
+    return d
+
+
+def save_sharded_safetensors(out_dir: str, tensors: dict[str, np.ndarray],
+                             max_shard_bytes: int | None) -> list[str]:
+    """model.safetensors, or (when the tensors exceed `max_shard_bytes`) shards of at most that
+    many bytes each (a single larger tensor gets a shard of its own) + the HF index.json.
+    Returns the file names written."""
+    total = sum(np.asarray(t).nbytes for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+        return ["model.safetensors"]
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = np.asarray(tensors[name]).nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes - 65536:  # room for the JSON header
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    n = len(shards)
+    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(files, shards):
+        save_safetensors(os.path.join(out_dir, fname), shard)
+        weight_map.update({k: fname for k in shard})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return files + ["model.safetensors.index.json"]
+
+
 def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write a single safetensors file (F32/BF16/F16), tensors in sorted name order."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
@@ -91,8 +188,11 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[s
             f.write(a.tobytes())
 
 
-def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None) -> str:
-    """Write `model` (an NNX `Llama`) to `out_dir`; returns the directory.
+def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None,
+              max_shard_bytes: int | None = None) -> str:
+    """Write `model` (an NNX `Llama` or `DeepSeek`) to `out_dir`; returns the directory.
+
+    `max_shard_bytes`: split the weights into safetensors shards of at most this size.
 
     `tokenizer` is a `jaxprefill.loading.tokenizer.Tokenizer` (or the data pipeline's
     `HFTokenizer`); a byte-level tokenizer has no HF files, so none are written for it.
@@ -101,10 +201,19 @@ def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None) ->
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.astype(np_dtype) for k, v in to_hf_tensors(model).items()}
-    save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+    if isinstance(model.config, MLAConfig):
+        from jaxprefill.loading.deepseek_weights import deepseek_to_hf_tensors
+
+        hf, config = deepseek_to_hf_tensors(model), mla_hf_config_dict(model.config, dtype)
+    else:
+        hf, config = to_hf_tensors(model), hf_config_dict(model.config, dtype)
+    tensors = {k: v.astype(np_dtype) for k, v in hf.items()}
+    for old in os.listdir(out_dir):  # a re-export must not leave stale shards behind
+        if old.endswith(".safetensors") or old == "model.safetensors.index.json":
+            os.remove(os.path.join(out_dir, old))
+    save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config_dict(model.config, dtype), f, indent=2)
+        json.dump(config, f, indent=2)
     tok = getattr(tokenizer, "tok", tokenizer)  # unwrap the data pipeline's adapter
     if tok is not None and hasattr(tok, "backend"):
         tok.backend.save(os.path.join(out_dir, "tokenizer.json"))

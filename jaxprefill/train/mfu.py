@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxprefill.config import ModelConfig
+from jaxprefill.config import MLAConfig, ModelConfig
 
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' datasheets. Matched by substring of
 # `device.device_kind`, first hit wins (so "H100 PCIe" is listed before "H100").
@@ -38,15 +38,41 @@ PEAK_BF16: tuple[tuple[str, float], ...] = (
 )
 
 
-def matmul_params(cfg: ModelConfig) -> int:
+def mla_matmul_params(cfg: MLAConfig) -> int:
+    """Matmul parameters one token goes through in a DeepSeek model: MLA projections (the
+    training / prefill form: kv_b decompresses every token), the dense MLP or the shared + top-k
+    routed experts + router of a MoE layer, and the output projection."""
+    e, h = cfg.hidden_size, cfg.num_heads
+    q = (e * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim if cfg.q_lora_rank
+         else e * h * cfg.qk_head_dim)
+    attn = (q + e * cfg.latent_dim + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+            + h * cfg.v_head_dim * e)
+    total = 0
+    for i in range(cfg.num_layers):
+        if cfg.is_moe_layer(i):
+            experts = cfg.num_experts_per_tok + cfg.n_shared_experts
+            mlp = 3 * e * cfg.moe_intermediate_size * experts + e * cfg.n_routed_experts
+        else:
+            mlp = 3 * e * cfg.intermediate_size
+        total += attn + mlp
+    return total + e * cfg.vocab_size
+
+
+def matmul_params(cfg: ModelConfig | MLAConfig) -> int:
+    if isinstance(cfg, MLAConfig):
+        return mla_matmul_params(cfg)
     e, hq, hkv, d, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     per_layer = e * hq * d * 2 + e * hkv * d * 2 + 3 * e * f  # q, o; k, v; gate, up, down
     return cfg.num_layers * per_layer + e * cfg.vocab_size  # + output projection
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig | MLAConfig, seq_len: int, *, training: bool = True) -> float:
     """Model FLOPs to process one token of a row of `seq_len` tokens (x3 when training)."""
-    forward = 2 * matmul_params(cfg) + cfg.num_layers * 2 * (seq_len + 1) * cfg.num_heads * cfg.head_dim
+    if isinstance(cfg, MLAConfig):  # QK^T over d_n + d_r, PV over d_v
+        attn = (seq_len + 1) * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    else:
+        attn = 2 * (seq_len + 1) * cfg.num_heads * cfg.head_dim
+    forward = 2 * matmul_params(cfg) + cfg.num_layers * attn
     return 3.0 * forward if training else float(forward)
 
 
@@ -60,7 +86,7 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, n_devices: int,
+def mfu(tokens_per_s: float, cfg: ModelConfig | MLAConfig, seq_len: int, n_devices: int,
         peak: float | None) -> float | None:
     """Model FLOPs utilization in [0, 1], or None without a peak."""
     if not peak:

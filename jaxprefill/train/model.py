@@ -1,6 +1,7 @@
 """The model a run trains: from a config (from scratch) or from a checkpoint (continual pretraining).
 
-Either way the result is split once into (graphdef, abstract Param state, params as a pure dict
+Llama-family configs build a `Llama`; DeepSeek-family configs (`model_type` deepseek_v2,
+deepseek_v3, kimi_k2: an `MLAConfig`) build a `DeepSeek` (MLA + MoE). Either way the result is split once into (graphdef, abstract Param state, params as a pure dict
 placed with the run's shardings); the training step never touches the NNX object graph again.
 """
 
@@ -16,8 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxprefill.attention import AttentionSpec
-from jaxprefill.config import ConfigError, ModelConfig
-from jaxprefill.models import Llama
+from jaxprefill.config import MLA_MODEL_TYPES, ConfigError, MLAConfig, ModelConfig, config_from_hf_dict
+from jaxprefill.models import DeepSeek, Llama
 from jaxprefill.sharding import state_shardings
 from jaxprefill.train.config import ModelSection
 
@@ -25,17 +26,29 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
+AnyConfig = ModelConfig | MLAConfig
+
+
+def config_class(d: dict) -> type:
+    """MLAConfig for the DeepSeek family (by `model_type`), else ModelConfig."""
+    return MLAConfig if d.get("model_type") in MLA_MODEL_TYPES else ModelConfig
+
+
+def model_class(cfg: AnyConfig) -> type:
+    return DeepSeek if isinstance(cfg, MLAConfig) else Llama
+
+
 @dataclasses.dataclass
 class SplitModel:
-    config: ModelConfig
+    config: AnyConfig
     graphdef: Any
     template: Any          # abstract nnx.State of the Params (ShapeDtypeStructs)
     params: Any            # pure dict of arrays, placed with `shardings`
     shardings: Any         # pure dict of NamedSharding, same tree as params
 
 
-def with_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
-    """`cfg` with ModelConfig fields replaced; a nested `rope` mapping merges into cfg.rope."""
+def with_overrides(cfg: AnyConfig, overrides: dict) -> AnyConfig:
+    """`cfg` with config fields replaced; a nested `rope` mapping merges into cfg.rope."""
     if not overrides:
         return cfg
     d = cfg.to_dict()
@@ -45,16 +58,17 @@ def with_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
         else:
             d[key] = value
     try:
-        return ModelConfig.from_dict(d)
+        return type(cfg).from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"model.overrides: {e}") from None
 
 
-def model_config(section: ModelSection) -> ModelConfig:
-    """The ModelConfig of a from-scratch run (`model.config` name/path or `model.fields`)."""
+def model_config(section: ModelSection) -> AnyConfig:
+    """The config of a from-scratch run (`model.config` name/path or `model.fields`); an
+    MLAConfig when its model_type is a DeepSeek type."""
     if section.fields:
         try:
-            cfg = ModelConfig.from_dict(section.fields)
+            cfg = config_class(section.fields).from_dict(section.fields)
         except ConfigError as e:
             raise ConfigError(f"model.fields: {e}") from None
     else:
@@ -64,7 +78,11 @@ def model_config(section: ModelSection) -> ModelConfig:
         if not path.exists():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
             raise ConfigError(f"model.config: {section.config!r} is neither a file nor one of {known}")
-        cfg = ModelConfig.from_yaml(path)
+        import yaml
+
+        with open(path) as f:
+            d = yaml.safe_load(f)
+        cfg = config_class(d).from_dict(d)
     return with_overrides(cfg, section.overrides)
 
 
@@ -98,7 +116,9 @@ def build(section: ModelSection, mesh: Mesh, seed: int) -> SplitModel:
     spec = AttentionSpec(section.attention)
     if section.pretrained:
         hf_config, tensors = pretrained_tensors(section.pretrained)
-        cfg = with_overrides(ModelConfig.from_hf_dict(hf_config), section.overrides)
+        cfg = with_overrides(config_from_hf_dict(hf_config), section.overrides)
+        if isinstance(cfg, MLAConfig):
+            from jaxprefill.loading.deepseek_weights import build_deepseek as build_model
         model = build_model(cfg, tensors, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                             attention=spec, source=section.pretrained)
         graphdef, state = nnx.split(model, nnx.Param)
@@ -110,7 +130,7 @@ def build(section: ModelSection, mesh: Mesh, seed: int) -> SplitModel:
     cfg = model_config(section)
 
     def create():
-        return Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, attention=spec)
+        return model_class(cfg)(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, attention=spec)
 
     graphdef, template = nnx.split(nnx.eval_shape(create), nnx.Param)
     shardings = nnx.to_pure_dict(state_shardings(template, mesh))
@@ -123,7 +143,7 @@ def build(section: ModelSection, mesh: Mesh, seed: int) -> SplitModel:
     return SplitModel(cfg, graphdef, template, params, shardings)
 
 
-def merged(split: SplitModel, params: Any | None = None) -> Llama:
+def merged(split: SplitModel, params: Any | None = None) -> Llama | DeepSeek:
     """An NNX model over `params` (default: the split's), e.g. for export or generation."""
     state = jax.tree.map(lambda x: x, split.template)
     nnx.replace_by_pure_dict(state, split.params if params is None else params)

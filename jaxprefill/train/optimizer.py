@@ -20,7 +20,11 @@ MUON_DIMS = {
     "q": ((0,), (1, 2)), "k": ((0,), (1, 2)), "v": ((0,), (1, 2)),
     "o": ((0, 1), (2,)),
     "gate": ((0,), (1,)), "up": ((0,), (1,)), "down": ((0,), (1,)),
+    # DeepSeek MLA: q_b [d_q, H, Dqk], kv_b [d_c, H, d_n + d_v]; q_a, kv_a, router are 2-D
+    "q_b": ((0,), (1, 2)), "kv_b": ((0,), (1, 2)),
 }
+# MoE expert stacks [N, E, F] / [N, F, E]: axis 0 is a batch axis (one matrix per expert)
+MUON_EXPERT_DIMS = ((1,), (2,))
 
 
 def leaf_name(path: tuple) -> str:
@@ -71,7 +75,10 @@ def make_optimizer(cfg: OptimSection, params: Any, total_steps: int):
                 return None  # Adam for embeddings, lm_head-free paths, norms, biases
             if leaf_name(path) == "lm_head":
                 return None  # output layer: Adam, as the Muon authors recommend
-            red, out = MUON_DIMS.get(leaf_name(path), ((0,), (1,)))
+            if leaf.ndim == 3 and leaf_name(path) in ("gate", "up", "down"):
+                red, out = MUON_EXPERT_DIMS
+            else:
+                red, out = MUON_DIMS.get(leaf_name(path), ((0,), (1,)))
             return MuonDimensionNumbers(reduction_axis=red, output_axis=out)
 
         dim_tree = jax.tree_util.tree_map_with_path(dims, params)

@@ -46,8 +46,11 @@ def hidden_states(model, tokens, positions, segment_ids, remat: str) -> jax.Arra
     b, s = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    inv_freq, scale = model.rope
-    cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
+    if hasattr(model, "rope_tables"):  # DeepSeek: per-pair tables of the decoupled RoPE part
+        cos, sin = model.rope_tables(positions)
+    else:
+        inv_freq, scale = model.rope
+        cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     for layer in model.layers:
         graphdef, state = nnx.split(layer)

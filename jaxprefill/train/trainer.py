@@ -24,7 +24,7 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.config import ConfigError
-from jaxprefill.sharding import logical_to_spec, make_mesh
+from jaxprefill.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
 from jaxprefill.train import mfu as mfu_lib
 from jaxprefill.train.checkpoint import Checkpointer, StopSignal, abstract_like
 from jaxprefill.train.config import MeshSection, TrainConfig
@@ -65,12 +65,18 @@ def build_mesh(m: MeshSection):
     """The run's mesh. `data: -1` fills all devices; a smaller explicit mesh uses the first
     devices (one host only: debugging, or comparing against fewer devices)."""
     n = jax.device_count()
-    data = m.data if m.data != -1 else n // (m.fsdp * m.tensor)
-    used = data * m.fsdp * m.tensor
+    data = m.data if m.data != -1 else n // (m.fsdp * m.tensor * m.expert)
+    used = data * m.fsdp * m.tensor * m.expert
     if data < 1 or used > n or (used < n and (m.data == -1 or jax.process_count() > 1)):
-        raise ConfigError(f"mesh: data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} does not fit "
-                          f"the {n} devices")
-    return make_mesh(data=data, fsdp=m.fsdp, tensor=m.tensor, devices=jax.devices()[:used])
+        raise ConfigError(f"mesh: data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} x "
+                          f"expert={m.expert} does not fit the {n} devices")
+    return make_mesh(data=data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert,
+                     devices=jax.devices()[:used])
+
+
+# Batch rows are split over the expert axis too: its devices hold different experts but must not
+# compute the same rows (the usual expert-parallel layout; GSPMD moves tokens to their experts).
+BATCH_RULES = {**LOGICAL_RULES, "batch": ("data", "fsdp", "expert")}
 
 
 class Trainer:
@@ -106,7 +112,8 @@ class Trainer:
 
         a = cfg.optim.grad_accum
         self.micro_batch = cfg.batch_size // a
-        spec = logical_to_spec((None, "batch", None), (a, self.micro_batch, cfg.data.seq_len), self.mesh)
+        spec = logical_to_spec((None, "batch", None), (a, self.micro_batch, cfg.data.seq_len), self.mesh,
+                               BATCH_RULES)
         self.batch_sharding = NamedSharding(self.mesh, spec)
         self.eval_sharding = NamedSharding(self.mesh, P(*spec[1:]))
         opts = StepOptions(remat=cfg.model.remat, packed=packed)
@@ -270,6 +277,10 @@ class Trainer:
                 if self._stop_requested(stop):
                     status = "preempted"
                     break
+                if self._out_of_time(t0) and done != cfg.steps:
+                    status = "stopped"
+                    self.say(f"time_limit_s={cfg.time_limit_s} reached at step {done}")
+                    break
         if bar is not None:
             bar.close()
         self.save()
@@ -278,7 +289,8 @@ class Trainer:
         else:
             val_loss = self._log_eval(self.step)
             if cfg.checkpoint.export_at_end and self.is_main:
-                out = self.export(os.path.join(cfg.output_dir, "export"))
+                out = self.export(os.path.join(cfg.output_dir, "export"), cfg.checkpoint.export_dtype,
+                                  cfg.checkpoint.export_shard_mb)
                 self.say(f"exported to {out}")
         if self.ckpt is not None:
             self.ckpt.wait()
@@ -286,6 +298,16 @@ class Trainer:
 
     def _stop_requested(self, stop: StopSignal) -> bool:
         flag = stop.requested
+        if jax.process_count() > 1:  # every host must stop at the same step
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+        return flag
+
+    def _out_of_time(self, t0: float) -> bool:
+        if self.cfg.time_limit_s is None:
+            return False
+        flag = time.perf_counter() - t0 > self.cfg.time_limit_s
         if jax.process_count() > 1:  # every host must stop at the same step
             from jax.experimental import multihost_utils
 
@@ -309,13 +331,15 @@ class Trainer:
     # ---- outputs --------------------------------------------------------------------------------
 
     def nnx_model(self):
-        """The current parameters as an NNX `Llama` (shares the arrays)."""
+        """The current parameters as an NNX `Llama` or `DeepSeek` (shares the arrays)."""
         return merged(self.model, self.state["params"])
 
-    def export(self, out_dir: str, dtype: str = "float32") -> str:
+    def export(self, out_dir: str, dtype: str = "float32", shard_mb: int | None = None) -> str:
+        """HF-style directory of the current parameters (`shard_mb`: safetensors shard size)."""
         from jaxprefill.train.export import export_hf
 
-        return export_hf(self.nnx_model(), out_dir, dtype=dtype, tokenizer=self.tokenizer)
+        return export_hf(self.nnx_model(), out_dir, dtype=dtype, tokenizer=self.tokenizer,
+                         max_shard_bytes=None if shard_mb is None else shard_mb * 2**20)
 
     def close(self) -> None:
         if self.ckpt is not None:
