@@ -1,0 +1,118 @@
+"""TPLA vs MLA decode attention on 2 GPUs (MLA/TPLA issue), DeepSeek-V3 attention shapes.
+
+  python scripts/bench_tpla_gpu.py --out results/          # on a machine with >= 2 GPUs
+
+One decode step of attention (no projections other than W_UV) for batch B at context T, H=128
+heads, latent d_c=512, rope d_r=64, d_v=128, bf16 cache in 64-token pages:
+  * MLA, tensor parallel over heads: each GPU holds the WHOLE latent cache (replicated) and
+    computes H/g heads (`mla_decode`), outputs gathered.
+  * TPLA g: each GPU holds 1/g of the latent (+ the replicated RoPE key) and computes ALL heads on
+    its slice with its own softmax; partial outputs after W_UV are summed (psum).
+Inputs are random (timing only; correctness is tested on the CPU in tests/test_tpla*.py).
+Reports the median step time of each and the TPLA speedup (issue bar: >= 1.6x at 32K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxprefill.tpla import TPLAConfig, _shard_map, tpla_decode
+from pallas_kernels import mla_decode
+
+PAGE = 64
+
+
+def timed(fn, *args, reps: int = 20) -> float:
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--heads", type=int, default=128)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    g = 2
+    devices = jax.devices()[:g]
+    assert len(devices) == g, f"needs {g} GPUs, found {jax.devices()}"
+    mesh = Mesh(np.asarray(devices), ("tensor",))
+    b, t, h, dc, dr, dv = args.batch, args.context, args.heads, 512, 64, 128
+    pages_per_seq = t // PAGE
+    n_pages = b * pages_per_seq
+    key = iter(jax.random.split(jax.random.key(0), 16))
+    rnd = lambda shape, dt=jnp.bfloat16: jax.random.normal(next(key), shape, jnp.float32).astype(dt)  # noqa: E731
+    table = jnp.arange(n_pages, dtype=jnp.int32).reshape(b, pages_per_seq)
+    lengths = jnp.full((b,), t, jnp.int32)
+    q_lat, q_pe = rnd((b, h, dc)), rnd((b, h, dr))
+    w_uv = rnd((dc, h, dv), jnp.float32)
+    scale = (dc // 4 + dr) ** -0.5
+    rows = []
+
+    # MLA: latent cache replicated, heads split over the 2 GPUs.
+    cache = jax.device_put(rnd((n_pages, PAGE, dc + dr)), NamedSharding(mesh, P()))
+    ql = jax.device_put(q_lat, NamedSharding(mesh, P(None, "tensor", None)))
+    qp = jax.device_put(q_pe, NamedSharding(mesh, P(None, "tensor", None)))
+    wuv = jax.device_put(w_uv, NamedSharding(mesh, P(None, "tensor", None)))
+
+    @jax.jit
+    @partial(_shard_map, mesh=mesh, in_specs=(P(None, "tensor", None), P(None, "tensor", None),
+                                              P(), P(), P(), P(None, "tensor", None)),
+             out_specs=P(None, "tensor", None), check_vma=False)
+    def mla_step(ql, qp, pg, tbl, lens, wuv):
+        out_lat, _ = mla_decode(ql, qp, pg, tbl, lens, scale)
+        return jnp.einsum("bhc,chv->bhv", out_lat, wuv)
+
+    cache_bytes = n_pages * PAGE * (dc + dr) * 2
+    try:
+        t_mla = timed(mla_step, ql, qp, cache, table, lengths, wuv)
+        rows.append({"method": "MLA, heads split, latent replicated", "ms": 1e3 * t_mla,
+                     "cache_bytes_per_gpu": cache_bytes})
+    except Exception as e:  # noqa: BLE001
+        rows.append({"method": "MLA", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        t_mla = None
+    del cache
+
+    # TPLA g=2: each GPU holds its latent slice + the replicated RoPE key, all heads.
+    w = dc // g + dr
+    tcfg = TPLAConfig(transform="hadamard", rope="replicated", norm="global", logit_scale="1")
+    pages = jax.device_put(rnd((n_pages, PAGE, g * w)), NamedSharding(mesh, P(None, None, "tensor")))
+    ql2 = jax.device_put(q_lat, NamedSharding(mesh, P(None, None, "tensor")))
+    wuv2 = jax.device_put(w_uv, NamedSharding(mesh, P("tensor", None, None)))
+    step = jax.jit(lambda a, b_, c, d, e, f: tpla_decode(a, b_, c, d, e, f, mesh=mesh, tcfg=tcfg,
+                                                         sm_scale=scale))
+    try:
+        t_tpla = timed(step, ql2, q_pe, pages, table, lengths, wuv2)
+        rows.append({"method": f"TPLA g={g}", "ms": 1e3 * t_tpla,
+                     "cache_bytes_per_gpu": n_pages * PAGE * w * 2})
+    except Exception as e:  # noqa: BLE001
+        rows.append({"method": "TPLA", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        t_tpla = None
+
+    speedup = t_mla / t_tpla if (t_mla and t_tpla) else None
+    result = {"device": jax.devices()[0].device_kind, "n_devices": len(jax.devices()),
+              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": b, "context": t,
+              "heads": h, "rows": rows, "tpla_speedup": speedup}
+    (args.out / "bench_tpla_gpu.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
