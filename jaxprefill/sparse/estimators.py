@@ -13,15 +13,18 @@ import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry
 
-_HI = jax.lax.Precision.HIGHEST
-
-
 def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:
-    """qx [B, Mq, Hq, D], kx [B, Mk, Hkv, D] -> float32 qx.kx [B, Hq, Mq, Mk] (GQA groups)."""
+    """qx [B, Mq, Hq, D], kx [B, Mk, Hkv, D] -> float32 qx.kx [B, Hq, Mq, Mk] (GQA groups).
+
+    Operands stay in their own dtype (bf16 on accelerators: tensor-core rate) with float32
+    accumulation; the first H100 measurement used float32 HIGHEST here and the estimators cost
+    8-235% of a cuDNN dense prefill at 128K. Scores only rank blocks, so bf16 inputs suffice.
+    """
     b, mq, hq, d = qx.shape
     hkv = kx.shape[2]
-    qg = qx.astype(jnp.float32).reshape(b, mq, hkv, hq // hkv, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kx.astype(jnp.float32), precision=_HI)
+    dtype = jnp.promote_types(qx.dtype, kx.dtype)
+    qg = qx.astype(dtype).reshape(b, mq, hkv, hq // hkv, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kx.astype(dtype), preferred_element_type=jnp.float32)
     return s.reshape(b, hq, mq, kx.shape[1])
 
 
