@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (GGUF) answers `assets/demo_prompts.jsonl` through the batch engine
 (prepacked prefill, paged KV cache, continuous batching), the same path as
-`jaxprefill infer`; it prints each answer and the job's summary table.
+`jaxprefill infer`; it prints each answer and the job's summary table, then prefills one long
+passkey prompt dense and with a sparse policy (same answer, both timings).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def sparse_vs_dense(model, tokenizer, length: int = 1536, policy: str = "flexpre
 
     At this length on a CPU sparse prefill is not faster (estimation + block gather cost more
     than they save below ~10K tokens); the point is that the answer does not change. Speed:
-    docs/performance_sparse.md.
+    docs/performance.md.
     """
     from jaxprefill.eval.tasks import make_sample
 

@@ -19,7 +19,7 @@ its KV head; it loops over the listed blocks with ``pl.ds(kv_idx[t] * block_k, b
   ``pack_gqa=None`` (default) packs only when ``block_q < block_m``, i.e. when packing makes the
   programs taller: with ``block_q = block_m = 128`` both forms read the same K/V bytes per row
   and the unpacked one measured faster on an H100 (16K tokens, full causal: 6.04 ms unpacked vs
-  6.24 ms packed; docs/performance_block_sparse.md); packing pays off for small query blocks
+  6.24 ms packed; docs/performance.md); packing pays off for small query blocks
   (short chunks, ``block_q`` 16-64) where unpacked programs would have too few rows.
 - Two loops: list positions ``t < n_full`` (see :func:`pallas_kernels._prep.full_prefix_count`)
   run without masks; the rest apply key-length, causal and segment masks. Online softmax in
