@@ -182,19 +182,7 @@ class ModelConfig(_YamlConfig):
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
         """Read `config.json` (a file or the directory holding it)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_config_json(path))
 
 
 
@@ -426,6 +414,12 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> "ModelConfig | MLAConfig":
 
 def config_from_hf_file(path: str | os.PathLike) -> "ModelConfig | MLAConfig":
     """`config_from_hf_dict` of a `config.json` file (or the directory holding it)."""
+    return config_from_hf_dict(read_config_json(path))
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict in `config.json` (a file or the directory holding it); clear errors when the file
+    is missing, not JSON, or not an object."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
@@ -438,4 +432,4 @@ def config_from_hf_file(path: str | os.PathLike) -> "ModelConfig | MLAConfig":
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
-    return config_from_hf_dict(d)
+    return d

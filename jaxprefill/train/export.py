@@ -42,7 +42,6 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, 
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "mlp_bias": cfg.mlp_bias,
         "hidden_act": "silu",
-        "rope_theta": rope.theta,
         "torch_dtype": torch_dtype,
     }
     if cfg.model_type != "qwen2":  # qwen2 always has q/k/v biases and no o bias
@@ -53,18 +52,9 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, 
     if cfg.sliding_window is not None:
         d["sliding_window"] = cfg.sliding_window
         d["use_sliding_window"] = True
-    if rope.type != "default":
-        scaling: dict[str, Any] = {"rope_type": rope.type, "factor": rope.factor,
-                                   "original_max_position_embeddings": rope.original_max_position_embeddings}
-        if rope.type == "llama3":
-            scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
-        if rope.type == "yarn":
-            scaling.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
-            for k in ("attention_factor", "mscale", "mscale_all_dim"):
-                if getattr(rope, k) is not None:
-                    scaling[k] = getattr(rope, k)
-        d["rope_scaling"] = scaling
-    elif rope.original_max_position_embeddings not in (None, cfg.max_position_embeddings):
+    d.update(_rope_hf(rope))
+    if rope.type == "default" and rope.original_max_position_embeddings not in (
+            None, cfg.max_position_embeddings):
         d["original_max_position_embeddings"] = rope.original_max_position_embeddings
     if cfg.bos_token_id is not None:
         d["bos_token_id"] = cfg.bos_token_id
