@@ -11,7 +11,9 @@ out_latent float32 [B, H, Dc] (W_UV is applied by the caller) and lse float32 [B
 
 impl: "reference" (pure jnp, gathers the whole cache), "pallas_gpu" (Triton lowering),
 "pallas_tpu" (Mosaic), "auto" (pallas on GPU/TPU, reference on CPU). Kernels split the KV
-sequence into `num_splits` chunks (flash-decoding) and merge them with their LSEs.
+sequence into `num_splits` chunks (flash-decoding) and merge them with their LSEs. Tuning knobs
+go through `kernel_kwargs` (GPU: block_h, block_n, num_warps, num_stages); the defaults were
+measured on the H100 (H=16 is bandwidth-bound, H=128 compute-bound: docs/performance.md).
 """
 
 from __future__ import annotations

@@ -31,8 +31,16 @@ TAU = 192 ** -0.5 * (0.1 * np.log(40.0) + 1) ** 2  # DeepSeek-V3's softmax scale
 CASES = [  # name, B, H, Dc, Dr, lengths (None: random up to max_len), max_len, dtype, kwargs
     ("ragged_h16_bf16", 4, 16, 512, 64, (0, 1, 63, 1000), 1024, jnp.bfloat16, {}),
     ("ragged_h16_f32", 4, 16, 512, 64, (1, 64, 65, 777), 1024, jnp.float32, {}),
-    ("h128_bf16_bh32", 3, 128, 512, 64, (5000, 1, 4097), 8192, jnp.bfloat16, {}),
+    ("h128_bf16_bh32", 3, 128, 512, 64, (5000, 1, 4097), 8192, jnp.bfloat16, dict(block_h=32)),
     ("h128_bf16_bh64", 3, 128, 512, 64, (5000, 1, 4097), 8192, jnp.bfloat16, dict(block_h=64)),
+    ("h128_bf16_default", 5, 128, 512, 64, (0, 1, 63, 4097, 8192), 8192, jnp.bfloat16, {}),
+    ("h128_bf16_bn128", 3, 128, 512, 64, (5000, 65, 4097), 8192, jnp.bfloat16,
+     dict(block_h=64, block_n=128, num_stages=1)),
+    ("h128_bf16_bn32", 3, 128, 512, 64, (5000, 33, 4097), 8192, jnp.bfloat16,
+     dict(block_h=64, block_n=32, num_stages=3)),
+    ("h64_bf16_default", 3, 64, 512, 64, (77, 4096, 1), 4096, jnp.bfloat16, {}),
+    ("h16_bf16_bn32", 4, 16, 512, 64, (1, 31, 1000, 97), 1024, jnp.bfloat16,
+     dict(block_n=32, num_stages=4)),
     ("h5_bf16_split7", 5, 5, 512, 64, None, 3000, jnp.bfloat16, dict(num_splits=7)),
     ("b64_h16_32k_bf16", 64, 16, 512, 64, None, 32768, jnp.bfloat16, {}),
 ]

@@ -95,6 +95,34 @@ def test_triton_kernel_interpret(seed, h, dims, splits, lengths):
     check(out, lse, *numpy_mla(*args, scale), tol=1e-5)
 
 
+@pytest.mark.parametrize("seed, h, block_h, block_n, splits, lengths", [
+    # two pages per softmax step: odd page counts overrun the table row (slots hold -1)
+    (9, 40, 64, 128, 2, (0, 1, 65, 193)),
+    (10, 7, 16, 256, None, (255, 129, 64, 3)),   # four pages per step, splits by default
+    (11, 16, 16, 32, 3, (1, 31, 33, 250)),       # half-page tiles, splits not page-aligned
+])
+def test_triton_kernel_block_n_interpret(seed, h, block_h, block_n, splits, lengths):
+    from pallas_kernels.gpu.mla_decode_triton import mla_decode_triton
+    args, scale = problem(seed, h=h, dc=128, dr=32, lengths=lengths)
+    out, lse = mla_decode_triton(*args, sm_scale=scale, num_splits=splits, block_h=block_h,
+                                 block_n=block_n, interpret=True, poison_output=True)
+    check(out, lse, *numpy_mla(*args, scale), tol=1e-5)
+    with pytest.raises(ValueError, match="block_n"):
+        mla_decode_triton(*args, sm_scale=scale, block_n=48, interpret=True)
+
+
+def test_default_splits_fill_waves():
+    from pallas_kernels.gpu.mla_decode_triton import default_block_h, default_num_splits
+    assert [default_block_h(h) for h in (5, 16, 17, 32, 64, 128)] == [16, 16, 32, 32, 64, 64]
+    for batch, head_blocks in ((64, 2), (64, 1), (3, 2), (1, 2), (7, 2)):
+        s = default_num_splits(batch, head_blocks, 512, block_h=64)
+        n = batch * head_blocks * s
+        waves = -(-n // 132)
+        assert n >= 0.9 * 132 and n / (waves * 132) >= 0.85, (batch, head_blocks, s)
+    assert default_num_splits(64, 1, 512, block_h=16) == 5  # small blocks: ~2 waves
+    assert default_num_splits(1, 1, 3, block_h=64) == 3  # never more splits than KV steps
+
+
 @pytest.mark.parametrize("seed, h, dims, splits, lengths", [
     (5, 16, (128, 32), None, (1, 64, 130, 256)),
     (6, 8, (512, 64), 2, (0, 63, 65, 129)),
