@@ -7,6 +7,7 @@ and computes, per layout row, how many leading list entries need no in-block mas
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -77,6 +78,11 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockSparseLa
             f"layout grid ({layout.num_q_blocks}, {layout.num_kv_blocks}) does not match "
             f"Sq={Sq}, Sk={Sk} with blocks ({layout.block_q}, {layout.block_k}): ({nq}, {nk})"
         )
+    if layout.col_idx is not None and (
+            layout.col_idx.ndim != 4 or tuple(layout.col_idx.shape[:3]) != tuple(
+                layout.kv_cnt.shape) or tuple(layout.col_cnt.shape) != tuple(layout.kv_cnt.shape)):
+        raise ValueError(f"layout columns {layout.col_idx.shape}, {layout.col_cnt.shape} do not "
+                         f"match its rows {layout.kv_cnt.shape}")
     return Dims(B, Sq, Sk, Hq, Hkv, Hl, Dqk, v.shape[-1], layout.block_q, layout.block_k, nq, nk)
 
 
@@ -157,6 +163,31 @@ def full_prefix_count(
     t = jnp.arange(nnz, dtype=jnp.int32)
     ok = ok & (t < layout.kv_cnt[..., None])
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+
+
+def padded_columns(layout: BlockSparseLayout) -> tuple[jax.Array, int]:
+    """(col_idx padded to ``n_chunks * block_k`` entries by repeating the last one, n_chunks).
+
+    Kernels walk the columns in ``n_chunks = ceil(max_cols / block_k)`` chunks of ``block_k``
+    positions; entries ``>= col_cnt`` are masked.
+    """
+    n_chunks = layout.column_chunks()
+    idx = layout.col_idx
+    extra = n_chunks * layout.block_k - layout.max_cols
+    if extra:
+        idx = jnp.concatenate([idx, jnp.repeat(idx[..., -1:], extra, axis=-1)], axis=-1)
+    return idx.astype(jnp.int32), n_chunks
+
+
+def blasst_log_threshold(blasst_threshold: float | None) -> float | None:
+    """BLASST's ``lambda`` -> ``ln(lambda)`` (None = off). ``lambda`` must be in [0, 1]:
+    0 gives ``-inf`` (never skips), 1 skips every tile whose max is below the running max."""
+    if blasst_threshold is None:
+        return None
+    lam = float(blasst_threshold)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"blasst_threshold (lambda) must be in [0, 1], got {blasst_threshold}")
+    return -math.inf if lam == 0.0 else math.log(lam)
 
 
 def default_scale(sm_scale: float | None, head_dim: int) -> float:

@@ -8,7 +8,7 @@ import jax
 
 from pallas_kernels.layout import BlockSparseLayout
 
-IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic")
 
 
 def default_impl(backend: str | None = None) -> str:
@@ -28,6 +28,7 @@ def block_sparse_attention(
     q_offset: Any = None,
     segment_ids: Any = None,
     return_lse: bool = False,
+    blasst_threshold: float | None = None,
     impl: str = "auto",
     interpret: Any = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -37,6 +38,8 @@ def block_sparse_attention(
     block ``i // block_q`` in the layout row of h (row h if the layout has Hq heads, row
     ``h // (Hq // Hkv)`` if it has Hkv heads), and ``(not causal or j <= i + q_offset[b])``, and
     the segment ids of i and j are equal. Rows that attend to nothing give 0 and lse ``-inf``.
+    If the layout has columns (``col_idx``/``col_cnt``), query block i also attends to its
+    listed key positions (same causal and segment masks).
 
     Args:
         q: ``[B, Sq, Hq, Dqk]``. k: ``[B, Sk, Hkv, Dqk]``. v: ``[B, Sk, Hkv, Dv]``
@@ -51,8 +54,14 @@ def block_sparse_attention(
         segment_ids: ``SegmentIds(q [B, Sq], kv [B, Sk])`` int32, or one ``[B, S]`` array when
             ``Sq == Sk``. Default: no segment mask.
         return_lse: also return the natural-log logsumexp ``[B, Hq, Sq]`` float32.
+        blasst_threshold: BLASST's lambda in [0, 1] (None = off): a query row drops a key tile
+            (listed block or column chunk) whose max logit is below its running max by more
+            than ``ln(lambda)``; exact semantics in :mod:`pallas_kernels.reference`.
         impl: ``"reference"`` (dense jnp, tests only), ``"xla"`` (block gather, CPU path),
-            ``"pallas_tpu"``, ``"pallas_gpu"`` (Pallas Triton lowering) or ``"auto"``.
+            ``"pallas_tpu"``, ``"pallas_gpu"`` (Pallas Triton lowering), ``"pallas_mosaic"``
+            (Pallas Mosaic GPU, Hopper only: bf16/f16, ``block_q % 128 == 0``, ``block_k`` 64
+            or 128, no columns or BLASST) or ``"auto"`` (``pallas_mosaic`` on Hopper when it
+            takes the inputs, else ``pallas_gpu``, on GPUs).
         interpret: for the Pallas impls: ``True`` or (TPU) a ``pltpu.InterpretParams`` to run
             the kernel in interpret mode on any backend.
 
@@ -61,7 +70,14 @@ def block_sparse_attention(
     """
     if impl == "auto":
         impl = default_impl()
-    kw = dict(causal=causal, sm_scale=sm_scale, q_offset=q_offset, segment_ids=segment_ids)
+        if impl == "pallas_gpu" and blasst_threshold is None and not interpret:
+            # Hopper: the Mosaic GPU kernel (wgmma/TMA) when it takes the inputs; measured
+            # 1.6-1.7x the Triton kernel at full density on an H100 (docs/performance.md).
+            from pallas_kernels.gpu import block_sparse_mosaic as mosaic
+            if mosaic.is_hopper() and mosaic.supports(q, k, v, layout):
+                impl = "pallas_mosaic"
+    kw = dict(causal=causal, sm_scale=sm_scale, q_offset=q_offset, segment_ids=segment_ids,
+              blasst_threshold=blasst_threshold)
     if impl == "reference":
         from pallas_kernels.reference import block_sparse_attention_reference as fn
     elif impl == "xla":
@@ -72,6 +88,13 @@ def block_sparse_attention(
     elif impl == "pallas_gpu":
         from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton as fn
         kw["interpret"] = interpret
+    elif impl == "pallas_mosaic":
+        from pallas_kernels.gpu.block_sparse_mosaic import block_sparse_attention_mosaic as fn
+        if kw.pop("blasst_threshold", None) is not None:
+            raise ValueError("impl='pallas_mosaic' does not support blasst_threshold yet; "
+                             "use 'pallas_gpu'")
+        if interpret:
+            kw["interpret"] = interpret
     else:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     out, lse = fn(q, k, v, layout, **kw)

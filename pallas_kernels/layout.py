@@ -10,6 +10,19 @@ reads. For each (batch b, layout head h, query block i) it lists the key/value b
 - ``kv_cnt``: int32 ``[B, H, nq]``: number of valid entries per row, in ``[0, max_nnz]``.
 - static: ``block_q``, ``block_k`` (tokens per block) and ``num_kv_blocks`` (``nk``).
 
+Optional column path (both ``None`` or both set): single key columns a query block also attends
+to, for patterns whose "vertical lines" would waste most of a block (MInference):
+
+- ``col_idx``: int32 ``[B, H, nq, max_cols]``: key TOKEN positions in ``[0, Sk)``, sorted
+  ascending in the first ``col_cnt`` entries; padding repeats the last valid entry (0 for an
+  empty row).
+- ``col_cnt``: int32 ``[B, H, nq]``: valid entries per row.
+
+Query block i attends to (its listed key blocks) UNION (its listed key columns); causal and
+segment masks apply to columns too. Columns never lie inside one of the row's listed blocks
+(kernels rely on it; :meth:`BlockSparseLayout.with_columns` drops such columns). Kernels gather
+the listed K/V columns and process them in chunks of ``block_k`` after the listed blocks.
+
 ``H`` is either the number of query heads (one list per query head) or the number of KV heads
 (one list shared by the query heads of a GQA group, which lets GPU kernels pack the group).
 ``B`` may be 1 to share one layout across the batch.
@@ -19,7 +32,8 @@ The layout is a pytree (arrays are leaves, block sizes are static metadata), so 
 
 Constructors: :meth:`BlockSparseLayout.from_block_mask` (host numpy, or device ``jax.Array``
 inside ``jit``), :meth:`dense`, :meth:`dense_causal`, :meth:`streaming`. Host constructors run in
-NumPy; :func:`block_mask_to_layout_arrays` is the jit-able device version.
+NumPy; :func:`block_mask_to_layout_arrays` is the jit-able device version. Columns are added with
+:meth:`BlockSparseLayout.with_columns` (jit-able; see :mod:`pallas_kernels.layout_columns`).
 """
 
 from __future__ import annotations
@@ -46,6 +60,8 @@ class BlockSparseLayout:
         block_q: query tokens per block (static).
         block_k: key tokens per block (static).
         num_kv_blocks: ``nk``, number of key blocks of the sequence (static).
+        col_idx: optional int32 ``[B, H, nq, max_cols]`` sorted key positions (column path).
+        col_cnt: optional int32 ``[B, H, nq]`` valid columns per row.
     """
 
     kv_idx: Any
@@ -53,6 +69,23 @@ class BlockSparseLayout:
     block_q: int
     block_k: int
     num_kv_blocks: int
+    col_idx: Any = None
+    col_cnt: Any = None
+
+    def __post_init__(self) -> None:
+        if (self.col_idx is None) != (self.col_cnt is None):
+            raise ValueError("col_idx and col_cnt must both be set or both be None")
+        if self.col_idx is None or not hasattr(self.kv_cnt, "shape"):
+            return  # (pytree unflattening may pass placeholders instead of arrays)
+        if not hasattr(self.col_idx, "shape") or not hasattr(self.col_cnt, "shape"):
+            return
+        if (tuple(self.col_cnt.shape) != tuple(self.kv_cnt.shape)
+                or tuple(self.col_idx.shape[:-1]) != tuple(self.kv_cnt.shape)
+                or len(self.col_idx.shape) != 4):
+            raise ValueError(
+                f"columns must be col_idx [B, H, nq, max_cols] and col_cnt [B, H, nq] matching "
+                f"kv_cnt {tuple(self.kv_cnt.shape)}; got {tuple(self.col_idx.shape)}, "
+                f"{tuple(self.col_cnt.shape)}")
 
     # ----------------------------------------------------------------------------- shape helpers
     @property
@@ -70,6 +103,19 @@ class BlockSparseLayout:
     @property
     def max_nnz(self) -> int:
         return self.kv_idx.shape[3]
+
+    @property
+    def has_columns(self) -> bool:
+        return self.col_idx is not None
+
+    @property
+    def max_cols(self) -> int:
+        """Static column-list length (0 without columns)."""
+        return 0 if self.col_idx is None else self.col_idx.shape[3]
+
+    def column_chunks(self) -> int:
+        """Static number of ``block_k`` column chunks a kernel walks per row (0: no columns)."""
+        return cdiv(self.max_cols, self.block_k)
 
     # ------------------------------------------------------------------------------ constructors
     @classmethod
@@ -164,13 +210,53 @@ class BlockSparseLayout:
 
     # ----------------------------------------------------------------------------- conversions
     def to_block_mask(self) -> jax.Array:
-        """Dense bool ``[B, H, nq, nk]`` block mask (jit-able; for tests and small layouts)."""
+        """Dense bool ``[B, H, nq, nk]`` mask of the listed blocks (jit-able; columns are not
+        included: see :meth:`column_mask`)."""
+        return scatter_rows(self.kv_idx, self.kv_cnt, self.num_kv_blocks)
+
+    def column_mask(self, seq_k: int) -> jax.Array:
+        """bool ``[B, H, nq, seq_k]``: the listed key columns of each row (all False without
+        columns). Jit-able; memory grows as nq x Sk (tests, references)."""
+        if self.col_idx is None:
+            return jnp.zeros(tuple(self.kv_cnt.shape) + (seq_k,), bool)
+        return scatter_rows(self.col_idx, self.col_cnt, seq_k)
+
+    def with_columns(self, columns: Any, *, max_cols: int | None = None,
+                     seq_q: int | None = None, q_offset: int = 0) -> "BlockSparseLayout":
+        """This layout with the given key columns (replacing any it has).
+
+        Args:
+            columns: either key positions, int ``[B|1, H, nq|1, L]`` (any order, negatives and
+                positions ``>= nk * block_k`` are ignored, duplicates are merged; ``nq`` axis 1 =
+                the same positions for every query block), or a token-level vertical mask, bool
+                ``[B|1, H, nq|1, Sk]``.
+            max_cols: static list length. Default: ``L`` for positions; for a concrete mask the
+                largest row count. Rows with more columns keep the lowest positions.
+            seq_q, q_offset: when ``seq_q`` is given, columns after the last causal key of a
+                query block (``> min((i+1)*block_q, seq_q) - 1 + q_offset``) are dropped too
+                (they would be masked anyway).
+
+        Columns inside one of the row's listed blocks are always dropped. Jit-able when
+        ``max_cols`` is static (or ``columns`` is positions).
+        """
+        from pallas_kernels.layout_columns import build_columns
+
+        idx, cnt = build_columns(self, columns, max_cols=max_cols, seq_q=seq_q,
+                                 q_offset=q_offset)
+        return dataclasses.replace(self, col_idx=idx, col_cnt=cnt)
+
+    def without_columns(self) -> "BlockSparseLayout":
+        return dataclasses.replace(self, col_idx=None, col_cnt=None)
+
+    def round_columns_to_blocks(self, max_nnz: int | None = None) -> "BlockSparseLayout":
+        """A column-free layout that also lists the block of every column (a superset of the
+        keys: for kernels without the column path). Jit-able; ``max_nnz`` defaults to ``nk``."""
+        if self.col_idx is None:
+            return self
         nk = self.num_kv_blocks
-        t = jnp.arange(self.max_nnz, dtype=jnp.int32)
-        valid = t < self.kv_cnt[..., None]
-        cols = jnp.where(valid, self.kv_idx, nk)  # invalid entries go to a dropped column
-        hit = jax.nn.one_hot(cols, nk + 1, dtype=jnp.int32).sum(axis=-2)
-        return hit[..., :nk] > 0
+        mask = self.to_block_mask() | scatter_rows(self.col_idx // self.block_k, self.col_cnt, nk)
+        kv_idx, kv_cnt = block_mask_to_layout_arrays(mask, nk if max_nnz is None else max_nnz)
+        return BlockSparseLayout(kv_idx, kv_cnt, self.block_q, self.block_k, nk)
 
     def broadcast_batch(self, batch: int) -> "BlockSparseLayout":
         """Returns the layout with its batch axis broadcast from 1 to ``batch``."""
@@ -179,26 +265,54 @@ class BlockSparseLayout:
         if self.batch != 1:
             raise ValueError(f"layout batch {self.batch} does not match {batch}")
         shape = (batch,) + tuple(self.kv_idx.shape[1:])
+        cols = {}
+        if self.col_idx is not None:
+            cshape = (batch,) + tuple(self.col_idx.shape[1:])
+            cols = dict(col_idx=jnp.broadcast_to(self.col_idx, cshape),
+                        col_cnt=jnp.broadcast_to(self.col_cnt, shape[:-1]))
         return dataclasses.replace(
             self,
             kv_idx=jnp.broadcast_to(self.kv_idx, shape),
             kv_cnt=jnp.broadcast_to(self.kv_cnt, shape[:-1]),
+            **cols,
         )
 
+    def computed_blocks(self) -> float:
+        """Blocks a kernel computes (host-side): listed blocks plus ``ceil(col_cnt / block_k)``
+        column chunks per row (a chunk costs one block's FLOPs)."""
+        n = float(np.asarray(self.kv_cnt, np.float64).sum())
+        if self.col_cnt is not None:
+            cc = np.asarray(self.col_cnt, np.int64)
+            n += float(((cc + self.block_k - 1) // self.block_k).sum())
+        return n
+
     def density(self) -> float:
-        """Listed blocks / all blocks (host-side, for reporting)."""
+        """Computed blocks (:meth:`computed_blocks`) / all blocks (host-side, for reporting)."""
         total = self.batch * self.num_heads * self.num_q_blocks * self.num_kv_blocks
-        return float(np.asarray(self.kv_cnt).sum()) / max(total, 1)
+        return self.computed_blocks() / max(total, 1)
 
 
 jax.tree_util.register_dataclass(
     BlockSparseLayout,
-    data_fields=["kv_idx", "kv_cnt"],
+    data_fields=["kv_idx", "kv_cnt", "col_idx", "col_cnt"],
     meta_fields=["block_q", "block_k", "num_kv_blocks"],
 )
 
 
 # --------------------------------------------------------------------------------- host helpers
+def scatter_rows(idx: jax.Array, cnt: jax.Array, size: int) -> jax.Array:
+    """bool ``[..., size]``: True at the first ``cnt`` entries of each row of ``idx [..., L]``
+    (jit-able; a scatter, O(rows x (L + size)) memory)."""
+    lead = tuple(idx.shape[:-1])
+    n_list = idx.shape[-1]
+    rows = int(np.prod(lead)) if lead else 1
+    valid = jnp.arange(n_list, dtype=jnp.int32) < jnp.asarray(cnt)[..., None]
+    tgt = jnp.where(valid, jnp.clip(idx, 0, size - 1), size).reshape(rows, n_list)
+    out = jnp.zeros((rows, size + 1), bool)
+    out = out.at[jnp.arange(rows)[:, None], tgt].set(True)  # invalid -> dropped slot `size`
+    return out[:, :size].reshape(lead + (size,))
+
+
 def _host_layout_arrays(mask: np.ndarray, max_nnz: int) -> tuple[np.ndarray, np.ndarray]:
     """NumPy: bool ``[..., nk]`` -> (kv_idx ``[..., max_nnz]``, kv_cnt ``[...]``) int32."""
     nk = mask.shape[-1]
@@ -302,8 +416,9 @@ def random_block_mask(
 
 def block_flops(layout: BlockSparseLayout, num_q_heads: int, head_dim_qk: int,
                 head_dim_v: int) -> float:
-    """FLOPs of the listed blocks (2 matmuls of full blocks), for throughput reporting."""
-    cnt = float(np.asarray(layout.kv_cnt, np.float64).sum())
+    """FLOPs of the listed blocks and column chunks (2 matmuls of full blocks), for throughput
+    reporting."""
+    cnt = layout.computed_blocks()
     per_row_head = num_q_heads // layout.num_heads
     return 2.0 * cnt * per_row_head * layout.block_q * layout.block_k * (head_dim_qk + head_dim_v)
 
@@ -316,4 +431,5 @@ __all__ = [
     "random_block_mask",
     "block_flops",
     "cdiv",
+    "scatter_rows",
 ]

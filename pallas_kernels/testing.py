@@ -25,13 +25,15 @@ def numpy_reference(
     q_offset: Any = 0,
     seg_q: np.ndarray | None = None,
     seg_kv: np.ndarray | None = None,
+    col_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """float64 block-sparse attention.
 
     Args:
         q ``[B, Sq, Hq, Dqk]``, k ``[B, Sk, Hkv, Dqk]``, v ``[B, Sk, Hkv, Dv]`` (any float dtype);
         block_mask bool ``[B or 1, H, nq, nk]`` with ``H`` in ``(Hq, Hkv)``;
-        q_offset int or ``[B]``; seg_q ``[B, Sq]``, seg_kv ``[B, Sk]`` or None.
+        q_offset int or ``[B]``; seg_q ``[B, Sq]``, seg_kv ``[B, Sk]`` or None;
+        col_mask bool ``[B or 1, H, nq, Sk]`` extra key columns per query block, or None.
     Returns:
         out ``[B, Sq, Hq, Dv]`` float64 and lse ``[B, Hq, Sq]`` float64 (-inf for empty rows).
     """
@@ -42,6 +44,10 @@ def numpy_reference(
     bm = np.broadcast_to(np.asarray(block_mask, bool), (B,) + block_mask.shape[1:])
     bm = np.repeat(bm, Hq // bm.shape[1], axis=1)  # per query head
     mask = bm[:, :, np.arange(Sq) // block_q][:, :, :, np.arange(Sk) // block_k]
+    if col_mask is not None:
+        cm = np.broadcast_to(np.asarray(col_mask, bool), (B,) + col_mask.shape[1:])
+        cm = np.repeat(cm, Hq // cm.shape[1], axis=1)
+        mask = mask | cm[:, :, np.arange(Sq) // block_q]
     if causal:
         off = np.broadcast_to(np.asarray(q_offset, np.int64), (B,))
         i = np.arange(Sq)[None, :, None] + off[:, None, None]
@@ -77,11 +83,19 @@ class Problem:
     q_offset: np.ndarray
     seg_q: np.ndarray | None
     seg_kv: np.ndarray | None
+    col_mask: np.ndarray | None = None  # bool [B, H, nq, Sk], disjoint from block_mask
 
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
         return numpy_reference(self.q, self.k, self.v, self.block_mask, self.block_q,
                                self.block_k, causal=self.causal, q_offset=self.q_offset,
-                               seg_q=self.seg_q, seg_kv=self.seg_kv)
+                               seg_q=self.seg_q, seg_kv=self.seg_kv, col_mask=self.col_mask)
+
+    def layout(self):
+        """The problem's :class:`BlockSparseLayout` (columns from ``col_mask``, if any)."""
+        from pallas_kernels import BlockSparseLayout
+
+        lay = BlockSparseLayout.from_block_mask(self.block_mask, self.block_q, self.block_k)
+        return lay if self.col_mask is None else lay.with_columns(self.col_mask)
 
 
 def random_problem(
@@ -103,15 +117,29 @@ def random_problem(
     q_offset: str | int = 0,
     segments: bool = False,
     dtype: Any = np.float32,
+    columns: int = 0,
+    col_only_frac: float = 0.0,
 ) -> Problem:
     """Draws q, k, v ~ N(0, 1) (cast to ``dtype``), a random block mask with ``density`` and a
     fraction of empty rows, per-batch ``q_offset`` (``"chunk"`` = Sk - Sq, ``"random"``,
-    or an int) and optional sorted random segment ids."""
+    or an int) and optional sorted random segment ids.
+
+    ``columns > 0`` adds up to that many random key columns per row (outside the row's listed
+    blocks; empty rows stay empty); ``col_only_frac`` of the rows then list columns only."""
     rng = np.random.default_rng(seed)
     H = Hkv if per_kv_head else Hq
     nq, nk = cdiv(Sq, block_q), cdiv(Sk, block_k)
     bm = rng.random((B, H, nq, nk)) < density
-    bm &= ~(rng.random((B, H, nq, 1)) < empty_row_frac)
+    empty = rng.random((B, H, nq, 1)) < empty_row_frac
+    bm &= ~empty
+    col_mask = None
+    if columns:
+        bm &= ~(rng.random((B, H, nq, 1)) < col_only_frac)
+        picks = rng.integers(0, Sk, (B, H, nq, columns))
+        col_mask = np.zeros((B, H, nq, Sk), bool)
+        np.put_along_axis(col_mask, picks, True, axis=-1)
+        in_block = np.repeat(bm, block_k, axis=-1)[..., :Sk]
+        col_mask &= ~in_block & ~empty
     if q_offset == "chunk":
         off = np.full((B,), max(Sk - Sq, 0), np.int32)
     elif q_offset == "random":
@@ -127,7 +155,7 @@ def random_problem(
         return rng.standard_normal(shape).astype(np.float32).astype(dtype)
 
     return Problem(draw(B, Sq, Hq, Dqk), draw(B, Sk, Hkv, Dqk), draw(B, Sk, Hkv, Dv), bm,
-                   block_q, block_k, causal, off, seg_q, seg_kv)
+                   block_q, block_k, causal, off, seg_q, seg_kv, col_mask)
 
 
 def assert_close(out: Any, lse: Any, ref_out: np.ndarray, ref_lse: np.ndarray, *,
@@ -155,9 +183,9 @@ def run_problem(p: Problem, impl: str, **kwargs: Any) -> tuple[Any, Any]:
     """Runs ``block_sparse_attention`` on a :class:`Problem`; returns (out, lse) jax arrays."""
     import jax.numpy as jnp
 
-    from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
+    from pallas_kernels import SegmentIds, block_sparse_attention
 
-    layout = BlockSparseLayout.from_block_mask(p.block_mask, p.block_q, p.block_k)
+    layout = p.layout()
     seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
     return block_sparse_attention(
         jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), layout, causal=p.causal,

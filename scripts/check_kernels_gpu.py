@@ -1,6 +1,9 @@
-"""GPU equivalence check of the block-sparse Pallas GPU kernel (run on the H100).
+"""GPU equivalence check of the block-sparse Pallas GPU kernels (run on the H100).
 
-    python3 scripts/check_kernels_gpu.py [--out DIR] [--max-seq 32768]
+    python3 scripts/check_kernels_gpu.py [--out DIR] [--max-seq 32768] [--impls triton mosaic]
+
+``triton``: the Pallas Triton-lowering kernel; ``mosaic``: the Pallas Mosaic GPU (sm90) kernel
+(cases with blocks or dtypes it does not take are reported as skipped, not passed).
 
 Each case draws fresh random inputs and a random layout, runs the kernel with its outputs
 poisoned (NaN-filled buffers aliased to the outputs, so unwritten elements stay NaN) and
@@ -26,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import BlockSparseLayout, SegmentIds  # noqa: E402
 from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton  # noqa: E402
+from pallas_kernels.gpu.block_sparse_mosaic import block_sparse_attention_mosaic  # noqa: E402
 from pallas_kernels.layout import random_block_mask  # noqa: E402
 from pallas_kernels.testing import random_problem  # noqa: E402
 from pallas_kernels.xla.block_sparse_xla import block_sparse_attention_xla  # noqa: E402
@@ -46,6 +50,32 @@ CASES = [
                                  causal=False), {}),
     ("f32_gqa4", dict(B=1, Sq=384, Sk=384, Hq=4, Hkv=1, Dqk=64, Dv=64, dtype=np.float32,
                       block_q=64, block_k=64), {}),
+    # Mosaic GPU tiles: a 256-position layout block is two CTA tiles sharing one list;
+    # block_k 64; head dims that are not multiples of 64 (zero-padded); 3-stage ring.
+    ("bq256_bk64_odd_chunk_gqa2_bf16", dict(B=2, Sq=700, Sk=1300, Hq=4, Hkv=2, Dqk=128,
+                                            Dv=128, block_q=256, block_k=64,
+                                            q_offset="random", per_kv_head=False), {}),
+    # (5 query blocks, no forced empty rows: with 3 blocks ~5% of draws had no attended key)
+    ("d80_dv48_seg_noncausal_bf16", dict(B=1, Sq=555, Sk=555, Hq=2, Hkv=1, Dqk=80, Dv=48,
+                                         segments=True, causal=False, empty_row_frac=0.0), {}),
+    ("fp16_gqa4_stages3", dict(B=1, Sq=515, Sk=515, Hq=8, Hkv=2, Dqk=64, Dv=64,
+                               dtype=np.float16), dict(mosaic=dict(num_stages=3))),
+    # Mosaic launch variants: one CTA per tile, and the all-heads-first tile order.
+    ("odd1000_seg_gqa4_onecta_per_tile", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128,
+                                              Dv=128, segments=True),
+     dict(mosaic=dict(persistent=False))),
+    ("mla_chunk_order_heads", dict(B=2, Sq=500, Sk=900, Hq=4, Hkv=4, Dqk=192, Dv=128,
+                                   q_offset="chunk"),
+     dict(mosaic=dict(order="heads", no_auto_barriers=True))),
+    # Hardware named barriers for turn taking and slot-free signals, both grid kinds.
+    ("odd1000_seg_gqa4_named", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128,
+                                    segments=True), dict(mosaic=dict(named_barriers=True))),
+    ("mla_chunk_named_persistent", dict(B=2, Sq=500, Sk=900, Hq=4, Hkv=4, Dqk=192, Dv=128,
+                                        q_offset="chunk"),
+     dict(mosaic=dict(named_barriers=True, persistent=True))),
+    ("bq256_bk64_named_stages3", dict(B=1, Sq=700, Sk=1300, Hq=4, Hkv=2, Dqk=64, Dv=64,
+                                      block_q=256, block_k=64, q_offset="random"),
+     dict(mosaic=dict(named_barriers=True, num_stages=3))),
 ]
 
 
@@ -56,24 +86,48 @@ def rel_err(out, ref):
 
 
 INTERPRET = False  # --interpret: CPU smoke test of this script (small cases only)
+KERNELS = {"triton": block_sparse_attention_triton, "mosaic": block_sparse_attention_mosaic}
+# Kernel options that only one implementation takes.
+TRITON_ONLY = ("pack_gqa", "block_m", "num_warps")
+MOSAIC_ONLY = ("num_stages",)
 
 
-def check_small(name, kw, kernel_kw, results):
+def kernel_kwargs(impl, kernel_kw):
+    """Per-impl options: ``kernel_kw`` may hold ``mosaic=dict(...)`` / ``triton=dict(...)``."""
+    kw = {k: v for k, v in kernel_kw.items() if k not in ("mosaic", "triton")}
+    kw.update(kernel_kw.get(impl, {}))
+    drop = TRITON_ONLY if impl == "mosaic" else MOSAIC_ONLY
+    return {k: v for k, v in kw.items() if k not in drop}
+
+
+def mosaic_supports(dtype, block_q, block_k):
+    return (np.dtype(dtype) in (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+            and block_q % 128 == 0 and block_k in (64, 128))
+
+
+def check_small(name, kw, kernel_kw, results, impl="triton"):
     dtype = kw.pop("dtype", jnp.bfloat16)
     kw.setdefault("block_q", 128)
     kw.setdefault("block_k", 128)
+    if impl == "mosaic" and not mosaic_supports(dtype, kw["block_q"], kw["block_k"]):
+        results.append(dict(name=f"{impl}:{name}", ok=None, skipped="unsupported blocks/dtype"))
+        print(f"SKIP {impl}:{name} (blocks/dtype the mosaic kernel does not take)", flush=True)
+        return
+    if impl == "triton" and "mosaic" in kernel_kw:
+        return  # a mosaic-only variant
     p = random_problem(int(time.time_ns() % 2**31), density=0.5, dtype=dtype, **kw)
     lay = BlockSparseLayout.from_block_mask(p.block_mask, p.block_q, p.block_k)
     seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
-    out, lse = block_sparse_attention_triton(
+    extra = dict(interpret=INTERPRET) if impl == "triton" else {}
+    out, lse = KERNELS[impl](
         jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), lay, causal=p.causal,
         q_offset=jnp.asarray(p.q_offset), segment_ids=seg, poison_output=True,
-        interpret=INTERPRET, **kernel_kw)
+        **extra, **kernel_kwargs(impl, kernel_kw))
     ref_out, ref_lse = p.reference()
-    record(name, out, lse, ref_out, ref_lse, dtype == np.float32, results)
+    record(f"{impl}:{name}", out, lse, ref_out, ref_lse, dtype == np.float32, results)
 
 
-def check_big(S, Sq, per_kv_head, results, density=0.3, **kernel_kw):
+def check_big(S, Sq, per_kv_head, results, density=0.3, impl="triton", **kernel_kw):
     rng = np.random.default_rng(int(time.time_ns() % 2**31))
     B, Hq, Hkv, D = 1, 32, 8, 128
     H = Hkv if per_kv_head else Hq
@@ -84,12 +138,12 @@ def check_big(S, Sq, per_kv_head, results, density=0.3, **kernel_kw):
     q = jax.random.normal(keys[0], (B, Sq, Hq, D), jnp.bfloat16)
     k = jax.random.normal(keys[1], (B, S, Hkv, D), jnp.bfloat16)
     v = jax.random.normal(keys[2], (B, S, Hkv, D), jnp.bfloat16)
-    out, lse = block_sparse_attention_triton(q, k, v, lay, q_offset=off, poison_output=True,
-                                             **kernel_kw)
+    out, lse = KERNELS[impl](q, k, v, lay, q_offset=off, poison_output=True,
+                             **kernel_kwargs(impl, kernel_kw))
     ref = jax.jit(block_sparse_attention_xla)
     ref_out, ref_lse = ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                            lay, q_offset=off)
-    name = f"S{S}_Sq{Sq}_{'kvhead' if per_kv_head else 'qhead'}_d{density}{kernel_kw or ''}"
+    name = f"{impl}:S{S}_Sq{Sq}_{'kvhead' if per_kv_head else 'qhead'}_d{density}{kernel_kw or ''}"
     record(name, out, lse, np.asarray(ref_out), np.asarray(ref_lse), False, results,
            low_precision=True)
 
@@ -111,39 +165,119 @@ def record(name, out, lse, ref_out, ref_lse, is_f32, results, low_precision=None
           f"lse_inf_match={lse_ok} lse_err={lse_err:.1e}", flush=True)
 
 
+# ------------------------------------------------------- column path and BLASST (Triton kernel)
+def check_columns_blasst(results):
+    """Column-path and BLASST cases of the Triton kernel (poisoned outputs): small cases against
+    float64 NumPy / the jnp reference, a 32K MInference-like layout against float32 XLA."""
+    from pallas_kernels.reference import block_sparse_attention_reference, blasst_skip_stats
+
+    def run(name, p, ref, **kw):
+        seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
+        out, lse = block_sparse_attention_triton(
+            jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(), causal=p.causal,
+            q_offset=jnp.asarray(p.q_offset), segment_ids=seg, poison_output=True,
+            interpret=INTERPRET, **kw)
+        record(f"triton:{name}", out, lse, np.asarray(ref[0], np.float64),
+               np.asarray(ref[1], np.float64), p.q.dtype == np.float32, results)
+
+    cases = [("cols_odd1000_gqa4_kvhead_seg", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2,
+                                                   segments=True, block_q=128, block_k=64)),
+             ("cols_odd1000_gqa4_kvhead_packed_bq64", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2,
+                                                     per_kv_head=True, block_q=64, block_k=64)),
+             ("cols_chunk300_gqa3_qhead", dict(B=2, Sq=300, Sk=1000, Hq=6, Hkv=2,
+                                               per_kv_head=False, q_offset="chunk")),
+             ("cols_f32_gqa4", dict(B=1, Sq=384, Sk=384, Hq=4, Hkv=1, dtype=np.float32,
+                                    block_q=64, block_k=64))]
+    for name, kw in cases:
+        kw = dict(kw)
+        kw.setdefault("block_q", 128)
+        kw.setdefault("block_k", 128)
+        p = random_problem(int(time.time_ns() % 2**31), Dqk=128, Dv=128, density=0.2,
+                           columns=150, col_only_frac=0.2, **{"dtype": jnp.bfloat16, **kw})
+        run(name, p, p.reference(), **({"pack_gqa": True} if "packed" in name else {}))
+        # BLASST on the same problem (peaky logits), against the jnp reference's rule.
+        p.q = (p.q.astype(np.float32) * 3).astype(p.q.dtype)
+        for lam in (0.0, 0.05):
+            seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q),
+                                                          jnp.asarray(p.seg_kv))
+            ref = block_sparse_attention_reference(
+                jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(),
+                q_offset=jnp.asarray(p.q_offset), segment_ids=seg, blasst_threshold=lam)
+            run(f"{name}_blasst{lam}", p, ref, blasst_threshold=lam)
+            if lam:
+                stats = blasst_skip_stats(
+                    jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(), lam,
+                    q_offset=jnp.asarray(p.q_offset), segment_ids=seg)
+                results[-1]["skip_stats"] = stats
+                print(f"     skipped: {stats}", flush=True)
+    if INTERPRET:
+        return
+    # 32K, Llama-3-8B heads: blocks + 600 shared vertical columns per head, against f32 XLA.
+    rng = np.random.default_rng(int(time.time_ns() % 2**31))
+    S, Hq, Hkv, D = 32768, 32, 8, 128
+    for per_kv in (True, False):
+        H = Hkv if per_kv else Hq
+        mask = random_block_mask(rng, 1, H, S, S, 128, 128, 0.05)
+        lay = BlockSparseLayout.from_block_mask(mask, 128, 128)
+        lay = lay.with_columns(rng.integers(0, S, (1, H, 1, 600)), seq_q=S)
+        keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 3)
+        q = jax.random.normal(keys[0], (1, S, Hq, D), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (1, S, Hkv, D), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (1, S, Hkv, D), jnp.bfloat16)
+        out, lse = block_sparse_attention_triton(q, k, v, lay, poison_output=True)
+        ref = jax.jit(block_sparse_attention_xla)(*(x.astype(jnp.float32) for x in (q, k, v)),
+                                                  lay)
+        record(f"triton:cols_S{S}_{'kvhead' if per_kv else 'qhead'}_600cols", out, lse,
+               np.asarray(ref[0]), np.asarray(ref[1]), False, results, low_precision=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--max-seq", type=int, default=32768)
     ap.add_argument("--interpret", action="store_true")
+    ap.add_argument("--columns-only", action="store_true",
+                    help="only the column-path and BLASST cases (Triton kernel)")
+    ap.add_argument("--impls", nargs="+", default=["triton", "mosaic"], choices=list(KERNELS))
     args = ap.parse_args()
     global INTERPRET
     INTERPRET = args.interpret
     print("jax", jax.__version__, jax.devices(), flush=True)
     results = []
-    for name, kw, kernel_kw in CASES:
-        try:
-            check_small(name, dict(kw), kernel_kw, results)
-        except Exception:  # keep going: report every case
-            traceback.print_exc()
-            results.append(dict(name=name, ok=False, error=traceback.format_exc(limit=3)))
-    for S, Sq, per_kv, kernel_kw in [(4096, 4096, True, {}), (16384, 16384, False, {}),
-                                     (32768, 32768, True, {}), (32768, 4096, True, {}),
-                                     (32768, 32768, True, dict(pack_gqa=True))]:
-        if S > args.max_seq:
-            continue
-        try:
-            check_big(S, Sq, per_kv, results, **kernel_kw)
-        except Exception:
-            traceback.print_exc()
-            results.append(dict(name=f"S{S}", ok=False, error=traceback.format_exc(limit=3)))
-    n_ok = sum(r["ok"] for r in results)
-    print(f"{n_ok}/{len(results)} cases passed", flush=True)
+    for impl in ([] if args.columns_only else args.impls):
+        for name, kw, kernel_kw in CASES:
+            try:
+                check_small(name, dict(kw), kernel_kw, results, impl=impl)
+            except Exception:  # keep going: report every case
+                traceback.print_exc()
+                results.append(dict(name=f"{impl}:{name}", ok=False,
+                                    error=traceback.format_exc(limit=3)))
+        for S, Sq, per_kv, kernel_kw in [(4096, 4096, True, {}), (16384, 16384, False, {}),
+                                         (32768, 32768, True, {}), (32768, 4096, True, {}),
+                                         (32768, 32768, True, dict(pack_gqa=True))]:
+            if S > args.max_seq or (impl == "mosaic" and kernel_kw):
+                continue
+            try:
+                check_big(S, Sq, per_kv, results, impl=impl, **kernel_kw)
+            except Exception:
+                traceback.print_exc()
+                results.append(dict(name=f"{impl}:S{S}", ok=False,
+                                    error=traceback.format_exc(limit=3)))
+    try:
+        if "triton" in args.impls or args.columns_only:  # column/BLASST cases: Triton only
+            check_columns_blasst(results)
+    except Exception:
+        traceback.print_exc()
+        results.append(dict(name="triton:columns_blasst", ok=False,
+                            error=traceback.format_exc(limit=3)))
+    ran = [r for r in results if r["ok"] is not None]  # ok None: skipped (unsupported)
+    n_ok = sum(bool(r["ok"]) for r in ran)
+    print(f"{n_ok}/{len(ran)} cases passed ({len(results) - len(ran)} skipped)", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "check_kernels_gpu.json", "w") as f:
         json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0]), results=results), f,
                   indent=1)
-    return 0 if n_ok == len(results) else 1
+    return 0 if n_ok == len(ran) else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ its KV head; it loops over the listed blocks with ``pl.ds(kv_idx[t] * block_k, b
 - Two loops: list positions ``t < n_full`` (see :func:`pallas_kernels._prep.full_prefix_count`)
   run without masks; the rest apply key-length, causal and segment masks. Online softmax in
   base 2, float32 accumulators; fully masked rows give 0 and lse -inf.
+- Column path: a third loop walks the row's ``col_idx`` (one more BlockSpec input, padded to a
+  power of two of ``block_k`` chunks; ``col_cnt`` rides in the metadata's 4th slot) in chunks
+  of ``block_k`` positions, gathering K/V rows with a vector index (``k_ref[pos, :]``) and
+  masking by the gathered positions (causal, segment ids, padding past ``col_cnt``).
+- BLASST (``blasst_threshold``): rows whose tile max is below their running max by more than
+  ``ln(lambda)`` get zero probabilities; a tile that every row skips takes a ``lax.cond`` branch
+  that skips the exp, the V load and the P.V MMA (the Q.K MMA is needed for the decision).
 
 Constraints (Triton block shapes are powers of two): ``block_k`` and ``block_q`` powers of two
 >= 16; head dims are zero-padded to the next power of two (MLA's Dqk=192 costs a padded copy of
@@ -59,8 +66,11 @@ def _is_pow2(n: int) -> bool:
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
-            causal: bool, qk_scale: float, has_seg: bool, n_sub: int, bq_sub: int, gk: int,
-            bk: int, seq_k: int, precision: Any, n_alias: int):
+            causal: bool, qk_scale: float, has_seg: bool, has_cols: bool,
+            log2_thr: float | None, n_sub: int, bq_sub: int, gk: int, bk: int, seq_k: int,
+            precision: Any, n_alias: int):
+    if has_cols:
+        col_ref, rest = rest[0], rest[1:]
     rest = rest[n_alias:]  # skip the aliased poison inputs
     if has_seg:
         qs_ref, ks_ref, o_ref, lse_ref = rest
@@ -78,30 +88,61 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
     if has_seg:
         qseg = jnp.broadcast_to(qs_ref[...][:, None], (bq_sub, gk)).reshape(m_rows)
 
-    def body(t, carry, masked: bool):
+    def fold(carry, k, load_v, ok):
+        """Online softmax with one [bk, D] key tile; ok: bool [m_rows, bk] or None (no mask)."""
         acc, m_prev, l_prev = carry
-        start = pl.multiple_of(idx_ref[t] * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * qk_scale
+        if ok is not None:
+            s = jnp.where(ok, s, -jnp.inf)
+        tmax = jnp.max(s, axis=1)
+        m_next = jnp.maximum(m_prev, tmax)
+
+        def update():
+            m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if ok is not None else m_next
+            p = jnp.exp2(s - m_safe[:, None])
+            if log2_thr is not None:
+                p = jnp.where((tmax < m_prev + log2_thr)[:, None], 0.0, p)
+            alpha = jnp.exp2(m_prev - m_safe)
+            l_next = alpha * l_prev + jnp.sum(p, axis=1)
+            v = load_v()
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 precision=precision, preferred_element_type=jnp.float32)
+            return acc * alpha[:, None] + pv, m_next, l_next
+
+        if log2_thr is None:
+            return update()
+        # BLASST: when every row of the tile skips it, the running max cannot move (the tile's
+        # max is below it), so skip the exp, the V load and the P.V MMA altogether.
+        n_keep = jnp.sum((tmax >= m_prev + log2_thr).astype(jnp.int32))
+        return lax.cond(n_keep == 0, lambda: (acc, m_prev, l_prev), update)
+
+    def masks(kpos):
+        ok = jnp.broadcast_to((kpos < seq_k)[None, :], (m_rows, bk))
+        if causal:
+            ok = jnp.logical_and(ok, kpos[None, :] <= qpos[:, None])
+        return ok
+
+    def block_body(t, carry, masked: bool):
+        start = pl.multiple_of(idx_ref[t] * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        ok = None
         if masked:
-            kpos = start + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-            ok = jnp.broadcast_to((kpos < seq_k)[None, :], (m_rows, bk))
-            if causal:
-                ok = jnp.logical_and(ok, kpos[None, :] <= qpos[:, None])
+            ok = masks(start + lax.broadcasted_iota(jnp.int32, (bk,), 0))
             if has_seg:
                 kseg = ks_ref[pl.ds(start, bk)]
                 ok = jnp.logical_and(ok, qseg[:, None] == kseg[None, :])
-            s = jnp.where(ok, s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
-        p = jnp.exp2(s - m_safe[:, None])
-        alpha = jnp.exp2(m_prev - m_safe)
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        v = v_ref[pl.ds(start, bk), :]
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_next, l_next
+        return fold(carry, k, lambda: v_ref[pl.ds(start, bk), :], ok)
+
+    def column_body(c, carry):
+        cstart = pl.multiple_of(c * bk, bk)
+        kpos = col_ref[pl.ds(cstart, bk)]  # [bk] key positions (clipped to [0, Sk))
+        k = k_ref[kpos, :]  # gathered rows
+        listed = cstart + lax.broadcasted_iota(jnp.int32, (bk,), 0) < meta_ref[3]
+        ok = jnp.logical_and(masks(kpos), listed[None, :])
+        if has_seg:
+            ok = jnp.logical_and(ok, qseg[:, None] == ks_ref[kpos][None, :])
+        return fold(carry, k, lambda: v_ref[kpos, :], ok)
 
     dv = o_ref.shape[-1]
     carry = (
@@ -109,8 +150,10 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
         jnp.full((m_rows,), -jnp.inf, jnp.float32),
         jnp.zeros((m_rows,), jnp.float32),
     )
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(n_full, cnt, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(0, n_full, functools.partial(block_body, masked=False), carry)
+    carry = lax.fori_loop(n_full, cnt, functools.partial(block_body, masked=True), carry)
+    if has_cols:
+        carry = lax.fori_loop(0, (meta_ref[3] + bk - 1) // bk, column_body, carry)
     acc, m, l = carry
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
@@ -123,7 +166,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "interpret", "block_m", "num_warps", "num_stages",
-                     "pack_gqa", "poison_output"))
+                     "pack_gqa", "poison_output", "blasst_threshold"))
 def block_sparse_attention_triton(
     q: jax.Array,
     k: jax.Array,
@@ -134,6 +177,7 @@ def block_sparse_attention_triton(
     sm_scale: float | None = None,
     q_offset: Any = None,
     segment_ids: Any = None,
+    blasst_threshold: float | None = None,
     interpret: Any = False,
     block_m: int = 128,
     num_warps: int | None = None,
@@ -168,6 +212,9 @@ def block_sparse_attention_triton(
     seg = _prep.pad_segment_ids(_prep.normalize_segment_ids(segment_ids, d), d)
     scale = _prep.default_scale(sm_scale, d.Dqk)
     n_full = _prep.full_prefix_count(layout, off, d.Sk, causal, seg is not None)
+    log_thr = _prep.blasst_log_threshold(blasst_threshold)
+    log2_thr = None if log_thr is None else log_thr * _LOG2E  # the kernel works in base 2
+    has_cols = layout.has_columns
 
     can_pack = d.Hl == d.Hkv and d.G > 1 and _is_pow2(d.G)
     pack = can_pack and (pack_gqa if pack_gqa is not None else bq < block_m)
@@ -188,9 +235,10 @@ def block_sparse_attention_triton(
     if nnz_p != layout.max_nnz:
         kv_idx = jnp.concatenate(
             [kv_idx, jnp.repeat(kv_idx[..., -1:], nnz_p - layout.max_nnz, axis=-1)], axis=-1)
+    ccnt = layout.col_cnt if has_cols else jnp.zeros_like(layout.kv_cnt)
     meta = jnp.stack([layout.kv_cnt, n_full,
                       jnp.broadcast_to(off[:, None, None], layout.kv_cnt.shape),
-                      jnp.zeros_like(layout.kv_cnt)], axis=-1)  # [B, Hl, nq, 4]
+                      ccnt], axis=-1)  # [B, Hl, nq, 4]
 
     def i_of(s):
         return n_sub - 1 - s
@@ -212,6 +260,16 @@ def block_sparse_attention_triton(
         pl.BlockSpec((None, None, None, 4), row_map),
     ]
     args = [qp, kp, vp, kv_idx, meta]
+    if has_cols:  # the row's column positions, padded to a power of two of block_k chunks
+        cidx, n_chunks = _prep.padded_columns(layout)
+        c_p = _pow2(n_chunks) * bk
+        cidx = jnp.clip(cidx, 0, d.Sk - 1)
+        if c_p != cidx.shape[-1]:
+            cidx = jnp.concatenate(
+                [cidx, jnp.repeat(cidx[..., -1:], c_p - cidx.shape[-1], axis=-1)], axis=-1)
+        in_specs.append(pl.BlockSpec((None, None, None, c_p), row_map))
+        args.append(cidx)
+    n_fixed = len(args)
     if seg is not None:
         in_specs += [pl.BlockSpec((None, bq_sub), lambda h, b, s: (b, i_of(s))),
                      pl.BlockSpec((None, sk_pad), lambda h, b, s: (b, 0))]
@@ -223,11 +281,11 @@ def block_sparse_attention_triton(
     aliases = {}
     n_alias = 0
     if poison_output:
-        # Inserted right after the 5 fixed inputs; the kernel skips them.
+        # Inserted right after the fixed inputs; the kernel skips them.
         poison = [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-        args = args[:5] + poison + args[5:]
-        in_specs = in_specs[:5] + [o_spec, lse_spec] + in_specs[5:]
-        aliases = {5: 0, 6: 1}
+        args = args[:n_fixed] + poison + args[n_fixed:]
+        in_specs = in_specs[:n_fixed] + [o_spec, lse_spec] + in_specs[n_fixed:]
+        aliases = {n_fixed: 0, n_fixed + 1: 1}
         n_alias = 2
     if num_warps is None:
         num_warps = 8 if (bq_sub * gk >= 128 and max(dqk_p, dv_p) >= 128) else 4
@@ -238,7 +296,8 @@ def block_sparse_attention_triton(
         num_stages = 2 if (isz < 4 and smem2 <= 200 * 1024) else 1
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None, n_sub=n_sub,
+        _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None,
+        has_cols=has_cols, log2_thr=log2_thr, n_sub=n_sub,
         bq_sub=bq_sub, gk=gk, bk=bk, seq_k=d.Sk, precision=precision, n_alias=n_alias)
     out, lse = pl.pallas_call(
         kernel,
