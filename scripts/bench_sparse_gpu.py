@@ -5,7 +5,8 @@ tokens, q/k from `jaxprefill.eval.synthetic_qk.structured_qk` (4 sink tokens, 16
 a local window of ~256 tokens, Gaussian noise; see that module), v Gaussian. Per policy at its
 paper defaults:
   * est_ms: jitted policy.build(q, k) (estimation + selection + layout conversion);
-  * attn_ms: the block-sparse Pallas GPU kernel over that layout;
+  * attn_ms: the block-sparse Pallas GPU kernel over that layout (pbs: its attend() minus
+    est_ms: the K/V permutation and the kernel over [permuted K; K]);
   * est / cudnn: estimation as a fraction of cuDNN causal attention (bar: <= 5% at 128K);
   * total / cudnn: (estimation + sparse attention) / cuDNN: < 1 means faster than dense;
   * density: listed / causal blocks.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxprefill import sparse  # noqa: E402
 from jaxprefill.eval.synthetic_qk import structured_qk  # noqa: E402
+from jaxprefill.sparse.base import make_geometry  # noqa: E402
 from pallas_kernels import block_sparse_attention  # noqa: E402
 
 POLICIES = {
@@ -42,6 +44,7 @@ POLICIES = {
     "xattention_s16": dict(threshold=0.9, stride=16),
     "proxyattn": dict(gamma=0.95, stride=16),
     "trianglemix": dict(start_layer=0),  # a deep ("triangle") layer
+    "pbs": dict(tau=0.9, segment=256),
     "oracle_topk": dict(gamma=0.95),
 }
 
@@ -57,7 +60,8 @@ def timeit(fn, iters: int) -> float:
     return statistics.median(ts)
 
 
-def bench_length(seq: int, names: list[str], iters: int, heads: str) -> list[dict]:
+def bench_length(seq: int, names: list[str], iters: int, heads: str,
+                 breakdown: bool = False) -> list[dict]:
     hq, hkv, d = 32, 8, 128
     q, k = jax.jit(structured_qk, static_argnums=(1, 2, 3, 4, 5))(jax.random.key(0), 1, seq, hq,
                                                                    hkv, d)
@@ -79,13 +83,27 @@ def bench_length(seq: int, names: list[str], iters: int, heads: str) -> list[dic
                 q, k, v, lay, causal=True, impl="pallas_gpu" if gpu else "xla"))
             est_ms = timeit(lambda: build(q, k), iters)
             layout = build(q, k)
-            attn_ms = timeit(lambda: attn(q, k, v, layout), iters)
+            split = {}
+            if breakdown and not hasattr(policy, "attend"):  # select() (estimation) vs finish() (shared rules + list conversion)
+                geo = make_geometry(q, k, policy.block_size, None)
+                sel = jax.jit(lambda q, k: policy.select(q, k, geo, 20))
+                fin = jax.jit(lambda m: policy.finish(m, geo, 0))
+                split["select_ms"] = timeit(lambda: sel(q, k), iters)
+                m = sel(q, k)
+                split["finish_ms"] = timeit(lambda: fin(m), iters)
+                del m
+            if hasattr(policy, "attend"):  # pbs: permutes K/V; attend = estimation + kernel
+                full = jax.jit(lambda q, k, v: policy.attend(
+                    q, k, v, layer=20, impl="pallas_gpu" if gpu else "xla"))
+                attn_ms = timeit(lambda: full(q, k, v), iters) - est_ms
+            else:
+                attn_ms = timeit(lambda: attn(q, k, v, layout), iters)
             cnt = np.asarray(layout.kv_cnt, np.float64)
-            n = layout.num_kv_blocks
+            n = layout.num_q_blocks  # pbs lists blocks of [permuted K; K]: 2n key blocks
             density = cnt.sum() / (cnt.shape[0] * cnt.shape[1] * n * (n + 1) / 2)
             row = dict(policy=label, seq=seq, cudnn_ms=cudnn_ms, est_ms=est_ms, attn_ms=attn_ms,
                        est_frac=est_ms / cudnn_ms, total_frac=(est_ms + attn_ms) / cudnn_ms,
-                       density=density, block=policy.block_size, heads=layout.num_heads)
+                       density=density, block=policy.block_size, heads=layout.num_heads, **split)
         except Exception as e:  # report, never skip silently
             traceback.print_exc()
             row = dict(policy=label, seq=seq, cudnn_ms=cudnn_ms, error=f"{type(e).__name__}: {e}"[:200])
@@ -103,7 +121,9 @@ def table(rows: list[dict]) -> str:
             continue
         out.append(f"| {r['policy']} | {r['seq']} | {r['block']} | {r['density']:.3f} | "
                    f"{r['est_ms']:.2f} | {r['attn_ms']:.2f} | {r['cudnn_ms']:.2f} | "
-                   f"{r['est_frac']:.1%} | {r['total_frac']:.2f} |")
+                   f"{r['est_frac']:.1%} | {r['total_frac']:.2f} |"
+                   + (f" select {r['select_ms']:.2f} / finish {r['finish_ms']:.2f} ms" if
+                      "select_ms" in r else ""))
     return "\n".join(out)
 
 
@@ -113,12 +133,14 @@ def main() -> int:
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--heads", default="q", choices=["q", "kv"])
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time policy.select and policy.finish separately")
     ap.add_argument("--out", default=None, help="markdown table path (a .json beside it)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     rows = []
     for seq in args.lengths:
-        rows += bench_length(seq, args.policies, args.iters, args.heads)
+        rows += bench_length(seq, args.policies, args.iters, args.heads, args.breakdown)
     md = f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}\n\n" + table(rows)
     print(md)
     if args.out:

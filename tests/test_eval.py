@@ -102,3 +102,114 @@ def test_structured_qk_has_sinks_and_locality():
     dense = sparse.get("oracle_topk", block_size=64, gamma=0.9)
     m = np.asarray(dense.block_mask(q, k))
     assert m.sum() < 0.8 * 4 * 36  # structured: 90% of the mass fits in < 80% of the blocks
+
+
+def test_row_density_and_token_keep_match_block_path():
+    """Per-row density matches a brute-force count; a token-level keep built from a block mask
+    gives the same recall / error as the block-mask path (pbs uses the token path)."""
+    rng = np.random.default_rng(4)
+    b, s, hq, hkv, d, block = 2, 256, 6, 2, 8, 64
+    q = jnp.asarray(rng.standard_normal((b, s, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+    n = s // block
+    mask = rng.random((b, hkv, n, n)) < 0.6
+    lengths = np.array([256, 150])
+    dens = metrics.row_density(mask, lengths, block)
+    for r, length in enumerate(lengths):
+        nb = -(-length // block)
+        tri = np.tril(np.ones((nb, nb), bool))
+        np.testing.assert_allclose(dens[r], (mask[r, :, :nb, :nb] & tri).sum((1, 2)) / tri.sum())
+    rows = metrics.sample_rows(lengths, 8, min_pos=10)
+    rec_b, err_b = metrics.row_recall_error(q, k, v, mask, rows, block)
+    keep = np.stack([np.repeat(mask[r][:, rows[r] // block], block, axis=-1) for r in range(b)])
+    rec_t, err_t = metrics.keep_recall_error(q, k, v, keep, rows)
+    np.testing.assert_allclose(rec_t, rec_b, rtol=1e-6)
+    np.testing.assert_allclose(err_t, err_b, rtol=1e-5, atol=1e-7)
+    assert rec_b.min() < 0.99  # dropped blocks hold mass
+
+
+def test_drivers_batch_rows_like_alone():
+    """greedy_answers (sparse prefill, dense decode, one padded batch) gives each row the tokens
+    jp.generate gives it alone; row_attention_stats gives each row its stats alone (pbs too)."""
+    import jaxprefill as jp
+    from flax import nnx
+
+    from jaxprefill.attention import AttentionSpec
+    from jaxprefill.eval.probe import capture_qkv
+    from jaxprefill.eval.runner import greedy_answers, row_attention_stats
+    from jaxprefill.sparse import SparseConfig
+
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=512, eos_token_ids=(0,))
+    model = jp.Llama(cfg, rngs=nnx.Rngs(0), attention=AttentionSpec(impl="xla"))
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if p[...].ndim >= 2:
+            p[...] = p[...] * 6.0  # peaked attention: the mask changes the answer
+
+    class Tok:
+        eos_token_ids = (0,)
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    rng = np.random.default_rng(2)
+    lens = np.array([250, 203, 197])  # one prompt bucket (256): jp.generate compiles once
+    tokens = np.zeros((3, 256), np.int32)
+    for i, n in enumerate(lens):
+        tokens[i, :n] = rng.integers(1, 97, n)
+    sp = SparseConfig.from_dict({"policy": "streaming", "min_length": 64,
+                                 "params": {"block_size": 16, "sink": 16, "local": 32}})
+    texts, _ = greedy_answers(model, Tok(), tokens, lens, sp, 6)
+    for i, n in enumerate(lens):
+        alone = jp.generate(model, None, [tokens[i, :n].tolist()], max_new_tokens=6, sparse=sp,
+                            eos_token_ids=(0,))
+        assert texts[i] == Tok().decode(alone[0].tokens), i
+
+    configs = {"streaming": sp, "pbs": SparseConfig.from_dict(
+        {"policy": "pbs", "min_length": 64, "params": {"block_size": 16, "segment": 32,
+                                                        "tau": 0.5}})}
+    q, k, v = capture_qkv(model, jnp.asarray(tokens))
+    both = row_attention_stats(q, k, v, lens, configs, rows=8, log=lambda m: None)
+    q1, k1, v1 = capture_qkv(model, jnp.asarray(tokens[1:2, :lens[1]]))
+    alone = row_attention_stats(q1, k1, v1, lens[1:2], configs, rows=8, log=lambda m: None)
+    for name in configs:
+        for m in ("density", "recall"):
+            np.testing.assert_allclose(both[name][m][1], alone[name][m][0], rtol=1e-4,
+                                       err_msg=f"{name} {m}")
+        assert both[name]["density"].max() < 1.0 and both[name]["recall"].min() < 1.0
+
+
+def test_column_layout_stats_count_columns_as_tokens():
+    """A layout with key columns (minference's column path): density counts each column as
+    1/block_k of a block, recall covers exactly listed blocks | columns (brute force)."""
+    from jaxprefill.eval.runner import column_layout_stats
+    from pallas_kernels import BlockSparseLayout
+
+    rng = np.random.default_rng(7)
+    b, s, hq, hkv, d, block = 1, 256, 4, 2, 8, 64
+    q = jnp.asarray(rng.standard_normal((b, s, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.float32)
+    n = s // block
+    mask = np.eye(n, dtype=bool)[None, None].repeat(hq, axis=1)
+    mask[..., 0] = True
+    cols = np.array([70, 75, 140], np.int32)  # key positions outside the listed blocks
+    layout = BlockSparseLayout.from_block_mask(mask, block, block).with_columns(
+        jnp.broadcast_to(jnp.asarray(cols), (b, hq, 1, 3)), seq_q=s)
+    rows = np.array([[100, 200, 255]], np.int32)
+    dens, rec, _ = column_layout_stats(layout, q, k, v, np.array([s]), rows)
+    causal_blocks = n * (n + 1) / 2
+    listed = mask[0, 0].sum()  # 7 blocks; columns 70, 75 visible to query blocks 2, 3; 140 to 3
+    np.testing.assert_allclose(dens[0], (listed + (2 + 3) / block) / causal_blocks)
+    for h in range(hq):
+        want = []
+        for i in rows[0]:
+            logit = k[0, : i + 1, h // 2] @ q[0, i, h] / np.sqrt(d)
+            p = np.exp(logit - logit.max())
+            p /= p.sum()
+            keep = mask[0, h, i // block][np.arange(i + 1) // block] | np.isin(np.arange(i + 1),
+                                                                              cols)
+            want.append(p[keep].sum())
+        np.testing.assert_allclose(rec[0, h], np.mean(want), rtol=1e-5)

@@ -18,6 +18,8 @@ Sparse prefill: `AttentionSpec(sparse=SparseConfig)` (jaxprefill.sparse) routes 
 self-attention prefills (no q_offset, no segment ids, no window, Sq == Sk >= min_length) of the
 layers its rules cover through the block-sparse kernel with the layer's policy layout. Models
 pass `layer=i` (and `lengths` [B], valid tokens per right-padded row) and never branch on it.
+Chunked prefills (q_offset, Sq > 1) and prepacked rows (segment ids) use the policy too:
+`jaxprefill.attention.sparse_chunks`.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       window: sliding window length (Mistral), or None.
       sm_scale: logit scale, default 1/sqrt(D) (D = q's head dim).
       layer: the calling layer's index (selects the sparse prefill policy; None = dense).
-      lengths: int32 [B] valid tokens per right-padded row (sparse estimation ignores padding).
+      lengths: int32 [B] valid tokens per right-padded row (sparse estimation ignores padding);
+        with q_offset, the valid queries of each row's chunk.
     Dv may differ from D (MLA: 192 / 128); non-reference backends pad to max(D, Dv) and slice.
     Returns:
       [B, Sq, Hq, Dv] in q's dtype.
@@ -72,6 +75,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     policy = sparse_policy(spec, layer, q, k, causal, q_offset, segment_ids, window)
     if policy is not None:
         return sparse_prefill(q, k, v, policy, spec.sparse, layer, lengths, sm_scale)
+    if spec.sparse is not None and layer is not None and (q_offset is not None
+                                                          or segment_ids is not None):
+        # chunked prefill / prepacked rows (the batch engine): see attention/sparse_chunks.py
+        from jaxprefill.attention.sparse_chunks import maybe_attend
+
+        out = maybe_attend(q, k, v, spec.sparse, layer, causal, q_offset, segment_ids, window,
+                           lengths, sm_scale)
+        if out is not None:
+            return out
     if spec.impl == "reference":
         mask = build_mask(q.shape[1], k.shape[1], q.shape[0], causal, q_offset, segment_ids, window)
         return reference_attention(q, k, v, mask, sm_scale)
@@ -124,13 +136,28 @@ def sparse_prefill(q, k, v, policy, cfg, layer: int, lengths, sm_scale: float) -
     """Causal attention over the blocks ``policy`` selects for this layer."""
     from pallas_kernels import block_sparse_attention
 
+    if hasattr(policy, "attend"):  # policies that reorder K/V (pbs) make their own kernel call
+        return policy.attend(q, k, v, layer=layer, lengths=lengths, min_length=cfg.min_length,
+                             sm_scale=sm_scale, impl=cfg.kernel)
     layout = policy.build(q, k, layer=layer, lengths=lengths, min_length=cfg.min_length)
-    impl = cfg.kernel
-    if impl == "auto":  # Triton kernel on GPUs with 16-bit inputs; XLA block gather elsewhere
-        gpu16 = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-        impl = "pallas_gpu" if gpu16 else ("pallas_tpu" if jax.default_backend() == "tpu"
-                                           else "xla")
-    return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=sm_scale, impl=impl)
+    from jaxprefill.attention.sparse_chunks import kernel_impl
+
+    impl = kernel_impl(cfg, q)
+    # Kernel options of the policy (BLASST's threshold); impls without the column path get the
+    # columns rounded up to blocks; impls without BLASST (the Mosaic GPU kernel) hand over to
+    # the Triton kernel.
+    opts = policy.kernel_options(q.shape[1]) if hasattr(policy, "kernel_options") else {}
+    if layout.has_columns and impl not in _FULL_IMPLS:
+        layout = layout.round_columns_to_blocks()
+    if opts.get("blasst_threshold") is not None and impl not in _FULL_IMPLS:
+        impl = "pallas_gpu"
+    return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=sm_scale, impl=impl,
+                                  **opts)
+
+
+# block_sparse_attention impls with the column path and BLASST.
+# "auto" resolves to the Triton kernel whenever the layout has columns or BLASST is on.
+_FULL_IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def auto_impl(q: jax.Array, simple: bool) -> str:

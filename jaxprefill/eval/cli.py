@@ -78,7 +78,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         masks = {}
         for name, cfg in cfgs.items():
             policy = cfg.policy_for(args.layer)
-            if policy is not None:
+            if policy is not None and hasattr(policy, "key_mask"):
+                print(f"{name}: no heatmap (pbs selects blocks of permuted keys)", file=sys.stderr)
+            elif policy is not None:
                 m = np.asarray(policy.block_mask(ql, kl, layer=args.layer))[0]
                 masks[name] = m[args.head * m.shape[0] // ql.shape[2]]
         block = next(iter(cfgs.values())).rules[0].policy.block_size

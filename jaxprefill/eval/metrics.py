@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,17 @@ def block_density(mask: jax.Array, lengths: jax.Array, block: int) -> np.ndarray
     return listed / causal.sum()
 
 
+def row_density(mask, lengths, block: int) -> np.ndarray:
+    """mask bool [B, H, n, n] -> density [B, H] of each row over its own valid causal blocks."""
+    mask = np.asarray(mask)
+    n = mask.shape[-1]
+    nb = (np.asarray(lengths) + block - 1) // block
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    causal = (j <= i)[None] & (i < nb[:, None, None])  # [B, n, n]
+    listed = (mask & causal[:, None]).sum(axis=(2, 3))
+    return listed / causal.sum(axis=(1, 2))[:, None]
+
+
 def sample_rows(lengths, count: int, seed: int = 0, min_pos: int = 0) -> np.ndarray:
     """int32 [B, count] query positions per row: evenly spread over [min_pos, length) plus
     jitter; the last position is always included (it produces the first token)."""
@@ -54,22 +66,31 @@ def sample_rows(lengths, count: int, seed: int = 0, min_pos: int = 0) -> np.ndar
     return np.asarray(rows, np.int32)
 
 
-@jax.jit
-def _row_stats(q, k, v, mask, rows):
+@functools.partial(jax.jit, static_argnums=5)
+def _row_stats(q, k, v, mask, rows, block: int):
     """q [B,S,Hq,D], k/v [B,S,Hkv,D], mask [B,Hl,n,n], rows [B,R] -> recall, err [B,Hq,R]."""
+    s, hq = q.shape[1], q.shape[2]
+    hl = mask.shape[1]
+    head_map = jnp.arange(hq) * hl // hq  # layout head of each query head
+    m = jax.vmap(lambda mb, rb: mb[head_map][:, rb // block])(mask, rows)  # [B, Hq, R, n]
+    keep = jnp.repeat(m, block, axis=-1)[..., :s]
+    return _keep_stats(q, k, v, keep, rows)
+
+
+@jax.jit
+def _keep_stats(q, k, v, keep, rows):
+    """keep bool [B, Hq or Hkv, R, S]: keys each sampled row attends -> recall, err [B,Hq,R]."""
     b, s, hq, d = q.shape
-    hkv, hl, n = k.shape[2], mask.shape[1], mask.shape[-1]
-    block = -(-s // n)
+    hkv = k.shape[2]
+    if keep.shape[1] != hq:
+        keep = jnp.repeat(keep, hq // keep.shape[1], axis=1)
     qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
     qg = qr.reshape(b, -1, hkv, hq // hkv, d)
     logit = jnp.einsum("brhgd,bkhd->bhgrk", qg, k.astype(jnp.float32), precision=_HI)
     logit = logit.reshape(b, hq, -1, s) * d ** -0.5
     causal = jnp.arange(s)[None, None, None, :] <= rows[:, None, :, None]
     p = jax.nn.softmax(jnp.where(causal, logit, -jnp.inf), axis=-1)
-    head_map = jnp.arange(hq) * hl // hq  # layout head of each query head
-    m = jax.vmap(lambda mb, rb: mb[head_map][:, rb // block])(mask, rows)  # [B, Hq, R, n]
-    keep = jnp.repeat(m, block, axis=-1)[..., :s] & causal
-    kept = jnp.where(keep, p, 0.0)
+    kept = jnp.where(keep & causal, p, 0.0)
     recall = kept.sum(-1)
     vg = jnp.repeat(v.astype(jnp.float32), hq // hkv, axis=2)
     o_dense = jnp.einsum("bhrk,bkhd->bhrd", p, vg, precision=_HI)
@@ -80,14 +101,28 @@ def _row_stats(q, k, v, mask, rows):
     return recall, err
 
 
+def keep_recall_error(q, k, v, keep, rows) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`row_recall_error` from a token-level keep bool [B, Hq or Hkv, R, S] (policies
+    whose selection is not a block mask of the original keys, e.g. pbs)."""
+    recall, err = _keep_stats(q, k, v, jnp.asarray(keep), jnp.asarray(rows))
+    return (np.asarray(recall, np.float64).mean(axis=2), np.asarray(err, np.float64).mean(axis=2))
+
+
 def head_stats(q, k, v, mask, lengths, block: int, rows: np.ndarray) -> LayerStats:
     """Per-head density, mean recall and mean output error of ``mask`` for one layer.
 
     q [B, S, Hq, D], k/v [B, S, Hkv, D], mask bool [B, Hl, n, n] (Hl = Hq or Hkv), rows int
     [B, R] sampled query positions (see :func:`sample_rows`).
     """
-    recall, err = _row_stats(q, k, v, jnp.asarray(mask), jnp.asarray(rows))
+    recall, err = row_recall_error(q, k, v, mask, rows, block)
     return LayerStats(
         density=np.repeat(block_density(mask, lengths, block), q.shape[2] // mask.shape[1]),
-        recall=np.asarray(recall, np.float64).mean(axis=(0, 2)),
-        output_error=np.asarray(err, np.float64).mean(axis=(0, 2)))
+        recall=recall.mean(axis=0), output_error=err.mean(axis=0))
+
+
+def row_recall_error(q, k, v, mask, rows, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch row and query head: mean recall and mean output error over the sampled query
+    rows (shapes as in :func:`head_stats`; ``block`` tokens per mask block). Returns float64
+    numpy ([B, Hq], [B, Hq])."""
+    recall, err = _row_stats(q, k, v, jnp.asarray(mask), jnp.asarray(rows), int(block))
+    return (np.asarray(recall, np.float64).mean(axis=2), np.asarray(err, np.float64).mean(axis=2))

@@ -7,10 +7,9 @@
     cfg = sparse.SparseConfig.parse("configs/sparse/smollm2.yaml")   # per-layer policies
     jp.generate(model, tok, prompts, sparse=cfg)                      # or sparse="flexprefill"
 
-Policies: dense, streaming, minference, flexprefill, xattention, proxyattn, trianglemix,
-oracle_topk (see each module). Not implemented: pbs (needs position-aware causal masks in the
-kernels), blasst (needs an in-kernel skip predicate), MInference's column path (verticals are
-rounded up to blocks).
+Policies: dense, streaming, minference (vertical lines on the kernels' column path), flexprefill,
+xattention, proxyattn, trianglemix, blasst (in-kernel skip: dense layout + a kernel threshold),
+oracle_topk, pbs (permuted block-sparse, causal by construction; see each module).
 """
 
 from jaxprefill.sparse.base import Geometry, Policy

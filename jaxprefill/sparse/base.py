@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from pallas_kernels import BlockSparseLayout
 from pallas_kernels.layout import block_mask_to_layout_arrays
 
+from jaxprefill.sparse import select
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -166,7 +168,10 @@ class Policy:
         cap = geo.n if self.max_nnz is None else min(self.max_nnz, geo.n)
         if cap < geo.n:
             mask = cap_blocks(mask, forced, cap)
-        kv_idx, kv_cnt = block_mask_to_layout_arrays(mask, cap)
+        if select.use_sort():
+            kv_idx, kv_cnt = block_mask_to_layout_arrays(mask, cap)
+        else:  # same arrays: prefix count + scatter instead of a sort of every row
+            kv_idx, kv_cnt = select.mask_to_lists(mask, cap)
         return BlockSparseLayout(kv_idx, kv_cnt, geo.block, geo.block, geo.n)
 
 

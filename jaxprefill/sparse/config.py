@@ -13,7 +13,7 @@ YAML/dict keys: ``policy`` + ``params`` (all layers) or ``layers`` (a list of ru
 wins; a rule without ``range`` matches every layer; ``range: [start, stop)``, stop may be null),
 ``min_length`` (rows shorter than this, and whole prefills shorter than this, are dense),
 ``block_size`` (overrides every policy's block size), ``heads`` ("q" | "kv", likewise),
-``kernel`` (block-sparse impl: auto | xla | reference | pallas_gpu | pallas_tpu). Layers no
+``kernel`` (block-sparse impl: auto | xla | reference | pallas_gpu | pallas_mosaic | pallas_tpu). Layers no
 rule matches are dense. Unknown keys raise, naming them.
 """
 
@@ -28,7 +28,7 @@ from jaxprefill.sparse.base import Policy
 
 _TOP_KEYS = {"policy", "params", "layers", "min_length", "block_size", "heads", "kernel"}
 _RULE_KEYS = {"range", "policy", "params"}
-KERNELS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
+KERNELS = ("auto", "xla", "reference", "pallas_gpu", "pallas_mosaic", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry
 
 def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:
@@ -122,9 +123,19 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
     """Smallest set, in descending score order, whose mass reaches ``gamma`` of the valid total.
 
     scores [..., m] (non-negative), valid bool [..., m]; forced entries are taken first (their
-    mass counts). gamma >= 1 keeps every valid entry: exact, where a float cumsum would drop the
-    entries whose probability underflows. Returns bool [..., m].
+    mass counts); ties in index order. gamma >= 1 keeps every valid entry: exact, where a float
+    cumsum would drop the entries whose probability underflows. Returns bool [..., m].
+    Threshold search (:mod:`jaxprefill.sparse.select`); :func:`cumulative_keep_sort` is the
+    sort-based reference with the same result.
     """
+    if not select.use_sort():
+        return select.cumulative_keep(scores, valid, gamma, forced)
+    return cumulative_keep_sort(scores, valid, gamma, forced)
+
+
+def cumulative_keep_sort(scores: jax.Array, valid: jax.Array, gamma: float,
+                         forced: jax.Array | None = None) -> jax.Array:
+    """Sort-based :func:`cumulative_keep` (argsort, cumsum, scatter back)."""
     if gamma >= 1.0:
         return valid
     s = jnp.where(valid, scores, 0.0)
@@ -143,7 +154,15 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
 
 
 def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:
-    """bool [..., m]: the ``count`` (broadcast to [...]) highest valid entries of each row."""
+    """bool [..., m]: the ``count`` (broadcast to [...]) highest valid entries of each row
+    (ties in index order). Threshold search; :func:`topk_mask_sort` is the reference."""
+    if not select.use_sort():
+        return select.topk_mask(scores, valid, count)
+    return topk_mask_sort(scores, valid, count)
+
+
+def topk_mask_sort(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:
+    """Sort-based :func:`topk_mask` (rank by two stable argsorts)."""
     r = rank_desc(jnp.where(valid, scores, -jnp.inf))
     return (r < jnp.asarray(count)[..., None]) & valid
 
@@ -190,4 +209,4 @@ def padded(x: jax.Array, geo: Geometry) -> jax.Array:
 
 __all__ = ["block_softmax_scores", "padded", "grouped_logits", "zero_padding", "pool_blocks", "last_queries", "last_q_probs",
            "slash_sums", "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
-           "cumulative_keep", "topk_mask"]
+           "cumulative_keep", "cumulative_keep_sort", "topk_mask", "topk_mask_sort"]

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy
 from jaxprefill.sparse.registry import register
 
@@ -40,7 +41,15 @@ def js_distance(p: jax.Array, q: jax.Array, eps: float = 1e-10) -> jax.Array:
 
 
 def mass_count(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:
-    """Number of largest entries of x [..., S] whose cumulative sum stays <= gamma (valid only)."""
+    """Number of largest entries of x [..., S] whose cumulative sum stays <= gamma (valid only).
+    Threshold search (no sort; :func:`mass_count_sort` is the reference)."""
+    if not select.use_sort():
+        return select.mass_count(x, valid, gamma)
+    return mass_count_sort(x, valid, gamma)
+
+
+def mass_count_sort(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:
+    """Sort-based :func:`mass_count`."""
     if gamma >= 1.0:
         return valid.sum(-1)
     srt = -jnp.sort(-jnp.where(valid, x, 0.0), axis=-1)

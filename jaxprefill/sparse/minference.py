@@ -7,9 +7,12 @@ a per-head JSON; without one every head is vertical-slash, the released configs'
   queries of the row; vertical score of key j = column sum, slash score of diagonal o = diagonal
   sum. The first 30 columns and the 100 most local diagonals are always taken; then the top
   max(vertical, 30) columns and top max(slash, 50) diagonals. Defaults VS(1000, 6096) (the
-  released configs' default head). Diagonals map to exact block diagonals; **vertical columns
-  are rounded up to whole key blocks** (our kernels have no column path yet: this over-counts
-  density when few columns share a block).
+  released configs' default head). Diagonals map to exact block diagonals; vertical columns go
+  to the layout's **column path** (``col_idx``: single key columns, gathered by the kernels in
+  chunks of block_k) unless they fall in a listed block; ``columns=False`` rounds them up to
+  whole key blocks instead (the only option before the column path; over-counts density when
+  few columns share a block). :meth:`MInference.block_mask` always shows the block-rounded view
+  (block-granular tools: eval recall, pattern search).
 * "bs": mean-pool Q and K over blocks, top ``bs_blocks`` key blocks per query block by
   Q̂K̂ᵀ (no softmax; MInference's runtime k_b = 100 blocks of 64).
 * "a": A-shape, static sink + local window (search space 100 / 800 tokens).
@@ -28,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprefill.sparse import estimators as est
-from jaxprefill.sparse.base import Geometry, Policy
+from pallas_kernels import BlockSparseLayout
+
+from jaxprefill.sparse.base import Geometry, Policy, make_geometry
 from jaxprefill.sparse.registry import register
 from jaxprefill.sparse.streaming import streaming_blocks
 
@@ -76,6 +81,7 @@ class MInference(Policy):
     a_local: int = 800
     head_config: str | None = None
     pattern: str = "vs"  # the pattern of heads a head_config does not list
+    columns: bool = True  # vertical lines as single key columns (layout column path)
 
     def head_patterns(self, layer: int, hq: int) -> tuple[tuple[str, int, int], ...]:
         """(pattern, p1, p2) per query head of ``layer``."""
@@ -97,13 +103,25 @@ class MInference(Policy):
         return layer if self.head_config is not None else 0
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
+        """Block mask with the vertical lines rounded up to blocks (block-granular view)."""
+        return self.select_with_columns(q, k, geo, layer, columns=False)[0]
+
+    def select_with_columns(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
+                            columns: bool) -> tuple[jax.Array, jax.Array | None]:
+        """(bool block mask [B, Hq, n, n], vertical key positions int32 [B, Hq, V] or None).
+
+        ``columns``: the vertical lines come back as positions (-1 = unused) instead of being
+        rounded up into the block mask.
+        """
         pats = self.head_patterns(layer, geo.Hq)
         kinds = {p for p, _, _ in pats}
         mask = jnp.zeros((geo.B, geo.Hq, geo.n, geo.n), bool)
+        cols = None
         if "vs" in kinds:
             kv = np.array([max(a, self.force_vertical) if p == "vs" else 0 for p, a, _ in pats])
             ks = np.array([max(b, 50) if p == "vs" else 0 for p, _, b in pats])
-            mask = mask | self.vertical_slash(q, k, geo, kv, ks)
+            vs_mask, cols = self.vertical_slash(q, k, geo, kv, ks, columns)
+            mask = mask | vs_mask
         if "bs" in kinds:
             kb = np.array([a if p == "bs" else 0 for p, a, _ in pats])
             mask = mask | block_topk(q, k, geo, kb)
@@ -112,10 +130,37 @@ class MInference(Policy):
             a = jnp.stack([streaming_blocks(geo, s, l) if p == "a" else
                            jnp.zeros((geo.n, geo.n), bool) for p, s, l in pats])
             mask = mask | (a[None] & is_a[None, :, None, None])
-        return mask
+        return mask, cols
 
-    def vertical_slash(self, q, k, geo: Geometry, kv: np.ndarray, ks: np.ndarray) -> jax.Array:
-        """bool [B, Hq, n, n] from the top kv[h] columns and ks[h] diagonals of each head."""
+    def build(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
+              lengths: jax.Array | None = None, min_length: int = 0) -> BlockSparseLayout:
+        """Layout of :meth:`Policy.build` plus, with ``columns``, the vertical lines as layout
+        columns (columns inside listed blocks or after a query block's last query dropped)."""
+        geo = make_geometry(q, k, self.block_size, lengths)
+        mask, cols = self.select_with_columns(q, k, geo, layer, columns=self.columns)
+        layout = self.finish(mask, geo, min_length)
+        if cols is None:
+            return layout
+        if layout.num_heads != geo.Hq:  # heads="kv": union of the group's columns
+            cols = cols.reshape(geo.B, geo.Hkv, geo.G * cols.shape[-1])
+        layout = layout.with_columns(cols[:, :, None, :], seq_q=geo.S)
+        # Query blocks in the right padding keep just their diagonal (as in finish): no columns.
+        pad = jnp.arange(geo.n)[None, None, :] >= geo.row_blocks()[:, None, None]
+        return dataclasses.replace(layout, col_idx=jnp.where(pad[..., None], 0, layout.col_idx),
+                                   col_cnt=jnp.where(pad, 0, layout.col_cnt))
+
+    def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
+                   lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:
+        """bool [B, H, n, n]: blocks of the layout with every column rounded up to its block."""
+        geo = make_geometry(q, k, self.block_size, lengths)
+        mask = self.select_with_columns(q, k, geo, layer, columns=False)[0]
+        return self.finish(mask, geo, min_length).to_block_mask()
+
+    def vertical_slash(self, q, k, geo: Geometry, kv: np.ndarray, ks: np.ndarray,
+                       columns: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """The top kv[h] columns and ks[h] diagonals of each head: (bool [B, Hq, n, n] block
+        mask, None) with the columns rounded up to blocks, or (diagonal blocks only, column
+        positions int32 [B, Hq, max(kv)] ascending, -1 = unused) when ``columns``."""
         p = est.last_q_probs(q, k, geo, self.last_q)  # [B, Hq, last_q, S]
         tok = jnp.arange(geo.S)[None, None, :]
         valid = tok < geo.lengths[:, None, None]  # key j / offset o exists in the row
@@ -123,10 +168,16 @@ class MInference(Policy):
         slash = jnp.where(tok < self.force_slash, jnp.inf, est.slash_sums(p, geo, self.last_q))
         sel_v = est.topk_mask(vert, valid, jnp.asarray(kv)[None, :])  # [B, Hq, S] columns
         sel_s = est.topk_mask(slash, valid, jnp.asarray(ks)[None, :])  # [B, Hq, S] offsets
-        col_blocks = est.block_sum(sel_v.astype(jnp.int32), geo) > 0  # [B, Hq, n]
         diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)
         on = (kv > 0)[None, :, None, None]
-        return (diag | col_blocks[:, :, None, :]) & on
+        if columns:
+            # Selected positions in ascending order: top_k of -position over the selection.
+            n_cols = max(1, min(int(kv.max()), geo.S))
+            key = jnp.where(sel_v, -jnp.arange(geo.S, dtype=jnp.int32), -(2**30))
+            val, _ = jax.lax.top_k(key, n_cols)
+            return diag & on, jnp.where(val > -(2**30), -val, -1).astype(jnp.int32)
+        col_blocks = est.block_sum(sel_v.astype(jnp.int32), geo) > 0  # [B, Hq, n]
+        return (diag | col_blocks[:, :, None, :]) & on, None
 
 
 def block_topk(q: jax.Array, k: jax.Array, geo: Geometry, kb: np.ndarray) -> jax.Array:

@@ -23,8 +23,8 @@ def register(cls: type) -> type:
 
 def _load_all() -> None:
     # Import for the side effect of @register (kept lazy: no import cycle with base).
-    from jaxprefill.sparse import (dense, flexprefill, minference, oracle, proxyattn,  # noqa: F401
-                                   streaming, trianglemix, xattention)
+    from jaxprefill.sparse import (blasst, dense, flexprefill, minference, oracle,  # noqa: F401
+                                   pbs, proxyattn, streaming, trianglemix, xattention)
 
 
 def available() -> list[str]:

@@ -1,0 +1,183 @@
+"""Sparse prefill for chunked prefill (q_offset) and prepacked rows (segment ids).
+
+`attend` (dispatch.py) sends plain causal prefills to `sparse_prefill`; the batch engine's two
+other prefill shapes come here:
+
+* **Chunked prefill** (CompactAttention idea): the queries of one chunk sit at key indices
+  `q_offset[b] + i` and attend to the cached prefix plus the chunk (keys `[B, Sk]`, the whole
+  cache view). The policy builds its layout for the sequence truncated at the chunk's end: the
+  chunk's queries are placed at their positions of a `[B, Sk]` query tensor (the prefix's
+  queries are not cached, so those rows are zeros) with `lengths = q_offset + valid queries`.
+  The chunk's query block i then takes the union of the global query-block rows it overlaps
+  (one row when the chunk starts on a block boundary, as in the engine; two otherwise), per
+  layout head (per KV head for `heads="kv"` policies). Static policies (streaming) therefore give
+  the chunk exactly the rows of the whole-prompt layout; row-local estimators (xattention) too;
+  last-query estimators (minference, flexprefill) estimate from the chunk's last queries.
+* **Prepacked rows**: a row holding a single document that starts at token 0 (right padding,
+  segment id 0) gets the policy's layout for that document (`lengths` = its length); a row
+  holding several documents (short prompts packed together) stays dense: the structured layout
+  of its segments.
+
+Rows shorter than `min_length` get the dense causal layout (the policy's own rule). Layout
+column lists (`col_idx`/`col_cnt`, when a policy emits them) are kept for aligned chunk rows;
+a union of two rows drops that row's columns to the blocks holding them (a superset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import BlockSparseLayout, SegmentIds
+from pallas_kernels.layout import block_mask_to_layout_arrays
+
+
+def kernel_impl(cfg, q: jax.Array) -> str:
+    """The block-sparse implementation SparseConfig.kernel names. "auto": on GPUs with 16-bit
+    inputs pallas_kernels' own "auto" (the Mosaic GPU kernel on Hopper when it takes the layout,
+    else Triton); the Pallas TPU kernel on TPUs; the XLA block gather elsewhere."""
+    kernel = getattr(cfg, "kernel", cfg)
+    if kernel != "auto":
+        return kernel
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return "auto"
+    return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+
+
+def maybe_attend(q, k, v, cfg, layer: int, causal: bool, q_offset, segment_ids, window,
+                 lengths, sm_scale: float) -> jax.Array | None:
+    """Sparse attention for a chunk or a packed row, or None when this call stays dense
+    (decode, windows, non-causal, mismatched head dims, a view shorter than min_length)."""
+    policy = cfg.policy_for(layer)
+    # Policies that reorder K/V (pbs) make their own kernel call over the whole prompt: chunks
+    # and packed rows stay dense for them.
+    if policy is None or hasattr(policy, "attend") or not causal or window is not None or q.shape[-1] != k.shape[-1]:
+        return None
+    sq, sk = q.shape[1], k.shape[1]
+    if sq < 2 or sk < max(cfg.min_length, 1):  # decode steps and short views stay dense
+        return None
+    impl = kernel_impl(cfg, q)
+    if q_offset is not None:
+        if segment_ids is not None:
+            return None
+        offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (q.shape[0],))
+        layout = chunk_layout(policy, q, k, offset, lengths, cfg.min_length, layer)
+        return block_sparse(q, k, v, layout, sm_scale, impl, q_offset=offset)
+    if segment_ids is None or sq != sk:
+        return None
+    seg = segment_ids[0]
+    layout = packed_layout(policy, q, k, seg, cfg.min_length, layer)
+    return block_sparse(q, k, v, layout, sm_scale, impl, segment_ids=SegmentIds(seg, seg))
+
+
+def block_sparse(q, k, v, layout, sm_scale, impl, **kw) -> jax.Array:
+    from pallas_kernels import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=sm_scale, impl=impl, **kw)
+
+
+# ---------------------------------------------------------------------------- chunked prefill
+
+def chunk_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
+                 q_lengths: jax.Array | None, min_length: int, layer: int = 0
+                 ) -> BlockSparseLayout:
+    """Layout [B, H, ceil(Sq / block), nnz] of a chunk's queries against the whole cache view.
+
+    Args:
+      q: [B, Sq, Hq, D] the chunk's queries, query i at key index q_offset[b] + i.
+      k: [B, Sk, Hkv, D] the cache view (prefix + chunk; entries past the chunk are ignored).
+      q_offset: int32 [B]; q_offset + Sq <= Sk.
+      q_lengths: int32 [B] valid (non-padding) queries per row, default Sq.
+      min_length: rows whose prefix + chunk is shorter get the dense causal layout.
+    """
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    blk = policy.block_size
+    if q_lengths is None:
+        q_lengths = jnp.full((b,), sq, jnp.int32)
+    ends = q_offset + jnp.clip(jnp.asarray(q_lengths, jnp.int32), 1, sq)
+    # Queries at their absolute positions; the prefix's queries are unknown (not cached): zeros.
+    q_full = jax.vmap(lambda z, x, o: jax.lax.dynamic_update_slice_in_dim(z, x, o, axis=0))(
+        jnp.zeros((b, sk, hq, d), q.dtype), q, q_offset)
+    full = policy.build(q_full, k, layer=layer, lengths=ends, min_length=min_length)
+    return take_rows(full, q_offset, sq)
+
+
+def take_rows(full: BlockSparseLayout, q_offset: jax.Array, sq: int) -> BlockSparseLayout:
+    """Rows of the chunk's query blocks from a whole-sequence layout (block_q == block_k)."""
+    blk, n = full.block_q, full.num_q_blocks
+    nq = -(-sq // blk)
+    first = q_offset[:, None] + jnp.arange(nq, dtype=jnp.int32)[None] * blk  # [B, nq]
+    last = jnp.minimum(first + blk, q_offset[:, None] + sq) - 1
+    g0 = jnp.clip(first // blk, 0, n - 1)
+    g1 = jnp.clip(last // blk, 0, n - 1)
+    rows = lambda a, g: jnp.take_along_axis(  # noqa: E731  a [B, H, n, ...] -> [B, H, nq, ...]
+        a, g.reshape(g.shape[0], 1, nq, *([1] * (a.ndim - 3))), axis=2)
+    idx0, cnt0 = rows(full.kv_idx, g0), rows(full.kv_cnt, g0)
+    idx1, cnt1 = rows(full.kv_idx, g1), rows(full.kv_cnt, g1)
+    same = (g0 == g1)[:, None, :]  # [B, 1, nq]
+    # Union of the two rows' block lists, as a block mask over the nq chunk rows only.
+    nk = full.num_kv_blocks
+    t = jnp.arange(full.max_nnz)
+    mask = _scatter_blocks(jnp.where(t < cnt0[..., None], idx0, nk), nk)
+    mask |= _scatter_blocks(jnp.where((t < cnt1[..., None]) & ~same[..., None], idx1, nk), nk)
+    extra = {}
+    col_idx = getattr(full, "col_idx", None)
+    if col_idx is not None:
+        ci0, cc0 = rows(col_idx, g0), rows(full.col_cnt, g0)
+        ci1, cc1 = rows(col_idx, g1), rows(full.col_cnt, g1)
+        tc = jnp.arange(col_idx.shape[-1])
+        # straddling rows: columns become the blocks that hold them
+        mask |= _scatter_blocks(jnp.where((tc < cc0[..., None]) & ~same[..., None],
+                                          ci0 // full.block_k, nk), nk)
+        mask |= _scatter_blocks(jnp.where((tc < cc1[..., None]) & ~same[..., None],
+                                          ci1 // full.block_k, nk), nk)
+        extra = {"col_idx": ci0, "col_cnt": jnp.where(same, cc0, 0)}
+    nnz = min(nk, 2 * full.max_nnz)
+    kv_idx, kv_cnt = block_mask_to_layout_arrays(mask, nnz)
+    out = BlockSparseLayout(kv_idx, kv_cnt, full.block_q, full.block_k, nk)
+    return dataclasses.replace(out, **extra) if extra else out
+
+
+def _scatter_blocks(idx: jax.Array, nk: int) -> jax.Array:
+    """idx int32 [..., m] (nk = none) -> bool [..., nk] with those blocks set."""
+    flat = idx.reshape(-1, idx.shape[-1])
+    hit = jax.vmap(lambda i: jnp.zeros((nk + 1,), bool).at[i].set(True))(flat)
+    return hit[:, :nk].reshape(*idx.shape[:-1], nk)
+
+
+# ------------------------------------------------------------------------------- packed rows
+
+def packed_layout(policy, q: jax.Array, k: jax.Array, seg: jax.Array, min_length: int,
+                  layer: int = 0) -> BlockSparseLayout:
+    """Layout [B, H, n, n] for packed rows seg int32 [B, S] (0 = padding).
+
+    A row whose only document starts at token 0 and is contiguous gets the policy's layout of
+    that document; other rows get the dense structured layout of their segments.
+    """
+    from jaxprefill.attention.layouts import structured_layout
+
+    b, s = seg.shape
+    blk = policy.block_size
+    first = seg[:, :1]
+    in_first = seg == first
+    prefix = jnp.where(jnp.all(in_first, axis=1), s, jnp.argmin(in_first, axis=1)).astype(jnp.int32)
+    single = (first[:, 0] > 0) & (jnp.sum(seg > 0, axis=1) == prefix)
+    lengths = jnp.where(single, prefix, s)
+    sparse = policy.build(q, k, layer=layer, lengths=lengths, min_length=min_length)
+    n = sparse.num_kv_blocks
+    dense = structured_layout(s, s, b, 1, block_q=blk, block_k=blk, causal=True, q_offset=None,
+                              segment_ids=(seg, seg))
+    pad = n - sparse.max_nnz  # the policy may cap its lists: pad with the last entry
+    idx = jnp.pad(sparse.kv_idx, [(0, 0)] * 3 + [(0, pad)], mode="edge") if pad else sparse.kv_idx
+    pick = single[:, None, None]
+    kv_idx = jnp.where(pick[..., None], idx, dense.kv_idx)
+    kv_cnt = jnp.where(pick, sparse.kv_cnt, dense.kv_cnt)
+    out = BlockSparseLayout(kv_idx, kv_cnt, blk, blk, n)
+    col_idx = getattr(sparse, "col_idx", None)
+    if col_idx is not None:
+        out = dataclasses.replace(out, col_idx=col_idx,
+                                  col_cnt=jnp.where(pick, sparse.col_cnt, 0))
+    return out

@@ -1,0 +1,130 @@
+"""PBS (permuted block-sparse) policy: causality by construction, output vs a float64 reference.
+
+Structured q/k (sinks, local window, vertical lines), block 64, segment 128, S = 640 (10 blocks),
+two rows of lengths 640 and 421 (right padding, partial last block), GQA groups of 3 and 4.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprefill import sparse
+from jaxprefill.eval.synthetic_qk import structured_qk
+from jaxprefill.sparse.base import make_geometry
+
+BLOCK, SEG, S, D = 64, 128, 640, 32
+LENGTHS = (640, 421)
+
+
+@pytest.fixture(scope="module", params=[(6, 2), (8, 2)], ids=["gqa3", "gqa4"])
+def qkv(request):
+    hq, hkv = request.param
+    gen = jax.jit(structured_qk, static_argnums=(1, 2, 3, 4, 5),
+                  static_argnames=("local", "n_vertical", "dtype"))
+    q, k = gen(jax.random.key(3), 2, S, hq, hkv, D, local=64, n_vertical=6, dtype=jnp.float32)
+    v = jax.random.normal(jax.random.key(4), (2, S, hkv, D), jnp.float32)
+    return q, k, v
+
+
+def ref_attention(q, k, v, keep):
+    """float64 softmax attention restricted to keep [B, Hq, S, S] (original positions)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    logit = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(q.shape[-1])
+    logit = np.where(keep, logit, -np.inf)
+    p = np.exp(logit - logit.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, vr)
+
+
+def full_keep(policy, q, k, lengths, min_length=0):
+    rows = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (q.shape[0], S))
+    keep = jax.jit(lambda a, b, l: policy.key_mask(a, b, rows, lengths=l, min_length=min_length))(
+        q, k, lengths)
+    keep = np.asarray(keep)
+    if keep.shape[1] != q.shape[2]:  # heads="kv": one mask per group
+        keep = np.repeat(keep, q.shape[2] // keep.shape[1], axis=1)
+    return keep
+
+
+@pytest.mark.parametrize("heads", ["q", "kv"])
+def test_pbs_output_equals_reference_on_mapped_mask(qkv, heads):
+    q, k, v = qkv
+    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6, heads=heads)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    out = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, lengths=l, impl="xla"))(
+        q, k, v, lengths)
+    out = np.asarray(out)
+    keep = full_keep(policy, q, k, lengths)
+    ref = ref_attention(q, k, v, keep)
+    for b, length in enumerate(LENGTHS):
+        np.testing.assert_allclose(out[b, :length], ref[b, :length], atol=3e-5, rtol=3e-5)
+        kb = keep[b, :, :length, :length]
+        i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+        assert not (kb & (j > i)).any(), "a key after its query is attended"
+        assert kb[:, :, 0].all(), "original token 0 (sink) not attended"
+        same_seg = (i // SEG == j // SEG) & (j <= i)
+        assert kb[:, same_seg].all(), "diagonal segment not dense"
+        assert kb.sum() < kb.shape[0] * np.tril(np.ones((length, length))).sum(), "PBS kept all"
+
+
+def test_pbs_permutes_within_complete_segments_only(qkv):
+    q, k, _ = qkv
+    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    geo = make_geometry(q, k, BLOCK, lengths)
+    perm = np.asarray(jax.jit(lambda a, b: policy.permutation(a, b, geo))(q, k))
+    for b, length in enumerate(LENGTHS):
+        for h in range(perm.shape[1]):
+            p = perm[b, h]
+            assert sorted(p.tolist()) == list(range(p.size))  # a permutation
+            np.testing.assert_array_equal(p // SEG, np.arange(p.size) // SEG)  # within segments
+            tail = (length // SEG) * SEG
+            np.testing.assert_array_equal(p[tail:], np.arange(tail, p.size))  # tail in place
+    assert (perm[0] != np.arange(perm.shape[-1])).any(), "nothing was permuted"
+
+
+def test_pbs_tau_one_is_dense_and_rows_match_alone(qkv):
+    q, k, v = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    dense = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=1.0)
+    keep = full_keep(dense, q, k, lengths)
+    for b, length in enumerate(LENGTHS):
+        np.testing.assert_array_equal(keep[b, :, :length, :length],
+                                      np.broadcast_to(np.tril(np.ones((length, length), bool)),
+                                                      keep[b, :, :length, :length].shape))
+    short = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.5), q, k, lengths,
+                      min_length=500)  # row 1 (421 tokens) falls back to dense
+    n1 = LENGTHS[1]
+    assert short[1, :, :n1, :n1].sum() == short.shape[1] * n1 * (n1 + 1) // 2
+    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6)
+    mask_of = jax.jit(lambda a, b, l: policy.build(a, b, lengths=l).to_block_mask())
+    both = mask_of(q, k, lengths)
+    alone = mask_of(q[1:, :n1], k[1:, :n1], None)
+    nb = -(-n1 // BLOCK)
+    n = S // BLOCK
+    got = np.concatenate([np.asarray(both)[1, :, :nb, :nb], np.asarray(both)[1, :, :nb, n:n + nb]],
+                         axis=-1)
+    np.testing.assert_array_equal(got, np.asarray(alone)[0])
+
+
+def test_pbs_through_attend_dispatch(qkv):
+    from jaxprefill.attention import AttentionSpec, attend
+
+    q, k, v = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    cfg = {"policy": "pbs", "params": {"tau": 0.6, "segment": SEG}, "block_size": BLOCK,
+           "min_length": 0, "kernel": "xla"}
+    spec = AttentionSpec("xla", sparse=cfg)
+    out = jax.jit(lambda a, b, c, l: attend(a, b, c, causal=True, spec=spec, layer=0,
+                                            lengths=l))(q, k, v, lengths)
+    policy = sparse.SparseConfig.parse(cfg).policy_for(0)
+    direct = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, lengths=l, impl="xla"))(
+        q, k, v, lengths)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(direct), atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        sparse.get("pbs", block_size=64, segment=96)

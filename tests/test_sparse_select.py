@@ -1,0 +1,86 @@
+"""Sort-free selection primitives (jaxprefill.sparse.select) equal their sort-based references.
+
+Fresh random inputs per case, including exact ties (rounded values, zeros, forced entries) and
+rows with nothing valid; odd row lengths.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse import select
+from jaxprefill.sparse.flexprefill import mass_count_sort
+from pallas_kernels.layout import block_mask_to_layout_arrays
+
+
+def scores(rng, shape, ties: bool):
+    x = rng.random(shape).astype(np.float32)
+    if ties:  # few distinct values, many exact zeros
+        x = np.round(x * 4) / 4
+    return x
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("m", [7, 300, 2500])
+def test_topk_and_cumulative_keep_equal_sort(m, ties):
+    rng = np.random.default_rng(m + ties)
+    x = scores(rng, (3, 4, m), ties)
+    x[0, 0] = -rng.random(m)  # negative scores rank too (top-k of logits)
+    valid = rng.random((3, 4, m)) < 0.8
+    valid[1, 2] = False  # an empty row
+    count = rng.integers(0, m + 3, (3, 4))
+    got = jax.jit(select.topk_mask)(x, valid, count)
+    want = est.topk_mask_sort(jnp.asarray(x), jnp.asarray(valid), jnp.asarray(count))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    xp = np.abs(x)
+    forced = rng.random((3, 4, m)) < 0.05
+    for gamma in (0.3, 0.9, 0.97):
+        for f in (None, forced):
+            got = jax.jit(select.cumulative_keep, static_argnums=2)(
+                xp, valid, gamma, None if f is None else jnp.asarray(f))
+            want = est.cumulative_keep_sort(jnp.asarray(xp), jnp.asarray(valid), gamma,
+                                            None if f is None else jnp.asarray(f))
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                          err_msg=f"gamma={gamma} forced={f is not None}")
+    # Not vacuous: the selections are neither empty nor everything.
+    assert 0 < np.asarray(got).sum() < valid.sum()
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_mass_count_equals_sort(ties):
+    rng = np.random.default_rng(5 + ties)
+    x = scores(rng, (2, 5, 999), ties)
+    x = x / x.sum(-1, keepdims=True)  # a distribution, as FlexPrefill's vertical / slash
+    valid = rng.random(x.shape) < 0.9
+    for gamma in (0.5, 0.95):
+        got = jax.jit(select.mass_count, static_argnums=2)(x, valid, gamma)
+        want = mass_count_sort(jnp.asarray(x), jnp.asarray(valid), gamma)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert np.asarray(got).min() > 0
+
+
+@pytest.mark.parametrize("n,cap", [(9, 9), (300, 300), (300, 17), (1100, 1100)])
+def test_mask_to_lists_equals_sort_conversion(n, cap):
+    rng = np.random.default_rng(n + cap)
+    mask = rng.random((2, 3, 5, n)) < rng.random((2, 3, 5, 1))
+    mask[0, 0, 0] = False  # empty row: padding is 0
+    got = jax.jit(select.mask_to_lists, static_argnums=1)(mask, cap)
+    want = block_mask_to_layout_arrays(jnp.asarray(mask), cap)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+def test_prefix_count_and_sort_key_order():
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 2500)) < 0.5
+    np.testing.assert_array_equal(np.asarray(select.prefix_count(jnp.asarray(x))),
+                                  np.cumsum(x, axis=-1))
+    v = np.concatenate([rng.standard_normal(500).astype(np.float32) * 1e3,
+                        np.float32([0.0, -np.inf, np.inf, 1e-40, -1e-40])])
+    k = np.asarray(select.sort_key(jnp.asarray(v)))
+    np.testing.assert_array_equal(np.argsort(k, kind="stable"), np.argsort(v, kind="stable"))
