@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxprefill as jp
 from jaxprefill.infer import Engine, EngineConfig
-from jaxprefill.infer.jobs import completed_ids, parse_line, run_job
+from jaxprefill.infer.jobs import completed_ids, merge_outputs, parse_line, run_job
 from jaxprefill.loading.gguf_reader import bundled_gguf_path
 from jaxprefill.loading.tokenizer import Tokenizer
 
@@ -113,3 +113,23 @@ def test_cli_infer(tmp_path):
     (row,) = read_output(out)
     assert row["id"] == "paris" and "Paris" in row["text"]
     assert "requests completed" in proc.stdout and "errors" in proc.stdout
+
+
+def test_sharded_hosts_then_merge(engine, tmp_path):
+    """Two 'hosts' each run their shard; the merge has every id once, in input order, and
+    drops a torn last line and a duplicate."""
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, n=7)
+    parts = [tmp_path / f"out.{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        run_job(engine, inp, part, shard=(i, 2), progress=False)
+    ids = [[r["id"] for r in read_output(p)] for p in parts]
+    assert sorted(ids[0]) == [f"r{i}" for i in (0, 2, 4, 6)] and sorted(ids[1]) == ["r1", "r3", "r5"]
+    with open(parts[1], "a") as f:  # host 1 re-wrote one id, then crashed mid-line
+        f.write(json.dumps(read_output(parts[0])[0]) + "\n" + '{"id": "r9", "te')
+    merged = tmp_path / "merged.jsonl"
+    counts = merge_outputs(parts, merged, inp)
+    assert counts == {"ids": 7, "duplicates": 1, "missing": 0}
+    assert [r["id"] for r in read_output(merged)] == [f"r{i}" for i in range(7)]
+    inp.write_text(inp.read_text() + json.dumps({"id": "r7", "prompt": "x"}) + "\n")
+    assert merge_outputs(parts, merged, inp)["missing"] == 1

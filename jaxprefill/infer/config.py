@@ -34,10 +34,18 @@ class EngineConfig:
     chat: bool = True              # render text prompts through the chat template
     packing: bool = True           # False: one prompt per prefill row (padded; for comparison)
     bucket: int = 256              # cache-view lengths are rounded up to this (bounds recompiles)
+    data_parallel: int = 1         # engine replicas, one per local device (data_parallel.py)
+    # Sparse prefill (jaxprefill.sparse): a policy name, a YAML path, a dict or a SparseConfig.
+    # Applies per prefill chunk and to prompts that fill a packed row alone; prompts shorter
+    # than its min_length stay dense; decode stays dense. None: dense prefill.
+    sparse: Any = None
+    # TPLA decode for MLA models: {"tensor": g, "transform": "none" | "hadamard", "rope":
+    # "replicated" | "split", "logit_scale": "1" | "g"} (jaxprefill.tpla); None: MLA decode.
+    tpla: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_tokens", "prefill_rows", "page_size", "num_pages",
-                     "max_new_tokens", "bucket"):
+                     "max_new_tokens", "bucket", "data_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"engine config: {name} must be a positive integer, got {value!r}")
@@ -48,6 +56,35 @@ class EngineConfig:
             raise ConfigError(f"engine config: temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"engine config: top_p must be in (0, 1], got {self.top_p}")
+        if self.tpla is not None:
+            keys = {"tensor", "transform", "rope", "norm", "logit_scale", "axis"}
+            if not isinstance(self.tpla, Mapping) or set(self.tpla) - keys:
+                raise ConfigError(f"engine config: tpla must be a mapping with keys from "
+                                  f"{sorted(keys)}, got {self.tpla!r}")
+            g = self.tpla.get("tensor", 1)
+            if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+                raise ConfigError(f"engine config: tpla.tensor must be a positive integer, got {g!r}")
+            object.__setattr__(self, "tpla", tuple(sorted(self.tpla.items())))  # hashable
+            if self.data_parallel > 1:
+                raise ConfigError("engine config: tpla with data_parallel > 1 is not supported "
+                                  "yet (each replica would need its own tensor group)")
+        if self.sparse is not None:
+            from jaxprefill.sparse import SparseConfig
+
+            try:
+                sparse = SparseConfig.parse(self.sparse)
+            except (ValueError, TypeError, OSError) as e:
+                raise ConfigError(f"engine config: sparse: {e}") from e
+            object.__setattr__(self, "sparse", sparse)
+            for rule in sparse.rules:
+                blk = rule.policy.block_size
+                if self.prefill_tokens % blk or self.bucket % blk:
+                    # chunk starts and cache views on block boundaries: each chunk query block
+                    # is one block of the policy's whole-prompt layout (no straddling unions)
+                    raise ConfigError(
+                        f"engine config: prefill_tokens ({self.prefill_tokens}) and bucket "
+                        f"({self.bucket}) must be multiples of the sparse policy's block_size "
+                        f"({blk}, policy {rule.policy.name!r})")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EngineConfig":

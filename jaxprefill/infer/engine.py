@@ -11,6 +11,12 @@ One `Engine.run` loop, each iteration:
      run every iteration, prefill fills the rest of the budget);
   4. finished requests (eos, stop string, max_new_tokens) free their slot and pages and are
      reported at once through `on_result`.
+
+Models: Llama family (paged per-head K/V, paged_cache.py + steps.py) and MLA models (paged
+latent cache and absorbed decode, latent_cache.py; TPLA decode on a `tensor` axis with
+`EngineConfig.tpla`, tpla_steps.py). Sparse prefill (`EngineConfig.sparse`) applies per chunk
+and to prompts alone in a packed row (jaxprefill/attention/sparse_chunks.py). Several devices:
+`EngineConfig.data_parallel` (data_parallel.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +32,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxprefill.generate import PromptTooLongError, Sampling, encode_prompt
-from jaxprefill.infer import steps
+from jaxprefill.generate import PromptTooLongError, Sampling, _sparse_graphdef, encode_prompt
+from jaxprefill.infer import latent_cache, steps
 from jaxprefill.infer.config import EngineConfig
 from jaxprefill.infer.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
 from jaxprefill.infer.scheduler import pack_rows
@@ -85,16 +91,33 @@ class Engine:
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         from jaxprefill.models import KVCache
+        from jaxprefill.models.deepseek import MLACache
 
-        if getattr(model, "cache_class", KVCache) is not KVCache:
-            raise NotImplementedError(
-                f"the engine's paged cache holds per-head K/V (Llama family); "
-                f"{type(model).__name__} uses {model.cache_class.__name__}: use jp.generate for now")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.config
+        cache_class = getattr(model, "cache_class", KVCache)
+        if cache_class is KVCache:  # Llama family: paged per-head K/V
+            self.steps, pool = steps, PagedKVCache
+        elif cache_class is MLACache:  # DeepSeek / Kimi: paged latent cache, absorbed decode
+            self.steps, pool = latent_cache, latent_cache.PagedLatentCache
+        else:
+            raise NotImplementedError(f"the engine has no paged cache for {cache_class.__name__} "
+                                      f"({type(model).__name__}): use jp.generate")
+        if config.tpla is not None and cache_class is not MLACache:
+            raise ValueError(f"tpla decode needs an MLA model, not {type(model).__name__}")
         self.max_seq_len = config.max_seq_len or cfg.max_position_embeddings
-        self.graphdef, self.state = nnx.split(model)
-        self.cache = PagedKVCache.zeros(cfg, config.num_pages, config.page_size, model.dtype)
+        if config.sparse is not None:  # the same weights, an AttentionSpec with the policy
+            self.graphdef = _sparse_graphdef(model, config.sparse)
+        if config.tpla is not None:  # folded weights, latent pool sharded over `tensor`
+            from jaxprefill.infer import tpla_steps
+
+            model, self.steps, self.cache = tpla_steps.setup(
+                model, dict(config.tpla), config.num_pages, config.page_size)
+        else:
+            self.cache = pool.zeros(cfg, config.num_pages, config.page_size, model.dtype)
+        graphdef, self.state = nnx.split(model)
+        if config.sparse is None:
+            self.graphdef = graphdef
         self.allocator = PageAllocator(config.num_pages)
         eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.eos = set(eos or cfg.eos_token_ids)
@@ -145,22 +168,32 @@ class Engine:
                 if on_error is None:
                     raise
                 on_error(req, e)
-        slots: list[_Seq | None] = [None] * self.config.max_batch
         bar = tqdm(total=total or len(waiting), desc="requests", disable=not progress)
+        for _ in self.iterate(waiting, on_result, lambda: bar.update(1)):
+            pass
+        bar.close()
+
+    def iterate(self, waiting: list[_Seq], on_result: Callable[[Result], None],
+                on_done: Callable[[], None] | None = None) -> Iterator[None]:
+        """The engine loop over prepared requests, as a generator that yields right after each
+        device call is dispatched (before its result is read back). `run` just exhausts it; a
+        data-parallel driver (data_parallel.py) advances one per device in turn, so every
+        device computes while the host waits on another."""
+        slots: list[_Seq | None] = [None] * self.config.max_batch
         while waiting or any(slots):
             self._admit(waiting, slots)
             active = [s for s in slots if s is not None]
             if not active:
                 raise RuntimeError("no request fits the page pool; raise num_pages")
-            self._prefill([s for s in active if s.prefilled < len(s.ids)])
-            self._decode(slots)
+            yield from self._prefill_steps([s for s in active if s.prefilled < len(s.ids)])
+            yield from self._decode_steps(slots)
             for i, s in enumerate(slots):
                 if s is not None and s.finish is not None:
                     self.allocator.free(s.pages)
                     slots[i] = None
                     on_result(self._result(s))
-                    bar.update(1)
-        bar.close()
+                    if on_done is not None:
+                        on_done()
 
     # ---- scheduling ------------------------------------------------------------------------
 
@@ -176,17 +209,24 @@ class Engine:
             slots[seq.slot] = seq
 
     def _prefill(self, pending: list[_Seq]) -> None:
+        """One prefill step for these sequences, run to completion (tests, tools)."""
+        for _ in self._prefill_steps(pending):
+            pass
+
+    def _prefill_steps(self, pending: list[_Seq]) -> Iterator[None]:
+        """Generator: yields after each device call is dispatched (see `iterate`)."""
         c = self.config
         fresh = [s for s in pending if s.prefilled == 0 and len(s.ids) <= c.prefill_tokens]
         chunked = [s for s in pending if s not in fresh]
         if fresh:
+            alone = c.sparse.min_length if c.sparse is not None else None
             rows = pack_rows([len(s.ids) for s in fresh], c.prefill_tokens, c.prefill_rows,
-                             pack=c.packing)
-            self._run_packed([[fresh[i] for i in row] for row in rows])
+                             pack=c.packing, alone_from=alone)
+            yield from self._run_packed([[fresh[i] for i in row] for row in rows])
         if chunked:
-            self._run_chunks(chunked[: c.prefill_rows])
+            yield from self._run_chunks(chunked[: c.prefill_rows])
 
-    def _run_packed(self, rows: list[list[_Seq]]) -> None:
+    def _run_packed(self, rows: list[list[_Seq]]) -> Iterator[None]:
         c = self.config
         r, width, n = c.prefill_rows, c.prefill_tokens, c.max_batch
         tokens = np.zeros((r, width), np.int32)
@@ -209,15 +249,16 @@ class Engine:
                 seqs.append(s)
                 col += ln
         sampling, step = self._sampling(seqs, n)
-        nxt, self.cache = steps.prefill_packed(
+        nxt, self.cache = self.steps.prefill_packed(
             self.graphdef, self.state, self.cache, *map(jnp.asarray, (tokens, positions, segments,
                                                                       slots, last)),
             sampling, step)
+        yield
         self.stats["prefill_calls"] += 1
         self.stats["packed_rows"] += len(rows)
         self._finish_prefill(seqs, np.asarray(nxt), [len(s.ids) for s in seqs])
 
-    def _run_chunks(self, seqs: list[_Seq]) -> None:
+    def _run_chunks(self, seqs: list[_Seq]) -> Iterator[None]:
         c = self.config
         r, width = c.prefill_rows, c.prefill_tokens
         tokens = np.zeros((r, width), np.int32)
@@ -231,9 +272,10 @@ class Engine:
             ends.append(s.prefilled + len(chunk))
         table = self._page_table(seqs, r, max(int(start.max()) + width, 1))
         sampling, step = self._sampling(seqs, r)
-        nxt, self.cache = steps.prefill_chunk(self.graphdef, self.state, self.cache,
+        nxt, self.cache = self.steps.prefill_chunk(self.graphdef, self.state, self.cache,
                                               jnp.asarray(tokens), table, jnp.asarray(start),
                                               jnp.asarray(n_valid), sampling, step)
+        yield
         self.stats["prefill_calls"] += 1
         self.stats["chunk_rows"] += len(seqs)
         self._finish_prefill(seqs, np.asarray(nxt), ends)
@@ -246,7 +288,7 @@ class Engine:
                 s.t_first = now
                 self._append(s, int(nxt[i]))
 
-    def _decode(self, slots: list) -> None:
+    def _decode_steps(self, slots: list) -> Iterator[None]:
         live = [s for s in slots if s is not None and s.prefilled == len(s.ids) and s.finish is None
                 and s.out]
         if not live:
@@ -261,8 +303,9 @@ class Engine:
             index[s.slot] = len(s.ids) + len(s.out) - 1
         table = self._page_table(rows, b, int(index.max()) + 1)
         sampling, step = self._sampling(rows, b)
-        nxt, self.cache = steps.decode(self.graphdef, self.state, self.cache, jnp.asarray(tokens),
+        nxt, self.cache = self.steps.decode(self.graphdef, self.state, self.cache, jnp.asarray(tokens),
                                        table, jnp.asarray(index), sampling, step)
+        yield
         self.stats["decode_calls"] += 1
         nxt = np.asarray(nxt)
         for s in live:

@@ -7,8 +7,10 @@ flight). A rerun reads the output first and skips ids already there, so after an
 every id ends up exactly once. Malformed lines, duplicate ids and over-long prompts go to the
 errors file with the line number and reason; the job goes on.
 
-Scale-out: `shard=(index, count)` keeps input lines whose position % count == index; run one
-process per host (index = jax.process_index()) writing its own output, then concatenate.
+Scale-out: `shard=(index, count)` keeps input lines whose position % count == index (a fixed
+assignment, so a rerun of host i resumes exactly its own lines); run one process per host
+(index = jax.process_index()) writing its own output, then `merge_outputs` (or `jaxprefill
+infer-merge`) joins them: one line per id, in input order.
 """
 
 from __future__ import annotations
@@ -158,3 +160,46 @@ def run_job(engine: Engine, input_path: str | os.PathLike, output_path: str | os
                    progress=progress)
         summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def merge_outputs(parts: list[str | os.PathLike], output: str | os.PathLike,
+                  input_path: str | os.PathLike | None = None) -> dict:
+    """Join per-host outputs into one file: each id once (the first copy), complete lines only
+    (a torn last line of a crashed host is skipped), ordered as in `input_path` when given (ids
+    not in it follow, in part order). Written to a temporary file and renamed (atomic).
+    Returns counts {"ids", "duplicates", "missing"} (missing: input ids without an output)."""
+    rows: dict[str, str] = {}
+    duplicates = 0
+    for part in parts:
+        with open(part, "rb") as f:
+            for raw in f:
+                try:
+                    rid = str(json.loads(raw)["id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn line (its request reruns when that host resumes)
+                if rid in rows:
+                    duplicates += 1
+                    continue
+                rows[rid] = raw.decode("utf-8").rstrip("\n")
+    order: list[str] = []
+    missing = 0
+    if input_path is not None:
+        with open(input_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rid = str(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+                if rid in rows and rid not in order:
+                    order.append(rid)
+                elif rid not in rows:
+                    missing += 1
+    seen = set(order)
+    order += [rid for rid in rows if rid not in seen]
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rid in order:
+            f.write(rows[rid] + "\n")
+    os.replace(tmp, out)
+    return {"ids": len(order), "duplicates": duplicates, "missing": missing}

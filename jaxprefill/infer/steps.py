@@ -48,7 +48,8 @@ def prefill_chunk(graphdef, state, cache: PagedKVCache, tokens, page_table, star
     model = nnx.merge(graphdef, state)
     r, c = tokens.shape
     view = gather_view(cache, page_table)
-    hidden, view = model.forward(tokens, cache=view, cache_index=start)
+    # lengths: valid queries per row (sparse prefill builds the chunk's layout from them)
+    hidden, view = model.forward(tokens, cache=view, cache_index=start, lengths=n_valid)
     pos = start[:, None] + jnp.arange(c)[None, :]
     valid = jnp.arange(c)[None, :] < n_valid[:, None]
     cache = write_back(cache, view, jnp.where(valid, pos, 0),

@@ -86,7 +86,7 @@ class Attention(nnx.Module):
             k_cache = write_rows(cache[0], k, cache_index)
             v_cache = write_rows(cache[1], v, cache_index)
             out = attend(q, k_cache.astype(dt), v_cache.astype(dt), causal=True, q_offset=cache_index,
-                         window=self.cfg.sliding_window, spec=spec)
+                         window=self.cfg.sliding_window, spec=spec, layer=layer, lengths=lengths)
             cache = (k_cache, v_cache)
         y = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(x.dtype))
         if self.cfg.o_bias:

@@ -1,0 +1,98 @@
+"""Paged latent cache for MLA models (DeepSeek-V2/V3, Kimi-K2) and the engine's MLA steps.
+
+Layout per layer: pages [num_pages, page_size, d_c + d_r] (DeepSeek-V3: 64 x 576) holding each
+token's [normalized latent | roped shared key]; never per-head K/V. The page pool and its
+allocator are the engine's (page 0 is scratch, see paged_cache.py): a sequence's page-table row
+lists its pages, exactly the `MLACache(pages, page_table)` the model reads and writes, so
+
+  * chunked prefill passes the pool itself with the chunk rows' page tables: the model writes
+    the chunk's latents at `cache_index` and attends (decompressed) over the cached prefix;
+  * decode passes the pool with the slots' page tables: the absorbed form through
+    `pallas_kernels.mla_ops.mla_decode` reads the pages in place (no view copy);
+  * packed prefill rows (several prompts, restarted positions) write into a contiguous view
+    (`MLACache.zeros`), copied to each token's own slot afterwards (a row's tokens belong to
+    different sequences, so one page-table row cannot describe them).
+The three steps have the signatures of `steps.py`'s, so the engine calls either set.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxprefill.generate import Sampling, sample
+
+
+@struct.dataclass
+class PagedLatentCache:
+    pages: tuple[jax.Array, ...]  # per layer [num_pages, page_size, d_c + d_r]
+
+    @classmethod
+    def zeros(cls, cfg, num_pages: int, page_size: int, dtype) -> "PagedLatentCache":
+        shape = (num_pages, page_size, cfg.latent_dim)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages[0].shape[0]
+
+
+def _mla_cache(cache: PagedLatentCache, page_table: jax.Array):
+    from jaxprefill.models.deepseek import MLACache
+
+    return MLACache(cache.pages, page_table)
+
+
+def _sample(model, hidden, sampling: Sampling, steps):
+    return sample(model.logits(hidden), sampling.seeds, steps, sampling.temperature,
+                  sampling.top_p, sampling.top_k)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def prefill_packed(graphdef, state, cache: PagedLatentCache, tokens, positions, segment_ids,
+                   slots, last_index, sampling: Sampling, steps):
+    """As steps.prefill_packed: tokens/positions/segment_ids/slots int32 [R, C]."""
+    from jaxprefill.models.deepseek import MLACache
+
+    model = nnx.merge(graphdef, state)
+    r, c = tokens.shape
+    view = MLACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
+    hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
+    flat_slots = slots.reshape(-1)
+
+    def scatter(pool, v):  # view row b owns pages b*P..: token t of row b is flat b*P*page + t
+        rows = v.reshape(r, -1, v.shape[-1])[:, :c].reshape(r * c, -1)
+        flat = pool.reshape(-1, pool.shape[-1])
+        return flat.at[flat_slots].set(rows.astype(pool.dtype), mode="drop").reshape(pool.shape)
+    cache = PagedLatentCache(tuple(scatter(p, v) for p, v in zip(cache.pages, view.pages)))
+    last = hidden.reshape(r * c, -1)[last_index]
+    return _sample(model, last, sampling, steps), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def prefill_chunk(graphdef, state, cache: PagedLatentCache, tokens, page_table, start, n_valid,
+                  sampling: Sampling, steps):
+    """As steps.prefill_chunk. Padding queries past n_valid write latents into positions the
+    sequence has not reached (its own pages, overwritten by decode before they are read) or
+    the scratch page: page_table must cover start + C."""
+    model = nnx.merge(graphdef, state)
+    hidden, new = model.forward(tokens, cache=_mla_cache(cache, page_table), cache_index=start)
+    last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
+    return _sample(model, last, sampling, steps), PagedLatentCache(new.pages)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def decode(graphdef, state, cache: PagedLatentCache, tokens, page_table, index,
+           sampling: Sampling, steps):
+    """As steps.decode: absorbed MLA decode over the pages (model.absorb, model.decode_impl)."""
+    model = nnx.merge(graphdef, state)
+    hidden, new = model.forward(tokens[:, None], cache=_mla_cache(cache, page_table),
+                                cache_index=index)
+    return _sample(model, hidden[:, 0], sampling, steps), PagedLatentCache(new.pages)
