@@ -23,7 +23,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxprefill.infer.config import EngineConfig
-from jaxprefill.infer.engine import Engine, Request, Result
+from jaxprefill.infer.engine import Engine, Request, Result, generate_in_order
 
 
 class DataParallelEngine:
@@ -54,11 +54,7 @@ class DataParallelEngine:
 
     def generate(self, prompts: Iterable, progress: bool = False) -> list[Result]:
         """As `Engine.generate`: results in input order."""
-        reqs = [p if isinstance(p, Request) else Request(id=str(i), prompt=p)
-                for i, p in enumerate(prompts)]
-        done: dict[str, Result] = {}
-        self.run(reqs, lambda r: done.__setitem__(r.id, r), progress=progress)
-        return [done[r.id] for r in reqs]
+        return generate_in_order(self.run, prompts, progress)
 
     def run(self, requests: Iterable[Request], on_result: Callable[[Result], None],
             on_error: Callable[[Request, Exception], None] | None = None,

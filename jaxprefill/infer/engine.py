@@ -127,11 +127,7 @@ class Engine:
 
     def generate(self, prompts: Iterable, progress: bool = False) -> list[Result]:
         """Complete prompts (text, messages, token ids, or Request); results in input order."""
-        reqs = [p if isinstance(p, Request) else Request(id=str(i), prompt=p)
-                for i, p in enumerate(prompts)]
-        done: dict[str, Result] = {}
-        self.run(reqs, lambda r: done.__setitem__(r.id, r), progress=progress)
-        return [done[r.id] for r in reqs]
+        return generate_in_order(self.run, prompts, progress)
 
     def prepare(self, req: Request) -> _Seq:
         """Tokenize and validate; raises ValueError / PromptTooLongError naming the problem."""
@@ -359,3 +355,12 @@ class Engine:
         n_after = max(len(s.out) - 1, 0)
         return Result(s.req.id, text, s.out, len(s.ids), s.finish or "length",
                       t_first - s.t_submit, n_after / max(now - t_first, 1e-9) if n_after else 0.0)
+
+
+def generate_in_order(run: Callable, prompts: Iterable, progress: bool) -> list[Result]:
+    """Drive an engine's `run(requests, on_result, progress=)` and return results in input order."""
+    reqs = [p if isinstance(p, Request) else Request(id=str(i), prompt=p)
+            for i, p in enumerate(prompts)]
+    done: dict[str, Result] = {}
+    run(reqs, lambda r: done.__setitem__(r.id, r), progress=progress)
+    return [done[r.id] for r in reqs]
