@@ -157,8 +157,8 @@ def _sparse_graphdef(model, sparse):
     """The model's graphdef with AttentionSpec.sparse set (the model itself is left unchanged)."""
     if not hasattr(model, "attention"):
         raise ValueError(f"{type(model).__name__} has no attention spec to make sparse")
-    if type(model).__name__ != "Llama":
-        raise NotImplementedError(f"sparse prefill is wired into Llama models only, "
+    if type(model).__name__ not in ("Llama", "DeepSeek"):
+        raise NotImplementedError(f"sparse prefill is wired into Llama and DeepSeek models, "
                                   f"not {type(model).__name__}")
     dense = model.attention
     try:

@@ -83,7 +83,9 @@ def prefill_chunk(graphdef, state, cache: PagedLatentCache, tokens, page_table, 
     sequence has not reached (its own pages, overwritten by decode before they are read) or
     the scratch page: page_table must cover start + C."""
     model = nnx.merge(graphdef, state)
-    hidden, new = model.forward(tokens, cache=_mla_cache(cache, page_table), cache_index=start)
+    # lengths: valid queries per row (sparse prefill builds the chunk's layout from them)
+    hidden, new = model.forward(tokens, cache=_mla_cache(cache, page_table), cache_index=start,
+                                lengths=n_valid)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
     return _sample(model, last, sampling, steps), PagedLatentCache(new.pages)
 

@@ -77,14 +77,14 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, 
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     flat_slots = slots.reshape(-1)
     pages = []
-    for layer, pool in zip(model.layers, cache.pages):
+    for i, (layer, pool) in enumerate(zip(model.layers, cache.pages)):
         packed = pack_latent(*raw_latent(layer.attn, layer.attn_norm(x), cos, sin), g, tcfg,
                              cfg.rms_norm_eps)
         flat = pool.reshape(-1, pool.shape[-1])
         flat = flat.at[flat_slots].set(packed.reshape(r * c, -1).astype(pool.dtype), mode="drop")
         pages.append(flat.reshape(pool.shape))
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
-                     cache_index=None)
+                     cache_index=None, layer=i)
     last = model.norm(x).reshape(r * c, -1)[last_index]
     return _sample(model, last, sampling, steps), PagedTPLACache(tuple(pages))
 
@@ -101,7 +101,7 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, p
     cos, sin = model.rope_tables(positions)
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     pages = []
-    for layer, pool in zip(model.layers, cache.pages):
+    for i, (layer, pool) in enumerate(zip(model.layers, cache.pages)):
         attn = layer.attn
         h = layer.attn_norm(x)
         packed = pack_latent(*raw_latent(attn, h, cos, sin), g, tcfg, cfg.rms_norm_eps)
@@ -112,7 +112,7 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, p
         k, v = attn.decompress(lat)
         q = jnp.concatenate(attn.queries(h, cos, sin), axis=-1)
         o = attend(q, k, v, causal=True, q_offset=start, sm_scale=cfg.softmax_scale,
-                   spec=model.attention)
+                   spec=model.attention, layer=i, lengths=n_valid)
         x = x + attn.out_proj(o)
         x = x + layer.mlp(layer.mlp_norm(x))
     hidden = model.norm(x)

@@ -151,8 +151,12 @@ class MLAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, spec: AttentionSpec,
                  segment_ids: jax.Array | None, cache: tuple[jax.Array, jax.Array] | None,
-                 cache_index: jax.Array | None, absorb: bool = True, decode_impl: str = "auto"):
-        """x [B, S, E] -> ([B, S, E], updated latent pages or None). cache = (pages, page_table)."""
+                 cache_index: jax.Array | None, absorb: bool = True, decode_impl: str = "auto",
+                 layer: int | None = None, lengths: jax.Array | None = None):
+        """x [B, S, E] -> ([B, S, E], updated latent pages or None). cache = (pages, page_table).
+
+        `layer` and `lengths` [B] (valid tokens per row; with a cache_index, valid queries of the
+        chunk) feed sparse prefill (AttentionSpec.sparse) of the decompressed attention."""
         cfg, dt = self.cfg, x.dtype
         q_nope, q_pe = self.queries(x, cos, sin)
         lat = self.latent(x, cos, sin)
@@ -162,7 +166,8 @@ class MLAttention(nnx.Module):
             k, v = self.decompress(lat)
             q = jnp.concatenate([q_nope, q_pe], axis=-1)
             segs = None if segment_ids is None else (segment_ids, segment_ids)
-            o = attend(q, k, v, causal=True, segment_ids=segs, sm_scale=tau, spec=spec)
+            o = attend(q, k, v, causal=True, segment_ids=segs, sm_scale=tau, spec=spec,
+                       layer=layer, lengths=lengths)
             pages = None
             if cache is not None:
                 pages = write_latent(cache[0], cache[1], lat, jnp.zeros((x.shape[0],), jnp.int32))
@@ -177,7 +182,8 @@ class MLAttention(nnx.Module):
         else:  # chunk continuation (or absorb=False): decompress the whole cached latent
             k, v = self.decompress(gather_latent(pages, table).astype(dt))
             q = jnp.concatenate([q_nope, q_pe], axis=-1)
-            o = attend(q, k, v, causal=True, q_offset=cache_index, sm_scale=tau, spec=spec)
+            o = attend(q, k, v, causal=True, q_offset=cache_index, sm_scale=tau, spec=spec,
+                       layer=layer, lengths=lengths)
         return self.out_proj(o), pages
 
 
@@ -240,8 +246,10 @@ class DeepSeek(nnx.Module):
 
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
                 segment_ids: jax.Array | None = None, cache: MLACache | None = None,
-                cache_index: jax.Array | None = None) -> tuple[jax.Array, MLACache | None]:
-        """Hidden states [B, S, E] after the final norm, and the updated cache (as `Llama`)."""
+                cache_index: jax.Array | None = None, lengths: jax.Array | None = None
+                ) -> tuple[jax.Array, MLACache | None]:
+        """Hidden states [B, S, E] after the final norm, and the updated cache (as `Llama`;
+        `lengths` [B] is read by sparse prefill only)."""
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -257,7 +265,7 @@ class DeepSeek(nnx.Module):
             layer_cache = None if cache is None else (cache.pages[i], cache.page_table)
             x, pages = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
                              cache=layer_cache, cache_index=cache_index, absorb=self.absorb,
-                             decode_impl=self.decode_impl)
+                             decode_impl=self.decode_impl, layer=i, lengths=lengths)
             new_pages.append(pages)
         x = self.norm(x)
         if cache is not None:
