@@ -75,3 +75,20 @@ def test_structured_layout_skips_exactly_the_masked_blocks():
 def test_unknown_impl():
     with pytest.raises(ValueError, match="unknown attention impl"):
         AttentionSpec("flash9000")
+
+
+def test_auto_impl_on_gpu_routes_mla_head_dims_to_block_sparse(monkeypatch):
+    """On a GPU with 16-bit inputs: cuDNN for plain causal prefill with one head dim <= 128;
+    the block-sparse kernel for MLA's Dqk=192 / Dv=128 prefill (cuDNN needs V padded, and the
+    old rule sent > 128 to XLA), for chunks and packed rows; XLA for decode and f32."""
+    from jaxprefill.attention import dispatch
+
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    bf16 = lambda s, d: jnp.zeros((1, s, 4, d), jnp.bfloat16)  # noqa: E731  (shapes only)
+    assert dispatch.auto_impl(bf16(256, 128), True, 128) == "cudnn"
+    assert dispatch.auto_impl(bf16(256, 192), True, 128) == "block_sparse"  # MLA prefill
+    assert dispatch.auto_impl(bf16(256, 256), True, 256) == "block_sparse"
+    assert dispatch.auto_impl(bf16(256, 128), False, 128) == "block_sparse"  # chunk / packed
+    assert dispatch.auto_impl(bf16(1, 192), False, 128) == "xla"  # decode
+    assert dispatch.auto_impl(bf16(16, 192), True, 128) == "xla"  # too few queries
+    assert dispatch.auto_impl(jnp.zeros((1, 256, 4, 192)), True, 128) == "xla"  # f32

@@ -13,7 +13,7 @@ Backends (`AttentionSpec.impl`):
   * "block_sparse": `pallas_kernels.block_sparse_attention` over the blocks the mask leaves
     (packed rows skip cross-document blocks, chunks skip future blocks).
   * "auto": on GPUs cuDNN for plain causal prefill and block_sparse for packed rows / chunks
-    (see `auto_impl`); XLA otherwise.
+    and MLA's Dqk != Dv (see `auto_impl`); XLA otherwise.
 Sparse prefill: `AttentionSpec(sparse=SparseConfig)` (jaxprefill.sparse) routes plain causal
 self-attention prefills (no q_offset, no segment ids, no window, Sq == Sk >= min_length) of the
 layers its rules cover through the block-sparse kernel with the layer's policy layout. Models
@@ -89,7 +89,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         return reference_attention(q, k, v, mask, sm_scale)
 
     simple = q_offset is None and segment_ids is None and q.shape[1] == k.shape[1]
-    implementation = spec.impl if spec.impl != "auto" else auto_impl(q, simple)
+    implementation = spec.impl if spec.impl != "auto" else auto_impl(q, simple, v.shape[-1])
     if implementation == "block_sparse" and window is not None and spec.impl == "auto":
         implementation = "xla"  # the structured layouts do not model windows yet
     if implementation == "block_sparse":
@@ -160,18 +160,23 @@ def sparse_prefill(q, k, v, policy, cfg, layer: int, lengths, sm_scale: float) -
 _FULL_IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
-def auto_impl(q: jax.Array, simple: bool) -> str:
-    """Backend for impl="auto" on GPUs with 16-bit inputs.
+def auto_impl(q: jax.Array, simple: bool, dv: int | None = None) -> str:
+    """Backend for impl="auto" on GPUs with 16-bit inputs (q [B, Sq, H, Dqk], Dv = dv).
 
     jax.nn.dot_product_attention(implementation=None) always picks XLA (measured 7.7x slower
     than cuDNN for SmolLM2 prefill on an H100), so we choose: cuDNN for the mask-free causal
-    path (head dim a multiple of 8, <= 128); the block-sparse Pallas kernel for packed rows and
-    chunks of 64+ queries (it skips masked blocks); XLA for decode and everything else.
+    path with one head dim (a multiple of 8, <= 128); the block-sparse Pallas kernel (Mosaic GPU
+    on Hopper, else Triton) for packed rows and chunks of 64+ queries (it skips masked blocks) and
+    for prefills whose head dims cuDNN does not take as they are (MLA's Dqk=192 / Dv=128: jax.nn
+    needs V padded to Dqk, and > 128 fell to XLA; the Mosaic kernel takes 192/128 natively, 665
+    TFLOP/s at 16 heads x 32K on an H100, docs/performance.md); XLA for decode and the rest.
     """
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
-    if simple:
-        return "cudnn" if q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 else "xla"
+    d = q.shape[-1]
+    one_dim = (dv is None or dv == d) and d % 8 == 0 and d <= 128
+    if simple and one_dim:
+        return "cudnn"
     return "block_sparse" if q.shape[1] >= 64 else "xla"
 
 
