@@ -16,6 +16,7 @@ Both spellings of RoPE settings in config.json are read: transformers 4 (`rope_t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -146,7 +147,7 @@ class ModelConfig(_YamlConfig):
             model_type = next((by_arch[a] for a in archs if a in by_arch), None)
             if model_type is None:
                 raise ConfigError(unsupported_message(d.get("model_type"), archs))
-        try:
+        with _hf_fields():
             hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
             bias = bool(d.get("attention_bias", False))
             eos = d.get("eos_token_id")
@@ -172,12 +173,6 @@ class ModelConfig(_YamlConfig):
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
-        except KeyError as e:
-            raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
 
     @classmethod
     def from_hf_file(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -358,7 +353,7 @@ class MLAConfig(_YamlConfig):
         if model_type not in MLA_MODEL_TYPES:
             raise ConfigError(unsupported_message(model_type, d.get("architectures") or []))
         v3 = model_type in ("deepseek_v3", "kimi_k2")
-        try:
+        with _hf_fields():
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
             q_lora = d.get("q_lora_rank")
@@ -396,12 +391,6 @@ class MLAConfig(_YamlConfig):
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
-        except KeyError as e:
-            raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
 
 
 
@@ -410,6 +399,19 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> "ModelConfig | MLAConfig":
     if d.get("model_type") in MLA_MODEL_TYPES:
         return MLAConfig.from_hf_dict(d)
     return ModelConfig.from_hf_dict(d)
+
+
+@contextlib.contextmanager
+def _hf_fields():
+    """Turns a missing or malformed config.json field into a ConfigError that names it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.json has a malformed field: {e}") from None
 
 
 def config_from_hf_file(path: str | os.PathLike) -> "ModelConfig | MLAConfig":

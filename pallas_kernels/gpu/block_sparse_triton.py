@@ -51,10 +51,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _prep
 from pallas_kernels.layout import BlockSparseLayout
+from pallas_kernels.online_softmax import normalize_rows
 
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 _LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 def _pow2(n: int) -> int:
@@ -154,11 +154,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
     carry = lax.fori_loop(n_full, cnt, functools.partial(block_body, masked=True), carry)
     if has_cols:
         carry = lax.fori_loop(0, (meta_ref[3] + bk - 1) // bk, column_body, carry)
-    acc, m, l = carry
-    has = l > 0.0
-    l_safe = jnp.where(has, l, 1.0)
-    out = jnp.where(has[:, None], acc / l_safe[:, None], 0.0)
-    lse = jnp.where(has, (m + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+    out, lse = normalize_rows(*carry, base2=True)
     o_ref[...] = out.reshape(bq_sub, gk, dv).astype(o_ref.dtype)
     lse_ref[...] = lse.reshape(bq_sub, gk)
 

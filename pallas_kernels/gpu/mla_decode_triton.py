@@ -38,10 +38,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
+from pallas_kernels.online_softmax import normalize_rows
 
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 _LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 def _pow2(n: int) -> int:
@@ -99,11 +99,9 @@ def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, meta_ref, o_ref, lse_ref, *, page
 
     carry = (jnp.zeros((bh, dc), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32),
              jnp.zeros((bh,), jnp.float32))
-    acc, m, l = lax.fori_loop(first, last, body, carry)
-    has = l > 0.0
-    l_safe = jnp.where(has, l, 1.0)
-    o_ref[...] = jnp.where(has[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has, (m + jnp.log2(l_safe)) * _LN2, -jnp.inf)
+    out, lse = normalize_rows(*lax.fori_loop(first, last, body, carry), base2=True)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def default_block_h(h: int) -> int:

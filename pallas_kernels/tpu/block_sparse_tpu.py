@@ -64,6 +64,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _prep
 from pallas_kernels.layout import BlockSparseLayout
+from pallas_kernels.online_softmax import normalize_rows
 
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 
@@ -171,11 +172,9 @@ def _kernel(*refs, causal: bool, scale: float, has_seg: bool, has_cols: bool,
 
     @pl.when(t == nnz + n_chunks - 1)
     def _finish():
-        l = l_sc[...]
-        has = l > 0.0
-        l_safe = jnp.where(has, l, 1.0)
-        o_ref[...] = jnp.where(has, acc_sc[...] / l_safe, 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(has, m_sc[...] + jnp.log(l_safe), -jnp.inf)
+        out, lse = normalize_rows(acc_sc[...], m_sc[...], l_sc[...])
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret",

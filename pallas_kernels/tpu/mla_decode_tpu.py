@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
+from pallas_kernels.online_softmax import normalize_rows
 
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 
@@ -60,11 +61,9 @@ def _kernel(pt_ref, len_ref, ql_ref, qp_ref, kv_ref, o_ref, lse_ref, m_sc, l_sc,
 
     @pl.when(p == pps - 1)
     def _finish():
-        l = l_sc[...]
-        has = l > 0.0
-        l_safe = jnp.where(has, l, 1.0)
-        o_ref[...] = jnp.where(has, acc_sc[...] / l_safe, 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(has, m_sc[...] + jnp.log(l_safe), -jnp.inf)
+        out, lse = normalize_rows(acc_sc[...], m_sc[...], l_sc[...])
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "interpret"))

@@ -21,6 +21,7 @@ from jax import lax
 
 from pallas_kernels import _prep
 from pallas_kernels.layout import BlockSparseLayout
+from pallas_kernels.online_softmax import normalize_rows
 
 _HI = lax.Precision.HIGHEST
 
@@ -124,10 +125,7 @@ def block_sparse_attention_xla(
         c_steps = jnp.minimum((jnp.max(layout.col_cnt) + bk - 1) // bk, n_chunks)
         carry = lax.fori_loop(0, c_steps, column_step, carry)
     m, l, acc = carry
-    has = l > 0
-    l_safe = jnp.where(has, l, 1.0)
-    out = jnp.where(has[..., None], acc / l_safe[..., None], 0.0)
-    lse = jnp.where(has, m + jnp.log(l_safe), -jnp.inf)
+    out, lse = normalize_rows(acc, m, l)
     # [B, Hl, Gl, nq, bq, Dv] -> [B, Sq, Hq, Dv]
     out = out.transpose(0, 3, 4, 1, 2, 5).reshape(d.B, d.nq * bq, d.Hq, d.Dv)[:, : d.Sq]
     lse = lse.reshape(d.B, d.Hq, d.nq * bq)[:, :, : d.Sq]
