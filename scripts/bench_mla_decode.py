@@ -2,7 +2,7 @@
 against a device copy measured in the same run.
 
     python3 scripts/bench_mla_decode.py [--out DIR] [--batch 64] [--context 32768]
-        [--heads 16,64,128] [--only SUBSTRING] [--no-anchors]
+        [--heads 16,64,128] [--only SUBSTRING] [--no-anchors] [--impls triton mosaic]
 
 Bytes counted: the cache pages read (B * context * 576 * 2 bytes bf16; queries/outputs are
 < 1% and left out). Copy bandwidth: a jnp copy of an array of the cache's size, counting bytes
@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels.gpu.mla_decode_mosaic import mla_decode_mosaic  # noqa: E402
 from pallas_kernels.gpu.mla_decode_triton import mla_decode_triton  # noqa: E402
 
 PAGE, DC, DR = 64, 512, 64
@@ -63,6 +64,16 @@ VARIANTS = {  # H -> [(name, kernel kwargs)]; "default" is what mla_decode runs.
           ("bh32 (old default)", dict(block_h=32))],
 }
 
+MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosaic.py)
+    # (2026-11-23: no_auto_barriers and 2 splits were 3-9% slower at H=128, equal at H=16)
+    16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw"))],
+    64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw"))],
+    128: [("mosaic default", {}),
+          ("mosaic seesaw", dict(schedule="seesaw")),
+          ("mosaic seesaw stages2", dict(schedule="seesaw", num_stages=2))],
+}
+KERNELS = {"triton": (mla_decode_triton, VARIANTS), "mosaic": (mla_decode_mosaic, MOSAIC_VARIANTS)}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -72,12 +83,14 @@ def main() -> int:
     ap.add_argument("--heads", default="16,64,128")
     ap.add_argument("--only", default=None, help="run only variants whose name has this text")
     ap.add_argument("--no-anchors", action="store_true", help="skip the copy / matmul anchors")
+    ap.add_argument("--impls", nargs="+", default=["triton"], choices=sorted(KERNELS))
+    ap.add_argument("--dc", type=int, default=DC, help="latent width (TPLA g=2 shard: 256)")
     args = ap.parse_args()
-    b, ctx = args.batch, args.context
+    b, ctx, dc = args.batch, args.context, args.dc
     p = ctx // PAGE
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
     key = jax.random.key(0)
-    cache = jax.random.normal(key, (b * p, PAGE, DC + DR), jnp.bfloat16)
+    cache = jax.random.normal(key, (b * p, PAGE, dc + DR), jnp.bfloat16)
     table = jnp.asarray(np.random.default_rng(0).permutation(b * p).reshape(b, p).astype(np.int32))
     lengths = jnp.full((b,), ctx, jnp.int32)
     cache_bytes = cache.size * cache.dtype.itemsize
@@ -99,12 +112,14 @@ def main() -> int:
         del x, y
     for h in (int(x) for x in args.heads.split(",")):
         kq = jax.random.split(jax.random.key(h), 2)
-        q_lat = jax.random.normal(kq[0], (b, h, DC), jnp.bfloat16)
+        q_lat = jax.random.normal(kq[0], (b, h, dc), jnp.bfloat16)
         q_pe = jax.random.normal(kq[1], (b, h, DR), jnp.bfloat16)
-        for name, kw in VARIANTS.get(h, [("default", {})]):
+        todo = [(kern, v) for impl in args.impls for kern, table in [KERNELS[impl]]
+                for v in table.get(h, [("default", {})])]
+        for kern, (name, kw) in todo:
             if args.only and args.only not in name:
                 continue
-            fn = jax.jit(lambda a, c, d, e, f, kw=kw: mla_decode_triton(a, c, d, e, f, sm_scale=TAU, **kw))
+            fn = jax.jit(lambda a, c, d, e, f, kw=kw, kern=kern: kern(a, c, d, e, f, sm_scale=TAU, **kw))
             try:
                 t = timeit(fn, q_lat, q_pe, cache, table, lengths)
             except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported
@@ -112,14 +127,15 @@ def main() -> int:
                 rows.append(dict(name=name, H=h, failed=f"{type(e).__name__}: {str(e)[:300]}"))
                 continue
             gbs = cache_bytes / t / 1e9
-            flops = 2 * b * h * ctx * (DC + DR + DC)
+            flops = 2 * b * h * ctx * (dc + DR + dc)
             rows.append(dict(name=name, H=h, kwargs=kw, ms=t * 1e3, gbs=gbs, ratio=gbs / copy_gbs,
                              tflops=flops / t / 1e12))
             print(f"H={h:3d} {name:34s} {t * 1e3:8.3f} ms {gbs:7.0f} GB/s  {gbs / copy_gbs:5.1%} of copy"
                   f"  {flops / t / 1e12:6.1f} TFLOP/s", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_mla_decode.json").write_text(json.dumps(
-        dict(device=str(jax.devices()[0]), jax=jax.__version__, batch=b, context=ctx, rows=rows),
+        dict(device=str(jax.devices()[0]), jax=jax.__version__, batch=b, context=ctx, dc=dc,
+             rows=rows),
         indent=1))
     return 0
 

@@ -1,6 +1,6 @@
 """TPLA vs MLA decode attention on 2 GPUs (MLA/TPLA issue), DeepSeek-V3 attention shapes.
 
-  python scripts/bench_tpla_gpu.py --out results/          # on a machine with >= 2 GPUs
+  python scripts/bench_tpla_gpu.py --out results/ [--impls auto pallas_gpu]   # >= 2 GPUs
 
 One decode step of attention (no projections other than W_UV) for batch B at context T, H=128
 heads, latent d_c=512, rope d_r=64, d_v=128, bf16 cache in 64-token pages:
@@ -9,7 +9,8 @@ heads, latent d_c=512, rope d_r=64, d_v=128, bf16 cache in 64-token pages:
   * TPLA g: each GPU holds 1/g of the latent (+ the replicated RoPE key) and computes ALL heads on
     its slice with its own softmax; partial outputs after W_UV are summed (psum).
 Inputs are random (timing only; correctness is tested on the CPU in tests/test_tpla*.py).
-Reports the median step time of each and the TPLA speedup (issue bar: >= 1.6x at 32K).
+Reports the median step time of each and the TPLA speedup (issue bar: >= 1.6x at 32K), for each
+`mla_decode` implementation in --impls (auto = the Mosaic GPU kernel on Hopper).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--heads", type=int, default=128)
+    p.add_argument("--impls", nargs="+", default=["auto", "pallas_gpu"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     g = 2
@@ -72,22 +74,28 @@ def main() -> None:
     qp = jax.device_put(q_pe, NamedSharding(mesh, P(None, "tensor", None)))
     wuv = jax.device_put(w_uv, NamedSharding(mesh, P(None, "tensor", None)))
 
-    @jax.jit
-    @partial(_shard_map, mesh=mesh, in_specs=(P(None, "tensor", None), P(None, "tensor", None),
-                                              P(), P(), P(), P(None, "tensor", None)),
-             out_specs=P(None, "tensor", None), check_vma=False)
-    def mla_step(ql, qp, pg, tbl, lens, wuv):
-        out_lat, _ = mla_decode(ql, qp, pg, tbl, lens, scale)
-        return jnp.einsum("bhc,chv->bhv", out_lat, wuv)
+    def mla_step(impl):
+        @jax.jit
+        @partial(_shard_map, mesh=mesh, in_specs=(P(None, "tensor", None),
+                                                  P(None, "tensor", None), P(), P(), P(),
+                                                  P(None, "tensor", None)),
+                 out_specs=P(None, "tensor", None), check_vma=False)
+        def step(ql, qp, pg, tbl, lens, wuv):
+            out_lat, _ = mla_decode(ql, qp, pg, tbl, lens, scale, impl=impl)
+            return jnp.einsum("bhc,chv->bhv", out_lat, wuv)
+        return step
 
     cache_bytes = n_pages * PAGE * (dc + dr) * 2
-    try:
-        t_mla = timed(mla_step, ql, qp, cache, table, lengths, wuv)
-        rows.append({"method": "MLA, heads split, latent replicated", "ms": 1e3 * t_mla,
-                     "cache_bytes_per_gpu": cache_bytes})
-    except Exception as e:  # noqa: BLE001
-        rows.append({"method": "MLA", "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        t_mla = None
+    t_mla = {}
+    for impl in args.impls:
+        try:
+            t_mla[impl] = timed(mla_step(impl), ql, qp, cache, table, lengths, wuv)
+            rows.append({"method": "MLA, heads split, latent replicated", "impl": impl,
+                         "ms": 1e3 * t_mla[impl], "cache_bytes_per_gpu": cache_bytes})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"method": "MLA", "impl": impl,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(rows[-1], flush=True)
     del cache
 
     # TPLA g=2: each GPU holds its latent slice + the replicated RoPE key, all heads.
@@ -96,17 +104,21 @@ def main() -> None:
     pages = jax.device_put(rnd((n_pages, PAGE, g * w)), NamedSharding(mesh, P(None, None, "tensor")))
     ql2 = jax.device_put(q_lat, NamedSharding(mesh, P(None, None, "tensor")))
     wuv2 = jax.device_put(w_uv, NamedSharding(mesh, P("tensor", None, None)))
-    step = jax.jit(lambda a, b_, c, d, e, f: tpla_decode(a, b_, c, d, e, f, mesh=mesh, tcfg=tcfg,
-                                                         sm_scale=scale))
-    try:
-        t_tpla = timed(step, ql2, q_pe, pages, table, lengths, wuv2)
-        rows.append({"method": f"TPLA g={g}", "ms": 1e3 * t_tpla,
-                     "cache_bytes_per_gpu": n_pages * PAGE * w * 2})
-    except Exception as e:  # noqa: BLE001
-        rows.append({"method": "TPLA", "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        t_tpla = None
+    t_tpla = {}
+    for impl in args.impls:
+        step = jax.jit(lambda a, b_, c, d, e, f, impl=impl: tpla_decode(
+            a, b_, c, d, e, f, mesh=mesh, tcfg=tcfg, sm_scale=scale, impl=impl))
+        try:
+            t_tpla[impl] = timed(step, ql2, q_pe, pages, table, lengths, wuv2)
+            rows.append({"method": f"TPLA g={g}", "impl": impl, "ms": 1e3 * t_tpla[impl],
+                         "cache_bytes_per_gpu": n_pages * PAGE * w * 2})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"method": "TPLA", "impl": impl,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(rows[-1], flush=True)
 
-    speedup = t_mla / t_tpla if (t_mla and t_tpla) else None
+    speedup = {impl: t_mla[impl] / t_tpla[impl] for impl in args.impls
+               if impl in t_mla and impl in t_tpla}
     result = {"device": jax.devices()[0].device_kind, "n_devices": len(jax.devices()),
               "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": b, "context": t,
               "heads": h, "rows": rows, "tpla_speedup": speedup}

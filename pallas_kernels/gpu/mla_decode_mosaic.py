@@ -1,0 +1,491 @@
+"""Absorbed MLA decode over a paged latent cache for Hopper GPUs (Pallas, Mosaic GPU, sm90).
+
+Reference: :func:`pallas_kernels.mla_reference.mla_decode_reference` (same arguments). Same API
+as :func:`pallas_kernels.gpu.mla_decode_triton.mla_decode_triton`.
+
+Why a second GPU kernel: with DeepSeek-V3's 128 query heads decode is compute-bound, not
+bandwidth-bound (2 * 128 * (576 + 512) FLOPs per cached token of 1152 bytes, 242 FLOP/byte,
+near the H100's ridge), and the Triton-lowered kernel runs QK^T, softmax and PV of one program
+back to back at ~35% of the tensor cores. Here the heads are the wgmma M dimension and the work
+of one 64-head tile is split over two consumer warpgroups so the tensor cores have a matmul to
+run while the softmax is computed (the FlashMLA split, written for Pallas Mosaic GPU):
+
+- One CTA = one (sequence, KV split, block of 64 heads) item; three warpgroups. Items are
+  ordered heads-fastest, so the CTAs of the head blocks of one sequence run together and read
+  its pages from L2 once.
+- Producer (warpgroup 2): walks the sequence's page-table slice and TMA-copies each page
+  ``cache[page_id]`` ([page = 64 tokens, Dc + Dr]) into a ring of ``num_stages`` shared-memory
+  slots; a slot is refilled once both consumers released it.
+- Consumer 0 (warpgroup 0): S = Q K^T over all Dc + Dr dims (wgmma, both operands in shared
+  memory), online softmax in base 2 with float32 statistics, then hands P (bf16, through shared
+  memory) and the rescale factor alpha to consumer 1, and accumulates O[:, :Dc/2] += P V_lo.
+- Consumer 1 (warpgroup 1): for each page waits for P and alpha, rescales and accumulates
+  O[:, Dc/2:] += P V_hi (V = the latent part of the same cached page).
+  Splitting O by columns keeps each accumulator at 64 x 256 float32 (128 registers per thread;
+  64 x 512 would not fit), and consumer 1's PV runs while consumer 0 computes the next softmax.
+- ``schedule="seesaw"`` instead balances the matmuls: the consumers take turns computing QK^T
+  and the softmax of a page (the owner publishes P, alpha and the running max in shared
+  memory), and both accumulate their column half of every page's PV. It needs a ring of >= 3
+  pages to keep the turn-taking fed, which fits only for narrower latents (TPLA shards,
+  Dc = 256: 4 stages); ``"auto"`` picks it there.
+- Only a sequence's last page can be partial: it alone gets the key-length mask (seesaw: all
+  pages, one select per score). A split with no pages writes out 0 and lse -inf; splits are
+  merged by :func:`pallas_kernels.mla_reference.combine_splits` (a small XLA reduction).
+- Epilogue: the two halves of ``out = acc / l`` are written through shared memory (aliasing the
+  Q tile and the page ring, free by then) with TMA stores; ``lse = m ln 2 + ln l``.
+
+Measured on an H100 (batch 64 x 32K, docs/performance.md): 96% of copy bandwidth at 16 and 64
+heads (memory-bound), 78-79% at 128 heads (558 TFLOP/s, compute-bound; the Triton kernel: 35%).
+
+Constraints: bf16/f16 cache; page == 64 tokens; Dc a multiple of 128 and Dr a multiple of 64
+(DeepSeek: 512 / 64; TPLA shards: 256 / 64) or zero-padded copies for test dims; the page ring
+must fit shared memory (2 stages at Dc + Dr = 576).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu.block_sparse_mosaic import _MAX_SMEM, _load, _num_sms, _round_up, _smem
+from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_HEADS = 64  # query heads per CTA: the wgmma M of one warpgroup
+PAGE = 64  # tokens per cache page (FlashMLA's page size; one K/V step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """What the consumer warpgroups of one CTA share: refs, the item and static sizes."""
+    q_ref: Any
+    q_smem: Any
+    k_smem: Any
+    o_smem: Any
+    p_smem: Any
+    stats: Any  # f32 [4, 64] shared memory: alpha, m, l of consumer 0, l of consumer 1
+    lse_smem: Any
+    q_bar: Any
+    k_bar: Any
+    free_bar: Any
+    hand: Any  # two hand-over barriers (see each schedule)
+    done: Any  # both consumers finished the loop (2 arrivals)
+    o_ref: Any
+    lse_ref: Any
+    b: Any
+    split: Any
+    h0: Any
+    length: Any
+    first: Any
+    cnt: Any
+    n_full: Any
+    half: int
+    stages: int
+    qk_scale: float
+    dtype: Any
+
+
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per head row of a wgmma tile
+
+
+def _row_full(value: float) -> jax.Array:
+    return plgpu.layout_cast(jnp.full((_HEADS,), value, jnp.float32), _ROW)
+
+
+def _rows(vec: jax.Array, x: jax.Array) -> jax.Array:
+    """Broadcasts a per-row vector [64] over the columns of x [64, n]."""
+    return lax.broadcast_in_dim(vec, x.shape, [0])
+
+
+def _scores(c: _Ctx, slot: Any, t: Any, masked: bool) -> jax.Array:
+    """S = Q K^T for step t (in ring slot ``slot``): [64 heads, PAGE] float32, with keys past
+    the sequence's length at -inf when ``masked``."""
+    def qk(s_ref):
+        plgpu.wgmma(s_ref, c.q_smem, c.k_smem.at[slot].transpose((1, 0)))
+        return s_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((_HEADS, PAGE), jnp.float32))
+    if masked:
+        kpos = (c.first + t) * PAGE + plgpu.broadcasted_iota(
+            jnp.int32, (_HEADS, PAGE), 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(kpos < c.length, s, -jnp.inf)
+    return s
+
+
+def _softmax_step(c: _Ctx, s: jax.Array, m_i: jax.Array, masked: bool):
+    """Online softmax in base 2: (m_new, alpha = 2^(m - m_new), p = 2^(s c - m_new))."""
+    m_new = jnp.maximum(m_i, s.max(axis=1) * c.qk_scale)
+    # Every step holds a valid key, so m_new is finite; the guard is for safety only.
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    return m_new, jnp.exp2(m_i - m_use), jnp.exp2(s * c.qk_scale - _rows(m_use, s))
+
+
+def _pv(c: _Ctx, acc: jax.Array, p: Any, slot: Any, w: int) -> jax.Array:
+    """acc [64, half] += p [64, PAGE] @ V[:, w * half:(w + 1) * half] of ring slot ``slot``
+    (V is the latent part of the cached page); p is a register array or a shared-memory ref."""
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, c.k_smem.at[slot, :, pl.ds(w * c.half, c.half)])
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+
+def _load_q(c: _Ctx) -> None:
+    plgpu.copy_gmem_to_smem(c.q_ref.at[c.b, pl.ds(c.h0, _HEADS)], c.q_smem, c.q_bar)
+
+
+def _store_out(c: _Ctx, w: int, acc: jax.Array, inv_l: jax.Array) -> None:
+    """Writes this consumer's column half of out = acc / l through shared memory."""
+    c.o_smem.at[w][...] = acc * _rows(inv_l, acc)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(c.o_smem.at[w], c.o_ref.at[c.b, c.split, pl.ds(c.h0, _HEADS),
+                                                        pl.ds(w * c.half, c.half)])
+
+
+def _store_lse(c: _Ctx, m_i: jax.Array, l_i: jax.Array) -> None:
+    has = l_i > 0.0
+    c.lse_smem[...] = jnp.where(has, m_i * _LN2 + jnp.log(jnp.where(has, l_i, 1.0)), -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(c.lse_smem, c.lse_ref.at[c.b, c.split, pl.ds(c.h0, _HEADS)])
+
+
+def _inverse(l_i: jax.Array) -> jax.Array:
+    has = l_i > 0.0
+    return jnp.where(has, 1.0 / jnp.where(has, l_i, 1.0), 0.0)
+
+
+def _split_consumers(c: _Ctx, wg: Any) -> None:
+    """schedule="split": consumer 0 computes every QK^T and softmax and hands P and alpha to
+    consumer 1 (hand[0]: P ready, hand[1]: P read); each accumulates its column half of O."""
+    p_ready, p_free = c.hand.at[0], c.hand.at[1]
+    alpha_smem = c.stats.at[0]
+
+    @pl.when(wg == 0)
+    def _softmax_consumer():
+        plgpu.set_max_registers(232, action="increase")
+        _load_q(c)
+        plgpu.barrier_wait(c.q_bar)
+        acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(t, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(t, c.stages)
+            plgpu.barrier_wait(c.k_bar.at[slot])
+            s = _scores(c, slot, t, masked)
+            m_new, alpha, p = _softmax_step(c, s, m_i, masked)
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(c.dtype)
+
+            @pl.when(t > 0)  # consumer 1 is done reading the previous P
+            def _():
+                plgpu.barrier_wait(p_free)
+
+            c.p_smem[...] = p16
+            alpha_smem[...] = alpha
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(p_ready)
+            acc = _pv(c, acc * _rows(alpha, acc), p16, slot, 0)
+            plgpu.barrier_arrive(c.free_bar.at[slot])
+            return acc, m_new, l_i
+
+        carry = (acc, _row_full(-jnp.inf), _row_full(0.0))
+        carry = lax.fori_loop(0, c.n_full, functools.partial(step, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(c.n_full, c.cnt, functools.partial(step, masked=True),
+                                      carry)
+        inv_l = _inverse(l_i)
+
+        # Last hand-over: 1 / l for consumer 1, after it released the last P. By then both
+        # consumers are done with Q and the ring, so the aliased output tiles may be written.
+        @pl.when(c.cnt > 0)
+        def _():
+            plgpu.barrier_wait(p_free)
+
+        alpha_smem[...] = inv_l
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(p_ready)
+        _store_lse(c, m_i, l_i)
+        _store_out(c, 0, acc, inv_l)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _pv_consumer():
+        plgpu.set_max_registers(232, action="increase")
+        acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(t, acc):
+            slot = lax.rem(t, c.stages)
+            plgpu.barrier_wait(c.k_bar.at[slot])
+            plgpu.barrier_wait(p_ready)
+            alpha = _load(alpha_smem, layout=_ROW, optimized=False)
+            acc = _pv(c, acc * _rows(alpha, acc), c.p_smem, slot, 1)
+            plgpu.barrier_arrive(p_free)
+            plgpu.barrier_arrive(c.free_bar.at[slot])
+            return acc
+
+        acc = lax.fori_loop(0, c.cnt, step, acc)
+        plgpu.barrier_wait(p_ready)
+        _store_out(c, 1, acc, _load(alpha_smem, layout=_ROW, optimized=False))
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
+    """schedule="seesaw": consumer w computes QK^T and the softmax of the steps t = w (mod 2)
+    and both accumulate their column half of O for every step, so each does the same matmul
+    work. The owner of step t publishes P_t, alpha_t and the running max m_t in shared memory
+    and arrives on hand[w]; the other consumer waits there, uses them for its half of P_t V_t
+    and continues the softmax chain from m_t with its own step t + 1, whose QK^T it issued
+    before waiting (so the tensor cores are busy while the chain waits). One P buffer
+    suffices: the next writer of P is always the consumer that just finished reading it."""
+    alpha_smem, m_smem = c.stats.at[0], c.stats.at[1]
+
+    def consumer(w: int):
+        plgpu.set_max_registers(232, action="increase")
+        if w == 0:
+            _load_q(c)
+        plgpu.barrier_wait(c.q_bar)
+        mine, theirs = c.hand.at[w], c.hand.at[1 - w]
+
+        def follow(t, acc, l_i):
+            """The other consumer's step t: its P, alpha and m from shared memory."""
+            slot = lax.rem(t, c.stages)
+            plgpu.barrier_wait(c.k_bar.at[slot])
+            plgpu.barrier_wait(theirs)
+            alpha = _load(alpha_smem, layout=_ROW, optimized=False)
+            m_i = _load(m_smem, layout=_ROW, optimized=False)
+            acc = _pv(c, acc * _rows(alpha, acc), c.p_smem, slot, w)
+            plgpu.barrier_arrive(c.free_bar.at[slot])
+            return acc, m_i, l_i * alpha
+
+        def own(j, carry):
+            acc, m_i, l_i = carry
+            t = 2 * j + w
+            slot = lax.rem(t, c.stages)
+            plgpu.barrier_wait(c.k_bar.at[slot])
+            s = _scores(c, slot, t, masked=True)  # cheap: one select per score
+            if w == 1:  # step t - 1 (always exists for consumer 1) came from consumer 0
+                acc, m_i, l_i = follow(t - 1, acc, l_i)
+            else:
+                acc, m_i, l_i = lax.cond(
+                    t > 0, lambda a: follow(t - 1, *a), lambda a: (a[0], m_i, a[1]),
+                    (acc, l_i))
+            m_new, alpha, p = _softmax_step(c, s, m_i, masked=True)
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(c.dtype)
+            c.p_smem[...] = p16
+            alpha_smem[...] = alpha
+            m_smem[...] = m_new
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(mine)
+            acc = _pv(c, acc * _rows(alpha, acc), p16, slot, w)
+            plgpu.barrier_arrive(c.free_bar.at[slot])
+            return acc, m_new, l_i
+
+        acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
+        n_own = jnp.maximum(c.cnt - w + 1, 0) // 2
+        carry = lax.fori_loop(0, n_own, own, (acc, _row_full(-jnp.inf), _row_full(0.0)))
+        last = c.cnt - 1  # a last step owned by the other consumer is still to be followed
+        acc, m_i, l_i = lax.cond((c.cnt > 0) & (lax.rem(last, 2) != w),
+                                 lambda a: follow(last, a[0], a[2]), lambda a: a, carry)
+        # Each consumer summed the row sums of its own steps (rescaled along the whole
+        # chain): l = l_0 + l_1. The barrier also tells both that Q and the ring are free.
+        c.stats.at[2 + w][...] = l_i
+        plgpu.barrier_arrive(c.done)
+        plgpu.barrier_wait(c.done)
+        l_i = l_i + _load(c.stats.at[3 - w], layout=_ROW, optimized=False)
+        if w == 0:
+            _store_lse(c, m_i, l_i)
+        _store_out(c, w, acc, _inverse(l_i))
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.when(wg == 0)(lambda: consumer(0))
+    pl.when(wg == 1)(lambda: consumer(1))
+
+
+def _kernel(q_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int, half: int,
+            stages: int, steps_per_split: int, n_hb: int, n_splits: int, qk_scale: float,
+            dtype: Any, schedule: str):
+    union, p_smem, stats, lse_smem, q_bar, k_bar, free_bar, hand, done = scratch
+    (q_smem, k_smem), o_smem = union
+    wg = lax.axis_index("wg")
+    item = lax.axis_index("x")
+    hb, rest = item % n_hb, item // n_hb
+    split, b = rest % n_splits, rest // n_splits
+    h0 = hb * _HEADS
+    length = len_ref[b]
+    first = split * steps_per_split  # step s = page page_table[b, s] (PAGE tokens)
+    cnt = jnp.clip((length + PAGE - 1) // PAGE - first, 0, steps_per_split)
+    n_full = jnp.clip(length // PAGE - first, 0, cnt)  # steps of this split with no padding
+    ctx = _Ctx(q_ref, q_smem, k_smem, o_smem, p_smem, stats, lse_smem, q_bar, k_bar, free_bar,
+               hand, done, o_ref, lse_ref, b, split, h0, length, first, cnt, n_full, half,
+               stages, qk_scale, dtype)
+    consumers = _split_consumers if schedule == "split" else _seesaw_consumers
+    consumers(ctx, wg)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def issue(t, _):
+            slot = lax.rem(t, stages)
+            page_id = jnp.maximum(pt_ref[b, first + t], 0)
+
+            @pl.when(t >= stages)
+            def _():
+                plgpu.barrier_wait(free_bar.at[slot])
+
+            plgpu.copy_gmem_to_smem(cache_ref.at[page_id], k_smem.at[slot], k_bar.at[slot])
+            return None
+
+        lax.fori_loop(0, cnt, issue, None)
+
+
+def _smem_bytes(dk: int, dc: int, stages: int) -> int:
+    """Shared memory of one CTA (Q tile + page ring, aliased by the f32 output halves; P;
+    softmax statistics; lse; barriers), an estimate: Mosaic checks the exact figure."""
+    ring = 2 * _HEADS * dk * (1 + stages)
+    return max(ring, 4 * _HEADS * dc) + 2 * _HEADS * PAGE + 5 * 4 * _HEADS + 1024
+
+
+def supports(q_latent: jax.Array, cache: jax.Array, num_stages: int = 2) -> bool:
+    """Whether :func:`mla_decode_mosaic` takes these inputs (16-bit cache, page 64, dims that
+    fit shared memory with a ring of ``num_stages`` pages, at least 2); used by
+    ``mla_decode(impl="auto")`` to fall back to Triton."""
+    if cache.dtype not in (jnp.bfloat16, jnp.float16) or cache.ndim != 3 or cache.shape[1] != PAGE:
+        return False
+    dc = _round_up(q_latent.shape[-1], 128)
+    dk = dc + _round_up(cache.shape[-1] - q_latent.shape[-1], 64)
+    return _smem_bytes(dk, dc, num_stages) <= _MAX_SMEM
+
+
+def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -> int:
+    """KV splits per sequence: one CTA per SM at a time (the accumulators fill the register
+    file), so pick the split count whose last wave of CTAs is fullest (at most 4 waves, at
+    least 90% of the SMs busy), as the Triton kernel's large-head rule does."""
+    items = max(1, batch * head_blocks)
+    cap = max(1, min(pages, 64))
+    best, best_eff = 1, -1.0
+    for s in range(1, cap + 1):
+        n = items * s
+        waves = -(-n // num_sms)
+        if waves > 4:
+            break
+        eff = n / (waves * num_sms)
+        if n >= 0.9 * num_sms and eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    if best_eff < 0:  # too few items for one wave even at the cap
+        best = min(-(-num_sms // items), cap)
+    return int(best)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "num_stages",
+                                             "schedule", "no_auto_barriers", "interpret",
+                                             "poison_output"))
+def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
+                      page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
+                      num_splits: int | None = None, num_stages: int | None = None,
+                      schedule: str = "auto", no_auto_barriers: bool = False,
+                      interpret: Any = False, poison_output: bool = False
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Pallas Mosaic GPU `mla_decode`: (out_latent f32 [B, H, Dc], lse f32 [B, H]).
+
+    Args:
+        q_latent: [B, H, Dc]; q_pe: [B, H, Dr]; cache: [num_pages, 64, Dc + Dr] bf16/f16;
+            page_table: int32 [B, P] (slots past a sequence's pages are ignored);
+            lengths: int32 [B], 0 <= lengths <= P * 64.
+        sm_scale: softmax scale (DeepSeek: qk_head_dim^-0.5 * mscale^2).
+        num_splits: KV splits per sequence (default :func:`default_num_splits`).
+        num_stages: shared-memory ring depth (default: the most, up to 4, that fit; 2 pages
+            fit at Dc + Dr = 576, 4 at a TPLA shard's 320).
+        schedule: how the two consumer warpgroups share a 64-head tile: ``"split"`` (consumer
+            0 does every QK^T and softmax, both do PV on their column half), ``"seesaw"``
+            (they alternate QK^T and softmax by page, both do PV on every page; it needs a
+            deep ring: on the H100 4.5% faster with 4 stages at Dc=256, 2.6x slower with 2
+            at Dc=512) or ``"auto"`` (seesaw when the ring holds 4 pages, else split).
+        no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
+            memory accesses with mbarriers and ``commit_smem``).
+        interpret: API parity with the other kernels (the Mosaic GPU interpreter of JAX 0.10
+            cannot run ``run_state``; numerics are checked on a GPU).
+        poison_output: partial outputs start as NaN so unwritten elements show (checks only).
+    Raises:
+        ValueError: unsupported dtype, page size or dims that do not fit shared memory.
+    """
+    b, h, dc, dr, page = check_mla_inputs(q_latent, q_pe, cache, page_table, lengths)
+    if page != PAGE:
+        raise ValueError(f"mla_decode_mosaic needs pages of {PAGE} tokens, got {page}")
+    if cache.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"mla_decode_mosaic needs a bf16/f16 cache, got {cache.dtype}")
+    if schedule not in ("auto", "split", "seesaw"):
+        raise ValueError(f"schedule must be 'auto', 'split' or 'seesaw', got {schedule!r}")
+    # One step = one page: the PV wgmma's K dimension (tokens) must be a multiple of 64 with
+    # the 128-byte swizzle the 576-wide ring needs, so half-page steps are not possible.
+    dc_p, dr_p = _round_up(dc, 128), _round_up(dr, 64)
+    dk = dc_p + dr_p
+    if num_stages is None:
+        num_stages = max([2] + [n for n in (3, 4) if _smem_bytes(dk, dc_p, n) <= _MAX_SMEM])
+    if schedule == "auto":
+        schedule = "seesaw" if num_stages >= 4 else "split"
+    if _smem_bytes(dk, dc_p, num_stages) > _MAX_SMEM:
+        raise ValueError(f"mla_decode_mosaic: Dc={dc}, Dr={dr}, num_stages={num_stages} exceed "
+                         "shared memory")
+    dtype = cache.dtype
+    if (dc_p, dr_p) != (dc, dr):  # test-size dims only: pad a copy of the cache
+        cache = jnp.concatenate([
+            jnp.pad(cache[..., :dc], ((0, 0), (0, 0), (0, dc_p - dc))),
+            jnp.pad(cache[..., dc:], ((0, 0), (0, 0), (0, dr_p - dr)))], axis=-1)
+    h_pad = _round_up(h, _HEADS)
+    q = jnp.concatenate([
+        jnp.pad(q_latent.astype(dtype), ((0, 0), (0, h_pad - h), (0, dc_p - dc))),
+        jnp.pad(q_pe.astype(dtype), ((0, 0), (0, h_pad - h), (0, dr_p - dr)))], axis=-1)
+    n_hb = h_pad // _HEADS
+    p_max = page_table.shape[1]
+    if num_splits is None:
+        num_splits = default_num_splits(b, n_hb, p_max, _num_sms())
+    pps = -(-p_max // num_splits)
+    # The last split may start past the table: pad it so every pt_ref read is in bounds.
+    pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pps * num_splits - p_max)))
+    half = dc_p // 2
+    scratch = [
+        plgpu.RefUnion((_smem((_HEADS, dk), dtype), _smem((num_stages, PAGE, dk), dtype)),
+                       plgpu.SMEM((2, _HEADS, half), jnp.float32)),  # Q + ring | out halves
+        _smem((_HEADS, PAGE), dtype),  # P handed between the consumers
+        plgpu.SMEM((4, _HEADS), jnp.float32),  # alpha, m, l of each consumer
+        plgpu.SMEM((_HEADS,), jnp.float32),  # lse
+        plgpu.Barrier(),  # Q loaded
+        plgpu.Barrier(num_barriers=num_stages),  # page slot loaded
+        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # page slot free
+        plgpu.Barrier(num_barriers=2),  # hand-overs between the consumers (per schedule)
+        plgpu.Barrier(num_arrivals=2),  # both consumers done with Q and the ring
+    ]
+    kernel = functools.partial(
+        _kernel, dk=dk, half=half, stages=num_stages, steps_per_split=pps, n_hb=n_hb,
+        n_splits=num_splits, qk_scale=float(sm_scale) * _LOG2E, dtype=dtype, schedule=schedule)
+    out_type = (jax.ShapeDtypeStruct((b, num_splits, h_pad, dc_p), jnp.float32),
+                jax.ShapeDtypeStruct((b, num_splits, h_pad), jnp.float32))
+    params = plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
+                                  unsafe_no_auto_barriers=no_auto_barriers)
+    grid = dict(grid=(b * num_splits * n_hb,), grid_names=("x",), num_threads=3,
+                thread_name="wg")
+    extra = {} if interpret is False or interpret is None else {"interpret": interpret}
+    args = (q, cache, pt, lengths.astype(jnp.int32))
+    if not poison_output:
+        outs, lses = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch,
+                                  compiler_params=params, **grid, **extra)(*args)
+    else:  # NaN-filled outputs passed as mutable refs: unwritten elements stay NaN
+        o_ref, lse_ref = (jax.new_ref(jnp.full(t.shape, jnp.nan, t.dtype)) for t in out_type)
+
+        def body(*refs):
+            pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
+
+        pl.kernel(body, out_type=(), mesh=plgpu.Mesh(**grid), compiler_params=params,
+                  **extra)(*args, o_ref, lse_ref)
+        outs, lses = o_ref[...], lse_ref[...]
+    out, lse = combine_splits(outs, lses)
+    return out[:, :h, :dc], lse[:, :h]
