@@ -52,6 +52,37 @@ def test_mosaic_kernel_lowers_for_cuda(case):
     assert "mosaic_gpu" in text
 
 
+# Opt-in experiments (timed side by side by scripts/bench_attention.py --impls mosaic_<x>).
+_EXPERIMENTS = [
+    dict(read_only_store_wait=True),
+    dict(read_only_store_wait=True, persistent=True),
+    dict(producer_warp=True),
+    dict(producer_warp=True, named_barriers=True, read_only_store_wait=True),
+    dict(order="tiles"),
+    dict(order="tiles", persistent=True),
+]
+
+
+def _exp_id(kw):
+    return "-".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("kw", _EXPERIMENTS, ids=_exp_id)
+def test_mosaic_experiments_lower_for_cuda(kw, segments):
+    p = random_problem(1, B=2, Sq=300, Sk=333, Hq=4, Hkv=2, Dqk=192 if segments else 128,
+                       Dv=128, block_q=256, block_k=128, segments=segments, q_offset="random",
+                       dtype=jnp.bfloat16)
+    assert "mosaic_gpu" in _lower(p, poison_output=segments, **kw).as_text()
+
+
+def test_mosaic_producer_warp_needs_one_cta_per_tile():
+    p = random_problem(1, B=1, Sq=256, Sk=256, Hq=2, Hkv=1, Dqk=64, Dv=64, block_q=128,
+                       block_k=128, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="producer_warp"):
+        _lower(p, producer_warp=True, persistent=True)
+
+
 def test_mosaic_kernel_rejects_what_it_does_not_take():
     p = random_problem(2, B=1, Sq=128, Sk=128, Hq=2, Hkv=1, Dqk=64, Dv=64, block_q=64,
                        block_k=64, dtype=jnp.bfloat16)
@@ -96,6 +127,23 @@ def test_mosaic_kernel_compiled_matches_numpy(kw):
     q, k, v, lay, off, seg = _args(p)
     out, lse = block_sparse_attention_mosaic(q, k, v, lay, causal=p.causal, q_offset=off,
                                              segment_ids=seg, poison_output=True)
+    assert_close(out, lse, *p.reference(), low_precision=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU needs a Hopper GPU")
+@pytest.mark.parametrize("kw", _EXPERIMENTS, ids=_exp_id)
+@pytest.mark.parametrize("case", [
+    dict(Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128, segments=True),
+    dict(Sq=300, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128, q_offset="chunk", per_kv_head=False),
+    dict(Sq=777, Sk=777, Hq=4, Hkv=4, Dqk=192, Dv=128),
+])
+def test_mosaic_experiments_compiled_match_numpy(kw, case):
+    p = random_problem(int(np.random.default_rng().integers(2**31)), B=2, block_q=128,
+                       block_k=128, dtype=jnp.bfloat16, **case)
+    q, k, v, lay, off, seg = _args(p)
+    out, lse = block_sparse_attention_mosaic(q, k, v, lay, causal=p.causal, q_offset=off,
+                                             segment_ids=seg, poison_output=True, **kw)
     assert_close(out, lse, *p.reference(), low_precision=True)
 
 

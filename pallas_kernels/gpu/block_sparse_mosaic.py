@@ -34,6 +34,12 @@ listed K/V block is copied once per CTA and read by both.
 - Epilogue: ``out = acc / l`` (0 for rows with ``l = 0``), written through shared memory with
   a TMA store; ``lse = m ln 2 + ln l`` (``-inf`` for empty rows).
 
+Opt-in experiments (defaults off; the default kernel is unchanged): ``read_only_store_wait``,
+``producer_warp`` (one TMA-issuing warp, as tokamax) and ``order="tiles"`` (tokamax's grid order);
+timed with ``scripts/bench_attention.py --impls mosaic mosaic_<x>``: within run-to-run noise of
+the default on the H100 (docs/performance.md). FA3's intra-warpgroup overlap (QK^T j + 1 issued
+with PV j, two accumulators live) was tried and removed: 22% slower (register pressure).
+
 Constraints: 16-bit inputs (bf16/f16); ``block_q`` a multiple of 128 (a layout block of 256
 positions is two CTA tiles that share the list); ``block_k`` 64 or 128; head dims are
 zero-padded to multiples of 64; sequences are zero-padded to block multiples (no copy when
@@ -43,6 +49,7 @@ already multiples). Layouts with the column path (``col_idx``) are not supported
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any
 
@@ -93,6 +100,17 @@ def _named_barrier(op: str, bar_id: Any, n_threads: int) -> None:
         _dynamic(bar_id)
 
 
+# ``plgpu.load(ref, idx)``: JAX 0.10 requires the index argument, 0.11 deprecates it (index
+# the ref with ``ref.at[...]`` instead); decided once here from the signature.
+_LOAD_TAKES_IDX = (inspect.signature(plgpu.load).parameters["idx"].default
+                   is inspect.Parameter.empty)
+
+
+def _load(ref: Any, **kw: Any) -> jax.Array:
+    """``plgpu.load`` of a whole (already indexed) ref on JAX 0.10 and 0.11 without warnings."""
+    return plgpu.load(ref, (), **kw) if _LOAD_TAKES_IDX else plgpu.load(ref, **kw)
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -106,7 +124,7 @@ def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
 def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             causal: bool, qk_scale: float, has_seg: bool, n_tiles: int, r: int, G: int,
             Gl: int, Hq: int, B: int, bk: int, seq_k: int, stages: int, dv: int, dtype: Any,
-            n_ctas: int, order: str, named: bool):
+            n_ctas: int, order: str, named: bool, ro_wait: bool = False, producer_warp: bool = False):
     """One CTA; ``n_ctas > 0``: persistent, CTA c takes items c, c + n_ctas, ... (see module)."""
     if has_seg:
         qseg_ref, kseg_ref, o_ref, lse_ref = refs[:4]
@@ -123,6 +141,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
         """Item index -> (q head, batch, tile); tiles counted from the last (longest) one."""
         if order == "heads":  # q heads fastest, then batch, then tiles
             return g % Hq, (g // Hq) % B, n_tiles - 1 - g // (Hq * B)
+        if order == "tiles":  # tokamax's grid: tiles from the first (shortest), then heads
+            return (g // n_tiles) % Hq, g // (n_tiles * Hq), g % n_tiles
         # "groups": the G q heads of a KV head fastest, then tiles, then KV heads, then batch,
         # so the CTAs running at once share the K/V of one KV head in L2 (MHA: one head).
         gi, rest = g % G, g // G
@@ -146,10 +166,12 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             return split(j * n_ctas + slot_in_round(j), n_items)
     else:
         my_items = 1
+        # producer_warp: warp_map bodies may not read grid axes, so read it out here.
+        x_id = lax.axis_index("x") if producer_warp else None
 
         def item_of(j):
             del j
-            return split(lax.axis_index("x"), Hq * B * n_tiles)
+            return split(lax.axis_index("x") if x_id is None else x_id, Hq * B * n_tiles)
 
     def row_of(h, b, tile):
         i = tile // r  # layout query block
@@ -163,7 +185,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
     # With named=True the consumers hand the tensor cores to each other FA3-style: consumer w
     # signals barrier _BAR_TURN + 1 - w after issuing QK^T and waits on _BAR_TURN + w before
     # PV; slot-free signals are bar.arrive (256 consumer threads) / bar.sync (128 producer).
-    n_free = 3 * 128
+    n_free = 2 * 128 + (32 if producer_warp else 128)
 
     def turn_signal():
         _named_barrier("arrive", _BAR_TURN + 1 - wg, 256)
@@ -192,8 +214,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                                     q_bar.at[wg])
             off = off_ref[b]
             if has_seg:
-                qseg = plgpu.load(qseg_ref, (b, pl.ds(q0, _WG_ROWS)), layout=row_layout,
-                                  optimized=False)
+                qseg = _load(qseg_ref.at[b, pl.ds(q0, _WG_ROWS)], layout=row_layout,
+                             optimized=False)
             plgpu.barrier_wait(q_bar.at[wg])
 
             m_i = plgpu.layout_cast(jnp.full((_WG_ROWS,), -jnp.inf, jnp.float32), row_layout)
@@ -217,8 +239,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                     k0 = idx_ref[b, hl, i, t] * bk
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem.at[wg],
-                                plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
                     turn_signal() if named else schedule_barrier()
                     return acc_ref[...]
 
@@ -237,8 +258,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                                                                  layout=plgpu.Layout.WGMMA)
                         ok = ok & (kpos <= qpos)
                     if has_seg:
-                        kseg = plgpu.load(kseg_ref, (b, pl.ds(k0, bk)), layout=col_layout,
-                                          optimized=False)
+                        kseg = _load(kseg_ref.at[b, pl.ds(k0, bk)], layout=col_layout,
+                                     optimized=False)
                         ok = ok & (lax.broadcast_in_dim(qseg, shape, [0])
                                    == lax.broadcast_in_dim(kseg, shape, [1]))
                     s = jnp.where(ok, s, -jnp.inf)
@@ -296,7 +317,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             return base + cnt
 
         lax.fori_loop(0, my_items, item, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0)
+        # ro_wait: only wait until the stores have read shared memory (the CTA may exit while
+        # the writes to global memory are in flight; the next CTA on this SM starts earlier).
+        plgpu.wait_smem_to_gmem(0, wait_read_only=ro_wait)
 
     @pl.when(wg == 2)
     def _producer():
@@ -328,7 +351,37 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             lax.fori_loop(0, cnt, issue, None)
             return base + cnt
 
-        lax.fori_loop(0, my_items, item, jnp.int32(0))
+        if producer_warp:  # one warp issues the copies, the other three exit (as tokamax)
+            # Non-persistent only (one item): the item's row is read before warp_map, whose
+            # bodies can neither read grid axes nor lower integer floor division.
+            h, b, tile = item_of(0)
+            i, hl, cnt, _ = row_of(h, b, tile)
+            hkv = h // G
+
+            @plgpu.warp_map
+            def _per_warp(warp):
+                @pl.when(warp == 0)
+                def _():
+                    def issue(t, _):
+                        slot = lax.rem(t, stages)
+                        rows = (b, pl.ds(idx_ref[b, hl, i, t] * bk, bk), hkv)
+
+                        @pl.when(t >= stages)
+                        def _():
+                            free_wait(0, slot) if named else plgpu.barrier_wait(k_free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+
+                        @pl.when(t >= stages)
+                        def _():
+                            free_wait(1, slot) if named else plgpu.barrier_wait(v_free.at[slot])
+
+                        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+                        return None
+
+                    lax.fori_loop(0, cnt, issue, None)
+        else:
+            lax.fori_loop(0, my_items, item, jnp.int32(0))
 
 
 def is_hopper() -> bool:
@@ -367,7 +420,8 @@ def _smem_bytes(dqk: int, dv: int, bk: int, stages: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "num_stages",
                                               "persistent", "order", "no_auto_barriers",
-                                              "named_barriers", "poison_output"))
+                                              "named_barriers", "poison_output",
+                                              "read_only_store_wait", "producer_warp"))
 def block_sparse_attention_mosaic(
     q: jax.Array,
     k: jax.Array,
@@ -385,6 +439,8 @@ def block_sparse_attention_mosaic(
     no_auto_barriers: bool = True,
     named_barriers: bool = False,
     poison_output: bool = False,
+    read_only_store_wait: bool = False,
+    producer_warp: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU (Hopper) block-sparse attention.
 
@@ -400,14 +456,19 @@ def block_sparse_attention_mosaic(
             tile, which measured faster on an H100 at full density (16K: 3.70 vs 4.15 ms) and
             about equal at 128K densities 5-50% (docs/performance.md).
         order: tile order, ``"groups"`` (the q heads of a KV head, then tiles from the last,
-            then KV heads: CTAs running together share K/V in L2) or ``"heads"`` (all q heads,
-            then tiles from the last).
+            then KV heads: CTAs running together share K/V in L2), ``"heads"`` (all q heads,
+            then tiles from the last) or ``"tiles"`` (tokamax's grid: all tiles of a q head
+            from the first, i.e. shortest causal row, then the next q head; experimental).
         no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
             memory accesses with explicit barriers and ``commit_smem``; 0-1.5% faster).
         named_barriers: hardware named barriers (inline PTX ``bar.arrive``/``bar.sync``) for
             the consumers' turn taking and the slot-free signals instead of mbarriers.
         poison_output: start from NaN-filled outputs so that elements the kernel fails to
             write stay NaN (checks only).
+        read_only_store_wait: (experimental) the final wait for the output TMA stores only
+            waits until they have read shared memory (as tokamax), not for the global writes.
+        producer_warp: (experimental) one warp of the producer warpgroup issues the copies,
+            as tokamax (named slot-free barriers then count 288 threads, not 384).
         Others: see ``block_sparse_attention``.
     Returns:
         ``out [B, Sq, Hq, Dv]`` (``q.dtype``), ``lse [B, Hq, Sq]`` float32.
@@ -417,8 +478,8 @@ def block_sparse_attention_mosaic(
     if getattr(layout, "col_idx", None) is not None:
         raise ValueError("pallas_mosaic does not support layouts with key columns (col_idx) "
                          "yet; use impl='pallas_gpu' or 'xla'")
-    if order not in ("groups", "heads"):
-        raise ValueError(f"order must be 'groups' or 'heads', got {order!r}")
+    if order not in ("groups", "heads", "tiles"):
+        raise ValueError(f"order must be 'groups', 'heads' or 'tiles', got {order!r}")
     d = _prep.check_inputs(q, k, v, layout)
     bq, bk = d.block_q, d.block_k
     if bq % _TILE_Q or bk not in (64, 128):
@@ -463,13 +524,16 @@ def block_sparse_attention_mosaic(
         plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # v slot free
         plgpu.Barrier(num_arrivals=2),  # consumers take turns on the tensor cores
     ]
+    if producer_warp and persistent:
+        raise ValueError("producer_warp=True supports persistent=False only")
     n_items = d.Hq * n_tiles * d.B
     n_ctas = min(_num_sms(), n_items) if persistent else 0
     kernel = functools.partial(
         _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None,
         n_tiles=n_tiles, r=bq // _TILE_Q, G=d.G, Gl=d.Gl, Hq=d.Hq, B=d.B, bk=bk, seq_k=d.Sk,
         stages=num_stages, dv=dv_p, dtype=q.dtype, n_ctas=n_ctas, order=order,
-        named=named_barriers)
+        named=named_barriers, ro_wait=read_only_store_wait,
+        producer_warp=producer_warp)
     extra = {} if interpret is False or interpret is None else {"interpret": interpret}
     out_type = (jax.ShapeDtypeStruct((d.B, sq_pad, d.Hq, dv_p), q.dtype),
                 jax.ShapeDtypeStruct((d.B, d.Hq, sq_pad), jnp.float32))
