@@ -71,6 +71,19 @@ def test_cumulative_keep_matches_bruteforce():
         assert set(np.flatnonzero(keep[r])) == want
 
 
+def test_skewed_slash_sums_equal_the_gather():
+    # Ragged rows, incl. rows shorter than n_last (their missing query rows are zero in p).
+    from jaxprefill.sparse.base import Geometry
+    for b, h, r, s, lens in [(3, 2, 5, 37, (37, 3, 20)), (2, 3, 16, 200, (200, 1))]:
+        geo = Geometry(b, s, h, h, 8, 16, jnp.asarray(lens, jnp.int32))
+        p = np.random.default_rng(s).random((b, h, r, s)).astype(np.float32)
+        pos = np.asarray(lens)[:, None] - r + np.arange(r)[None]
+        ok = (np.arange(s)[None, None] <= pos[:, :, None]) & (pos[:, :, None] >= 0)
+        p = jnp.asarray(np.where(ok[:, None], p, 0.0))
+        np.testing.assert_allclose(est.slash_sums(p, geo, r), est.slash_sums_gather(p, geo, r),
+                                   atol=1e-5)
+
+
 def test_slash_and_vertical_estimators_match_bruteforce():
     rng = np.random.default_rng(1)
     b, s, h, d, block, n_last = 1, 200, 2, 8, 32, 16

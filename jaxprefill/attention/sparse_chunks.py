@@ -13,6 +13,9 @@ other prefill shapes come here:
   layout head (per KV head for `heads="kv"` policies). Static policies (streaming) therefore give
   the chunk exactly the rows of the whole-prompt layout; row-local estimators (xattention) too;
   last-query estimators (minference, flexprefill) estimate from the chunk's last queries.
+  Policies with `rows_exact` compute only those rows (`Policy.build_rows`: an [nq + 1, n]
+  estimate instead of [n, n]) with the same result; the others (pbs, which stays dense here,
+  and any policy without a row path) build the whole truncated prompt.
 * **Prepacked rows**: a row holding a single document that starts at token 0 (right padding,
   segment id 0) gets the policy's layout for that document (`lengths` = its length); a row
   holding several documents (short prompts packed together) stays dense: the structured layout
@@ -91,18 +94,79 @@ def chunk_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
       q_offset: int32 [B]; q_offset + Sq <= Sk.
       q_lengths: int32 [B] valid (non-padding) queries per row, default Sq.
       min_length: rows whose prefix + chunk is shorter get the dense causal layout.
+
+    Policies with a row path (``policy.rows_exact``) estimate only the query-block rows the chunk
+    touches (:func:`chunk_rows_layout`); the others build the whole truncated prompt's layout
+    and keep the chunk's rows (:func:`whole_prefix_layout`). Both give the same layout.
     """
-    b, sq, hq, d = q.shape
-    sk = k.shape[1]
-    blk = policy.block_size
+    if getattr(policy, "rows_exact", False):
+        return chunk_rows_layout(policy, q, k, q_offset, q_lengths, min_length, layer)
+    return whole_prefix_layout(policy, q, k, q_offset, q_lengths, min_length, layer)
+
+
+def chunk_ends(q: jax.Array, q_offset: jax.Array, q_lengths: jax.Array | None) -> jax.Array:
+    """int32 [B]: length of the prompt truncated at the end of each row's chunk."""
+    b, sq = q.shape[:2]
     if q_lengths is None:
         q_lengths = jnp.full((b,), sq, jnp.int32)
-    ends = q_offset + jnp.clip(jnp.asarray(q_lengths, jnp.int32), 1, sq)
+    return q_offset + jnp.clip(jnp.asarray(q_lengths, jnp.int32), 1, sq)
+
+
+def whole_prefix_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
+                        q_lengths: jax.Array | None, min_length: int, layer: int = 0
+                        ) -> BlockSparseLayout:
+    """:func:`chunk_layout` by the policy's whole-prompt build (an [n, n] block estimate for the
+    prompt truncated at the chunk's end, prefix queries zero), then the chunk's rows. The path
+    of policies without ``rows_exact``, and the reference of the row path."""
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    ends = chunk_ends(q, q_offset, q_lengths)
     # Queries at their absolute positions; the prefix's queries are unknown (not cached): zeros.
     q_full = jax.vmap(lambda z, x, o: jax.lax.dynamic_update_slice_in_dim(z, x, o, axis=0))(
         jnp.zeros((b, sk, hq, d), q.dtype), q, q_offset)
     full = policy.build(q_full, k, layer=layer, lengths=ends, min_length=min_length)
     return take_rows(full, q_offset, sq)
+
+
+def chunk_rows_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
+                      q_lengths: jax.Array | None, min_length: int, layer: int = 0
+                      ) -> BlockSparseLayout:
+    """:func:`chunk_layout` from the rows the chunk touches only (``policy.build_rows``).
+
+    The window is the nq + 1 query-block rows from q_offset // block (nq = ceil(Sq / block)):
+    enough for a chunk that starts inside a block (its blocks straddle two rows each). Its
+    queries are those of the whole-prefix path's query tensor (the chunk at its positions,
+    zeros before), so the rows equal that path's. A chunk that starts on a block boundary for
+    every batch row (the engine's case: chunk sizes are multiples of the block) takes rows
+    [0, nq) as they are; otherwise each chunk block takes the union of its two rows, as
+    :func:`take_rows` does. q_offset is traced, so a ``lax.cond`` picks at run time: only the
+    taken branch runs, the estimation before it is shared.
+    """
+    b, sq, hq, d = q.shape
+    blk = policy.block_size
+    nq = -(-sq // blk)
+    row0 = q_offset // blk
+    shift = q_offset - row0 * blk  # [B] in [0, blk): where the chunk starts in its first block
+    width = (nq + 1) * blk
+    # Window token t sits at position row0 * blk + t: the chunk's query t - shift, else zero.
+    padded = jnp.pad(q, ((0, 0), (blk, width - sq), (0, 0), (0, 0)))
+    q_rows = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, blk - s, width, axis=0))(
+        padded, shift)
+    ends = chunk_ends(q, q_offset, q_lengths)
+    rows = policy.build_rows(q_rows, k, row0=row0, layer=layer, lengths=ends,
+                             min_length=min_length)
+    nnz = min(rows.num_kv_blocks, 2 * rows.max_nnz)  # take_rows' list length (a union of 2)
+
+    def aligned(rows: BlockSparseLayout) -> BlockSparseLayout:
+        pad = ((0, 0), (0, 0), (0, 0), (0, nnz - rows.max_nnz))  # repeat the last entry
+        out = BlockSparseLayout(jnp.pad(rows.kv_idx[:, :, :nq], pad, mode="edge"),
+                                rows.kv_cnt[:, :, :nq], blk, blk, rows.num_kv_blocks)
+        if rows.col_idx is None:
+            return out
+        return dataclasses.replace(out, col_idx=rows.col_idx[:, :, :nq],
+                                   col_cnt=rows.col_cnt[:, :, :nq])
+
+    return jax.lax.cond(jnp.all(shift == 0), aligned, lambda r: take_rows(r, shift, sq), rows)
 
 
 def take_rows(full: BlockSparseLayout, q_offset: jax.Array, sq: int) -> BlockSparseLayout:

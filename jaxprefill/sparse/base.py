@@ -19,6 +19,13 @@ applies the rules every policy shares, so no policy can forget them:
 * ``max_nnz`` caps the static list length (memory of the layout); when a row lists more blocks,
   the forced blocks are kept first, then the blocks nearest the diagonal.
 
+**Row-restricted layouts** (:meth:`Policy.build_rows`, chunked prefill): the geometry then holds
+a window of ``nr`` query-block rows ``[row0[b], row0[b] + nr)`` (``Geometry.row0``); ``select``
+returns [B, H, nr, n] and ``finish`` applies the same rules to those rows only, so a chunk pays
+for its own rows instead of the whole prefix's [n, n] block matrix. Queries before the window
+count as zero queries (the prefix queries of a chunk are not cached; the whole-prefix path put
+zeros there too), and the window must reach each row's last valid query.
+
 Everything is jit-able: shapes depend only on static sizes and the policy's static parameters.
 """
 
@@ -47,6 +54,9 @@ class Geometry:
     D: int
     block: int
     lengths: jax.Array  # int32 [B], valid tokens per row (1..S)
+    # Row window (build_rows): query-block rows [row0, row0 + nr) only; None = all n rows.
+    row0: jax.Array | None = None  # int32 [B], first query-block row of the window
+    nr: int = 0  # static number of rows in the window (when row0 is set)
 
     @property
     def G(self) -> int:
@@ -61,22 +71,46 @@ class Geometry:
     def scale(self) -> float:
         return self.D ** -0.5
 
+    @property
+    def nq(self) -> int:
+        """Number of query-block rows computed: n, or nr for a row window."""
+        return self.n if self.row0 is None else self.nr
+
+    def query_rows(self) -> jax.Array:
+        """int32 [1 or B, nq]: the global query-block index of each computed row (rows of a
+        window may reach past n - 1: they lie in the padding and come out empty)."""
+        r = jnp.arange(self.nq, dtype=jnp.int32)[None, :]
+        return r if self.row0 is None else self.row0[:, None] + r
+
+    def query_start(self) -> jax.Array:
+        """int32 [1 or B]: position of the first query of the computed rows (0 or row0*block)."""
+        return jnp.zeros((1,), jnp.int32) if self.row0 is None else self.row0 * self.block
+
+    def query_valid(self) -> jax.Array:
+        """bool [B, nq * block]: query t of the computed rows is a real (not padding) token."""
+        pos = self.query_start()[:, None] + jnp.arange(self.nq * self.block)[None, :]
+        return pos < self.lengths[:, None]
+
     def row_blocks(self) -> jax.Array:
         """int32 [B]: blocks holding at least one valid token of each row."""
         return (self.lengths + self.block - 1) // self.block
 
     def causal(self) -> jax.Array:
-        """bool [B, 1, n, n]: block (i, j) holds a visible valid pair (j <= i, both valid)."""
-        i = jnp.arange(self.n)[:, None]
-        j = jnp.arange(self.n)[None, :]
+        """bool [B, 1, nq, n]: block (i, j) holds a visible valid pair (j <= i, both valid)."""
+        i = self.query_rows()[:, None, :, None]
+        j = jnp.arange(self.n)
         nb = self.row_blocks()[:, None, None, None]
         return ((j <= i) & (i < nb))
 
     def forced(self) -> jax.Array:
-        """bool [1, 1, n, n]: the sink block and the diagonal."""
-        i = jnp.arange(self.n)[:, None]
-        j = jnp.arange(self.n)[None, :]
-        return ((j == 0) | (j == i))[None, None]
+        """bool [1 or B, 1, nq, n]: the sink block and the diagonal."""
+        i = self.query_rows()[:, None, :, None]
+        j = jnp.arange(self.n)
+        return (j == 0) | (j == i)
+
+    def diagonal(self) -> jax.Array:
+        """bool [1 or B, 1, nq, n]: the diagonal block of each computed row."""
+        return self.query_rows()[:, None, :, None] == jnp.arange(self.n)
 
     def valid_tokens(self) -> jax.Array:
         """bool [B, S]: token t of row b is real (not right padding)."""
@@ -87,8 +121,28 @@ def make_geometry(q: jax.Array, k: jax.Array, block: int,
                   lengths: jax.Array | None) -> Geometry:
     if q.ndim != 4 or k.ndim != 4 or q.shape[1] != k.shape[1]:
         raise ValueError(f"sparse prefill needs q [B,S,Hq,D], k [B,S,Hkv,D]: {q.shape}, {k.shape}")
-    B, S, Hq, D = q.shape
-    Hkv = k.shape[2]
+    return _geometry(q.shape, k.shape, block, lengths)
+
+
+def make_row_geometry(q_rows: jax.Array, k: jax.Array, block: int, row0: jax.Array,
+                      lengths: jax.Array | None) -> Geometry:
+    """Geometry of the query-block rows [row0, row0 + nr) of a prefill whose keys are k.
+
+    q_rows [B, Sr, Hq, D]: query t at position row0[b] * block + t; nr = ceil(Sr / block).
+    k [B, S, Hkv, D]: all keys (S sets n). row0: int32 [B] (traced allowed).
+    """
+    if q_rows.ndim != 4 or k.ndim != 4 or q_rows.shape[0] != k.shape[0]:
+        raise ValueError(f"row layouts need q [B,Sr,Hq,D], k [B,S,Hkv,D]: {q_rows.shape}, "
+                         f"{k.shape}")
+    B, _, Hq, D = q_rows.shape
+    geo = _geometry((B, k.shape[1], Hq, D), k.shape, block, lengths)
+    row0 = jnp.broadcast_to(jnp.asarray(row0, jnp.int32).reshape(-1), (B,))
+    return dataclasses.replace(geo, row0=row0, nr=-(-q_rows.shape[1] // int(block)))
+
+
+def _geometry(q_shape: tuple, k_shape: tuple, block: int, lengths: jax.Array | None) -> Geometry:
+    B, S, Hq, D = q_shape
+    Hkv = k_shape[2]
     if Hq % Hkv:
         raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
     if lengths is None:
@@ -108,6 +162,9 @@ class Policy:
     """
 
     name: ClassVar[str] = "base"
+    # True when select (and layout) handle a row window exactly (build_rows == rows of build);
+    # a policy that leaves it False is built over the whole prefix by chunked prefill.
+    rows_exact: ClassVar[bool] = False
     block_size: int = 128
     heads: str = "q"
     max_nnz: int | None = None
@@ -123,7 +180,11 @@ class Policy:
 
     # ------------------------------------------------------------------------------ interface
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        """bool [B, Hq or Hkv, n, n]: blocks the method picks (forced/causal rules added later)."""
+        """bool [B, Hq or Hkv, nq, n]: blocks the method picks (forced/causal rules added later).
+
+        nq = geo.nq: n, or the window's nr rows when ``geo.row0`` is set (then q holds the
+        window's queries, [B, nr * block, Hq, D]: see :meth:`build_rows`).
+        """
         raise NotImplementedError
 
     def build(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
@@ -139,8 +200,36 @@ class Policy:
           BlockSparseLayout [B, Hq or Hkv, n, max_nnz] with block_q = block_k = block_size.
         """
         geo = make_geometry(q, k, self.block_size, lengths)
-        mask = self.select(q, k, geo, layer)
-        return self.finish(mask, geo, min_length)
+        return self.layout(q, k, geo, layer, min_length)
+
+    def build_rows(self, q_rows: jax.Array, k: jax.Array, *, row0: jax.Array, layer: int = 0,
+                   lengths: jax.Array | None = None, min_length: int = 0) -> BlockSparseLayout:
+        """Rows [row0, row0 + nr) of :meth:`build`'s layout, estimated from those rows only.
+
+        Equals ``build(q_full, k, ...)`` restricted to the window, where q_full holds q_rows at
+        positions [row0 * block, ...) and zeros elsewhere (chunked prefill: the prefix queries
+        are not cached), provided the window reaches each row's last valid query
+        (``lengths <= (row0 + nr) * block``). Only for policies with ``rows_exact``.
+
+        Args:
+          q_rows: [B, Sr, Hq, D], query t at position row0[b] * block + t; nr = ceil(Sr / block).
+          k: [B, S, Hkv, D] all keys; row0: int32 [B] first query-block row (traced allowed).
+          layer, lengths, min_length: as in :meth:`build` (lengths count from position 0).
+        Returns:
+          BlockSparseLayout [B, H, nr, max_nnz]; rows past n - 1 are empty.
+        """
+        if not self.rows_exact:
+            raise NotImplementedError(f"{self.name}: no row-restricted layout")
+        nr = -(-q_rows.shape[1] // self.block_size)
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, nr * self.block_size - q_rows.shape[1]),
+                                  (0, 0), (0, 0)))
+        geo = make_row_geometry(q_rows, k, self.block_size, row0, lengths)
+        return self.layout(q_rows, k, geo, layer, min_length)
+
+    def layout(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
+               min_length: int) -> BlockSparseLayout:
+        """select + finish over geo's rows (policies with extra layout parts override this)."""
+        return self.finish(self.select(q, k, geo, layer), geo, min_length)
 
     def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
                    lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:
@@ -154,17 +243,18 @@ class Policy:
 
     # ------------------------------------------------------------------------------- shared
     def finish(self, mask: jax.Array, geo: Geometry, min_length: int) -> BlockSparseLayout:
-        """Applies the shared rules (module docstring) and converts to a layout."""
+        """Applies the shared rules (module docstring) to mask [B, H, nq, n] and converts it to
+        a layout [B, H', nq, cap]. Every rule is row-local, so a row window gets its rows."""
         causal, forced = geo.causal(), geo.forced()
         mask = (mask | forced) & causal
         if min_length > 0:
             short = (geo.lengths < min_length)[:, None, None, None]
             mask = jnp.where(short, causal, mask)
         if self.heads == "kv" and mask.shape[1] == geo.Hq:
-            mask = mask.reshape(geo.B, geo.Hkv, geo.G, geo.n, geo.n).any(axis=2)
+            mask = mask.reshape(geo.B, geo.Hkv, geo.G, geo.nq, geo.n).any(axis=2)
         # Query blocks in the padding: diagonal only (kernels need a non-empty, cheap row).
-        pad_rows = jnp.arange(geo.n)[None, None, :, None] >= geo.row_blocks()[:, None, None, None]
-        mask = jnp.where(pad_rows, jnp.eye(geo.n, dtype=bool)[None, None], mask)
+        pad_rows = geo.query_rows()[:, None, :, None] >= geo.row_blocks()[:, None, None, None]
+        mask = jnp.where(pad_rows, geo.diagonal(), mask)
         cap = geo.n if self.max_nnz is None else min(self.max_nnz, geo.n)
         if cap < geo.n:
             mask = cap_blocks(mask, forced, cap)
@@ -188,8 +278,11 @@ def cap_blocks(mask: jax.Array, forced: jax.Array, cap: int) -> jax.Array:
 
 
 def static_mask(mask, geo: Geometry, heads: int) -> jax.Array:
-    """Broadcasts a bool [n, n] block pattern to [B, heads, n, n]."""
-    return jnp.broadcast_to(jnp.asarray(mask)[None, None], (geo.B, heads, geo.n, geo.n))
+    """Broadcasts a bool [n, n] block pattern to [B, heads, nq, n] (geo's rows)."""
+    rows = jnp.clip(geo.query_rows(), 0, geo.n - 1)  # rows past n - 1 are padding (finish)
+    m = jnp.asarray(mask)[rows]  # [1 or B, nq, n]
+    return jnp.broadcast_to(m[:, None], (geo.B, heads, geo.nq, geo.n))
 
 
-__all__ = ["Geometry", "Policy", "make_geometry", "cap_blocks", "static_mask"]
+__all__ = ["Geometry", "Policy", "make_geometry", "make_row_geometry", "cap_blocks",
+           "static_mask"]

@@ -35,6 +35,7 @@ class Blasst(Policy):
     block_size (128: the kernel tile), heads ("kv": the dense layout is shared by a GQA group)."""
 
     name = "blasst"
+    rows_exact = True  # static dense layout: a window's rows are the rows of the pattern
     heads: str = "kv"
     lam: float | None = None
     calib_a: float = 0.8
@@ -47,7 +48,7 @@ class Blasst(Policy):
             raise ValueError(f"blasst: calib_a must be >= 0, got {self.calib_a}")
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        return jnp.ones((geo.B, geo.Hkv, geo.n, geo.n), bool)  # dense causal (after finish)
+        return jnp.ones((geo.B, geo.Hkv, geo.nq, geo.n), bool)  # dense causal (after finish)
 
     def threshold(self, seq_len: int) -> float:
         """lambda for a prefill of ``seq_len`` tokens (static)."""

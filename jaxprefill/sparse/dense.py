@@ -17,6 +17,7 @@ class Dense(Policy):
     """All causal blocks (density 1.0). Useful as a per-layer-range entry of a SparseConfig."""
 
     name = "dense"
+    rows_exact = True  # static: a window's rows are the rows of the pattern
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        return jnp.ones((geo.B, geo.Hkv, geo.n, geo.n), bool)  # one shared list per KV head
+        return jnp.ones((geo.B, geo.Hkv, geo.nq, geo.n), bool)  # one shared list per KV head

@@ -4,6 +4,12 @@ Shapes: q [B, S, Hq, D], k [B, S, Hkv, D]; GQA is handled by grouped einsums (k 
 repeated to Hq heads). Scores are float32. Per-row lengths come from ``geo.lengths``: padding
 tokens never contribute to a pooled mean, a softmax or a sum, so a row's estimate does not depend
 on the batch it is in.
+
+Row windows (``geo.row0`` set, :meth:`Policy.build_rows`): q is then the window's queries
+[B, nr * block, Hq, D] (query t at position geo.query_start() + t) while k stays [B, S, Hkv, D];
+the query-side helpers (``padded_queries``, ``pool_query_blocks``, ``last_queries``,
+``block_softmax_scores``, ``diagonal_blocks``) work on the window's rows, and queries before the
+window read as zeros (as the whole-prefix chunk path's zero prefix did).
 """
 
 from __future__ import annotations
@@ -46,22 +52,66 @@ def pool_blocks(x: jax.Array, geo: Geometry) -> jax.Array:
     return total / jnp.maximum(cnt, 1.0)[:, :, None, None]
 
 
+def padded_queries(q: jax.Array, geo: Geometry) -> jax.Array:
+    """The computed rows' queries with padding zeroed: [B, nq * block, Hq, D].
+
+    Whole prompt: :func:`padded`. Row window: q is already [B, nr * block, ...]."""
+    if geo.row0 is None:
+        return padded(q, geo)
+    return jnp.where(geo.query_valid()[:, :, None, None], q, 0)
+
+
+def pool_query_blocks(q: jax.Array, geo: Geometry) -> jax.Array:
+    """Mean over each computed query block's valid tokens: float32 [B, nq, H, D]."""
+    if geo.row0 is None:
+        return pool_blocks(q, geo)
+    qv = padded_queries(q, geo).astype(jnp.float32)
+    total = qv.reshape(geo.B, geo.nq, geo.block, *q.shape[2:]).sum(axis=2)
+    cnt = geo.query_valid().reshape(geo.B, geo.nq, geo.block).sum(-1).astype(jnp.float32)
+    return total / jnp.maximum(cnt, 1.0)[:, :, None, None]
+
+
+def last_query_positions(geo: Geometry, n_last: int) -> jax.Array:
+    """int32 [B, n_last]: positions of each row's last n_last queries (negative: missing)."""
+    return geo.lengths[:, None] - n_last + jnp.arange(n_last)[None, :]
+
+
 def last_queries(q: jax.Array, geo: Geometry, n_last: int) -> tuple[jax.Array, jax.Array]:
     """The last ``n_last`` valid queries of each row: ([B, n_last, Hq, D], positions [B, n_last]).
 
     Rows shorter than n_last give negative positions for the missing rows (mask them out).
+    Row window: queries before the window are zeros (the window must reach the row's end).
     """
-    pos = geo.lengths[:, None] - n_last + jnp.arange(n_last)[None, :]
-    idx = jnp.clip(pos, 0, geo.S - 1)
-    return jnp.take_along_axis(q, idx[:, :, None, None], axis=1), pos
+    pos = last_query_positions(geo, n_last)
+    if geo.row0 is None:
+        idx = jnp.clip(pos, 0, geo.S - 1)
+        return jnp.take_along_axis(q, idx[:, :, None, None], axis=1), pos
+    local = pos - geo.query_start()[:, None]
+    inside = (local >= 0) & (local < q.shape[1])
+    ql = jnp.take_along_axis(q, jnp.clip(local, 0, q.shape[1] - 1)[:, :, None, None], axis=1)
+    return jnp.where(inside[:, :, None, None], ql, 0), pos
 
 
 def last_q_probs(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
     """softmax(Q_last K^T / sqrt(D) + causal) of the last n_last queries: float32 [B, Hq, n_last, S].
 
     Keys past each query (causal) or past the row length get probability 0; missing query rows
-    (row shorter than n_last) are all zero.
+    (row shorter than n_last) are all zero. Written as one masked max / exp / sum so XLA fuses
+    it into its consumers (vertical and slash sums) instead of materializing masked copies of
+    the [n_last, S] scores (jax.nn.softmax plus two selects cost 3x more at 128K on an H100).
     """
+    ql, pos = last_queries(q, geo, n_last)
+    s = grouped_logits(ql, k)
+    ok = jnp.arange(geo.S)[None, None, None, :] <= pos[:, None, :, None]  # pos < 0: none
+    s = jnp.where(ok, s * geo.scale, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))  # masked keys: exp(-inf) = 0
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
+
+
+def last_q_probs_softmax(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
+    """:func:`last_q_probs` through jax.nn.softmax (the previous form, kept for comparison)."""
     ql, pos = last_queries(q, geo, n_last)
     s = grouped_logits(ql, k) * geo.scale
     kpos = jnp.arange(geo.S)[None, None, :]
@@ -74,9 +124,25 @@ def last_q_probs(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.
 def slash_sums(p: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
     """Diagonal sums of last-query probabilities: p [B, H, n_last, S] -> [B, H, S] by offset.
 
-    Offset o = query position - key position (0 = the main diagonal).
+    Offset o = query position - key position (0 = the main diagonal). Query r of a row sits at
+    position L - n_last + r (L = the row's length), so s_o = sum_r p[r, L - n_last + r - o].
+    Computed with a skew instead of a gather (a gather of the [n_last, S] probabilities cost
+    milliseconds per call on an H100 at 32K): reversing the keys turns the sum into
+    sum_r rev[r, c0 + o - r] with c0 = S - 1 - L + n_last, and padding each row of rev with
+    n_last zeros then reshaping [R, S + R] -> [R, S + R - 1] shifts row r right by r, so the
+    column sums at c0 + o are s_o. Missing query rows (L < n_last) are zero in p already.
     """
-    _, pos = last_queries(jnp.zeros((geo.B, geo.S, 1, 1)), geo, n_last)
+    b, h, r, s = p.shape
+    rev = jnp.pad(p[..., ::-1], ((0, 0), (0, 0), (0, 0), (0, r)))  # [B, H, R, S + R]
+    skew = rev.reshape(b, h, r * (s + r))[..., : r * (s + r - 1)].reshape(b, h, r, s + r - 1)
+    tot = jnp.pad(skew.sum(axis=2), ((0, 0), (0, 0), (0, s)))  # [B, H, 2S + R - 1]
+    c0 = s - 1 - geo.lengths + r  # [B], >= r - 1 >= 0 since lengths <= S
+    return jax.vmap(lambda t, c: jax.lax.dynamic_slice_in_dim(t, c, s, axis=-1))(tot, c0)
+
+
+def slash_sums_gather(p: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
+    """Gather-based :func:`slash_sums` (the reference of the tests)."""
+    pos = last_query_positions(geo, n_last)
     o = jnp.arange(geo.S)
     kidx = pos[:, :, None] - o[None, None, :]  # [B, n_last, S]: key of offset o in row r
     ok = kidx >= 0
@@ -92,11 +158,15 @@ def block_sum(x: jax.Array, geo: Geometry) -> jax.Array:
 
 
 def diagonal_blocks(sel: jax.Array, geo: Geometry) -> jax.Array:
-    """Block-diagonal offsets -> block mask: sel bool [B, H, n] (offset d = i - j) -> [B, H, n, n]."""
-    i = jnp.arange(geo.n)[:, None]
-    j = jnp.arange(geo.n)[None, :]
+    """Block-diagonal offsets -> block mask: sel bool [B, H, n] (offset d = i - j) -> [B, H, nq, n]
+    over the computed query-block rows i."""
+    i = geo.query_rows()[:, :, None]  # [1 or B, nq, 1]
+    j = jnp.arange(geo.n)[None, None, :]
     d = jnp.clip(i - j, 0, geo.n - 1)
-    return sel[:, :, d] & (j <= i)[None, None]
+    if geo.row0 is None:
+        return sel[:, :, d[0]] & (j <= i)[:, None]
+    hit = jax.vmap(lambda s, dd: s[:, dd])(sel, d)  # per batch row: [H, nr, n]
+    return hit & (j <= i)[:, None]
 
 
 def slash_offsets_to_blocks(sel_tok: jax.Array, geo: Geometry) -> jax.Array:
@@ -174,23 +244,26 @@ def block_softmax_scores(qx: jax.Array, kx: jax.Array, geo: Geometry, r: int,
                          valid_rows: jax.Array, scale: float, pool: str = "sum") -> jax.Array:
     """Row-softmax of qx.kx^T pooled into blocks, computed in chunks of query blocks.
 
-    qx [B, n*r, Hq, Dx], kx [B, n*r, Hkv, Dx]: r rows per block (r = block for exact attention,
-    block/stride for strided or reshaped estimates). Row i sees columns j <= i, both
-    < valid_rows[b] (causal at this granularity). Each softmax row is pooled over its block's
-    r x r cells ("sum" or "max"). Returns float32 [B, Hq, n, n]; the [n*r, n*r] matrix is never
-    materialized whole (at most ~_CHUNK_ELEMS floats live at once).
+    qx [B, nq*r, Hq, Dx] (the computed query-block rows), kx [B, n*r, Hkv, Dx]: r rows per block
+    (r = block for exact attention, block/stride for strided or reshaped estimates). Row i (global
+    index: a window's rows start at row0 * r) sees columns j <= i, both < valid_rows[b] (causal
+    at this granularity). Each softmax row is pooled over its block's r x r cells ("sum" or
+    "max"); rows are independent, so a window's rows equal the whole prompt's. Returns float32
+    [B, Hq, nq, n]; the [nq*r, n*r] matrix is never materialized whole (at most ~_CHUNK_ELEMS
+    floats live at once).
     """
-    m = geo.n * r
-    chunk = max(1, min(geo.n, _CHUNK_ELEMS // max(1, geo.B * geo.Hq * r * m)))
-    n_chunks = -(-geo.n // chunk)
-    qc = jnp.pad(qx, ((0, 0), (0, n_chunks * chunk * r - m), (0, 0), (0, 0)))
+    m, nq = geo.n * r, geo.nq
+    chunk = max(1, min(nq, _CHUNK_ELEMS // max(1, geo.B * geo.Hq * r * m)))
+    n_chunks = -(-nq // chunk)
+    qc = jnp.pad(qx, ((0, 0), (0, n_chunks * chunk * r - nq * r), (0, 0), (0, 0)))
     qc = qc.reshape(geo.B, n_chunks, chunk * r, geo.Hq, qx.shape[-1]).transpose(1, 0, 2, 3, 4)
     col = jnp.arange(m)[None, None, :]
     vr = valid_rows[:, None, None]
+    first = (geo.query_start() // geo.block * r)[:, None, None]  # global index of row 0
 
     def one_chunk(args):
         c, qi = args  # qi [B, chunk*r, Hq, Dx]
-        row = c * chunk * r + jnp.arange(chunk * r)[None, :, None]
+        row = first + c * chunk * r + jnp.arange(chunk * r)[None, :, None]
         ok = ((col <= row) & (col < vr) & (row < vr))[:, None]
         s = jnp.where(ok, grouped_logits(qi, kx) * scale, -jnp.inf)
         p = jnp.where(ok, jax.nn.softmax(s, axis=-1), 0.0)  # [B, Hq, chunk*r, m]
@@ -199,7 +272,7 @@ def block_softmax_scores(qx: jax.Array, kx: jax.Array, geo: Geometry, r: int,
 
     out = jax.lax.map(one_chunk, (jnp.arange(n_chunks), qc))  # [n_chunks, B, Hq, chunk, n]
     out = out.transpose(1, 2, 0, 3, 4).reshape(geo.B, geo.Hq, n_chunks * chunk, geo.n)
-    return out[:, :, : geo.n]
+    return out[:, :, :nq]
 
 
 def padded(x: jax.Array, geo: Geometry) -> jax.Array:
@@ -207,6 +280,8 @@ def padded(x: jax.Array, geo: Geometry) -> jax.Array:
     return jnp.pad(zero_padding(x, geo), ((0, 0), (0, geo.n * geo.block - geo.S), (0, 0), (0, 0)))
 
 
-__all__ = ["block_softmax_scores", "padded", "grouped_logits", "zero_padding", "pool_blocks", "last_queries", "last_q_probs",
-           "slash_sums", "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
+__all__ = ["block_softmax_scores", "padded", "padded_queries", "grouped_logits", "zero_padding",
+           "pool_blocks", "pool_query_blocks", "last_query_positions", "last_queries",
+           "last_q_probs",
+           "last_q_probs_softmax", "slash_sums", "slash_sums_gather", "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
            "cumulative_keep", "cumulative_keep_sort", "topk_mask", "topk_mask_sort"]

@@ -17,6 +17,13 @@ Per query head (block B = block_size, default 128), following the official code:
 Defaults: gamma 0.95 (RULER scripts for Llama-3.1-8B), tau 0.1, min_budget 1024 tokens,
 max_budget None, block 128. gamma >= 1 gives the dense layout. The original asserts batch 1;
 here rows have their own lengths and budgets.
+
+Row windows (chunked prefill, :meth:`Policy.build_rows`): steps 1-5 read the row's last query
+block (the window's end) and are exact; step 6's pooled softmax is row-local but its threshold
+is global over all query blocks. The rows before the window hold zero queries (as in the
+whole-prefix chunk path), so their pooled softmax is uniform, 1/(i+1) over i+1 causal blocks:
+:func:`keep_after_uniform_prefix` adds them to the threshold analytically, without their
+[row0, n] block matrix.
 """
 
 from __future__ import annotations
@@ -56,6 +63,62 @@ def mass_count_sort(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:
     return jnp.sum((jnp.cumsum(srt, axis=-1) <= gamma) & (srt > 0), axis=-1)
 
 
+def uniform_prefix(geo: Geometry) -> tuple[jax.Array, jax.Array]:
+    """The pooled softmax rows before a window (zero queries): (value float32 [1, n] = 1/(i+1),
+    as softmax computes it, and multiplicity float32 [B, n] = i+1 for rows i < row0, else 0)."""
+    i = jnp.arange(geo.n, dtype=jnp.int32)[None, :]
+    value = 1.0 / (i + 1).astype(jnp.float32)
+    count = jnp.where(i < geo.row0[:, None], i + 1, 0).astype(jnp.float32)
+    return value, count
+
+
+def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
+                              value: jax.Array, count: jax.Array) -> jax.Array:
+    """:func:`estimators.cumulative_keep` (no forced entries) of the concatenation [prefix
+    entries; scores], returned for the scores only: bool [B, H, M].
+
+    scores, valid [B, H, M]; the prefix has count[b, i] entries of value[0, i] each (value,
+    count [1 or B, P]), all before the scores in index order (the rows before the window).
+    Same threshold / sort semantics as the whole-prompt call; sums differ in float order only.
+    """
+    if gamma >= 1.0:
+        return valid
+    s = jnp.where(valid, scores, 0.0).astype(jnp.float32)
+    pshape = s.shape[:-1] + (count.shape[-1],)  # [B, H, P]
+    pmass = jnp.broadcast_to((value * count)[:, None, :], pshape)  # prefix row mass (~1 or 0)
+    pv = jnp.broadcast_to(value[:, None, :], pshape)
+    pcount = jnp.broadcast_to(count[:, None, :], pshape)
+    goal = gamma * (jnp.sum(s, axis=-1) + jnp.sum(pmass, axis=-1))  # [B, H]
+    if select.use_sort():
+        # Stable sort of [prefix; scores] by value: ties keep the prefix first (lower index).
+        prio = jnp.concatenate([jnp.where(pcount > 0, pv, -1.0),
+                                jnp.where(valid, s, -1.0)], axis=-1)
+        mass = jnp.concatenate([pmass, s], axis=-1)
+        order = jnp.argsort(-prio, axis=-1, stable=True)
+        sorted_mass = jnp.take_along_axis(mass, order, axis=-1)
+        before = jnp.cumsum(sorted_mass, axis=-1) - sorted_mass
+        keep = jnp.put_along_axis(jnp.zeros(prio.shape, bool), order,
+                                  before < goal[..., None], axis=-1, inplace=False)
+        return keep[..., pshape[-1]:] & valid
+    key, pkey = select.sort_key(s), select.sort_key(pv)
+
+    def prefix_above(u):  # prefix mass with value strictly above u [B, H]
+        return jnp.sum(jnp.where(pkey > u[..., None], pmass, 0.0), axis=-1)
+
+    def cond(u):  # mass strictly above u < goal (as select.cumulative_keep)
+        above = jnp.sum(jnp.where(valid & (key > u[..., None]), s, 0.0), axis=-1)
+        return above + prefix_above(u) < goal
+
+    cut = select._search(cond, s.shape[:-1])
+    gt = valid & (key > cut[..., None])
+    eq = valid & (key == cut[..., None])
+    before = jnp.sum(jnp.where(gt, s, 0.0), axis=-1) + prefix_above(cut)
+    # earlier entries tied at the cut: the prefix's ties, then the scores' own
+    ties = jnp.sum(jnp.where(pkey == cut[..., None], pcount, 0.0), axis=-1)
+    rank = (select.prefix_count(eq) - 1).astype(jnp.float32) + ties[..., None]
+    return gt | (eq & (before[..., None] + s * rank < goal[..., None]))
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class FlexPrefill(Policy):
@@ -63,6 +126,7 @@ class FlexPrefill(Policy):
     (None), block_size (128)."""
 
     name = "flexprefill"
+    rows_exact = True  # see the module docstring (global threshold: uniform prefix rows)
     gamma: float = 0.95
     tau: float = 0.1
     min_budget: int = 1024
@@ -105,11 +169,15 @@ class FlexPrefill(Policy):
         vs = vert_blocks[:, :, None, :] | est.diagonal_blocks(sel_diag, geo)
 
         # Query-aware blocks: global cumulative threshold over the pooled block matrix.
-        qp = est.pool_blocks(q, geo)
-        causal = geo.causal()  # [B, 1, n, n]
+        qp = est.pool_query_blocks(q, geo)
+        causal = geo.causal()  # [B, 1, nq, n]
         s = jnp.where(causal, est.grouped_logits(qp, kp) * geo.scale, -jnp.inf)
-        pb = jnp.where(causal, jax.nn.softmax(s, axis=-1), 0.0)  # [B, Hq, n, n]
+        pb = jnp.where(causal, jax.nn.softmax(s, axis=-1), 0.0)  # [B, Hq, nq, n]
         flat_ok = jnp.broadcast_to(causal, pb.shape).reshape(geo.B, geo.Hq, -1)
-        qa = est.cumulative_keep(pb.reshape(geo.B, geo.Hq, -1), flat_ok, self.gamma)
+        if geo.row0 is None:
+            qa = est.cumulative_keep(pb.reshape(geo.B, geo.Hq, -1), flat_ok, self.gamma)
+        else:  # the rows before the window join the global threshold analytically
+            qa = keep_after_uniform_prefix(pb.reshape(geo.B, geo.Hq, -1), flat_ok, self.gamma,
+                                           *uniform_prefix(geo))
         qa = qa.reshape(pb.shape) & query_aware[:, :, None, None]
         return vs | qa

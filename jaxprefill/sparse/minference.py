@@ -70,6 +70,9 @@ class MInference(Policy):
     None), pattern ("vs": default pattern of unlisted heads), block_size (64)."""
 
     name = "minference"
+    # Row-local: vertical / slash lines come from the row's last queries (the window's end),
+    # block-sparse heads from pooled q of each row, A-shape heads are static.
+    rows_exact = True
     block_size: int = 64
     vertical: int = 1000
     slash: int = 6096
@@ -108,14 +111,14 @@ class MInference(Policy):
 
     def select_with_columns(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
                             columns: bool) -> tuple[jax.Array, jax.Array | None]:
-        """(bool block mask [B, Hq, n, n], vertical key positions int32 [B, Hq, V] or None).
+        """(bool block mask [B, Hq, nq, n], vertical key positions int32 [B, Hq, V] or None).
 
         ``columns``: the vertical lines come back as positions (-1 = unused) instead of being
         rounded up into the block mask.
         """
         pats = self.head_patterns(layer, geo.Hq)
         kinds = {p for p, _, _ in pats}
-        mask = jnp.zeros((geo.B, geo.Hq, geo.n, geo.n), bool)
+        mask = jnp.zeros((geo.B, geo.Hq, geo.nq, geo.n), bool)
         cols = None
         if "vs" in kinds:
             kv = np.array([max(a, self.force_vertical) if p == "vs" else 0 for p, a, _ in pats])
@@ -127,25 +130,32 @@ class MInference(Policy):
             mask = mask | block_topk(q, k, geo, kb)
         if "a" in kinds:
             is_a = np.array([p == "a" for p, _, _ in pats])
+            lead = geo.query_rows().shape[0]  # 1, or B for a row window
             a = jnp.stack([streaming_blocks(geo, s, l) if p == "a" else
-                           jnp.zeros((geo.n, geo.n), bool) for p, s, l in pats])
-            mask = mask | (a[None] & is_a[None, :, None, None])
+                           jnp.zeros((lead, geo.nq, geo.n), bool) for p, s, l in pats], axis=1)
+            mask = mask | (a & is_a[None, :, None, None])  # a [1 or B, Hq, nq, n]
         return mask, cols
 
-    def build(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
-              lengths: jax.Array | None = None, min_length: int = 0) -> BlockSparseLayout:
-        """Layout of :meth:`Policy.build` plus, with ``columns``, the vertical lines as layout
+    def layout(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
+               min_length: int) -> BlockSparseLayout:
+        """Layout of :meth:`Policy.layout` plus, with ``columns``, the vertical lines as layout
         columns (columns inside listed blocks or after a query block's last query dropped)."""
-        geo = make_geometry(q, k, self.block_size, lengths)
         mask, cols = self.select_with_columns(q, k, geo, layer, columns=self.columns)
         layout = self.finish(mask, geo, min_length)
         if cols is None:
             return layout
         if layout.num_heads != geo.Hq:  # heads="kv": union of the group's columns
             cols = cols.reshape(geo.B, geo.Hkv, geo.G * cols.shape[-1])
-        layout = layout.with_columns(cols[:, :, None, :], seq_q=geo.S)
+        if geo.row0 is None:
+            layout = layout.with_columns(cols[:, :, None, :], seq_q=geo.S)
+        else:
+            # Window row r is global row row0 + r: its last query is (row0 + r + 1) * block - 1.
+            # The whole-prompt call clips the last row at S - 1, a no-op here: columns are
+            # valid keys, all < lengths <= S.
+            layout = layout.with_columns(cols[:, :, None, :], seq_q=geo.nq * geo.block,
+                                         q_offset=geo.query_start())
         # Query blocks in the right padding keep just their diagonal (as in finish): no columns.
-        pad = jnp.arange(geo.n)[None, None, :] >= geo.row_blocks()[:, None, None]
+        pad = geo.query_rows()[:, None, :] >= geo.row_blocks()[:, None, None]
         return dataclasses.replace(layout, col_idx=jnp.where(pad[..., None], 0, layout.col_idx),
                                    col_cnt=jnp.where(pad, 0, layout.col_cnt))
 
@@ -158,7 +168,7 @@ class MInference(Policy):
 
     def vertical_slash(self, q, k, geo: Geometry, kv: np.ndarray, ks: np.ndarray,
                        columns: bool = False) -> tuple[jax.Array, jax.Array | None]:
-        """The top kv[h] columns and ks[h] diagonals of each head: (bool [B, Hq, n, n] block
+        """The top kv[h] columns and ks[h] diagonals of each head: (bool [B, Hq, nq, n] block
         mask, None) with the columns rounded up to blocks, or (diagonal blocks only, column
         positions int32 [B, Hq, max(kv)] ascending, -1 = unused) when ``columns``."""
         p = est.last_q_probs(q, k, geo, self.last_q)  # [B, Hq, last_q, S]
@@ -181,8 +191,9 @@ class MInference(Policy):
 
 
 def block_topk(q: jax.Array, k: jax.Array, geo: Geometry, kb: np.ndarray) -> jax.Array:
-    """MInference block-sparse heads: top kb[h] key blocks per query block by pooled Q̂K̂ᵀ."""
-    qp, kp = est.pool_blocks(q, geo), est.pool_blocks(k, geo)  # [B, n, H, D]
-    s = est.grouped_logits(qp, kp)  # [B, Hq, n, n]
+    """MInference block-sparse heads: top kb[h] key blocks per query block by pooled Q̂K̂ᵀ
+    (row-local: bool [B, Hq, nq, n])."""
+    qp, kp = est.pool_query_blocks(q, geo), est.pool_blocks(k, geo)  # [B, nq | n, H, D]
+    s = est.grouped_logits(qp, kp)  # [B, Hq, nq, n]
     valid = geo.causal()
     return est.topk_mask(s, valid, jnp.asarray(kb)[None, :, None])

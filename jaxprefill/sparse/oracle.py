@@ -20,8 +20,8 @@ from jaxprefill.sparse.registry import register
 
 
 def exact_block_mass(q: jax.Array, k: jax.Array, geo: Geometry) -> jax.Array:
-    """float32 [B, Hq, n, n]: dense attention probability summed over each block."""
-    return est.block_softmax_scores(est.padded(q, geo), est.padded(k, geo), geo, geo.block,
+    """float32 [B, Hq, nq, n]: dense attention probability summed over each block (row-local)."""
+    return est.block_softmax_scores(est.padded_queries(q, geo), est.padded(k, geo), geo, geo.block,
                                     geo.lengths, geo.scale)
 
 
@@ -31,6 +31,7 @@ class OracleTopK(Policy):
     """Exact top mass. Params: gamma (0.95), block_size (128)."""
 
     name = "oracle_topk"
+    rows_exact = True  # exact per-row mass, per-row threshold
     gamma: float = 0.95
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:

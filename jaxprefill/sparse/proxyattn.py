@@ -26,12 +26,13 @@ from jaxprefill.sparse.registry import register
 
 
 def proxy_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int) -> jax.Array:
-    """float32 [B, Hkv, n, n]: strided proxy-head attention max-pooled to blocks."""
-    qg = q.astype(jnp.float32).reshape(geo.B, geo.S, geo.Hkv, geo.G, geo.D).mean(axis=3)
-    qs = est.padded(qg, geo)[:, ::stride]  # first token of each stride window
+    """float32 [B, Hkv, nq, n]: strided proxy-head attention max-pooled to blocks (row-local)."""
+    qg = q.astype(jnp.float32).reshape(geo.B, q.shape[1], geo.Hkv, geo.G, geo.D).mean(axis=3)
+    proxy_geo = dataclasses.replace(geo, Hq=geo.Hkv)
+    # first token of each stride window (a window starts on a block, a multiple of stride)
+    qs = est.padded_queries(qg, proxy_geo)[:, ::stride]
     ks = est.padded(k, geo)[:, ::stride]
     valid_rows = (geo.lengths + stride - 1) // stride
-    proxy_geo = dataclasses.replace(geo, Hq=geo.Hkv)
     return est.block_softmax_scores(qs, ks, proxy_geo, geo.block // stride, valid_rows,
                                     geo.scale, pool="max")
 
@@ -42,6 +43,7 @@ class ProxyAttn(Policy):
     """ProxyAttn. Params: gamma (0.95), stride (16), min_blocks (2), block_size (128)."""
 
     name = "proxyattn"
+    rows_exact = True  # proxy scores are row-local; budgets come from the last query block
     gamma: float = 0.95
     stride: int = 16
     min_blocks: int = 2
@@ -53,7 +55,7 @@ class ProxyAttn(Policy):
                              f"stride {self.stride}")
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        a_g = proxy_block_scores(q, k, geo, self.stride)  # [B, Hkv, n, n]
+        a_g = proxy_block_scores(q, k, geo, self.stride)  # [B, Hkv, nq, n]
         a = jnp.repeat(a_g, geo.G, axis=1)  # ranking shared by the group's query heads
         p = est.last_q_probs(q, k, geo, geo.block)  # [B, Hq, block, S]
         mass = est.block_sum(p.sum(axis=2), geo)  # [B, Hq, n]
@@ -61,7 +63,7 @@ class ProxyAttn(Policy):
         blk_ok = jnp.arange(geo.n)[None, None, :] < nb[:, :, None]
         need = est.cumulative_keep(mass, blk_ok, self.gamma).sum(-1)  # [B, Hq]
         ratio = need / nb  # [B, Hq]
-        row_len = jnp.arange(geo.n)[None, None, :] + 1  # causal blocks of query block m
+        row_len = geo.query_rows()[:, None, :] + 1  # causal blocks of query block m
         count = jnp.maximum(self.min_blocks, jnp.ceil(ratio[:, :, None] * row_len)).astype(
             jnp.int32)
         valid = jnp.broadcast_to(geo.causal(), a.shape)

@@ -20,11 +20,12 @@ from jaxprefill.sparse.registry import register
 
 
 def streaming_blocks(geo: Geometry, sink: int, local: int) -> jax.Array:
-    """bool [n, n]: sink blocks plus the local blocks ending at the diagonal."""
+    """bool [1 or B, nq, n]: sink blocks plus the local blocks ending at the diagonal, for the
+    computed query-block rows (all n, or a window's)."""
     sink_b = -(-sink // geo.block)
     local_b = max(1, -(-local // geo.block))
-    i = jnp.arange(geo.n)[:, None]
-    j = jnp.arange(geo.n)[None, :]
+    i = geo.query_rows()[:, :, None]
+    j = jnp.arange(geo.n)[None, None, :]
     return (j < sink_b) | ((j <= i) & (j > i - local_b))
 
 
@@ -37,9 +38,10 @@ class Streaming(Policy):
     """
 
     name = "streaming"
+    rows_exact = True  # static pattern: rows of a window are computed directly
     sink: int = 64
     local: int = 256
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         m = streaming_blocks(geo, self.sink, self.local)
-        return jnp.broadcast_to(m[None, None], (geo.B, geo.Hkv, geo.n, geo.n))
+        return jnp.broadcast_to(m[:, None], (geo.B, geo.Hkv, geo.nq, geo.n))

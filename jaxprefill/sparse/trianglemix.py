@@ -28,6 +28,7 @@ class TriangleMix(Policy):
     block_size (128)."""
 
     name = "trianglemix"
+    rows_exact = True  # static per row (the dense tail depends on lengths only)
     start_layer: int = 16
     n_init: int = 8
     n_local: int = 512
@@ -37,10 +38,10 @@ class TriangleMix(Policy):
         return min(layer, self.start_layer)
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        full = jnp.ones((geo.B, geo.Hkv, geo.n, geo.n), bool)
+        full = jnp.ones((geo.B, geo.Hkv, geo.nq, geo.n), bool)
         if layer < self.start_layer:
             return full
-        tri = streaming_blocks(geo, self.n_init, self.n_local)[None, None]
+        tri = streaming_blocks(geo, self.n_init, self.n_local)[:, None]  # [1 or B, 1, nq, n]
         first_dense = (geo.lengths - self.n_last) // geo.block  # [B] block of the tail's start
-        tail = jnp.arange(geo.n)[None, :] >= first_dense[:, None]  # [B, n]
+        tail = geo.query_rows() >= first_dense[:, None]  # [B, nq]
         return jnp.where(tail[:, None, :, None], full, tri)

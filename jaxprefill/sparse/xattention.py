@@ -28,11 +28,12 @@ from jaxprefill.sparse.registry import register
 
 
 def antidiagonal_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int) -> jax.Array:
-    """float32 [B, Hq, n, n]: XAttention's strided antidiagonal block scores (each valid query
-    block's row sums to block/stride)."""
+    """float32 [B, Hq, nq, n]: XAttention's strided antidiagonal block scores (each valid query
+    block's row sums to block/stride). Row-local: a window computes only its query rows."""
     m = geo.n * geo.block // stride
-    qr = est.padded(q, geo).reshape(geo.B, m, stride, geo.Hq, geo.D)[:, :, ::-1]
-    qr = qr.transpose(0, 1, 3, 2, 4).reshape(geo.B, m, geo.Hq, stride * geo.D)
+    mq = geo.nq * geo.block // stride  # stride groups never straddle a block (block % stride == 0)
+    qr = est.padded_queries(q, geo).reshape(geo.B, mq, stride, geo.Hq, geo.D)[:, :, ::-1]
+    qr = qr.transpose(0, 1, 3, 2, 4).reshape(geo.B, mq, geo.Hq, stride * geo.D)
     kr = est.padded(k, geo).reshape(geo.B, m, stride, geo.Hkv, geo.D).transpose(0, 1, 3, 2, 4)
     kr = kr.reshape(geo.B, m, geo.Hkv, stride * geo.D)
     valid_rows = (geo.lengths + stride - 1) // stride
@@ -46,6 +47,7 @@ class XAttention(Policy):
     """XAttention. Params: threshold (0.9), stride (8), block_size (128)."""
 
     name = "xattention"
+    rows_exact = True  # antidiagonal scores and the per-row threshold are row-local
     threshold: float = 0.9
     stride: int = 8
 

@@ -1,0 +1,166 @@
+"""Row-restricted layouts for chunked prefill: `Policy.build_rows` through
+`sparse_chunks.chunk_layout` equals the whole-prefix path (the policy's layout of the prompt
+truncated at the chunk's end, prefix queries zero, then the chunk's rows), for every policy.
+
+Sizes are small (512 keys, block 64): XLA compile time dominates, so each policy case compiles
+the reference and the row path once (one jit) and runs it for aligned and unaligned offsets.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprefill import sparse
+from jaxprefill.attention import sparse_chunks
+from jaxprefill.sparse.registry import available
+from pallas_kernels import block_sparse_attention
+
+B, SK, SQ, D, BLOCK = 2, 512, 192, 16, 64
+Q_LENGTHS = (187, 101)  # valid queries of each row's chunk (odd: padded last block)
+ALIGNED = (192, 64)  # q_offset per row, on block boundaries (the engine's case)
+UNALIGNED = (200, 37)  # chunks starting inside a block: union of two rows per chunk block
+
+# Static configurations: (heads, Hq, Hkv, max_nnz, min_length). C1: per query head, GQA 3, no
+# cap. C2: per KV head (group union), GQA 4, a cap of 3 blocks, row 1 (165 tokens) below
+# min_length (dense). On random q/k at these sizes minference's >= 50 slash diagonals cover every
+# block diagonal: without a cap its columns all fall in listed blocks and are dropped.
+C1 = ("q", 6, 2, None, 0)
+C2 = ("kv", 4, 1, 3, 300)
+C3 = ("q", 6, 2, 3, 0)  # per query head with a cap: minference's columns survive (see below)
+
+MIXED = "mixed-head-config"  # minference with a per-head vs / bs / a config (written per test)
+
+# (policy, params, config). Every registered policy but pbs must appear (see the test below).
+CASES = [
+    ("dense", {}, C2),
+    ("streaming", {"sink": 64, "local": 128}, C1),
+    ("trianglemix", {"start_layer": 0, "n_init": 8, "n_local": 128, "n_last": 64}, C2),
+    ("blasst", {}, C1),
+    ("xattention", {"threshold": 0.6, "stride": 8}, C1),
+    ("flexprefill", {"gamma": 0.9, "tau": 0.0, "min_budget": 64}, C1),  # vertical-slash heads
+    ("flexprefill", {"gamma": 0.7, "tau": 1.0, "min_budget": 64}, C2),  # query-aware heads
+    ("minference", {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16}, C3),
+    ("minference", {"head_config": MIXED, "force_vertical": 4, "force_slash": 16}, C2),
+    ("proxyattn", {"gamma": 0.8, "stride": 16}, C2),
+    ("oracle_topk", {"gamma": 0.8}, C1),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """These tests compare masks, not speed: XLA's cheaper compile keeps them fast on CPU."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def reference_layout(policy, q, k, q_offset, q_lengths, min_length):
+    """Today's chunk path, kept here verbatim in spirit: the whole truncated prompt's layout
+    (chunk queries at their positions, prefix queries zero), then the chunk's rows."""
+    b, sq, hq, d = q.shape
+    ends = q_offset + q_lengths
+    q_full = jax.vmap(lambda z, x, o: jax.lax.dynamic_update_slice_in_dim(z, x, o, axis=0))(
+        jnp.zeros((b, k.shape[1], hq, d), q.dtype), q, q_offset)
+    full = policy.build(q_full, k, layer=0, lengths=ends, min_length=min_length)
+    return sparse_chunks.take_rows(full, q_offset, sq)
+
+
+def make_policy(name, params, config, tmp_path):
+    heads, hq, _, max_nnz, _ = config
+    params = dict(params)
+    if params.get("head_config") == MIXED:
+        pats = [["vs", 20, 30], ["bs", 2, 0], ["a", 64, 128]]
+        path = tmp_path / "heads.json"
+        path.write_text(json.dumps({"layers": {"0": [pats[h % 3] for h in range(hq)]}}))
+        params["head_config"] = str(path)
+    return sparse.get(name, block_size=BLOCK, heads=heads, max_nnz=max_nnz, **params)
+
+
+def inputs(hq, hkv, seed=0):
+    rng = np.random.default_rng(seed)
+    # scaled: peaked attention, so the estimators really drop blocks
+    q = jnp.asarray(2.0 * rng.standard_normal((B, SQ, hq, D)), jnp.float32)
+    k = jnp.asarray(2.0 * rng.standard_normal((B, SK, hkv, D)), jnp.float32)
+    return q, k
+
+
+def test_every_policy_is_covered():
+    covered = {name for name, _, _ in CASES}
+    missing = set(available()) - covered - {"pbs"}
+    assert not missing, f"add row-path cases for {sorted(missing)}"
+    for name in covered:
+        assert sparse.registry.policy_class(name).rows_exact, name
+    # pbs reorders keys: chunks stay dense for it (maybe_attend returns None), no row path
+    assert not sparse.registry.policy_class("pbs").rows_exact
+
+
+@pytest.mark.parametrize("name,params,config", CASES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
+def test_row_layout_equals_whole_prefix_rows(name, params, config, tmp_path):
+    policy = make_policy(name, params, config, tmp_path)
+    _, hq, hkv, max_nnz, min_length = config
+    q, k = inputs(hq, hkv)
+    lengths = jnp.asarray(Q_LENGTHS, jnp.int32)
+
+    @jax.jit
+    def both(q, k, offset):
+        return (reference_layout(policy, q, k, offset, lengths, min_length),
+                sparse_chunks.chunk_layout(policy, q, k, offset, lengths, min_length, 0))
+
+    for offsets in (ALIGNED, UNALIGNED):
+        want, got = both(q, k, jnp.asarray(offsets, jnp.int32))
+        assert got.num_q_blocks == want.num_q_blocks == -(-SQ // BLOCK)
+        np.testing.assert_array_equal(np.asarray(got.to_block_mask()),
+                                      np.asarray(want.to_block_mask()), err_msg=str(offsets))
+        assert (got.col_idx is None) == (want.col_idx is None)
+        if want.col_idx is not None:
+            np.testing.assert_array_equal(np.asarray(got.column_mask(SK)),
+                                          np.asarray(want.column_mask(SK)), err_msg=str(offsets))
+        if max_nnz is not None:
+            assert int(np.max(np.asarray(got.kv_cnt))) <= 2 * max_nnz  # union of 2 capped rows
+    if name not in ("dense", "blasst"):  # not vacuous: the chunk's rows drop blocks
+        _, got = both(q, k, jnp.asarray(ALIGNED, jnp.int32))
+        listed = np.asarray(got.to_block_mask())
+        fewer = listed.sum() < np.broadcast_to(causal_blocks(ALIGNED), listed.shape).sum()
+        assert fewer
+        if name == "minference":  # and some vertical lines are single columns
+            assert int(np.asarray(got.col_cnt).sum()) > 0
+
+
+def causal_blocks(offsets) -> np.ndarray:
+    """bool [B, 1, nq, n]: causal valid blocks of aligned chunk rows (padding rows: diagonal)."""
+    ends = np.asarray(offsets) + np.asarray(Q_LENGTHS)
+    row = np.asarray(offsets)[:, None, None, None] // BLOCK + np.arange(-(-SQ // BLOCK))[:, None]
+    col = np.arange(SK // BLOCK)
+    valid = row < (ends[:, None, None, None] + BLOCK - 1) // BLOCK
+    return np.where(valid, col <= row, col == row)
+
+
+def test_chunk_attention_equals_whole_prefix_path():
+    """End to end: the chunk's sparse attention (xla block gather, columns included) is the
+    same with the row layout as with the whole-prefix layout."""
+    params = {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16}
+    policy = make_policy("minference", params, C3, None)
+    q, k = inputs(6, 2, seed=1)
+    v = jnp.asarray(np.random.default_rng(2).standard_normal((B, SK, 2, D)), jnp.float32)
+    lengths, offset = jnp.asarray(Q_LENGTHS, jnp.int32), jnp.asarray(ALIGNED, jnp.int32)
+
+    @jax.jit
+    def attend(q, k, v, offset):
+        outs = []
+        for layout in (sparse_chunks.whole_prefix_layout(policy, q, k, offset, lengths, 0, 0),
+                       sparse_chunks.chunk_layout(policy, q, k, offset, lengths, 0, 0)):
+            outs.append(block_sparse_attention(q, k, v, layout, causal=True, sm_scale=D ** -0.5,
+                                               impl="xla", q_offset=offset))
+        return outs + [layout.col_cnt.sum()]
+
+    want, got, n_cols = attend(q, k, v, offset)
+    assert int(n_cols) > 0  # the kernel's column path is exercised
+    valid = np.arange(SQ)[None, :] < np.asarray(Q_LENGTHS)[:, None]  # padding queries: any
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid],
+                               atol=1e-6, rtol=1e-6)
+
