@@ -11,8 +11,15 @@ paper defaults:
   * total / cudnn: (estimation + sparse attention) / cuDNN: < 1 means faster than dense;
   * density: listed / causal blocks.
 Times: median of --iters runs after a warm-up (compile excluded), block_until_ready.
+Sparse attention runs the `auto` GPU kernel (Mosaic on Hopper, Triton for column layouts).
+
+``--chunk C`` times chunked prefill instead (the batch engine's path): the last C-token chunk of
+the prompt against the whole cache view (q_offset = S - C), est = `chunk_layout` (the policy's
+layout rows for the chunk), attn = the kernel over them, anchor = the same kernel over the
+dense causal rows of the chunk (what the engine runs without sparsity).
 
     python scripts/bench_sparse_gpu.py --lengths 32768 131072 --out $OUT/sparse_gpu.md
+    python scripts/bench_sparse_gpu.py --lengths 32768 --chunk 4096 --out $OUT/chunk.md
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxprefill import sparse  # noqa: E402
 from jaxprefill.eval.synthetic_qk import structured_qk  # noqa: E402
 from jaxprefill.sparse.base import make_geometry  # noqa: E402
+from jaxprefill.attention.layouts import structured_layout  # noqa: E402
+from jaxprefill.attention.sparse_chunks import chunk_layout  # noqa: E402
 from pallas_kernels import block_sparse_attention  # noqa: E402
 
 POLICIES = {
@@ -80,7 +89,7 @@ def bench_length(seq: int, names: list[str], iters: int, heads: str,
             policy = sparse.get(name, heads=heads, **POLICIES[label])
             build = jax.jit(lambda q, k: policy.build(q, k, layer=20))
             attn = jax.jit(lambda q, k, v, lay: block_sparse_attention(
-                q, k, v, lay, causal=True, impl="pallas_gpu" if gpu else "xla"))
+                q, k, v, lay, causal=True, impl="auto" if gpu else "xla"))
             est_ms = timeit(lambda: build(q, k), iters)
             layout = build(q, k)
             split = {}
@@ -94,7 +103,7 @@ def bench_length(seq: int, names: list[str], iters: int, heads: str,
                 del m
             if hasattr(policy, "attend"):  # pbs: permutes K/V; attend = estimation + kernel
                 full = jax.jit(lambda q, k, v: policy.attend(
-                    q, k, v, layer=20, impl="pallas_gpu" if gpu else "xla"))
+                    q, k, v, layer=20, impl="auto" if gpu else "xla"))
                 attn_ms = timeit(lambda: full(q, k, v), iters) - est_ms
             else:
                 attn_ms = timeit(lambda: attn(q, k, v, layout), iters)
@@ -110,6 +119,59 @@ def bench_length(seq: int, names: list[str], iters: int, heads: str,
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def bench_chunk(seq: int, chunk: int, names: list[str], iters: int, heads: str) -> list[dict]:
+    """The last chunk of a seq-token prompt (see the module docstring)."""
+    hq, hkv, d = 32, 8, 128
+    q, k = jax.jit(structured_qk, static_argnums=(1, 2, 3, 4, 5))(jax.random.key(0), 1, seq, hq,
+                                                                   hkv, d)
+    v = jax.random.normal(jax.random.key(1), (1, seq, hkv, d), jnp.bfloat16)
+    off = jnp.full((1,), seq - chunk, jnp.int32)
+    qc = q[:, seq - chunk:]
+    impl = "auto" if jax.default_backend() == "gpu" else "xla"
+    attn = jax.jit(lambda q, k, v, lay, off: block_sparse_attention(
+        q, k, v, lay, causal=True, impl=impl, q_offset=off))
+    rows = []
+    for label in names:
+        name = label.split("_s")[0] if label.startswith("xattention_s") else label
+        policy = sparse.get(name, heads=heads, **POLICIES[label])
+        blk = policy.block_size
+        dense = structured_layout(chunk, seq, 1, hkv, block_q=blk, block_k=blk, causal=True,
+                                  q_offset=off, segment_ids=None)
+        dense_ms = timeit(lambda: attn(qc, k, v, dense, off), iters)
+        try:
+            build = jax.jit(lambda q, k, off: chunk_layout(policy, q, k, off, None, 1024, 20))
+            est_ms = timeit(lambda: build(qc, k, off), iters)
+            layout = build(qc, k, off)
+            attn_ms = timeit(lambda: attn(qc, k, v, layout, off), iters)
+            cnt = np.asarray(layout.kv_cnt, np.float64)
+            causal_blocks = np.asarray(dense.kv_cnt, np.float64).sum() / hkv * cnt.shape[1]
+            row = dict(policy=label, seq=seq, chunk=chunk, dense_ms=dense_ms, est_ms=est_ms,
+                       attn_ms=attn_ms, density=cnt.sum() / causal_blocks, block=blk,
+                       columns=getattr(layout, "col_idx", None) is not None,
+                       total_frac=(est_ms + attn_ms) / dense_ms)
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            row = dict(policy=label, seq=seq, chunk=chunk, dense_ms=dense_ms,
+                       error=f"{type(e).__name__}: {e}"[:200])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def chunk_table(rows: list[dict]) -> str:
+    out = ["| policy | S | chunk | block | columns | density | est ms | sparse attn ms | dense "
+           "attn ms | (est + attn) / dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['policy']} | {r['seq']} | {r['chunk']} | error: {r['error']} "
+                       "| | | | | | |")
+            continue
+        out.append(f"| {r['policy']} | {r['seq']} | {r['chunk']} | {r['block']} | "
+                   f"{r['columns']} | {r['density']:.3f} | {r['est_ms']:.2f} | "
+                   f"{r['attn_ms']:.2f} | {r['dense_ms']:.2f} | {r['total_frac']:.2f} |")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -135,13 +197,19 @@ def main() -> int:
     ap.add_argument("--heads", default="q", choices=["q", "kv"])
     ap.add_argument("--breakdown", action="store_true",
                     help="also time policy.select and policy.finish separately")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="time the last chunk of this many tokens (chunked prefill) instead")
     ap.add_argument("--out", default=None, help="markdown table path (a .json beside it)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     rows = []
     for seq in args.lengths:
-        rows += bench_length(seq, args.policies, args.iters, args.heads, args.breakdown)
-    md = f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}\n\n" + table(rows)
+        if args.chunk:
+            rows += bench_chunk(seq, args.chunk, args.policies, args.iters, args.heads)
+        else:
+            rows += bench_length(seq, args.policies, args.iters, args.heads, args.breakdown)
+    md = (f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}\n\n"
+          + (chunk_table(rows) if args.chunk else table(rows)))
     print(md)
     if args.out:
         Path(args.out).write_text(md + "\n")
