@@ -65,7 +65,8 @@ VARIANTS = {  # H -> [(name, kernel kwargs)]; "default" is what mla_decode runs.
 }
 
 MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosaic.py)
-    # (2026-11-23: no_auto_barriers and 2 splits were 3-9% slower at H=128, equal at H=16)
+    # (2026-11-23 H100: no_auto_barriers and 2 splits were 3-9% slower at H=128, equal at H=16;
+    # named-barrier hand-overs 10% slower at H=128; at H=64 1 split 13% slower, 4 splits 2%)
     16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw"))],
     64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw"))],
     128: [("mosaic default", {}),

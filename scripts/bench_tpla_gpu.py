@@ -32,14 +32,18 @@ from pallas_kernels import mla_decode
 PAGE = 64
 
 
-def timed(fn, *args, reps: int = 20) -> float:
+def timed(fn, *args, reps: int = 7, inner: int = 10) -> float:
+    """Median seconds per call; a sample is `inner` back-to-back calls (dispatch overlapped,
+    as in a decode loop), synchronized at its end."""
     for _ in range(3):
         jax.block_until_ready(fn(*args))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t) / inner)
     return float(np.median(ts))
 
 
