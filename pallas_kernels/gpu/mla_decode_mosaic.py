@@ -67,8 +67,8 @@ PAGE = 64  # tokens per cache page (FlashMLA's page size; one K/V step)
 @dataclasses.dataclass(frozen=True)
 class _Ctx:
     """What the consumer warpgroups of one CTA share: refs, the item and static sizes."""
-    q_ref: Any
-    q_smem: Any
+    q_ref: Any  # (q_latent [B, H, Dc], q_pe [B, H, Dr]) in global memory
+    q_smem: Any  # (latent [64, Dc], rope [64, Dr]) shared memory
     k_smem: Any
     o_smem: Any
     p_smem: Any
@@ -109,8 +109,12 @@ def _rows(vec: jax.Array, x: jax.Array) -> jax.Array:
 def _scores(c: _Ctx, slot: Any, t: Any, masked: bool) -> jax.Array:
     """S = Q K^T for step t (in ring slot ``slot``): [64 heads, PAGE] float32, with keys past
     the sequence's length at -inf when ``masked``."""
-    def qk(s_ref):
-        plgpu.wgmma(s_ref, c.q_smem, c.k_smem.at[slot].transpose((1, 0)))
+    def qk(s_ref):  # latent part, then rope part, into one accumulator
+        dc = 2 * c.half
+        k_slot = c.k_smem.at[slot]
+        plgpu.wgmma(s_ref, c.q_smem[0], k_slot.at[:, pl.ds(0, dc)].transpose((1, 0)))
+        plgpu.wgmma(s_ref, c.q_smem[1],
+                    k_slot.at[:, pl.ds(dc, k_slot.shape[1] - dc)].transpose((1, 0)))
         return s_ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((_HEADS, PAGE), jnp.float32))
@@ -139,7 +143,16 @@ def _pv(c: _Ctx, acc: jax.Array, p: Any, slot: Any, w: int) -> jax.Array:
 
 
 def _load_q(c: _Ctx) -> None:
-    plgpu.copy_gmem_to_smem(c.q_ref.at[c.b, pl.ds(c.h0, _HEADS)], c.q_smem, c.q_bar)
+    """TMA of the 64-head query tile: latent and rope parts into their own shared memory (no
+    concatenated copy of the queries in global memory)."""
+    for i in range(2):
+        plgpu.copy_gmem_to_smem(c.q_ref[i].at[c.b, pl.ds(c.h0, _HEADS)], c.q_smem[i],
+                                c.q_bar.at[i])
+
+
+def _wait_q(c: _Ctx) -> None:
+    plgpu.barrier_wait(c.q_bar.at[0])
+    plgpu.barrier_wait(c.q_bar.at[1])
 
 
 def _store_out(c: _Ctx, w: int, acc: jax.Array, inv_l: jax.Array) -> None:
@@ -172,7 +185,7 @@ def _split_consumers(c: _Ctx, wg: Any) -> None:
     def _softmax_consumer():
         plgpu.set_max_registers(232, action="increase")
         _load_q(c)
-        plgpu.barrier_wait(c.q_bar)
+        _wait_q(c)
         acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(t, carry, masked: bool):
@@ -250,7 +263,7 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
         plgpu.set_max_registers(232, action="increase")
         if w == 0:
             _load_q(c)
-        plgpu.barrier_wait(c.q_bar)
+        _wait_q(c)
         mine, theirs = c.hand.at[w], c.hand.at[1 - w]
 
         def follow(t, acc, l_i):
@@ -309,9 +322,9 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
     pl.when(wg == 1)(lambda: consumer(1))
 
 
-def _kernel(q_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int, half: int,
-            stages: int, steps_per_split: int, n_hb: int, n_splits: int, qk_scale: float,
-            dtype: Any, schedule: str):
+def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int,
+            half: int, stages: int, steps_per_split: int, n_hb: int, n_splits: int,
+            qk_scale: float, dtype: Any, schedule: str):
     union, p_smem, stats, lse_smem, q_bar, k_bar, free_bar, hand, done = scratch
     (q_smem, k_smem), o_smem = union
     wg = lax.axis_index("wg")
@@ -323,9 +336,9 @@ def _kernel(q_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int
     first = split * steps_per_split  # step s = page page_table[b, s] (PAGE tokens)
     cnt = jnp.clip((length + PAGE - 1) // PAGE - first, 0, steps_per_split)
     n_full = jnp.clip(length // PAGE - first, 0, cnt)  # steps of this split with no padding
-    ctx = _Ctx(q_ref, q_smem, k_smem, o_smem, p_smem, stats, lse_smem, q_bar, k_bar, free_bar,
-               hand, done, o_ref, lse_ref, b, split, h0, length, first, cnt, n_full, half,
-               stages, qk_scale, dtype)
+    ctx = _Ctx((ql_ref, qp_ref), q_smem, k_smem, o_smem, p_smem, stats, lse_smem, q_bar, k_bar,
+               free_bar, hand, done, o_ref, lse_ref, b, split, h0, length, first, cnt, n_full,
+               half, stages, qk_scale, dtype)
     consumers = _split_consumers if schedule == "split" else _seesaw_consumers
     consumers(ctx, wg)
 
@@ -441,9 +454,9 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             jnp.pad(cache[..., :dc], ((0, 0), (0, 0), (0, dc_p - dc))),
             jnp.pad(cache[..., dc:], ((0, 0), (0, 0), (0, dr_p - dr)))], axis=-1)
     h_pad = _round_up(h, _HEADS)
-    q = jnp.concatenate([
-        jnp.pad(q_latent.astype(dtype), ((0, 0), (0, h_pad - h), (0, dc_p - dc))),
-        jnp.pad(q_pe.astype(dtype), ((0, 0), (0, h_pad - h), (0, dr_p - dr)))], axis=-1)
+    # (no copies when the dtype, head count and dims already fit: DeepSeek's 128 heads)
+    q_lat = jnp.pad(q_latent.astype(dtype), ((0, 0), (0, h_pad - h), (0, dc_p - dc)))
+    q_pe = jnp.pad(q_pe.astype(dtype), ((0, 0), (0, h_pad - h), (0, dr_p - dr)))
     n_hb = h_pad // _HEADS
     p_max = page_table.shape[1]
     if num_splits is None:
@@ -453,12 +466,13 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pps * num_splits - p_max)))
     half = dc_p // 2
     scratch = [
-        plgpu.RefUnion((_smem((_HEADS, dk), dtype), _smem((num_stages, PAGE, dk), dtype)),
+        plgpu.RefUnion(((_smem((_HEADS, dc_p), dtype), _smem((_HEADS, dr_p), dtype)),
+                        _smem((num_stages, PAGE, dk), dtype)),
                        plgpu.SMEM((2, _HEADS, half), jnp.float32)),  # Q + ring | out halves
         _smem((_HEADS, PAGE), dtype),  # P handed between the consumers
         plgpu.SMEM((4, _HEADS), jnp.float32),  # alpha, m, l of each consumer
         plgpu.SMEM((_HEADS,), jnp.float32),  # lse
-        plgpu.Barrier(),  # Q loaded
+        plgpu.Barrier(num_barriers=2),  # Q loaded (latent, rope)
         plgpu.Barrier(num_barriers=num_stages),  # page slot loaded
         plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # page slot free
         plgpu.Barrier(num_barriers=2),  # hand-overs between the consumers (per schedule)
@@ -474,7 +488,7 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     grid = dict(grid=(b * num_splits * n_hb,), grid_names=("x",), num_threads=3,
                 thread_name="wg")
     extra = {} if interpret is False or interpret is None else {"interpret": interpret}
-    args = (q, cache, pt, lengths.astype(jnp.int32))
+    args = (q_lat, q_pe, cache, pt, lengths.astype(jnp.int32))
     if not poison_output:
         outs, lses = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch,
                                   compiler_params=params, **grid, **extra)(*args)
@@ -487,5 +501,8 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
         pl.kernel(body, out_type=(), mesh=plgpu.Mesh(**grid), compiler_params=params,
                   **extra)(*args, o_ref, lse_ref)
         outs, lses = o_ref[...], lse_ref[...]
-    out, lse = combine_splits(outs, lses)
+    if num_splits == 1:  # already normalized: skip the merge (a pass over the outputs)
+        out, lse = outs[:, 0], lses[:, 0]
+    else:
+        out, lse = combine_splits(outs, lses)
     return out[:, :h, :dc], lse[:, :h]
