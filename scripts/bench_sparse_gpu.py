@@ -58,7 +58,7 @@ POLICIES = {
 }
 
 
-def timeit(fn, iters: int) -> float:
+def timeit(fn, iters: int = 5) -> float:
     """Median milliseconds of fn() (its outputs are blocked on); one warm-up call first."""
     jax.block_until_ready(fn())
     ts = []

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,15 +24,8 @@ from jaxprefill.eval.synthetic_qk import structured_qk  # noqa: E402
 from jaxprefill.sparse import estimators as est  # noqa: E402
 from jaxprefill.sparse.base import make_geometry  # noqa: E402
 
-
-def timeit(fn, iters: int = 5) -> float:
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sparse_gpu import timeit  # noqa: E402  (median ms of fn(), one warm-up call)
 
 
 def main() -> int:

@@ -325,11 +325,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        def item(j, base):
-            h, b, tile = item_of(j)
-            i, hl, cnt, _ = row_of(h, b, tile)
-            hkv = h // G
-
+        def issue_row(base, b, hl, i, hkv, cnt):
+            """TMA copies of the cnt K/V blocks of layout row (b, hl, i); ring step base + t."""
             def issue(t, _):
                 g = base + t
                 slot = lax.rem(g, stages)
@@ -349,6 +346,11 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                 return None
 
             lax.fori_loop(0, cnt, issue, None)
+
+        def item(j, base):
+            h, b, tile = item_of(j)
+            i, hl, cnt, _ = row_of(h, b, tile)
+            issue_row(base, b, hl, i, h // G, cnt)
             return base + cnt
 
         if producer_warp:  # one warp issues the copies, the other three exit (as tokamax)
@@ -360,26 +362,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
 
             @plgpu.warp_map
             def _per_warp(warp):
-                @pl.when(warp == 0)
-                def _():
-                    def issue(t, _):
-                        slot = lax.rem(t, stages)
-                        rows = (b, pl.ds(idx_ref[b, hl, i, t] * bk, bk), hkv)
-
-                        @pl.when(t >= stages)
-                        def _():
-                            free_wait(0, slot) if named else plgpu.barrier_wait(k_free.at[slot])
-
-                        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-
-                        @pl.when(t >= stages)
-                        def _():
-                            free_wait(1, slot) if named else plgpu.barrier_wait(v_free.at[slot])
-
-                        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-                        return None
-
-                    lax.fori_loop(0, cnt, issue, None)
+                pl.when(warp == 0)(lambda: issue_row(0, b, hl, i, hkv, cnt))
         else:
             lax.fori_loop(0, my_items, item, jnp.int32(0))
 

@@ -56,6 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.block_sparse_mosaic import _MAX_SMEM, _load, _num_sms, _round_up, _smem
+from pallas_kernels.gpu import mla_decode_triton as mla_triton
 from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
 
 _LOG2E = math.log2(math.e)
@@ -380,22 +381,9 @@ def supports(q_latent: jax.Array, cache: jax.Array, num_stages: int = 2) -> bool
 
 def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -> int:
     """KV splits per sequence: one CTA per SM at a time (the accumulators fill the register
-    file), so pick the split count whose last wave of CTAs is fullest (at most 4 waves, at
-    least 90% of the SMs busy), as the Triton kernel's large-head rule does."""
-    items = max(1, batch * head_blocks)
-    cap = max(1, min(pages, 64))
-    best, best_eff = 1, -1.0
-    for s in range(1, cap + 1):
-        n = items * s
-        waves = -(-n // num_sms)
-        if waves > 4:
-            break
-        eff = n / (waves * num_sms)
-        if n >= 0.9 * num_sms and eff > best_eff + 1e-9:
-            best, best_eff = s, eff
-    if best_eff < 0:  # too few items for one wave even at the cap
-        best = min(-(-num_sms // items), cap)
-    return int(best)
+    file), so the Triton kernel's rule for 64-head programs applies: the split count whose last
+    wave of CTAs is fullest (at most 4 waves, at least 90% of the SMs busy)."""
+    return mla_triton.default_num_splits(batch, head_blocks, pages, num_sms, block_h=_HEADS)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "num_stages",
