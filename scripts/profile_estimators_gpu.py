@@ -28,6 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sparse_gpu import timeit  # noqa: E402  (median ms of fn(), one warm-up call)
 
 
+def last_q_probs_softmax(q, k, geo, n_last: int):
+    """The previous form of `estimators.last_q_probs` (jax.nn.softmax plus two selects), kept
+    here to time it against the fused one (18.7 vs 10.6 ms standalone at 128K on an H100)."""
+    ql, pos = est.last_queries(q, geo, n_last)
+    s = est.grouped_logits(ql, k) * geo.scale
+    ok = (jnp.arange(geo.S)[None, None, :] <= pos[:, :, None]) & (pos[:, :, None] >= 0)
+    p = jax.nn.softmax(jnp.where(ok[:, None], s, -jnp.inf), axis=-1)
+    return jnp.where(ok[:, None], p, 0.0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=131072)
@@ -56,13 +66,13 @@ def main() -> int:
                             (p.astype(jnp.bfloat16),)),
         "probs_then_vert": (jax.jit(lambda q, k: est.last_q_probs(q, k, geo, 128).sum(axis=2)),
                             (q, k)),
-        "old_probs": (jax.jit(lambda q, k: est.last_q_probs_softmax(q, k, geo, 128)), (q, k)),
-        "old_probs_then_vert": (jax.jit(lambda q, k: est.last_q_probs_softmax(
+        "old_probs": (jax.jit(lambda q, k: last_q_probs_softmax(q, k, geo, 128)), (q, k)),
+        "old_probs_then_vert": (jax.jit(lambda q, k: last_q_probs_softmax(
             q, k, geo, 128).sum(axis=2)), (q, k)),
         "probs_vert_slash": (jax.jit(lambda q, k: (lambda p: (p.sum(axis=2), est.slash_sums(
             p, geo, 128)))(est.last_q_probs(q, k, geo, 128))), (q, k)),
         "old_probs_vert_slash": (jax.jit(lambda q, k: (lambda p: (p.sum(axis=2), est.slash_sums(
-            p, geo, 128)))(est.last_q_probs_softmax(q, k, geo, 128))), (q, k)),
+            p, geo, 128)))(last_q_probs_softmax(q, k, geo, 128))), (q, k)),
         "logits_only": (jax.jit(lambda q, k: est.grouped_logits(
             est.last_queries(q, geo, 128)[0], k)), (q, k)),
         "pool_blocks_k": (jax.jit(lambda k: est.pool_blocks(k, geo)), (k,)),

@@ -110,17 +110,6 @@ def last_q_probs(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.
     return e / jnp.where(total > 0, total, 1.0)
 
 
-def last_q_probs_softmax(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
-    """:func:`last_q_probs` through jax.nn.softmax (the previous form, kept for comparison)."""
-    ql, pos = last_queries(q, geo, n_last)
-    s = grouped_logits(ql, k) * geo.scale
-    kpos = jnp.arange(geo.S)[None, None, :]
-    ok = (kpos <= pos[:, :, None]) & (pos[:, :, None] >= 0)  # [B, n_last, S]
-    s = jnp.where(ok[:, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.where(ok[:, None], p, 0.0)
-
-
 def slash_sums(p: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
     """Diagonal sums of last-query probabilities: p [B, H, n_last, S] -> [B, H, S] by offset.
 
@@ -282,6 +271,6 @@ def padded(x: jax.Array, geo: Geometry) -> jax.Array:
 
 __all__ = ["block_softmax_scores", "padded", "padded_queries", "grouped_logits", "zero_padding",
            "pool_blocks", "pool_query_blocks", "last_query_positions", "last_queries",
-           "last_q_probs",
-           "last_q_probs_softmax", "slash_sums", "slash_sums_gather", "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
+           "last_q_probs", "slash_sums", "slash_sums_gather", "block_sum", "diagonal_blocks",
+           "slash_offsets_to_blocks", "rank_desc",
            "cumulative_keep", "cumulative_keep_sort", "topk_mask", "topk_mask_sort"]
