@@ -67,11 +67,20 @@ VARIANTS = {  # H -> [(name, kernel kwargs)]; "default" is what mla_decode runs.
 MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosaic.py)
     # (2026-11-23 H100: no_auto_barriers and 2 splits were 3-9% slower at H=128, equal at H=16;
     # named-barrier hand-overs 10% slower at H=128; at H=64 1 split 13% slower, 4 splits 2%)
-    16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw"))],
-    64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw"))],
-    128: [("mosaic default", {}),
+    # pps2 = two pages per pipeline step (fits shared memory for TPLA shards, --dc 256 only)
+    16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic pps2", dict(pages_per_step=2))],
+    32: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic pps2", dict(pages_per_step=2)),
+         ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
+    64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic pps2", dict(pages_per_step=2)),
+         ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
+    128: [("mosaic default", {}),  # clusters of 2 CTAs, multicast page loads
+          ("mosaic no-multicast", dict(multicast=False)),
           ("mosaic seesaw", dict(schedule="seesaw")),
-          ("mosaic seesaw stages2", dict(schedule="seesaw", num_stages=2))],
+          ("mosaic pps2", dict(pages_per_step=2)),
+          ("mosaic pps2 no-multicast", dict(pages_per_step=2, multicast=False))],
 }
 KERNELS = {"triton": (mla_decode_triton, VARIANTS), "mosaic": (mla_decode_mosaic, MOSAIC_VARIANTS)}
 

@@ -70,6 +70,21 @@ MOSAIC_CASES = [
      dict(num_stages=4, schedule="seesaw")),
     ("seesaw_b64_h128_32k", 64, 128, 512, 64, None, 32768, jnp.bfloat16,
      dict(schedule="seesaw")),
+    # 128 heads run as clusters of 2 CTAs with multicast page loads by default; without:
+    ("nomc_h128_ragged", 5, 128, 512, 64, (0, 1, 63, 4097, 8192), 8192, jnp.bfloat16,
+     dict(multicast=False)),
+    ("mc_h256_split3", 3, 256, 512, 64, (5000, 65, 1), 8192, jnp.bfloat16, dict(num_splits=3)),
+    ("mc_seesaw_h128", 4, 128, 512, 64, (0, 1, 4097, 8192), 8192, jnp.bfloat16,
+     dict(schedule="seesaw")),
+    # two pages per step (odd page counts: the second page of the last step is masked)
+    ("pps2_tpla_h128", 5, 128, 256, 64, (1, 64, 65, 3000, 8191), 8192, jnp.bfloat16,
+     dict(pages_per_step=2)),
+    ("pps2_tpla_h32_split3", 4, 32, 256, 64, (0, 129, 3000, 8191), 8192, jnp.bfloat16,
+     dict(pages_per_step=2, num_splits=3)),
+    ("pps2_seesaw_h64", 3, 64, 256, 64, (63, 193, 5000), 8192, jnp.bfloat16,
+     dict(pages_per_step=2, schedule="seesaw")),
+    ("pps2_h16_dims_pad", 3, 16, 100, 8, (1, 127, 2000), 3000, jnp.bfloat16,
+     dict(pages_per_step=2)),
 ]
 KERNELS = {"triton": (mla_decode_triton, CASES), "mosaic": (mla_decode_mosaic, MOSAIC_CASES)}
 

@@ -91,6 +91,7 @@ class _Ctx:
     n_full: Any
     half: int
     stages: int
+    step: int  # tokens per pipeline step (pages_per_step * PAGE)
     qk_scale: float
     dtype: Any
 
@@ -108,8 +109,8 @@ def _rows(vec: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _scores(c: _Ctx, slot: Any, t: Any, masked: bool) -> jax.Array:
-    """S = Q K^T for step t (in ring slot ``slot``): [64 heads, PAGE] float32, with keys past
-    the sequence's length at -inf when ``masked``."""
+    """S = Q K^T for step t (in ring slot ``slot``): [64 heads, step tokens] float32, with keys
+    past the sequence's length at -inf when ``masked``."""
     def qk(s_ref):  # latent part, then rope part, into one accumulator
         dc = 2 * c.half
         k_slot = c.k_smem.at[slot]
@@ -118,10 +119,10 @@ def _scores(c: _Ctx, slot: Any, t: Any, masked: bool) -> jax.Array:
                     k_slot.at[:, pl.ds(dc, k_slot.shape[1] - dc)].transpose((1, 0)))
         return s_ref[...]
 
-    s = pl.run_scoped(qk, plgpu.ACC((_HEADS, PAGE), jnp.float32))
+    s = pl.run_scoped(qk, plgpu.ACC((_HEADS, c.step), jnp.float32))
     if masked:
-        kpos = (c.first + t) * PAGE + plgpu.broadcasted_iota(
-            jnp.int32, (_HEADS, PAGE), 1, layout=plgpu.Layout.WGMMA)
+        kpos = (c.first + t) * c.step + plgpu.broadcasted_iota(
+            jnp.int32, (_HEADS, c.step), 1, layout=plgpu.Layout.WGMMA)
         s = jnp.where(kpos < c.length, s, -jnp.inf)
     return s
 
@@ -135,7 +136,7 @@ def _softmax_step(c: _Ctx, s: jax.Array, m_i: jax.Array, masked: bool):
 
 
 def _pv(c: _Ctx, acc: jax.Array, p: Any, slot: Any, w: int) -> jax.Array:
-    """acc [64, half] += p [64, PAGE] @ V[:, w * half:(w + 1) * half] of ring slot ``slot``
+    """acc [64, half] += p [64, step] @ V[:, w * half:(w + 1) * half] of ring slot ``slot``
     (V is the latent part of the cached page); p is a register array or a shared-memory ref."""
     def pv(acc_ref):
         plgpu.wgmma(acc_ref, p, c.k_smem.at[slot, :, pl.ds(w * c.half, c.half)])
@@ -324,48 +325,68 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
 
 
 def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int,
-            half: int, stages: int, steps_per_split: int, n_hb: int, n_splits: int,
-            qk_scale: float, dtype: Any, schedule: str):
+            half: int, stages: int, steps_per_split: int, pages_per_step: int, n_hb: int,
+            n_splits: int, cluster: int, qk_scale: float, dtype: Any, schedule: str):
     union, p_smem, stats, lse_smem, q_bar, k_bar, free_bar, hand, done = scratch
     (q_smem, k_smem), o_smem = union
     wg = lax.axis_index("wg")
     item = lax.axis_index("x")
-    hb, rest = item % n_hb, item // n_hb
+    if cluster == 1:
+        hb, rest = item % n_hb, item // n_hb
+    else:  # the CTAs of a cluster are adjacent head blocks of one (sequence, split)
+        pairs = n_hb // cluster
+        hb, rest = (item % pairs) * cluster + lax.axis_index("cl"), item // pairs
     split, b = rest % n_splits, rest // n_splits
     h0 = hb * _HEADS
     length = len_ref[b]
-    first = split * steps_per_split  # step s = page page_table[b, s] (PAGE tokens)
-    cnt = jnp.clip((length + PAGE - 1) // PAGE - first, 0, steps_per_split)
-    n_full = jnp.clip(length // PAGE - first, 0, cnt)  # steps of this split with no padding
+    step = pages_per_step * PAGE
+    first = split * steps_per_split  # step s = pages page_table[b, s * pages_per_step + i]
+    cnt = jnp.clip((length + step - 1) // step - first, 0, steps_per_split)
+    n_full = jnp.clip(length // step - first, 0, cnt)  # steps of this split with no padding
     ctx = _Ctx((ql_ref, qp_ref), q_smem, k_smem, o_smem, p_smem, stats, lse_smem, q_bar, k_bar,
                free_bar, hand, done, o_ref, lse_ref, b, split, h0, length, first, cnt, n_full,
-               half, stages, qk_scale, dtype)
+               half, stages, step, qk_scale, dtype)
     consumers = _split_consumers if schedule == "split" else _seesaw_consumers
     consumers(ctx, wg)
 
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
+        n_pages = (length + PAGE - 1) // PAGE
 
         def issue(t, _):
             slot = lax.rem(t, stages)
-            page_id = jnp.maximum(pt_ref[b, first + t], 0)
 
             @pl.when(t >= stages)
             def _():
                 plgpu.barrier_wait(free_bar.at[slot])
 
-            plgpu.copy_gmem_to_smem(cache_ref.at[page_id], k_smem.at[slot], k_bar.at[slot])
+            for i in range(pages_per_step):
+                j = (first + t) * pages_per_step + i  # a page past the sequence: page 0, masked
+                page_id = jnp.where(j < n_pages, jnp.maximum(pt_ref[b, j], 0), 0)
+                dst = k_smem.at[slot, pl.ds(i * PAGE, PAGE)] if pages_per_step > 1 else \
+                    k_smem.at[slot]
+                # cluster: each CTA copies half the page and multicasts it to both CTAs
+                plgpu.copy_gmem_to_smem(cache_ref.at[page_id], dst, k_bar.at[slot],
+                                        collective_axes="cl" if cluster > 1 else None)
             return None
 
         lax.fori_loop(0, cnt, issue, None)
+        if cluster > 1:
+            # The peer CTA arrives on this CTA's slot-free barriers (and this CTA on the
+            # peer's): wait for the last arrivals before the CTA may exit.
+            def drain(t, _):
+                plgpu.barrier_wait(free_bar.at[lax.rem(t, stages)])
+                return None
+
+            lax.fori_loop(jnp.maximum(cnt - stages, 0), cnt, drain, None)
 
 
-def _smem_bytes(dk: int, dc: int, stages: int) -> int:
+def _smem_bytes(dk: int, dc: int, stages: int, step: int = PAGE) -> int:
     """Shared memory of one CTA (Q tile + page ring, aliased by the f32 output halves; P;
     softmax statistics; lse; barriers), an estimate: Mosaic checks the exact figure."""
-    ring = 2 * _HEADS * dk * (1 + stages)
-    return max(ring, 4 * _HEADS * dc) + 2 * _HEADS * PAGE + 5 * 4 * _HEADS + 1024
+    ring = 2 * dk * (_HEADS + stages * step)
+    return max(ring, 4 * _HEADS * dc) + 2 * _HEADS * step + 5 * 4 * _HEADS + 1024
 
 
 def supports(q_latent: jax.Array, cache: jax.Array, num_stages: int = 2) -> bool:
@@ -387,12 +408,13 @@ def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "num_stages",
-                                             "schedule", "no_auto_barriers", "interpret",
-                                             "poison_output"))
+                                             "schedule", "pages_per_step", "multicast",
+                                             "no_auto_barriers", "interpret", "poison_output"))
 def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                       page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
                       num_splits: int | None = None, num_stages: int | None = None,
-                      schedule: str = "auto", no_auto_barriers: bool = False,
+                      schedule: str = "auto", pages_per_step: int = 1,
+                      multicast: bool | None = None, no_auto_barriers: bool = False,
                       interpret: Any = False, poison_output: bool = False
                       ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU `mla_decode`: (out_latent f32 [B, H, Dc], lse f32 [B, H]).
@@ -410,6 +432,11 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             (they alternate QK^T and softmax by page, both do PV on every page; it needs a
             deep ring: on the H100 4.5% faster with 4 stages at Dc=256, 2.6x slower with 2
             at Dc=512) or ``"auto"`` (seesaw when the ring holds 4 pages, else split).
+        pages_per_step: cache pages (64 tokens each) per pipeline step and ring slot: 2 halves
+            the per-step synchronisation (for narrow latents, where a page is little work).
+        multicast: run the head blocks of a sequence as clusters of 2 CTAs that each TMA-load
+            half of every page and multicast it to both (one L2 read per page instead of two).
+            Default: when the head blocks pair up (128 heads).
         no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
             memory accesses with mbarriers and ``commit_smem``).
         interpret: API parity with the other kernels (the Mosaic GPU interpreter of JAX 0.10
@@ -429,13 +456,16 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # the 128-byte swizzle the 576-wide ring needs, so half-page steps are not possible.
     dc_p, dr_p = _round_up(dc, 128), _round_up(dr, 64)
     dk = dc_p + dr_p
+    if pages_per_step not in (1, 2):
+        raise ValueError(f"pages_per_step must be 1 or 2, got {pages_per_step}")
+    step = pages_per_step * PAGE
     if num_stages is None:
-        num_stages = max([2] + [n for n in (3, 4) if _smem_bytes(dk, dc_p, n) <= _MAX_SMEM])
+        num_stages = max([2] + [n for n in (3, 4) if _smem_bytes(dk, dc_p, n, step) <= _MAX_SMEM])
     if schedule == "auto":
-        schedule = "seesaw" if num_stages >= 4 else "split"
-    if _smem_bytes(dk, dc_p, num_stages) > _MAX_SMEM:
-        raise ValueError(f"mla_decode_mosaic: Dc={dc}, Dr={dr}, num_stages={num_stages} exceed "
-                         "shared memory")
+        schedule = "seesaw" if num_stages * pages_per_step >= 4 and pages_per_step == 1 else "split"
+    if _smem_bytes(dk, dc_p, num_stages, step) > _MAX_SMEM:
+        raise ValueError(f"mla_decode_mosaic: Dc={dc}, Dr={dr}, num_stages={num_stages}, "
+                         f"pages_per_step={pages_per_step} exceed shared memory")
     dtype = cache.dtype
     if (dc_p, dr_p) != (dc, dr):  # test-size dims only: pad a copy of the cache
         cache = jnp.concatenate([
@@ -446,35 +476,46 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     q_lat = jnp.pad(q_latent.astype(dtype), ((0, 0), (0, h_pad - h), (0, dc_p - dc)))
     q_pe = jnp.pad(q_pe.astype(dtype), ((0, 0), (0, h_pad - h), (0, dr_p - dr)))
     n_hb = h_pad // _HEADS
+    if multicast is None:
+        multicast = n_hb % 2 == 0
+    if multicast and n_hb % 2:
+        raise ValueError(f"multicast pairs head blocks of 64: {h} heads give {n_hb} blocks")
+    cluster = 2 if multicast else 1
     p_max = page_table.shape[1]
     if num_splits is None:
         num_splits = default_num_splits(b, n_hb, p_max, _num_sms())
-    pps = -(-p_max // num_splits)
+    steps = -(-p_max // pages_per_step)
+    sps = -(-steps // num_splits)  # steps per split
     # The last split may start past the table: pad it so every pt_ref read is in bounds.
-    pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pps * num_splits - p_max)))
+    width = sps * num_splits * pages_per_step
+    pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, width - p_max)))
     half = dc_p // 2
     scratch = [
         plgpu.RefUnion(((_smem((_HEADS, dc_p), dtype), _smem((_HEADS, dr_p), dtype)),
-                        _smem((num_stages, PAGE, dk), dtype)),
+                        _smem((num_stages, step, dk), dtype)),
                        plgpu.SMEM((2, _HEADS, half), jnp.float32)),  # Q + ring | out halves
-        _smem((_HEADS, PAGE), dtype),  # P handed between the consumers
+        _smem((_HEADS, step), dtype),  # P handed between the consumers
         plgpu.SMEM((4, _HEADS), jnp.float32),  # alpha, m, l of each consumer
         plgpu.SMEM((_HEADS,), jnp.float32),  # lse
         plgpu.Barrier(num_barriers=2),  # Q loaded (latent, rope)
-        plgpu.Barrier(num_barriers=num_stages),  # page slot loaded
-        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # page slot free
+        plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=num_stages),  # slot loaded
+        # slot free: both consumers (of both CTAs of a cluster: a multicast writes both)
+        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages) if cluster == 1 else
+        plgpu.ClusterBarrier(collective_axes=("cl",), num_arrivals=2, num_barriers=num_stages),
         plgpu.Barrier(num_barriers=2),  # hand-overs between the consumers (per schedule)
         plgpu.Barrier(num_arrivals=2),  # both consumers done with Q and the ring
     ]
     kernel = functools.partial(
-        _kernel, dk=dk, half=half, stages=num_stages, steps_per_split=pps, n_hb=n_hb,
-        n_splits=num_splits, qk_scale=float(sm_scale) * _LOG2E, dtype=dtype, schedule=schedule)
+        _kernel, dk=dk, half=half, stages=num_stages, steps_per_split=sps,
+        pages_per_step=pages_per_step, n_hb=n_hb, n_splits=num_splits, cluster=cluster, qk_scale=float(sm_scale) * _LOG2E, dtype=dtype, schedule=schedule)
     out_type = (jax.ShapeDtypeStruct((b, num_splits, h_pad, dc_p), jnp.float32),
                 jax.ShapeDtypeStruct((b, num_splits, h_pad), jnp.float32))
     params = plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                   unsafe_no_auto_barriers=no_auto_barriers)
-    grid = dict(grid=(b * num_splits * n_hb,), grid_names=("x",), num_threads=3,
+    grid = dict(grid=(b * num_splits * n_hb // cluster,), grid_names=("x",), num_threads=3,
                 thread_name="wg")
+    if cluster > 1:
+        grid.update(cluster=(cluster,), cluster_names=("cl",))
     extra = {} if interpret is False or interpret is None else {"interpret": interpret}
     args = (q_lat, q_pe, cache, pt, lengths.astype(jnp.int32))
     if not poison_output:
