@@ -85,6 +85,28 @@ MOSAIC_CASES = [
      dict(pages_per_step=2, schedule="seesaw")),
     ("pps2_h16_dims_pad", 3, 16, 100, 8, (1, 127, 2000), 3000, jnp.bfloat16,
      dict(pages_per_step=2)),
+    # schedule="pair": pages in pairs, both consumers do QK^T, P in the ring's rope region
+    ("pair_h128_ragged", 7, 128, 512, 64, (0, 1, 63, 64, 65, 4097, 8192), 8192, jnp.bfloat16,
+     dict(schedule="pair")),
+    ("pair_h128_split5", 3, 128, 512, 64, (5000, 65, 4097), 8192, jnp.bfloat16,
+     dict(schedule="pair", num_splits=5)),
+    ("pair_h128_nomc_f16", 3, 128, 512, 64, (5000, 2, 129), 8192, jnp.float16,
+     dict(schedule="pair", multicast=False)),
+    ("pair_h16_pad_heads", 4, 16, 512, 64, (0, 1, 1000, 97), 1024, jnp.bfloat16,
+     dict(schedule="pair")),
+    ("pair_h5_dims_pad", 5, 5, 100, 8, None, 3000, jnp.bfloat16,
+     dict(schedule="pair", num_splits=7)),
+    ("pair_tpla_dc256", 4, 128, 256, 64, (1, 64, 3000, 8191), 8192, jnp.bfloat16,
+     dict(schedule="pair")),
+    ("pair_h256_split3", 3, 256, 512, 64, (5000, 65, 1), 8192, jnp.bfloat16,
+     dict(schedule="pair", num_splits=3)),
+    ("pair_b64_h128_32k", 64, 128, 512, 64, None, 32768, jnp.bfloat16, dict(schedule="pair")),
+    ("pairearly_h128_ragged", 7, 128, 512, 64, (0, 1, 63, 64, 65, 4097, 8192), 8192,
+     jnp.bfloat16, dict(schedule="pair_early")),
+    ("pairearly_h16_split3", 4, 16, 100, 8, (0, 1, 1000, 3000), 3000, jnp.bfloat16,
+     dict(schedule="pair_early", num_splits=3)),
+    ("pairearly_b64_h128_32k", 64, 128, 512, 64, None, 32768, jnp.bfloat16,
+     dict(schedule="pair_early")),
 ]
 KERNELS = {"triton": (mla_decode_triton, CASES), "mosaic": (mla_decode_mosaic, MOSAIC_CASES)}
 
@@ -113,11 +135,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--impls", nargs="+", default=["triton"], choices=sorted(KERNELS))
+    ap.add_argument("--only", default=None, help="run only cases whose name has this text")
     args = ap.parse_args()
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
     results, ok_all = [], True
     todo = [(kernel, case) for impl in args.impls for kernel, cases in [KERNELS[impl]]
-            for case in cases]
+            for case in cases if args.only is None or args.only in case[0]]
     for i, (kernel, (name, b, h, dc, dr, lengths, max_len, dtype, kw)) in enumerate(todo):
         try:
             inputs = make(100 + i, b, h, dc, dr, lengths, max_len, dtype)
