@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -186,13 +187,21 @@ def pack_latent(c_rot: jax.Array, k_pe: jax.Array, g: int, tcfg: TPLAConfig, eps
 
 def tpla_decode(q_latent: jax.Array, q_pe: jax.Array, pages: jax.Array, page_table: jax.Array,
                 lengths: jax.Array, w_uv: jax.Array, *, mesh: Mesh, tcfg: TPLAConfig,
-                sm_scale: float, impl: str = "auto") -> jax.Array:
+                sm_scale: float, impl: str = "auto", output: str = "replicated",
+                **kernel_kwargs: Any) -> jax.Array:
     """Per-head attention output o [B, H, d_v] (before o_proj), TPLA over `tcfg.axis`.
 
     q_latent [B, H, d_c]: q_nope absorbed with the reparameterized W_UK'; q_pe [B, H, d_r];
     pages [N, page, g*w] from `pack_latent` (sharded over its last axis); w_uv [d_c, H, d_v]
-    (W_UV', sharded over d_c); page_table [B, P]; lengths [B].
+    (W_UV', sharded over d_c); page_table [B, P]; lengths [B]. `kernel_kwargs` go to the
+    `mla_decode` kernel of each shard (e.g. pages_per_step=2 for the Mosaic GPU kernel).
+
+    output: "replicated" (psum: every device gets all heads) or "heads" (reduce-scatter over
+    the head axis: device i gets heads [i H/g, (i+1) H/g), the layout a row-parallel o_proj
+    takes; half the all-reduce's traffic; H must divide by g).
     """
+    if output not in ("replicated", "heads"):
+        raise ValueError(f"output must be 'replicated' or 'heads', got {output!r}")
     g = mesh.shape[tcfg.axis]
     dr = q_pe.shape[-1]
     tau = sm_scale * (g if tcfg.logit_scale == "g" else 1)
@@ -203,12 +212,19 @@ def tpla_decode(q_latent: jax.Array, q_pe: jax.Array, pages: jax.Array, page_tab
         qpe_spec = P()
     ax = tcfg.axis
 
+    if output == "heads" and q_latent.shape[1] % g:
+        raise ValueError(f"output='heads' needs the head count ({q_latent.shape[1]}) to divide "
+                         f"by the {ax} axis size {g}")
+
     @partial(_shard_map, mesh=mesh,
              in_specs=(P(None, None, ax), qpe_spec, P(None, None, ax), P(), P(), P(ax, None, None)),
-             out_specs=P(), check_vma=False)
+             out_specs=P() if output == "replicated" else P(None, ax, None), check_vma=False)
     def body(ql, qp, pg, table, lens, wuv):
-        out_lat, _ = mla_decode(ql, qp, pg, table, lens, tau, impl=impl)  # [B, H, d_c/g]
+        out_lat, _ = mla_decode(ql, qp, pg, table, lens, tau, impl=impl,
+                                **kernel_kwargs)  # [B, H, d_c/g]
         part = jnp.einsum("bhc,chv->bhv", out_lat, wuv.astype(jnp.float32))
+        if output == "heads":
+            return jax.lax.psum_scatter(part, ax, scatter_dimension=1, tiled=True)
         return jax.lax.psum(part, ax)
 
     return body(q_latent, q_pe, pages, page_table, lengths, w_uv)

@@ -69,24 +69,18 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
     # named-barrier hand-overs 10% slower at H=128; at H=64 1 split 13% slower, 4 splits 2%)
     # pps2 = two pages per pipeline step (fits shared memory for TPLA shards, --dc 256 only)
     16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
-         ("mosaic pair", dict(schedule="pair")),
          ("mosaic pps2", dict(pages_per_step=2))],
     32: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
-         ("mosaic pair", dict(schedule="pair")),
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
     64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
-         ("mosaic pair", dict(schedule="pair")),
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
-    128: [("mosaic default", {}),  # clusters of 2 CTAs, multicast page loads
-          ("mosaic pair", dict(schedule="pair")),
-          ("mosaic pair no-multicast", dict(schedule="pair", multicast=False)),
-          ("mosaic pair_early", dict(schedule="pair_early")),
-          ("mosaic no-multicast", dict(multicast=False)),
+    128: [("mosaic default", {}),
+          ("mosaic multicast", dict(multicast=True)),  # clusters of 2 CTAs
           ("mosaic seesaw", dict(schedule="seesaw")),
           ("mosaic pps2", dict(pages_per_step=2)),
-          ("mosaic pps2 no-multicast", dict(pages_per_step=2, multicast=False))],
+          ("mosaic pps2 multicast", dict(pages_per_step=2, multicast=True))],
 }
 KERNELS = {"triton": (mla_decode_triton, VARIANTS), "mosaic": (mla_decode_mosaic, MOSAIC_VARIANTS)}
 

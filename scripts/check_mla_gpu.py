@@ -70,12 +70,13 @@ MOSAIC_CASES = [
      dict(num_stages=4, schedule="seesaw")),
     ("seesaw_b64_h128_32k", 64, 128, 512, 64, None, 32768, jnp.bfloat16,
      dict(schedule="seesaw")),
-    # 128 heads run as clusters of 2 CTAs with multicast page loads by default; without:
-    ("nomc_h128_ragged", 5, 128, 512, 64, (0, 1, 63, 4097, 8192), 8192, jnp.bfloat16,
-     dict(multicast=False)),
-    ("mc_h256_split3", 3, 256, 512, 64, (5000, 65, 1), 8192, jnp.bfloat16, dict(num_splits=3)),
+    # opt-in: clusters of 2 CTAs with multicast page loads
+    ("mc_h128_ragged", 5, 128, 512, 64, (0, 1, 63, 4097, 8192), 8192, jnp.bfloat16,
+     dict(multicast=True)),
+    ("mc_h256_split3", 3, 256, 512, 64, (5000, 65, 1), 8192, jnp.bfloat16,
+     dict(multicast=True, num_splits=3)),
     ("mc_seesaw_h128", 4, 128, 512, 64, (0, 1, 4097, 8192), 8192, jnp.bfloat16,
-     dict(schedule="seesaw")),
+     dict(schedule="seesaw", multicast=True)),
     # two pages per step (odd page counts: the second page of the last step is masked)
     ("pps2_tpla_h128", 5, 128, 256, 64, (1, 64, 65, 3000, 8191), 8192, jnp.bfloat16,
      dict(pages_per_step=2)),
@@ -85,28 +86,6 @@ MOSAIC_CASES = [
      dict(pages_per_step=2, schedule="seesaw")),
     ("pps2_h16_dims_pad", 3, 16, 100, 8, (1, 127, 2000), 3000, jnp.bfloat16,
      dict(pages_per_step=2)),
-    # schedule="pair": pages in pairs, both consumers do QK^T, P in the ring's rope region
-    ("pair_h128_ragged", 7, 128, 512, 64, (0, 1, 63, 64, 65, 4097, 8192), 8192, jnp.bfloat16,
-     dict(schedule="pair")),
-    ("pair_h128_split5", 3, 128, 512, 64, (5000, 65, 4097), 8192, jnp.bfloat16,
-     dict(schedule="pair", num_splits=5)),
-    ("pair_h128_nomc_f16", 3, 128, 512, 64, (5000, 2, 129), 8192, jnp.float16,
-     dict(schedule="pair", multicast=False)),
-    ("pair_h16_pad_heads", 4, 16, 512, 64, (0, 1, 1000, 97), 1024, jnp.bfloat16,
-     dict(schedule="pair")),
-    ("pair_h5_dims_pad", 5, 5, 100, 8, None, 3000, jnp.bfloat16,
-     dict(schedule="pair", num_splits=7)),
-    ("pair_tpla_dc256", 4, 128, 256, 64, (1, 64, 3000, 8191), 8192, jnp.bfloat16,
-     dict(schedule="pair")),
-    ("pair_h256_split3", 3, 256, 512, 64, (5000, 65, 1), 8192, jnp.bfloat16,
-     dict(schedule="pair", num_splits=3)),
-    ("pair_b64_h128_32k", 64, 128, 512, 64, None, 32768, jnp.bfloat16, dict(schedule="pair")),
-    ("pairearly_h128_ragged", 7, 128, 512, 64, (0, 1, 63, 64, 65, 4097, 8192), 8192,
-     jnp.bfloat16, dict(schedule="pair_early")),
-    ("pairearly_h16_split3", 4, 16, 100, 8, (0, 1, 1000, 3000), 3000, jnp.bfloat16,
-     dict(schedule="pair_early", num_splits=3)),
-    ("pairearly_b64_h128_32k", 64, 128, 512, 64, None, 32768, jnp.bfloat16,
-     dict(schedule="pair_early")),
 ]
 KERNELS = {"triton": (mla_decode_triton, CASES), "mosaic": (mla_decode_mosaic, MOSAIC_CASES)}
 

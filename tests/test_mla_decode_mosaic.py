@@ -46,14 +46,10 @@ def _lower(inputs, **kw):
     dict(h=128, dc=512, dr=64, kw=dict(no_auto_barriers=True)),
     dict(h=128, dc=512, dr=64, kw=dict(schedule="seesaw")),
     dict(h=16, dc=100, dr=8, kw=dict(schedule="seesaw", poison_output=True, num_splits=2)),
-    dict(h=128, dc=512, dr=64, kw=dict(multicast=False)),  # 128 heads: clusters by default
-    dict(h=256, dc=512, dr=64, kw=dict(num_splits=2, poison_output=True)),  # 2 clusters
+    dict(h=128, dc=512, dr=64, kw=dict(multicast=True)),  # clusters of 2 CTAs
+    dict(h=256, dc=512, dr=64, kw=dict(multicast=True, num_splits=2, poison_output=True)),
     dict(h=128, dc=256, dr=64, kw=dict(pages_per_step=2)),  # TPLA shard, 2 pages per step
     dict(h=32, dc=100, dr=8, kw=dict(pages_per_step=2, schedule="seesaw", num_splits=3)),
-    dict(h=128, dc=512, dr=64, kw=dict(schedule="pair")),  # FlashMLA's pair schedule
-    dict(h=128, dc=512, dr=64, kw=dict(schedule="pair", multicast=False, poison_output=True)),
-    dict(h=16, dc=100, dr=8, kw=dict(schedule="pair", num_splits=2)),
-    dict(h=128, dc=512, dr=64, kw=dict(schedule="pair_early")),
 ])
 def test_mla_mosaic_lowers_for_cuda(case):
     inputs = _inputs(0, 3, case["h"], case["dc"], case["dr"], (1, 700, 64), 12)
@@ -77,8 +73,6 @@ def test_mla_mosaic_rejects_what_it_does_not_take():
         _lower(inputs, pages_per_step=3)
     with pytest.raises(ValueError, match="shared memory"):
         _lower(inputs, pages_per_step=2)  # two 576-wide pages per slot do not fit
-    with pytest.raises(ValueError, match="pair"):
-        _lower(inputs, schedule="pair", num_stages=3)
     with pytest.raises(ValueError, match="multicast pairs"):
         _lower(inputs, multicast=True)  # 16 heads: one head block, nothing to pair
 

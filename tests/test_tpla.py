@@ -98,7 +98,7 @@ SCRIPT = textwrap.dedent("""
     o_lat, _ = mla_decode_reference(f32(q_lat), f32(q_pe), f32(pages), table, lengths, tau)
     mla = np.einsum("bhc,chv->bhv", np.asarray(o_lat, np.float64), w_uv)
 
-    def run(g, tcfg, R):
+    def run(g, tcfg, R, output="replicated"):
         mesh = make_mesh(tensor=g, devices=jax.devices()[:g])
         c_rot = c_raw @ R.T
         w_uk2 = np.einsum("xc,c,chn->xhn", R, gamma, w_uk)
@@ -111,7 +111,7 @@ SCRIPT = textwrap.dedent("""
         assert shard_shapes == {(B * 2, PAGE, w)}, (shard_shapes, w)
         ql = f32(np.einsum("bhn,chn->bhc", q_nope, w_uk2))
         out = tpla_decode(ql, f32(q_pe), pg, jnp.asarray(tb), jnp.asarray(lengths), f32(w_uv2),
-                          mesh=mesh, tcfg=tcfg, sm_scale=tau, impl="reference")
+                          mesh=mesh, tcfg=tcfg, sm_scale=tau, impl="reference", output=output)
         ref = tpla_decode_numpy(np.asarray(ql, np.float64), q_pe, c_rot, k_pe, lengths, w_uv2, g=g, tcfg=tcfg, sm_scale=tau, eps=EPS)
         return np.asarray(out, np.float64), ref
 
@@ -131,6 +131,9 @@ SCRIPT = textwrap.dedent("""
             out, ref = run(g, tcfg, hadamard(DC))
             assert rel(out, ref) < 1e-5, (g, rope, norm, scale, rel(out, ref))
             diffs[(g, rope, norm, scale)] = rel(out, mla)
+            if rope == "replicated" and norm == "global":  # reduce-scatter: same values
+                heads = run(g, tcfg, hadamard(DC), output="heads")[0]
+                assert rel(heads, out) < 1e-6, (g, rel(heads, out))
     assert min(diffs.values()) > 1e-4, "TPLA g>1 should differ from MLA (one softmax per shard)"
     print("g=2,4 equal float64 numpy; rel. diff vs MLA:",
           {k: round(v, 3) for k, v in diffs.items()})
