@@ -37,6 +37,13 @@ run while the softmax is computed (the FlashMLA split, written for Pallas Mosaic
 Measured on an H100 (batch 64 x 32K, docs/performance.md): 96% of copy bandwidth at 16 and 64
 heads (memory-bound), 78-79% at 128 heads (558 TFLOP/s, compute-bound; the Triton kernel: 35%).
 
+Tried at 128 heads and not kept (H100, docs/performance.md, 2026-11-23 fourth session):
+FlashMLA's pair ("seesaw") schedule, both consumers computing QK^T of one page each of a pair
+with P written over the page's rope region and the ring loaded / released per column region:
+correct, but 1.71-1.76 ms against the split schedule's 1.06-1.10 ms (the two-page ring leaves
+each pair's loads exposed; commit 9d7f89a has the code). Cluster multicast (opt-in
+``multicast=True``) made no difference to the split schedule (75.6% vs 75.7% of copy, 3 runs).
+
 Constraints: bf16/f16 cache; page == 64 tokens; Dc a multiple of 128 and Dr a multiple of 64
 (DeepSeek: 512 / 64; TPLA shards: 256 / 64) or zero-padded copies for test dims; the page ring
 must fit shared memory (2 stages at Dc + Dr = 576).
