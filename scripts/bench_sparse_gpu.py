@@ -20,12 +20,17 @@ dense causal rows of the chunk (what the engine runs without sparsity).
 
     python scripts/bench_sparse_gpu.py --lengths 32768 131072 --out $OUT/sparse_gpu.md
     python scripts/bench_sparse_gpu.py --lengths 32768 --chunk 4096 --out $OUT/chunk.md
+
+``--estimation xla auto`` times each policy's estimation once per estimator implementation
+(``JAXPREFILL_ESTIMATION``: "xla" = the XLA estimators, "auto" = the Pallas GPU estimation
+kernels on GPUs), in the same process, labels ``policy@impl``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -82,11 +87,15 @@ def bench_length(seq: int, names: list[str], iters: int, heads: str,
     print(f"S={seq}: cuDNN causal {cudnn_ms:.2f} ms", flush=True)
     rows = []
     for label in names:
+        label, _, impl = label.partition("@")
+        if impl:
+            os.environ["JAXPREFILL_ESTIMATION"] = impl  # read when build() is traced below
         name = label.split("_s")[0] if label.startswith("xattention_s") else label
+        label = f"{label}@{impl}" if impl else label
         if name == "oracle_topk" and seq > 65536:
             continue  # as costly as dense attention by design; skipped at 128K to save time
         try:
-            policy = sparse.get(name, heads=heads, **POLICIES[label])
+            policy = sparse.get(name, heads=heads, **POLICIES[label.partition("@")[0]])
             build = jax.jit(lambda q, k: policy.build(q, k, layer=20))
             attn = jax.jit(lambda q, k, v, lay: block_sparse_attention(
                 q, k, v, lay, causal=True, impl="auto" if gpu else "xla"))
@@ -200,7 +209,11 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=0,
                     help="time the last chunk of this many tokens (chunked prefill) instead")
     ap.add_argument("--out", default=None, help="markdown table path (a .json beside it)")
+    ap.add_argument("--estimation", nargs="+", default=[],
+                    help="estimator implementations to compare (xla, auto, pallas_gpu)")
     args = ap.parse_args()
+    if args.estimation and not args.chunk:
+        args.policies = [f"{p}@{e}" for p in args.policies for e in args.estimation]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     rows = []
     for seq in args.lengths:

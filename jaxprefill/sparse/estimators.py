@@ -14,11 +14,21 @@ window read as zeros (as the whole-prefix chunk path's zero prefix did).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry
+from pallas_kernels import estimation
+
+
+def kernel_impl() -> str:
+    """Which estimation kernels to use (trace time): ``JAXPREFILL_ESTIMATION`` = "auto"
+    (default: the Pallas GPU kernels on GPUs, XLA elsewhere), "xla", "pallas_gpu" or
+    "interpret" (the GPU kernels in interpret mode: tests on CPU)."""
+    return estimation.estimation_impl(os.environ.get("JAXPREFILL_ESTIMATION", "auto"))
 
 def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:
     """qx [B, Mq, Hq, D], kx [B, Mk, Hkv, D] -> float32 qx.kx [B, Hq, Mq, Mk] (GQA groups).
@@ -108,6 +118,23 @@ def last_q_probs(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int) -> jax.
     e = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))  # masked keys: exp(-inf) = 0
     total = jnp.sum(e, axis=-1, keepdims=True)
     return e / jnp.where(total > 0, total, 1.0)
+
+
+def last_q_sums(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int,
+                slash: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """Vertical and slash sums of :func:`last_q_probs`: (float32 [B, Hq, S], [B, Hq, S] or None).
+
+    vert[j] = sum over the last queries of P[r, j]; slash[o] = :func:`slash_sums`. On GPUs a
+    Pallas kernel computes both without materializing P
+    (:func:`pallas_kernels.estimation.last_query_sums`); elsewhere XLA reduces P.
+    """
+    impl = kernel_impl()
+    if impl != "xla" and n_last >= 16 and n_last & (n_last - 1) == 0:  # kernel tile: 2^k rows
+        ql, _ = last_queries(q, geo, n_last)
+        return estimation.last_query_sums(jnp.swapaxes(ql, 1, 2), k, geo.lengths,
+                                          scale=geo.scale, slash=slash, impl=impl)
+    p = last_q_probs(q, k, geo, n_last)
+    return p.sum(axis=2), (slash_sums(p, geo, n_last) if slash else None)
 
 
 def slash_sums(p: jax.Array, geo: Geometry, n_last: int) -> jax.Array:
@@ -271,6 +298,6 @@ def padded(x: jax.Array, geo: Geometry) -> jax.Array:
 
 __all__ = ["block_softmax_scores", "padded", "padded_queries", "grouped_logits", "zero_padding",
            "pool_blocks", "pool_query_blocks", "last_query_positions", "last_queries",
-           "last_q_probs", "slash_sums", "slash_sums_gather", "block_sum", "diagonal_blocks",
+           "last_q_probs", "last_q_sums", "kernel_impl", "slash_sums", "slash_sums_gather", "block_sum", "diagonal_blocks",
            "slash_offsets_to_blocks", "rank_desc",
            "cumulative_keep", "cumulative_keep_sort", "topk_mask", "topk_mask_sort"]

@@ -134,10 +134,10 @@ class FlexPrefill(Policy):
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         bsz = geo.block
-        p = est.last_q_probs(q, k, geo, bsz)  # [B, Hq, bsz, S]
+        vert, slash = est.last_q_sums(q, k, geo, bsz)  # [B, Hq, S] each
         nrows = jnp.minimum(geo.lengths, bsz).astype(jnp.float32)[:, None, None]
-        vert = p.sum(axis=2) / nrows  # [B, Hq, S], sums to 1 over valid keys
-        slash = est.slash_sums(p, geo, bsz) / nrows
+        vert = vert / nrows  # sums to 1 over valid keys
+        slash = slash / nrows
         tok_ok = (jnp.arange(geo.S)[None, :] < geo.lengths[:, None])[:, None]  # [B, 1, S]
         nb = geo.row_blocks()[:, None]  # [B, 1]
         lo = -(-self.min_budget // bsz)

@@ -171,11 +171,11 @@ class MInference(Policy):
         """The top kv[h] columns and ks[h] diagonals of each head: (bool [B, Hq, nq, n] block
         mask, None) with the columns rounded up to blocks, or (diagonal blocks only, column
         positions int32 [B, Hq, max(kv)] ascending, -1 = unused) when ``columns``."""
-        p = est.last_q_probs(q, k, geo, self.last_q)  # [B, Hq, last_q, S]
+        vert, slash = est.last_q_sums(q, k, geo, self.last_q)  # [B, Hq, S] each
         tok = jnp.arange(geo.S)[None, None, :]
         valid = tok < geo.lengths[:, None, None]  # key j / offset o exists in the row
-        vert = jnp.where(tok < self.force_vertical, jnp.inf, p.sum(axis=2))
-        slash = jnp.where(tok < self.force_slash, jnp.inf, est.slash_sums(p, geo, self.last_q))
+        vert = jnp.where(tok < self.force_vertical, jnp.inf, vert)
+        slash = jnp.where(tok < self.force_slash, jnp.inf, slash)
         sel_v = est.topk_mask(vert, valid, jnp.asarray(kv)[None, :])  # [B, Hq, S] columns
         sel_s = est.topk_mask(slash, valid, jnp.asarray(ks)[None, :])  # [B, Hq, S] offsets
         diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)

@@ -64,8 +64,8 @@ class PBS(Policy):
     # ------------------------------------------------------------------------- permutation
     def permutation(self, q: jax.Array, k: jax.Array, geo: Geometry) -> jax.Array:
         """int32 [B, Hkv, n * block]: original key index at each permuted position."""
-        p = est.last_q_probs(q, k, geo, geo.block)  # [B, Hq, block, S]
-        score = p.reshape(geo.B, geo.Hkv, geo.G * geo.block, geo.S).mean(axis=2)
+        vert, _ = est.last_q_sums(q, k, geo, geo.block, slash=False)  # [B, Hq, S]
+        score = vert.reshape(geo.B, geo.Hkv, geo.G, geo.S).sum(axis=2) / (geo.G * geo.block)
         total = geo.n * geo.block
         ns = -(-total // self.segment)
         span = ns * self.segment

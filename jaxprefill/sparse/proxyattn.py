@@ -57,8 +57,8 @@ class ProxyAttn(Policy):
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         a_g = proxy_block_scores(q, k, geo, self.stride)  # [B, Hkv, nq, n]
         a = jnp.repeat(a_g, geo.G, axis=1)  # ranking shared by the group's query heads
-        p = est.last_q_probs(q, k, geo, geo.block)  # [B, Hq, block, S]
-        mass = est.block_sum(p.sum(axis=2), geo)  # [B, Hq, n]
+        vert, _ = est.last_q_sums(q, k, geo, geo.block, slash=False)  # [B, Hq, S]
+        mass = est.block_sum(vert, geo)  # [B, Hq, n]
         nb = geo.row_blocks()[:, None]
         blk_ok = jnp.arange(geo.n)[None, None, :] < nb[:, :, None]
         need = est.cumulative_keep(mass, blk_ok, self.gamma).sum(-1)  # [B, Hq]

@@ -1,0 +1,90 @@
+"""Kernels for sparse-prefill estimation: dispatch and pure-jnp references.
+
+The estimators of ``jaxprefill.sparse`` reduce large score matrices (the last queries against
+every key; strided or pooled queries against every key) to small summaries. Written in XLA,
+those matrices are materialized in float32 and read several times; these kernels reduce them
+in registers:
+
+- :func:`last_query_sums`: vertical (per key) and slash (per diagonal) sums of the last R
+  queries' causal softmax (MInference, FlexPrefill, ProxyAttn budgets, PBS key scores).
+
+``impl``: "auto" (the Pallas GPU kernel on GPUs, XLA elsewhere: TPUs and CPUs run the XLA
+estimators of ``jaxprefill.sparse.estimators``, which have no Pallas TPU kernel yet),
+"pallas_gpu", "interpret" (the GPU kernel in Pallas interpret mode, any backend) or
+"reference" (the float32 gather-based reference below, small inputs only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "pallas_gpu", "interpret", "reference")
+
+
+def estimation_impl(impl: str = "auto") -> str:
+    """Resolves "auto": "pallas_gpu" on GPU backends, "xla" elsewhere (the caller's XLA path)."""
+    if impl not in IMPLS + ("xla",):
+        raise ValueError(f"unknown estimation impl {impl!r}; expected one of {IMPLS + ('xla',)}")
+    if impl != "auto":
+        return impl
+    return "pallas_gpu" if jax.default_backend() in ("gpu", "cuda") else "xla"
+
+
+def last_query_sums_reference(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *,
+                              scale: float) -> tuple[jax.Array, jax.Array]:
+    """Float32 reference of :func:`last_query_sums`: ([B, Hq, S], [B, Hq, S]).
+
+    P [B, Hq, R, S] is materialized; the slash is a gather along each row's diagonals.
+    """
+    b, hq, n_rows, d = q_last.shape
+    seq, hkv = k.shape[1], k.shape[2]
+    kk = jnp.repeat(k.astype(jnp.float32), hq // hkv, axis=2)  # [B, S, Hq, D]
+    s = jnp.einsum("bhrd,bshd->bhrs", q_last.astype(jnp.float32), kk,
+                   precision=jax.lax.Precision.HIGHEST) * scale
+    pos = lengths[:, None] - n_rows + jnp.arange(n_rows)[None, :]  # [B, R]
+    ok = jnp.arange(seq)[None, None, :] <= pos[:, :, None]  # [B, R, S]
+    s = jnp.where(ok[:, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.where(ok[:, None], jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)), 0.0)
+    tot = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(tot > 0, tot, 1.0)
+    vert = p.sum(axis=2)
+    key = pos[:, :, None] - jnp.arange(seq)[None, None, :]  # [B, R, S]: key of offset o
+    g = jnp.take_along_axis(p, jnp.clip(key, 0, seq - 1)[:, None], axis=-1)
+    slash = jnp.where((key >= 0)[:, None], g, 0.0).sum(axis=2)
+    return vert, slash
+
+
+def last_query_sums(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: float,
+                    slash: bool = True, impl: str = "auto",
+                    **kernel_kwargs) -> tuple[jax.Array, jax.Array | None]:
+    """Vertical and slash sums of the causal softmax of each row's last R queries.
+
+    Args:
+        q_last: [B, Hq, R, D], the queries at positions lengths - R .. lengths - 1 (rows
+            shorter than R: the first queries have negative positions and see nothing).
+        k: [B, S, Hkv, D] keys (GQA: query head h reads KV head h // (Hq // Hkv)).
+        lengths: int32 [B], valid tokens per row.
+        scale: logit scale.
+        slash: also compute the diagonal sums.
+        impl: see the module docstring ("xla" is not accepted here: the XLA form lives with
+            the estimators, which fuse it with their own reductions).
+
+    Returns:
+        (vert float32 [B, Hq, S], slash float32 [B, Hq, S] or None): vert[j] = sum_r P[r, j];
+        slash[o] = sum_r P[r, pos_r - o], o = query position - key position.
+    """
+    impl = estimation_impl(impl)
+    if impl == "reference":
+        vert, sl = last_query_sums_reference(q_last, k, lengths, scale=scale)
+        return vert, (sl if slash else None)
+    if impl in ("pallas_gpu", "interpret"):
+        from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
+        return last_query_sums_triton(q_last, k, lengths, scale=scale, slash=slash,
+                                      interpret=impl == "interpret", **kernel_kwargs)
+    raise ValueError(f"last_query_sums: impl {impl!r} has no kernel on this backend; use the "
+                     "XLA estimators (jaxprefill.sparse.estimators.last_q_sums)")
+
+
+__all__ = ["IMPLS", "estimation_impl", "last_query_sums", "last_query_sums_reference"]

@@ -1,0 +1,167 @@
+"""GPU check of the sparse-estimation kernels (run on the H100).
+
+    PYTHONPATH=$PWD python3 scripts/check_estimation_gpu.py [--out DIR]
+
+1. ``last_query_sums`` (Pallas Triton kernel) against the float32 reference on fresh random
+   inputs: odd lengths, rows shorter than R, GQA 4 and 3, bf16 and f32, R = 64 and 128.
+2. ``pooled_block_scores`` (when its kernel module is present) against the XLA estimator
+   ``block_softmax_scores``: sum and max pooling, strides 8 and 16, GQA 4.
+3. Every policy that uses them builds its layout with the kernels ("auto") and with the XLA
+   estimators at 16K tokens (structured q/k, bf16): the fraction of blocks that differ (bf16
+   sums in another order may flip near-ties) must stay under 0.5%.
+
+Prints one line per case and writes ``check_estimation_gpu.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxprefill import sparse  # noqa: E402
+from jaxprefill.eval.synthetic_qk import structured_qk  # noqa: E402
+from jaxprefill.sparse import estimators as est  # noqa: E402
+from jaxprefill.sparse.base import make_geometry  # noqa: E402
+from pallas_kernels.estimation import last_query_sums  # noqa: E402
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def check_last_query_sums() -> list[dict]:
+    rows = []
+    cases = [  # B, S, Hq, Hkv, R, D, lengths, dtype, tol
+        (2, 8191, 32, 8, 128, 128, (8191, 1000), jnp.bfloat16, 2e-2),
+        (1, 32768, 32, 8, 128, 128, (32768,), jnp.bfloat16, 2e-2),
+        (2, 5000, 9, 3, 64, 64, (5000, 40), jnp.float32, 1e-4),
+        (1, 4097, 8, 2, 128, 80, (4097,), jnp.bfloat16, 2e-2),
+    ]
+    for i, (b, s, hq, hkv, r, d, lens, dtype, tol) in enumerate(cases):
+        name = f"lqs_B{b}_S{s}_g{hq // hkv}_R{r}_D{d}_{jnp.dtype(dtype).name}"
+        try:
+            kq, kk = jax.random.split(jax.random.key(100 + i))
+            q = jax.random.normal(kq, (b, hq, r, d), jnp.float32).astype(dtype)
+            k = jax.random.normal(kk, (b, s, hkv, d), jnp.float32).astype(dtype)
+            lengths = jnp.asarray(lens, jnp.int32)
+            scale = d ** -0.5
+            vert, slash = jax.jit(lambda q, k, l: last_query_sums(
+                q, k, l, scale=scale, impl="pallas_gpu"))(q, k, lengths)
+            v_ref, s_ref = jax.jit(lambda q, k, l: last_query_sums(
+                q, k, l, scale=scale, impl="reference"))(q, k, lengths)
+            nan = bool(np.isnan(np.asarray(vert)).any() or np.isnan(np.asarray(slash)).any())
+            ev, es = rel_err(vert, v_ref), rel_err(slash, s_ref)
+            ok = (not nan) and ev < tol and es < tol
+            rows.append(dict(case=name, ok=ok, vert_err=ev, slash_err=es, nan=nan))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def check_pooled_scores() -> list[dict]:
+    try:
+        from pallas_kernels.estimation import pooled_block_scores
+    except ImportError:
+        return [dict(case="pooled_block_scores", ok=False, error="kernel module not present")]
+    rows = []
+    cases = [  # S, Hq, Hkv, stride, pool, lengths
+        (16384, 32, 8, 8, "sum", (16384,)),
+        (16384, 32, 8, 16, "sum", (16384,)),
+        (9000, 8, 2, 16, "max", (9000, 3001)),
+        (9000, 8, 2, 8, "sum", (9000, 3001)),
+    ]
+    for i, (s, hq, hkv, stride, pool, lens) in enumerate(cases):
+        name = f"pooled_S{s}_g{hq // hkv}_stride{stride}_{pool}_B{len(lens)}"
+        try:
+            b, block, d = len(lens), 128, 128
+            q, k = structured_qk(jax.random.key(200 + i), b, s, hq, hkv, d)
+            geo = make_geometry(q, k, block, jnp.asarray(lens, jnp.int32))
+            m = geo.n * block // stride
+            qr = est.padded(q, geo).reshape(b, m, stride, hq, d)[:, :, ::-1]
+            qr = qr.transpose(0, 1, 3, 2, 4).reshape(b, m, hq, stride * d)
+            kr = est.padded(k, geo).reshape(b, m, stride, hkv, d).transpose(0, 1, 3, 2, 4)
+            kr = kr.reshape(b, m, hkv, stride * d)
+            valid = (geo.lengths + stride - 1) // stride
+            r = block // stride
+            ref = jax.jit(lambda a, c: est.block_softmax_scores(
+                a, c, geo, r, valid, geo.scale / stride, pool))(qr, kr)
+            out = jax.jit(lambda a, c: pooled_block_scores(
+                a, c, valid, jnp.zeros((b,), jnp.int32), r=r, scale=geo.scale / stride,
+                pool=pool, impl="pallas_gpu"))(qr, kr)
+            nan = bool(np.isnan(np.asarray(out)).any())
+            err = rel_err(out, ref)
+            rows.append(dict(case=name, ok=(not nan) and err < 2e-2, err=err, nan=nan))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+POLICIES = {
+    "flexprefill": dict(gamma=0.95, tau=0.1),
+    "minference": dict(),
+    "proxyattn": dict(gamma=0.95, stride=16),
+    "pbs": dict(tau=0.9, segment=256),
+    "xattention": dict(threshold=0.9, stride=8),
+    "xattention_s16": dict(threshold=0.9, stride=16),
+}
+
+
+def check_policy_layouts(seq: int = 16384) -> list[dict]:
+    q, k = structured_qk(jax.random.key(0), 2, seq, 32, 8, 128)
+    lengths = jnp.asarray([seq, seq - 3001], jnp.int32)
+    rows = []
+    for label, params in POLICIES.items():
+        name = label.split("_s")[0]
+        try:
+            policy = sparse.get(name, **params)
+            masks = {}
+            for impl in ("xla", "auto"):
+                os.environ["JAXPREFILL_ESTIMATION"] = impl
+                masks[impl] = np.asarray(jax.jit(lambda a, b, l: policy.build(
+                    a, b, layer=20, lengths=l).to_block_mask())(q, k, lengths))
+            differ = float((masks["auto"] != masks["xla"]).mean())
+            rows.append(dict(case=f"layout_{label}_S{seq}", ok=differ < 5e-3, differ=differ,
+                             density_auto=float(masks["auto"].mean()),
+                             density_xla=float(masks["xla"].mean())))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=f"layout_{label}_S{seq}", ok=False,
+                             error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    os.environ.pop("JAXPREFILL_ESTIMATION", None)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-layouts", action="store_true")
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    rows = check_last_query_sums() + check_pooled_scores()
+    if not args.skip_layouts:
+        rows += check_policy_layouts()
+    passed = sum(r["ok"] for r in rows)
+    print(f"{passed}/{len(rows)} passed")
+    if args.out:
+        Path(args.out, "check_estimation_gpu.json").write_text(json.dumps(rows, indent=1))
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
