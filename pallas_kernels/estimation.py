@@ -7,6 +7,8 @@ in registers:
 
 - :func:`last_query_sums`: vertical (per key) and slash (per diagonal) sums of the last R
   queries' causal softmax (MInference, FlexPrefill, ProxyAttn budgets, PBS key scores).
+- :func:`pooled_block_scores`: one-pass row softmax of strided / reshaped scores pooled into
+  blocks (XAttention's antidiagonal scores, ProxyAttn's proxy heads).
 
 ``impl``: "auto" (the Pallas GPU kernel on GPUs, XLA elsewhere: TPUs and CPUs run the XLA
 estimators of ``jaxprefill.sparse.estimators``, which have no Pallas TPU kernel yet),
@@ -87,4 +89,24 @@ def last_query_sums(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *, scal
                      "XLA estimators (jaxprefill.sparse.estimators.last_q_sums)")
 
 
-__all__ = ["IMPLS", "estimation_impl", "last_query_sums", "last_query_sums_reference"]
+def pooled_block_scores(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
+                        row_start: jax.Array, *, r: int, scale: float, pool: str = "sum",
+                        impl: str = "auto", **kernel_kwargs) -> jax.Array:
+    """Row softmax of qx.kx^T (causal at row granularity) pooled into r x r cells, one pass.
+
+    qx [B, nq*r, Hq, Dx] (row t has global index row_start[b] + t), kx [B, n*r, Hkv, Dx];
+    valid_rows int32 [B]. Returns float32 [B, Hq, nq, n] (sum or max of each cell). Same
+    semantics as ``jaxprefill.sparse.estimators.block_softmax_scores`` (the XLA reference).
+    """
+    impl = estimation_impl(impl)
+    if impl in ("pallas_gpu", "interpret"):
+        from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
+        return pooled_block_scores_triton(qx, kx, valid_rows, row_start, r=r, scale=scale,
+                                          pool=pool, interpret=impl == "interpret",
+                                          **kernel_kwargs)
+    raise ValueError(f"pooled_block_scores: impl {impl!r} has no kernel here; use the XLA "
+                     "estimator (jaxprefill.sparse.estimators.block_softmax_scores)")
+
+
+__all__ = ["IMPLS", "estimation_impl", "last_query_sums", "last_query_sums_reference",
+           "pooled_block_scores"]

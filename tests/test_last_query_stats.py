@@ -1,4 +1,4 @@
-"""Last-query vertical/slash sums: the Pallas GPU kernel (interpret mode) against the float32
+"""Estimation kernels. Last-query vertical/slash sums: the Pallas GPU kernel (interpret mode) against the float32
 reference and the XLA estimators, and the policies that use it with and without the kernel.
 
 Fresh random inputs (never zeros), odd lengths, rows shorter than R (queries that see nothing),
@@ -79,6 +79,7 @@ def test_estimator_dispatch_matches_the_xla_path(monkeypatch):
     ("minference", dict(vertical=40, slash=60, force_slash=20, last_q=32)),
     ("proxyattn", dict(gamma=0.9, stride=8, min_blocks=1)),
     ("pbs", dict(tau=0.9, segment=128)),
+    ("xattention", dict(threshold=0.9, stride=8)),  # the pooled-scores kernel
 ])
 def test_policies_give_the_same_layout_with_the_kernel(name, params, monkeypatch):
     q, k = structured_qk(jax.random.key(4), 2, 640, 8, 2, 32, local=64, n_vertical=6,
@@ -102,3 +103,46 @@ def test_bad_shapes_are_named():
         last_query_sums_triton(q, k, jnp.asarray([64]), scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="unknown estimation impl"):
         last_query_sums(q, k, jnp.asarray([64]), scale=1.0, impl="cuda")
+
+
+def test_streaming_dense_heads(tmp_path):
+    """streaming + head_config: listed KV heads get the dense causal layout, others stream."""
+    import json
+    cfg = tmp_path / "heads.json"
+    cfg.write_text(json.dumps({"dense_heads": {"3": [1]}}))
+    q = jax.random.normal(jax.random.key(9), (1, 512, 4, 16))
+    k = jax.random.normal(jax.random.key(10), (1, 512, 2, 16))
+    policy = sparse.get("streaming", block_size=64, sink=64, local=64,
+                        head_config=str(cfg), heads="kv")
+    m3 = np.asarray(policy.build(q, k, layer=3).to_block_mask())[0]  # [Hkv, n, n]
+    m0 = np.asarray(policy.build(q, k, layer=0).to_block_mask())[0]
+    causal = np.tril(np.ones((8, 8), bool))
+    np.testing.assert_array_equal(m3[1], causal)
+    np.testing.assert_array_equal(m3[0], m0[0])
+    assert m0[1].sum() < causal.sum()  # layer 0 is not listed: every head streams
+    cfg.write_text(json.dumps({"dense_heads": {"3": [5]}}))
+    bad = sparse.get("streaming", block_size=64, head_config=str(cfg))
+    from jaxprefill.sparse.streaming import load_dense_heads
+    load_dense_heads.cache_clear()
+    with pytest.raises(ValueError, match="KV head 5"):
+        bad.build(q, k, layer=3)
+
+
+def test_block_softmax_scores_rectangular_cells():
+    """proxyattn key_stride: r query rows x rk key rows per block equals a direct computation."""
+    q = jax.random.normal(jax.random.key(11), (1, 256, 2, 16))
+    k = jax.random.normal(jax.random.key(12), (1, 256, 2, 16))
+    geo = make_geometry(q, k, 64, jnp.asarray([200], jnp.int32))
+    qs, ks = est.padded(q, geo)[:, ::8], est.padded(k, geo)[:, ::2]  # r = 8, rk = 32
+    vr, vc = jnp.asarray([25]), jnp.asarray([100])
+    out = np.asarray(est.block_softmax_scores(qs, ks, geo, 8, vr, 0.25, "max", rk=32,
+                                              valid_cols=vc))
+    s = np.einsum("qhd,khd->hqk", np.asarray(qs[0], np.float64), np.asarray(ks[0], np.float64))
+    i, j = np.arange(32)[:, None], np.arange(128)[None, :]
+    ok = (j * 2 <= i * 8) & (j < 100) & (i < 25)
+    s = np.where(ok, 0.25 * s, -np.inf)
+    with np.errstate(invalid="ignore"):  # rows past valid_rows: all -inf, zeroed below
+        p = np.exp(s - s.max(-1, keepdims=True))
+    p = np.where(ok, p / p.sum(-1, keepdims=True), 0.0)
+    ref = p.reshape(2, 4, 8, 4, 32).max(axis=(2, 4))
+    np.testing.assert_allclose(out[0], ref, rtol=1e-5, atol=1e-6)

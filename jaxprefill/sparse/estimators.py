@@ -257,33 +257,45 @@ _CHUNK_ELEMS = 1 << 27  # float32 scores per chunk (512 MiB)
 
 
 def block_softmax_scores(qx: jax.Array, kx: jax.Array, geo: Geometry, r: int,
-                         valid_rows: jax.Array, scale: float, pool: str = "sum") -> jax.Array:
+                         valid_rows: jax.Array, scale: float, pool: str = "sum",
+                         rk: int | None = None, valid_cols: jax.Array | None = None) -> jax.Array:
     """Row-softmax of qx.kx^T pooled into blocks, computed in chunks of query blocks.
 
-    qx [B, nq*r, Hq, Dx] (the computed query-block rows), kx [B, n*r, Hkv, Dx]: r rows per block
-    (r = block for exact attention, block/stride for strided or reshaped estimates). Row i (global
-    index: a window's rows start at row0 * r) sees columns j <= i, both < valid_rows[b] (causal
-    at this granularity). Each softmax row is pooled over its block's r x r cells ("sum" or
-    "max"); rows are independent, so a window's rows equal the whole prompt's. Returns float32
-    [B, Hq, nq, n]; the [nq*r, n*r] matrix is never materialized whole (at most ~_CHUNK_ELEMS
-    floats live at once).
+    qx [B, nq*r, Hq, Dx] (the computed query-block rows), kx [B, n*rk, Hkv, Dx]: r query rows
+    and rk key rows per block (r = rk = block for exact attention, block/stride for strided or
+    reshaped estimates; rk != r when keys are sampled more densely than queries). Row i (global
+    index: a window's rows start at row0 * r) sees columns j with j * r <= i * rk (causal at
+    token granularity when both sample the first token of equal windows), row i < valid_rows[b]
+    and column j < valid_cols[b] (default valid_rows). Each softmax row is pooled over its
+    block's r x rk cells ("sum" or "max"); rows are independent, so a window's rows equal the
+    whole prompt's. Returns float32 [B, Hq, nq, n]; the [nq*r, n*rk] matrix is never
+    materialized whole (at most ~_CHUNK_ELEMS floats live at once).
     """
-    m, nq = geo.n * r, geo.nq
+    first = (geo.query_start() // geo.block * r)  # [B] global index of row 0
+    impl = kernel_impl()
+    if impl != "xla" and (rk is None or rk == r) and valid_cols is None and r <= 64 \
+            and r & (r - 1) == 0:  # one-pass Pallas kernel (square cells of <= 64 rows)
+        return estimation.pooled_block_scores(qx, kx, valid_rows, first, r=r, scale=scale,
+                                              pool=pool, impl=impl)
+    rk = r if rk is None else rk
+    valid_cols = valid_rows if valid_cols is None else valid_cols
+    m, nq = geo.n * rk, geo.nq
     chunk = max(1, min(nq, _CHUNK_ELEMS // max(1, geo.B * geo.Hq * r * m)))
     n_chunks = -(-nq // chunk)
     qc = jnp.pad(qx, ((0, 0), (0, n_chunks * chunk * r - nq * r), (0, 0), (0, 0)))
     qc = qc.reshape(geo.B, n_chunks, chunk * r, geo.Hq, qx.shape[-1]).transpose(1, 0, 2, 3, 4)
     col = jnp.arange(m)[None, None, :]
     vr = valid_rows[:, None, None]
-    first = (geo.query_start() // geo.block * r)[:, None, None]  # global index of row 0
+    vc = valid_cols[:, None, None]
+    first = first[:, None, None]
 
     def one_chunk(args):
         c, qi = args  # qi [B, chunk*r, Hq, Dx]
         row = first + c * chunk * r + jnp.arange(chunk * r)[None, :, None]
-        ok = ((col <= row) & (col < vr) & (row < vr))[:, None]
+        ok = ((col * r <= row * rk) & (col < vc) & (row < vr))[:, None]
         s = jnp.where(ok, grouped_logits(qi, kx) * scale, -jnp.inf)
         p = jnp.where(ok, jax.nn.softmax(s, axis=-1), 0.0)  # [B, Hq, chunk*r, m]
-        p = p.reshape(geo.B, geo.Hq, chunk, r, geo.n, r)
+        p = p.reshape(geo.B, geo.Hq, chunk, r, geo.n, rk)
         return p.sum(axis=(3, 5)) if pool == "sum" else p.max(axis=(3, 5))
 
     out = jax.lax.map(one_chunk, (jnp.arange(n_chunks), qc))  # [n_chunks, B, Hq, chunk, n]

@@ -5,12 +5,21 @@ Static pattern: query block i lists key blocks [0, ceil(sink/block)) and the
 ceil(local/block) blocks ending at the diagonal. Defaults are DuoAttention's deployment values
 (sink 64, recent 256 tokens) rounded up to whole blocks; MInference's A-shape uses 100 / 800 and
 its StreamingLLM baseline 1024 / 4096. Streaming alone cannot retrieve a needle far from the
-end of the prompt: it is meant for the heads/layers that do not retrieve (see trianglemix).
+end of the prompt: it is meant for the heads/layers that do not retrieve.
+
+DuoAttention keeps its *retrieval heads* dense and streams the others. ``head_config`` names a
+JSON file ``{"dense_heads": {"<layer>": [kv head, ...]}}`` whose listed KV heads (and their
+query heads) get the full causal layout; layers it does not list stream every head.
+DuoAttention finds those heads by training a gate per head; ``scripts/search_streaming_heads.py``
+instead ranks heads, training-free, by the attention mass their last queries put outside the
+sink + local window on calibration prompts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +38,56 @@ def streaming_blocks(geo: Geometry, sink: int, local: int) -> jax.Array:
     return (j < sink_b) | ((j <= i) & (j > i - local_b))
 
 
+@functools.lru_cache(maxsize=16)
+def load_dense_heads(path: str) -> dict[int, tuple[int, ...]]:
+    """JSON {"dense_heads": {"<layer>": [kv head ids]}} -> {layer: sorted kv heads}."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data.get("dense_heads"), dict):
+        raise ValueError(f"{path}: streaming head config needs a 'dense_heads' object "
+                         f"{{layer: [kv heads]}}, got keys {sorted(data)}")
+    out = {}
+    for layer, heads in data["dense_heads"].items():
+        if not all(isinstance(h, int) and h >= 0 for h in heads):
+            raise ValueError(f"{path}: layer {layer}: dense heads must be KV head ids >= 0, "
+                             f"got {heads}")
+        out[int(layer)] = tuple(sorted(set(heads)))
+    return out
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class Streaming(Policy):
-    """Sink + local window.
+    """Sink + local window, optionally with dense (retrieval) heads.
 
-    Params: sink (tokens, default 64), local (tokens, default 256), block_size (128).
+    Params: sink (tokens, default 64), local (tokens, default 256), head_config (JSON path of
+    the dense KV heads per layer, default None: every head streams), block_size (128).
     """
 
     name = "streaming"
     rows_exact = True  # static pattern: rows of a window are computed directly
     sink: int = 64
     local: int = 256
+    head_config: str | None = None
+
+    def dense_heads(self, layer: int, hkv: int) -> tuple[int, ...]:
+        """The KV heads of ``layer`` that keep full causal attention."""
+        if self.head_config is None:
+            return ()
+        heads = load_dense_heads(self.head_config).get(layer, ())
+        if heads and heads[-1] >= hkv:
+            raise ValueError(f"{self.head_config}: layer {layer} lists KV head {heads[-1]}, "
+                             f"the model has {hkv} KV heads")
+        return heads
+
+    def layer_key(self, layer: int) -> int:
+        return layer if self.head_config is not None else 0
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        m = streaming_blocks(geo, self.sink, self.local)
-        return jnp.broadcast_to(m[:, None], (geo.B, geo.Hkv, geo.nq, geo.n))
+        m = jnp.broadcast_to(streaming_blocks(geo, self.sink, self.local)[:, None],
+                             (geo.B, geo.Hkv, geo.nq, geo.n))
+        dense = self.dense_heads(layer, geo.Hkv)
+        if not dense:
+            return m
+        is_dense = jnp.isin(jnp.arange(geo.Hkv), jnp.asarray(dense))[None, :, None, None]
+        return m | (is_dense & geo.causal())
