@@ -40,29 +40,20 @@ q and k); sequences are zero-padded to block multiples (no copy when already mul
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gpu._triton_common import (
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2, is_pow2 as _is_pow2,
+)
 
 from pallas_kernels import _prep
 from pallas_kernels.layout import BlockSparseLayout
 from pallas_kernels.online_softmax import normalize_rows
-
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-_LOG2E = math.log2(math.e)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,

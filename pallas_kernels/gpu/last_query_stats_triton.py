@@ -28,20 +28,15 @@ for their first queries, which see no key and contribute 0. Keys at or past L ar
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-_LOG2E = math.log2(math.e)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+from pallas_kernels.gpu._triton_common import (
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2,
+)
 
 
 def _tile_scores(q_ref, k_ref, len_ref, *, n_rows: int, bk: int, qk_scale: float, precision):

@@ -28,24 +28,19 @@ pad a copy of the cache, never the case for DeepSeek's 512/64/64).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gpu._triton_common import (
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2,
+)
 
 from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
 from pallas_kernels.online_softmax import normalize_rows
-
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-_LOG2E = math.log2(math.e)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, meta_ref, o_ref, lse_ref, *, page: int, chunk: int,

@@ -58,25 +58,16 @@ product; padded rows and columns are masked). Tiles are clamped to the problem s
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-_LOG2E = math.log2(math.e)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+from pallas_kernels.gpu._triton_common import (
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2, is_pow2 as _is_pow2,
+)
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
