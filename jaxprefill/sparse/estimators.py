@@ -30,6 +30,7 @@ def kernel_impl() -> str:
     "interpret" (the GPU kernels in interpret mode: tests on CPU)."""
     return estimation.estimation_impl(os.environ.get("JAXPREFILL_ESTIMATION", "auto"))
 
+
 def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:
     """qx [B, Mq, Hq, D], kx [B, Mk, Hkv, D] -> float32 qx.kx [B, Hq, Mq, Mk] (GQA groups).
 
@@ -269,9 +270,11 @@ def block_softmax_scores(qx: jax.Array, kx: jax.Array, geo: Geometry, r: int,
     and column j < valid_cols[b] (default valid_rows). Each softmax row is pooled over its
     block's r x rk cells ("sum" or "max"); rows are independent, so a window's rows equal the
     whole prompt's. Returns float32 [B, Hq, nq, n]; the [nq*r, n*rk] matrix is never
-    materialized whole (at most ~_CHUNK_ELEMS floats live at once).
+    materialized whole (at most ~_CHUNK_ELEMS floats live at once). On GPUs, square cells of
+    <= 64 rows go to the one-pass Pallas kernel
+    (:func:`pallas_kernels.estimation.pooled_block_scores`), same result.
     """
-    first = (geo.query_start() // geo.block * r)  # [B] global index of row 0
+    first = geo.query_start() // geo.block * r  # [B] global index of row 0
     impl = kernel_impl()
     if impl != "xla" and (rk is None or rk == r) and valid_cols is None and r <= 64 \
             and r & (r - 1) == 0:  # one-pass Pallas kernel (square cells of <= 64 rows)
@@ -310,6 +313,6 @@ def padded(x: jax.Array, geo: Geometry) -> jax.Array:
 
 __all__ = ["block_softmax_scores", "padded", "padded_queries", "grouped_logits", "zero_padding",
            "pool_blocks", "pool_query_blocks", "last_query_positions", "last_queries",
-           "last_q_probs", "last_q_sums", "kernel_impl", "slash_sums", "slash_sums_gather", "block_sum", "diagonal_blocks",
-           "slash_offsets_to_blocks", "rank_desc",
+           "last_q_probs", "last_q_sums", "kernel_impl", "slash_sums", "slash_sums_gather",
+           "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
            "cumulative_keep", "cumulative_keep_sort", "topk_mask", "topk_mask_sort"]
