@@ -9,6 +9,8 @@ in registers:
   queries' causal softmax (MInference, FlexPrefill, ProxyAttn budgets, PBS key scores).
 - :func:`pooled_block_scores`: one-pass row softmax of strided / reshaped scores pooled into
   blocks (XAttention's antidiagonal scores, ProxyAttn's proxy heads).
+- :func:`mass_cut`: the per-row cut of a cumulative-mass block selection (XAttention's
+  threshold, FlexPrefill / ProxyAttn / PBS gamma), searched on registers after one read.
 
 ``impl``: "auto" (the Pallas GPU kernel on GPUs, XLA elsewhere: TPUs and CPUs run the XLA
 estimators of ``jaxprefill.sparse.estimators``, which have no Pallas TPU kernel yet),
@@ -108,5 +110,36 @@ def pooled_block_scores(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
                      "estimator (jaxprefill.sparse.estimators.block_softmax_scores)")
 
 
+def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
+    """uint32 [...]: per row of s [..., m] (entries >= 0) the smallest key U (key = the
+    order-preserving uint32 of ``jaxprefill.sparse.select.sort_key``: bits + 2^31 for x >= 0)
+    with ``base + sum(s[key > U]) < goal``; 0xFFFFFFFF where none. 31 passes of a row sum."""
+    s = s.astype(jnp.float32)
+    key = jax.lax.bitcast_convert_type(s, jnp.int32)
+
+    def bit_step(b, ans):
+        bit = 30 - b
+        cand = ans | ((jnp.int32(1) << bit) - 1)
+        above = jnp.sum(jnp.where(key > cand[..., None], s, 0.0), axis=-1)
+        return jnp.where(base + above < goal, ans, ans | (jnp.int32(1) << bit))
+
+    cut = jax.lax.fori_loop(0, 31, bit_step, jnp.zeros(s.shape[:-1], jnp.int32))
+    return jax.lax.bitcast_convert_type(cut, jnp.uint32) | jnp.uint32(0x80000000)
+
+
+def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """Cut of a cumulative-mass selection per row (:func:`mass_cut_reference` semantics): the
+    GPU kernel loads each row once and searches on registers, where XLA reads the whole
+    matrix once per bit. s float32 [..., m] >= 0, base / goal float32 [...] -> uint32 [...]."""
+    impl = estimation_impl(impl)
+    if impl in ("pallas_gpu", "interpret"):
+        from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton
+        return mass_cut_triton(s, base, goal, interpret=impl == "interpret")
+    if impl == "reference":
+        return mass_cut_reference(s, base, goal)
+    raise ValueError(f"mass_cut: impl {impl!r} has no kernel here; use the XLA search "
+                     "(jaxprefill.sparse.select.cumulative_keep)")
+
+
 __all__ = ["IMPLS", "estimation_impl", "last_query_sums", "last_query_sums_reference",
-           "pooled_block_scores"]
+           "mass_cut", "mass_cut_reference", "pooled_block_scores"]

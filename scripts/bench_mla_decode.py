@@ -77,6 +77,10 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
     128: [("mosaic default", {}),
+          # consumer 0 (QK^T + softmax) accumulates 128 of the 512 PV columns, consumer 1 384
+          # (2026-11-23 H100: 81.0% vs 80.3% of copy; 192: 78.2%; 128 with 2 splits: 76.3%)
+          ("mosaic cols128", dict(split_cols=128)),
+          ("mosaic cols192", dict(split_cols=192)),
           ("mosaic multicast", dict(multicast=True)),  # clusters of 2 CTAs
           ("mosaic seesaw", dict(schedule="seesaw")),
           ("mosaic pps2", dict(pages_per_step=2)),
@@ -91,9 +95,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--heads", default="16,64,128")
-    ap.add_argument("--only", default=None, help="run only variants whose name has this text")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only variants whose name has one of these texts")
     ap.add_argument("--no-anchors", action="store_true", help="skip the copy / matmul anchors")
     ap.add_argument("--impls", nargs="+", default=["triton"], choices=sorted(KERNELS))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the variant list this many times, interleaved (A/B noise)")
     ap.add_argument("--dc", type=int, default=DC, help="latent width (TPLA g=2 shard: 256)")
     args = ap.parse_args()
     b, ctx, dc = args.batch, args.context, args.dc
@@ -125,9 +132,9 @@ def main() -> int:
         q_lat = jax.random.normal(kq[0], (b, h, dc), jnp.bfloat16)
         q_pe = jax.random.normal(kq[1], (b, h, DR), jnp.bfloat16)
         todo = [(kern, v) for impl in args.impls for kern, table in [KERNELS[impl]]
-                for v in table.get(h, [("default", {})])]
+                for v in table.get(h, [("default", {})])] * args.rounds
         for kern, (name, kw) in todo:
-            if args.only and args.only not in name:
+            if args.only and not any(text in name for text in args.only):
                 continue
             fn = jax.jit(lambda a, c, d, e, f, kw=kw, kern=kern: kern(a, c, d, e, f, sm_scale=TAU, **kw))
             try:

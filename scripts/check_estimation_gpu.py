@@ -6,7 +6,8 @@
    inputs: odd lengths, rows shorter than R, GQA 4 and 3, bf16 and f32, R = 64 and 128.
 2. ``pooled_block_scores`` (when its kernel module is present) against the XLA estimator
    ``block_softmax_scores``: sum and max pooling, strides 8 and 16, GQA 4.
-3. Every policy that uses them builds its layout with the kernels ("auto") and with the XLA
+3. ``mass_cut`` (the cut of a cumulative-mass selection) against the XLA bit search.
+4. Every policy that uses them builds its layout with the kernels ("auto") and with the XLA
    estimators at 16K tokens (structured q/k, bf16): the fraction of blocks that differ (bf16
    sums in another order may flip near-ties) must stay under 0.5%.
 
@@ -113,6 +114,31 @@ def check_pooled_scores() -> list[dict]:
     return rows
 
 
+def check_mass_cut() -> list[dict]:
+    """The register-resident cut search against the XLA bit search (exact cuts expected except
+    where a row sum lands within rounding of the goal: at most 0.1% of rows may differ)."""
+    from pallas_kernels.estimation import mass_cut, mass_cut_reference
+    rows = []
+    for i, (shape, gamma) in enumerate([((32, 1024, 1024), 0.9), ((8, 300, 700), 0.95),
+                                        ((4, 64, 4096), 0.5)]):
+        name = f"mass_cut_{'x'.join(map(str, shape))}_gamma{gamma}"
+        try:
+            u = jax.random.uniform(jax.random.key(300 + i), shape, jnp.float32)
+            s = jnp.where(u < 0.2, 0.0, u ** 8)  # zeros and a heavy tail, like block masses
+            total = s.sum(-1)
+            base, goal = 0.05 * total, gamma * total
+            ref = np.asarray(jax.jit(mass_cut_reference)(s, base, goal))
+            out = np.asarray(jax.jit(lambda a, b, c: mass_cut(a, b, c, impl="pallas_gpu"))(
+                s, base, goal))
+            differ = float((out != ref).mean())
+            rows.append(dict(case=name, ok=differ <= 1e-3, rows_differ=differ))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 POLICIES = {
     "flexprefill": dict(gamma=0.95, tau=0.1),
     "minference": dict(),
@@ -155,7 +181,7 @@ def main() -> int:
     ap.add_argument("--skip-layouts", action="store_true")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    rows = check_last_query_sums() + check_pooled_scores()
+    rows = check_last_query_sums() + check_pooled_scores() + check_mass_cut()
     if not args.skip_layouts:
         rows += check_policy_layouts()
     passed = sum(r["ok"] for r in rows)

@@ -14,21 +14,13 @@ window read as zeros (as the whole-prefix chunk path's zero prefix did).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse import select
+from jaxprefill.sparse.select import kernel_impl
 from jaxprefill.sparse.base import Geometry
 from pallas_kernels import estimation
-
-
-def kernel_impl() -> str:
-    """Which estimation kernels to use (trace time): ``JAXPREFILL_ESTIMATION`` = "auto"
-    (default: the Pallas GPU kernels on GPUs, XLA elsewhere), "xla", "pallas_gpu" or
-    "interpret" (the GPU kernels in interpret mode: tests on CPU)."""
-    return estimation.estimation_impl(os.environ.get("JAXPREFILL_ESTIMATION", "auto"))
 
 
 def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:

@@ -28,7 +28,16 @@ import os
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import estimation
+
 _CHUNK = 1024  # prefix counts: row chunk multiplied by a [chunk, chunk] triangle
+
+
+def kernel_impl() -> str:
+    """Which estimation kernels to use (trace time): ``JAXPREFILL_ESTIMATION`` = "auto"
+    (default: the Pallas GPU kernels on GPUs, XLA elsewhere), "xla", "pallas_gpu" or
+    "interpret" (the GPU kernels in interpret mode: tests on CPU)."""
+    return estimation.estimation_impl(os.environ.get("JAXPREFILL_ESTIMATION", "auto"))
 
 
 def use_sort() -> bool:
@@ -105,18 +114,30 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
     base = jnp.sum(jnp.where(forced, s, 0.0), axis=-1)
     goal = gamma * jnp.sum(s, axis=-1)
     key = sort_key(s)
-
-    def cond(u):  # forced mass + free mass strictly above u < goal
-        above = jnp.sum(jnp.where(free & (key > u[..., None]), s, 0.0), axis=-1)
-        return base + above < goal
-
-    cut = _search(cond, s.shape[:-1])[..., None]
+    cut = _mass_cut(jnp.where(free, s, 0.0), base, goal)[..., None]
     gt = free & (key > cut)
     eq = free & (key == cut)
     before = base + jnp.sum(jnp.where(gt, s, 0.0), axis=-1)
     rank = (prefix_count(eq) - 1).astype(jnp.float32)  # earlier tied entries (same value)
     keep_eq = eq & (before[..., None] + s * rank < goal[..., None])
     return forced | gt | keep_eq
+
+
+def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
+    """uint32 [...]: the smallest key U with base + (mass of s_free above U) < goal. On GPUs one
+    pass of the Pallas kernel (:func:`pallas_kernels.estimation.mass_cut`), else 32 XLA passes."""
+    impl = kernel_impl()
+    if impl in ("pallas_gpu", "interpret") and s_free.shape[-1] <= _KERNEL_MAX_COLUMNS:
+        return estimation.mass_cut(s_free, base, goal, impl=impl)
+    key = sort_key(s_free)
+
+    def cond(u):  # forced mass + free mass strictly above u < goal (non-free entries are 0)
+        return base + jnp.sum(jnp.where(key > u[..., None], s_free, 0.0), axis=-1) < goal
+
+    return _search(cond, s_free.shape[:-1])
+
+
+_KERNEL_MAX_COLUMNS = 16384  # pallas_kernels.gpu.mass_cut_triton.MAX_COLUMNS (rows in registers)
 
 
 def mass_count(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:

@@ -96,7 +96,8 @@ class _Ctx:
     first: Any
     cnt: Any
     n_full: Any
-    half: int
+    dc: int  # latent width (padded): V = the first dc values of a cached token
+    cols: tuple  # per consumer: its output column chunks ((start, width), ...), widths <= 256
     stages: int
     step: int  # tokens per pipeline step (pages_per_step * PAGE)
     qk_scale: float
@@ -119,7 +120,7 @@ def _scores(c: _Ctx, slot: Any, t: Any, masked: bool) -> jax.Array:
     """S = Q K^T for step t (in ring slot ``slot``): [64 heads, step tokens] float32, with keys
     past the sequence's length at -inf when ``masked``."""
     def qk(s_ref):  # latent part, then rope part, into one accumulator
-        dc = 2 * c.half
+        dc = c.dc
         k_slot = c.k_smem.at[slot]
         plgpu.wgmma(s_ref, c.q_smem[0], k_slot.at[:, pl.ds(0, dc)].transpose((1, 0)))
         plgpu.wgmma(s_ref, c.q_smem[1],
@@ -142,13 +143,29 @@ def _softmax_step(c: _Ctx, s: jax.Array, m_i: jax.Array, masked: bool):
     return m_new, jnp.exp2(m_i - m_use), jnp.exp2(s * c.qk_scale - _rows(m_use, s))
 
 
-def _pv(c: _Ctx, acc: jax.Array, p: Any, slot: Any, w: int) -> jax.Array:
-    """acc [64, half] += p [64, step] @ V[:, w * half:(w + 1) * half] of ring slot ``slot``
-    (V is the latent part of the cached page); p is a register array or a shared-memory ref."""
-    def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p, c.k_smem.at[slot, :, pl.ds(w * c.half, c.half)])
+def _column_chunks(start: int, stop: int) -> tuple:
+    """Output columns [start, stop) as (start, width) chunks of <= 256 (the wgmma N limit)."""
+    return tuple((s, min(256, stop - s)) for s in range(start, stop, 256))
 
-    return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+def _zero_acc(c: _Ctx, w: int) -> tuple:
+    """Consumer w's output accumulators, one float32 [64, width] array per column chunk."""
+    return tuple(plgpu.layout_cast(jnp.zeros((_HEADS, width), jnp.float32), plgpu.Layout.WGMMA)
+                 for _, width in c.cols[w])
+
+
+def _rescale(acc: tuple, alpha: jax.Array) -> tuple:
+    return tuple(a * _rows(alpha, a) for a in acc)
+
+
+def _pv(c: _Ctx, acc: tuple, p: Any, slot: Any, w: int) -> tuple:
+    """acc[j] [64, width_j] += p [64, step] @ V[:, chunk j of consumer w] of ring slot ``slot``
+    (V is the latent part of the cached page); p is a register array or a shared-memory ref."""
+    def pv(acc_refs):
+        for ref, (start, width) in zip(acc_refs, c.cols[w]):
+            plgpu.wgmma(ref, p, c.k_smem.at[slot, :, pl.ds(start, width)])
+
+    return pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in acc))
 
 
 def _load_q(c: _Ctx) -> None:
@@ -164,12 +181,14 @@ def _wait_q(c: _Ctx) -> None:
     plgpu.barrier_wait(c.q_bar.at[1])
 
 
-def _store_out(c: _Ctx, w: int, acc: jax.Array, inv_l: jax.Array) -> None:
-    """Writes this consumer's column half of out = acc / l through shared memory."""
-    c.o_smem.at[w][...] = acc * _rows(inv_l, acc)
+def _store_out(c: _Ctx, w: int, acc: tuple, inv_l: jax.Array) -> None:
+    """Writes this consumer's columns of out = acc / l through shared memory."""
+    for smem, a in zip(c.o_smem[w], acc):
+        smem[...] = a * _rows(inv_l, a)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(c.o_smem.at[w], c.o_ref.at[c.b, c.split, pl.ds(c.h0, _HEADS),
-                                                        pl.ds(w * c.half, c.half)])
+    for smem, (start, width) in zip(c.o_smem[w], c.cols[w]):
+        plgpu.copy_smem_to_gmem(smem, c.o_ref.at[c.b, c.split, pl.ds(c.h0, _HEADS),
+                                                 pl.ds(start, width)])
 
 
 def _store_lse(c: _Ctx, m_i: jax.Array, l_i: jax.Array) -> None:
@@ -195,7 +214,7 @@ def _split_consumers(c: _Ctx, wg: Any) -> None:
         plgpu.set_max_registers(232, action="increase")
         _load_q(c)
         _wait_q(c)
-        acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
+        acc = _zero_acc(c, 0)
 
         def step(t, carry, masked: bool):
             acc, m_i, l_i = carry
@@ -214,7 +233,7 @@ def _split_consumers(c: _Ctx, wg: Any) -> None:
             alpha_smem[...] = alpha
             plgpu.commit_smem()
             plgpu.barrier_arrive(p_ready)
-            acc = _pv(c, acc * _rows(alpha, acc), p16, slot, 0)
+            acc = _pv(c, _rescale(acc, alpha), p16, slot, 0)
             plgpu.barrier_arrive(c.free_bar.at[slot])
             return acc, m_new, l_i
 
@@ -240,14 +259,14 @@ def _split_consumers(c: _Ctx, wg: Any) -> None:
     @pl.when(wg == 1)
     def _pv_consumer():
         plgpu.set_max_registers(232, action="increase")
-        acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
+        acc = _zero_acc(c, 1)
 
         def step(t, acc):
             slot = lax.rem(t, c.stages)
             plgpu.barrier_wait(c.k_bar.at[slot])
             plgpu.barrier_wait(p_ready)
             alpha = _load(alpha_smem, layout=_ROW, optimized=False)
-            acc = _pv(c, acc * _rows(alpha, acc), c.p_smem, slot, 1)
+            acc = _pv(c, _rescale(acc, alpha), c.p_smem, slot, 1)
             plgpu.barrier_arrive(p_free)
             plgpu.barrier_arrive(c.free_bar.at[slot])
             return acc
@@ -282,7 +301,7 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
             plgpu.barrier_wait(theirs)
             alpha = _load(alpha_smem, layout=_ROW, optimized=False)
             m_i = _load(m_smem, layout=_ROW, optimized=False)
-            acc = _pv(c, acc * _rows(alpha, acc), c.p_smem, slot, w)
+            acc = _pv(c, _rescale(acc, alpha), c.p_smem, slot, w)
             plgpu.barrier_arrive(c.free_bar.at[slot])
             return acc, m_i, l_i * alpha
 
@@ -306,11 +325,11 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
             m_smem[...] = m_new
             plgpu.commit_smem()
             plgpu.barrier_arrive(mine)
-            acc = _pv(c, acc * _rows(alpha, acc), p16, slot, w)
+            acc = _pv(c, _rescale(acc, alpha), p16, slot, w)
             plgpu.barrier_arrive(c.free_bar.at[slot])
             return acc, m_new, l_i
 
-        acc = plgpu.layout_cast(jnp.zeros((_HEADS, c.half), jnp.float32), plgpu.Layout.WGMMA)
+        acc = _zero_acc(c, w)
         n_own = jnp.maximum(c.cnt - w + 1, 0) // 2
         carry = lax.fori_loop(0, n_own, own, (acc, _row_full(-jnp.inf), _row_full(0.0)))
         last = c.cnt - 1  # a last step owned by the other consumer is still to be followed
@@ -332,7 +351,7 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
 
 
 def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int,
-            half: int, stages: int, steps_per_split: int, pages_per_step: int, n_hb: int,
+            dc: int, cols: tuple, stages: int, steps_per_split: int, pages_per_step: int, n_hb: int,
             n_splits: int, cluster: int, qk_scale: float, dtype: Any, schedule: str):
     union, p_smem, stats, lse_smem, q_bar, k_bar, free_bar, hand, done = scratch
     (q_smem, k_smem), o_smem = union
@@ -352,7 +371,7 @@ def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch
     n_full = jnp.clip(length // step - first, 0, cnt)  # steps of this split with no padding
     ctx = _Ctx((ql_ref, qp_ref), q_smem, k_smem, o_smem, p_smem, stats, lse_smem, q_bar, k_bar,
                free_bar, hand, done, o_ref, lse_ref, b, split, h0, length, first, cnt, n_full,
-               half, stages, step, qk_scale, dtype)
+               dc, cols, stages, step, qk_scale, dtype)
     consumers = _split_consumers if schedule == "split" else _seesaw_consumers
     consumers(ctx, wg)
 
@@ -415,13 +434,14 @@ def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "num_stages",
-                                             "schedule", "pages_per_step", "multicast",
+                                             "schedule", "pages_per_step", "split_cols",
+                                             "multicast",
                                              "no_auto_barriers", "interpret", "poison_output"))
 def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                       page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
                       num_splits: int | None = None, num_stages: int | None = None,
                       schedule: str = "auto", pages_per_step: int = 1,
-                      multicast: bool = False, no_auto_barriers: bool = False,
+                      split_cols: int | None = None, multicast: bool = False, no_auto_barriers: bool = False,
                       interpret: Any = False, poison_output: bool = False
                       ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU `mla_decode`: (out_latent f32 [B, H, Dc], lse f32 [B, H]).
@@ -439,6 +459,9 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             (they alternate QK^T and softmax by page, both do PV on every page; it needs a
             deep ring: on the H100 4.5% faster with 4 stages at Dc=256, 2.6x slower with 2
             at Dc=512) or ``"auto"`` (seesaw when the ring holds 4 pages, else split).
+        split_cols: output columns accumulated by consumer 0 (the rest by consumer 1), a
+            multiple of 64 (default Dc / 2). With ``"split"`` consumer 0 also computes every
+            QK^T and softmax, so giving it fewer PV columns balances the two warpgroups.
         pages_per_step: cache pages (64 tokens each) per pipeline step and ring slot: 2 halves
             the per-step synchronisation (for narrow latents, where a page is little work).
         multicast: run the head blocks of a sequence as clusters of 2 CTAs that each TMA-load
@@ -496,11 +519,15 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # The last split may start past the table: pad it so every pt_ref read is in bounds.
     width = sps * num_splits * pages_per_step
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, width - p_max)))
-    half = dc_p // 2
+    split_cols = dc_p // 2 if split_cols is None else split_cols
+    if split_cols % 64 or not 0 < split_cols < dc_p:
+        raise ValueError(f"split_cols must be a multiple of 64 in (0, {dc_p}), got {split_cols}")
+    cols = (_column_chunks(0, split_cols), _column_chunks(split_cols, dc_p))
     scratch = [
         plgpu.RefUnion(((_smem((_HEADS, dc_p), dtype), _smem((_HEADS, dr_p), dtype)),
                         _smem((num_stages, step, dk), dtype)),
-                       plgpu.SMEM((2, _HEADS, half), jnp.float32)),  # Q + ring | out halves
+                       tuple(tuple(plgpu.SMEM((_HEADS, width), jnp.float32) for _, width in chunks)
+                             for chunks in cols)),  # Q + ring | out column chunks
         _smem((_HEADS, step), dtype),  # P handed between the consumers
         plgpu.SMEM((4, _HEADS), jnp.float32),  # alpha, m, l of each consumer
         plgpu.SMEM((_HEADS,), jnp.float32),  # lse
@@ -513,7 +540,7 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
         plgpu.Barrier(num_arrivals=2),  # both consumers done with Q and the ring
     ]
     kernel = functools.partial(
-        _kernel, dk=dk, half=half, stages=num_stages, steps_per_split=sps,
+        _kernel, dk=dk, dc=dc_p, cols=cols, stages=num_stages, steps_per_split=sps,
         pages_per_step=pages_per_step, n_hb=n_hb, n_splits=num_splits, cluster=cluster, qk_scale=float(sm_scale) * _LOG2E, dtype=dtype, schedule=schedule)
     out_type = (jax.ShapeDtypeStruct((b, num_splits, h_pad, dc_p), jnp.float32),
                 jax.ShapeDtypeStruct((b, num_splits, h_pad), jnp.float32))

@@ -177,8 +177,8 @@ def _per_row(x: Any, b: int, name: str) -> jax.Array:
                      "num_stages", "interpret"))
 def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
                                row_start: jax.Array, *, r: int, scale: float,
-                               pool: str = "sum", block_m: int = 128, block_n: int = 64,
-                               block_d: int = 128, num_warps: int = 4, num_stages: int = 2,
+                               pool: str = "sum", block_m: int = 64, block_n: int = 512,
+                               block_d: int = 64, num_warps: int = 8, num_stages: int = 3,
                                interpret: bool = False) -> jax.Array:
     """Pooled row-softmax scores, one pass over qx.kx^T (see the module docstring).
 
@@ -192,6 +192,10 @@ def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Arr
         pool: "sum" or "max" over each r x r cell.
         block_m, block_n, block_d: query rows, key columns and Dx chunk per step (powers of two
             >= 16; clamped to the padded problem size).
+            Defaults from H100 sweeps (``scripts/tune_pooled_scores_gpu.py``, 2026-11-23): at
+            128K tokens 64 x 512 tiles, 64-wide chunks, 8 warps, 3 stages ran XAttention's GEMM
+            at 515 (stride 16) and 486 (stride 8) TFLOP/s; the earlier 128 x 64 x 128 / 4 warps
+            ran at 136 (64K).
         num_warps, num_stages: Triton launch parameters.
         interpret: Pallas interpret mode (any backend).
     Returns:

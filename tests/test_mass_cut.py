@@ -1,0 +1,82 @@
+"""The register-resident cut search (pallas_kernels/gpu/mass_cut_triton.py, interpret mode) against
+the XLA bit search and the sort-based selection it serves (jaxprefill.sparse.select)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse import select
+from pallas_kernels import estimation
+from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton
+
+
+def _scores(seed: int, shape, ties: bool):
+    rng = np.random.default_rng(seed)
+    s = rng.exponential(size=shape).astype(np.float32) ** 3  # heavy-tailed, like block masses
+    if ties:  # repeated values (pooled scores of empty cells, equal blocks)
+        s = np.round(s * 4) / 4
+    s[rng.random(shape) < 0.2] = 0.0
+    return jnp.asarray(s)
+
+
+@pytest.mark.parametrize("shape, ties", [((3, 5, 37), False), ((2, 4, 64), True),
+                                         ((1, 1, 1000), False), ((7, 16), True)])
+def test_kernel_cut_equals_reference(shape, ties):
+    seed = int(np.random.default_rng().integers(2**31))
+    s = _scores(seed, shape, ties)
+    total = s.sum(-1)
+    base = 0.1 * total
+    goal = jnp.asarray(np.random.default_rng(seed + 1).uniform(0.5, 1.0, shape[:-1]),
+                       jnp.float32) * total
+    goal = goal.at[(0,) * (len(shape) - 1)].set(0.0)  # a row no cut satisfies
+    ref = estimation.mass_cut_reference(s, base, goal)
+    out = mass_cut_triton(s, base, goal, interpret=True)
+    assert out.dtype == jnp.uint32 and out.shape == shape[:-1]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
+    assert int(out[(0,) * (len(shape) - 1)]) == 0xFFFFFFFF
+    # The reference is the XLA search of select.cumulative_keep (uint32 keys, 32 bits).
+    key = select.sort_key(s)
+    xla = select._search(lambda u: base + jnp.sum(jnp.where(key > u[..., None], s, 0.0), -1)
+                         < goal, shape[:-1])
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(xla))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+def test_cumulative_keep_with_kernel_equals_sort(monkeypatch, gamma):
+    seed = int(np.random.default_rng().integers(2**31))
+    s = _scores(seed, (2, 3, 8, 40), ties=True)
+    rng = np.random.default_rng(seed + 2)
+    valid = jnp.asarray(rng.random(s.shape) < 0.9)
+    valid = valid.at[0, 0, 0].set(False)  # a row with nothing valid
+    forced = jnp.asarray(rng.random(s.shape) < 0.05)
+    monkeypatch.setenv("JAXPREFILL_ESTIMATION", "interpret")
+    out = select.cumulative_keep(s, valid, gamma, forced)
+    ref = est.cumulative_keep_sort(s, valid, gamma, forced)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
+    assert not np.asarray(out[0, 0, 0]).any()
+
+
+def test_bad_inputs_are_named():
+    s = jnp.ones((2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="base"):
+        mass_cut_triton(s, jnp.zeros((3,)), jnp.zeros((2,)), interpret=True)
+    with pytest.raises(ValueError, match="exceed"):
+        mass_cut_triton(jnp.ones((1, 20000)), jnp.zeros((1,)), jnp.zeros((1,)), interpret=True)
+    with pytest.raises(ValueError, match="no kernel"):
+        estimation.mass_cut(s, jnp.zeros((2,)), jnp.zeros((2,)), impl="xla")
+
+
+def test_policy_layouts_unchanged_by_the_kernel(monkeypatch):
+    """XAttention's layout with the interpret-mode estimation kernels equals the XLA one."""
+    from jaxprefill import sparse
+    q = jax.random.normal(jax.random.key(3), (2, 700, 6, 32), jnp.float32)
+    k = jax.random.normal(jax.random.key(4), (2, 700, 2, 32), jnp.float32)
+    lengths = jnp.array([700, 455], jnp.int32)
+    policy = sparse.get("xattention", threshold=0.8, stride=8, block_size=64)
+    layouts = {}
+    for impl in ("xla", "interpret"):
+        monkeypatch.setenv("JAXPREFILL_ESTIMATION", impl)
+        layouts[impl] = policy.build(q, k, lengths=lengths).to_block_mask()
+    np.testing.assert_array_equal(np.asarray(layouts["xla"]), np.asarray(layouts["interpret"]))
