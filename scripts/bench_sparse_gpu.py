@@ -54,8 +54,8 @@ POLICIES = {
     "streaming": dict(sink=1024, local=4096),  # MInference's StreamingLLM baseline
     "minference": dict(),  # VS(1000, 6096), block 64
     "flexprefill": dict(gamma=0.95, tau=0.1),
-    "xattention": dict(threshold=0.9, stride=8),
-    "xattention_s16": dict(threshold=0.9, stride=16),
+    "xattention": dict(threshold=0.9, stride=16),
+    "xattention_s8": dict(threshold=0.9, stride=8),
     "proxyattn": dict(gamma=0.95, stride=16),
     "trianglemix": dict(start_layer=0),  # a deep ("triangle") layer
     "pbs": dict(tau=0.9, segment=256),

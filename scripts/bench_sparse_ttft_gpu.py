@@ -40,7 +40,7 @@ POLICIES = {
     "minference": {"policy": "minference", "min_length": 1024, "params": {}},  # VS(1000, 6096)
     "flexprefill": {"policy": "flexprefill", "min_length": 1024,
                     "params": {"gamma": 0.95, "tau": 0.1}},
-    "xattention": {"policy": "xattention", "min_length": 1024, "params": {}},  # stride 8, 0.9
+    "xattention": {"policy": "xattention", "min_length": 1024, "params": {}},  # stride 16, 0.9
 }
 
 

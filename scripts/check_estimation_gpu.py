@@ -144,8 +144,8 @@ POLICIES = {
     "minference": dict(),
     "proxyattn": dict(gamma=0.95, stride=16),
     "pbs": dict(tau=0.9, segment=256),
-    "xattention": dict(threshold=0.9, stride=8),
-    "xattention_s16": dict(threshold=0.9, stride=16),
+    "xattention": dict(threshold=0.9, stride=16),
+    "xattention_s8": dict(threshold=0.9, stride=8),
 }
 
 

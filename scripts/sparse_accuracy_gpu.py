@@ -46,6 +46,9 @@ def config_for(spec: str):
     kv = {}
     for item in filter(None, params.split(",")):
         key, _, val = item.partition("=")
+        if val.lower() in ("true", "false"):
+            kv[key] = val.lower() == "true"
+            continue
         try:
             kv[key] = int(val)
         except ValueError:

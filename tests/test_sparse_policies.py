@@ -140,3 +140,29 @@ def test_min_length_rows_fall_back_to_dense(qkv):
     allowed, nb = causal_valid(m.shape[-1], LENGTHS[1])
     assert m[1, :, :nb, :nb].sum() == m.shape[1] * allowed.sum()  # 421 < 500: dense
     assert m[0].sum() < m.shape[1] * causal_valid(m.shape[-1], S)[0].sum()  # 640: streaming
+
+
+def test_proxyattn_last_block_exact_adds_the_heads_own_selection(qkv):
+    """last_block_exact changes only each row's last valid query block, to a superset that
+    holds the block with the most exact attention mass of every head's last-block queries."""
+    q, k, _ = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    params = dict(gamma=0.5, stride=8, min_blocks=1)
+    _, base = build(make("proxyattn", params), q, k, lengths)
+    _, plus = build(make("proxyattn", dict(params, last_block_exact=True)), q, k, lengths)
+    g = q.shape[2] // k.shape[2]
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    for b, length in enumerate(LENGTHS):
+        last = (length - 1) // BLOCK
+        rows = np.arange(base.shape[2]) != last
+        np.testing.assert_array_equal(plus[b][:, rows], base[b][:, rows])
+        assert (plus[b, :, last] >= base[b, :, last]).all()
+        for h in range(q.shape[2]):
+            qs = qn[b, last * BLOCK:length, h]  # the last block's valid queries
+            logits = qs @ kn[b, :length, h // g].T / np.sqrt(D)
+            pos = np.arange(last * BLOCK, length)[:, None]
+            logits = np.where(np.arange(length)[None] <= pos, logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            blocks = np.add.reduceat(p.sum(0), np.arange(0, length, BLOCK))
+            assert plus[b, h, last, int(blocks.argmax())], (b, h)

@@ -9,6 +9,11 @@ The official repository was not retrievable; this follows the paper's descriptio
 2. Per query head i: a = softmax(Q_i[last block] K^T / sqrt(D)) summed into key blocks; budget
    ratio r_i = (fewest blocks whose mass reaches gamma) / (blocks of the row).
 3. Query block m of head i keeps the top max(min_blocks, ceil(r_i * (m + 1))) blocks of A_g[m].
+4. (ours, ``last_block_exact``) The last query block, the one whose final token generates,
+   also keeps the blocks of its own exact selection from step 2 (the fewest blocks holding
+   gamma of head i's mass over the last ``block`` queries): the group proxy averages the query
+   heads, and a retrieval head's
+   needle block can fall outside the proxy's top blocks. Free: step 2 computed that mass.
 
 Defaults (ours): gamma 0.95, stride 16, min_blocks 2, block 128. gamma >= 1 gives dense.
 """
@@ -47,7 +52,9 @@ def proxy_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int,
 class ProxyAttn(Policy):
     """ProxyAttn. Params: gamma (0.95), stride (16), key_stride (None: = stride; 1 scores every
     key, so a needle between sampled keys is not missed, at 1/stride of a group attention's
-    cost instead of 1/stride^2: ours, not the paper's), min_blocks (2), block_size (128)."""
+    cost instead of 1/stride^2: ours, not the paper's), min_blocks (2), last_block_exact
+    (False; True adds each head's exact gamma-selection to the last query block: ours, see the
+    module docstring), block_size (128)."""
 
     name = "proxyattn"
     rows_exact = True  # proxy scores are row-local; budgets come from the last query block
@@ -55,6 +62,7 @@ class ProxyAttn(Policy):
     stride: int = 16
     key_stride: int | None = None
     min_blocks: int = 2
+    last_block_exact: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,10 +80,15 @@ class ProxyAttn(Policy):
         mass = est.block_sum(vert, geo)  # [B, Hq, n]
         nb = geo.row_blocks()[:, None]
         blk_ok = jnp.arange(geo.n)[None, None, :] < nb[:, :, None]
-        need = est.cumulative_keep(mass, blk_ok, self.gamma).sum(-1)  # [B, Hq]
+        exact = est.cumulative_keep(mass, blk_ok, self.gamma)  # [B, Hq, n] last block's own
+        need = exact.sum(-1)  # [B, Hq]
         ratio = need / nb  # [B, Hq]
         row_len = geo.query_rows()[:, None, :] + 1  # causal blocks of query block m
         count = jnp.maximum(self.min_blocks, jnp.ceil(ratio[:, :, None] * row_len)).astype(
             jnp.int32)
         valid = jnp.broadcast_to(geo.causal(), a.shape)
-        return est.topk_mask(a, valid, count)
+        keep = est.topk_mask(a, valid, count)
+        if self.last_block_exact:
+            last = geo.query_rows()[:, None, :, None] == (nb - 1)[:, :, None, None]  # [B,1,nq,1]
+            keep = keep | (last & exact[:, :, None, :])
+        return keep
