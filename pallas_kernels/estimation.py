@@ -13,17 +13,32 @@ in registers:
   threshold, FlexPrefill / ProxyAttn / PBS gamma), searched on registers after one read.
 
 ``impl``: "auto" (the Pallas GPU kernel on GPUs, XLA elsewhere: TPUs and CPUs run the XLA
-estimators of ``jaxprefill.sparse.estimators``, which have no Pallas TPU kernel yet),
-"pallas_gpu", "interpret" (the GPU kernel in Pallas interpret mode, any backend) or
-"reference" (the float32 gather-based reference below, small inputs only).
+estimators of ``jaxprefill.sparse.estimators``), "pallas_gpu", "interpret" (the GPU kernel in
+Pallas interpret mode, any backend), "pallas_tpu" (the Pallas TPU kernels: opt-in, verified in
+TPU interpret mode only, no TPU was reachable to time them against XLA), "interpret_tpu" (the
+TPU kernels in TPU interpret mode, any backend: for kernel tests; whole policy builds with it
+hung twice in four pytest-xdist runs on a 2-core CPU, cause not isolated, so the tests call the
+TPU kernels one at a time) or "reference" (the float32 references below, small inputs only).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "pallas_gpu", "interpret", "reference")
+IMPLS = ("auto", "pallas_gpu", "interpret", "pallas_tpu", "interpret_tpu", "reference")
+GPU_IMPLS = ("pallas_gpu", "interpret")
+TPU_IMPLS = ("pallas_tpu", "interpret_tpu")
+
+
+def _tpu_interpret(impl: str) -> Any:
+    """The ``interpret`` argument of the TPU kernels for a TPU impl."""
+    if impl == "pallas_tpu":
+        return False
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
 
 
 def estimation_impl(impl: str = "auto") -> str:
@@ -83,10 +98,14 @@ def last_query_sums(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *, scal
     if impl == "reference":
         vert, sl = last_query_sums_reference(q_last, k, lengths, scale=scale)
         return vert, (sl if slash else None)
-    if impl in ("pallas_gpu", "interpret"):
+    if impl in GPU_IMPLS:
         from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
         return last_query_sums_triton(q_last, k, lengths, scale=scale, slash=slash,
                                       interpret=impl == "interpret", **kernel_kwargs)
+    if impl in TPU_IMPLS:
+        from pallas_kernels.tpu.last_query_stats_tpu import last_query_sums_tpu
+        return last_query_sums_tpu(q_last, k, lengths, scale=scale, slash=slash,
+                                   interpret=_tpu_interpret(impl), **kernel_kwargs)
     raise ValueError(f"last_query_sums: impl {impl!r} has no kernel on this backend; use the "
                      "XLA estimators (jaxprefill.sparse.estimators.last_q_sums)")
 
@@ -101,11 +120,16 @@ def pooled_block_scores(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
     semantics as ``jaxprefill.sparse.estimators.block_softmax_scores`` (the XLA reference).
     """
     impl = estimation_impl(impl)
-    if impl in ("pallas_gpu", "interpret"):
+    if impl in GPU_IMPLS:
         from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
         return pooled_block_scores_triton(qx, kx, valid_rows, row_start, r=r, scale=scale,
                                           pool=pool, interpret=impl == "interpret",
                                           **kernel_kwargs)
+    if impl in TPU_IMPLS:
+        from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
+        return pooled_block_scores_tpu(qx, kx, valid_rows, row_start, r=r, scale=scale,
+                                       pool=pool, interpret=_tpu_interpret(impl),
+                                       **kernel_kwargs)
     raise ValueError(f"pooled_block_scores: impl {impl!r} has no kernel here; use the XLA "
                      "estimator (jaxprefill.sparse.estimators.block_softmax_scores)")
 
@@ -127,14 +151,28 @@ def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Ar
     return jax.lax.bitcast_convert_type(cut, jnp.uint32) | jnp.uint32(0x80000000)
 
 
+def has_mass_cut_kernel(impl: str, m: int) -> bool:
+    """Whether :func:`mass_cut` has a kernel for ``impl`` (resolved) and rows of m entries."""
+    if impl in GPU_IMPLS:
+        from pallas_kernels.gpu.mass_cut_triton import MAX_COLUMNS
+    elif impl in TPU_IMPLS:
+        from pallas_kernels.tpu.mass_cut_tpu import MAX_COLUMNS
+    else:
+        return False
+    return m <= MAX_COLUMNS
+
+
 def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "auto") -> jax.Array:
     """Cut of a cumulative-mass selection per row (:func:`mass_cut_reference` semantics): the
     GPU kernel loads each row once and searches on registers, where XLA reads the whole
     matrix once per bit. s float32 [..., m] >= 0, base / goal float32 [...] -> uint32 [...]."""
     impl = estimation_impl(impl)
-    if impl in ("pallas_gpu", "interpret"):
+    if impl in GPU_IMPLS:
         from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton
         return mass_cut_triton(s, base, goal, interpret=impl == "interpret")
+    if impl in TPU_IMPLS:
+        from pallas_kernels.tpu.mass_cut_tpu import mass_cut_tpu
+        return mass_cut_tpu(s, base, goal, interpret=_tpu_interpret(impl))
     if impl == "reference":
         return mass_cut_reference(s, base, goal)
     raise ValueError(f"mass_cut: impl {impl!r} has no kernel here; use the XLA search "
@@ -142,4 +180,4 @@ def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "aut
 
 
 __all__ = ["IMPLS", "estimation_impl", "last_query_sums", "last_query_sums_reference",
-           "mass_cut", "mass_cut_reference", "pooled_block_scores"]
+           "has_mass_cut_kernel", "mass_cut", "mass_cut_reference", "pooled_block_scores"]

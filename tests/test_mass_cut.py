@@ -9,7 +9,16 @@ import pytest
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from pallas_kernels import estimation
+from jax.experimental.pallas import tpu as pltpu
+
 from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton
+from pallas_kernels.tpu.mass_cut_tpu import mass_cut_tpu
+
+KERNELS = {  # both backends' kernels in interpret mode (TPU: uninitialized memory reads NaN)
+    "gpu": lambda s, b, g: mass_cut_triton(s, b, g, interpret=True),
+    "tpu": lambda s, b, g: mass_cut_tpu(s, b, g, block_rows=8,
+                                        interpret=pltpu.InterpretParams(uninitialized_memory="nan")),
+}
 
 
 def _scores(seed: int, shape, ties: bool):
@@ -21,9 +30,10 @@ def _scores(seed: int, shape, ties: bool):
     return jnp.asarray(s)
 
 
+@pytest.mark.parametrize("backend", sorted(KERNELS))
 @pytest.mark.parametrize("shape, ties", [((3, 5, 37), False), ((2, 4, 64), True),
                                          ((1, 1, 1000), False), ((7, 16), True)])
-def test_kernel_cut_equals_reference(shape, ties):
+def test_kernel_cut_equals_reference(shape, ties, backend):
     seed = int(np.random.default_rng().integers(2**31))
     s = _scores(seed, shape, ties)
     total = s.sum(-1)
@@ -32,7 +42,7 @@ def test_kernel_cut_equals_reference(shape, ties):
                        jnp.float32) * total
     goal = goal.at[(0,) * (len(shape) - 1)].set(0.0)  # a row no cut satisfies
     ref = estimation.mass_cut_reference(s, base, goal)
-    out = mass_cut_triton(s, base, goal, interpret=True)
+    out = KERNELS[backend](s, base, goal)
     assert out.dtype == jnp.uint32 and out.shape == shape[:-1]
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
     assert int(out[(0,) * (len(shape) - 1)]) == 0xFFFFFFFF
@@ -43,15 +53,16 @@ def test_kernel_cut_equals_reference(shape, ties):
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(xla))
 
 
+@pytest.mark.parametrize("impl", ["interpret", "interpret_tpu"])
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
-def test_cumulative_keep_with_kernel_equals_sort(monkeypatch, gamma):
+def test_cumulative_keep_with_kernel_equals_sort(monkeypatch, gamma, impl):
     seed = int(np.random.default_rng().integers(2**31))
     s = _scores(seed, (2, 3, 8, 40), ties=True)
     rng = np.random.default_rng(seed + 2)
     valid = jnp.asarray(rng.random(s.shape) < 0.9)
     valid = valid.at[0, 0, 0].set(False)  # a row with nothing valid
     forced = jnp.asarray(rng.random(s.shape) < 0.05)
-    monkeypatch.setenv("JAXPREFILL_ESTIMATION", "interpret")
+    monkeypatch.setenv("JAXPREFILL_ESTIMATION", impl)
     out = select.cumulative_keep(s, valid, gamma, forced)
     ref = est.cumulative_keep_sort(s, valid, gamma, forced)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
@@ -64,11 +75,13 @@ def test_bad_inputs_are_named():
         mass_cut_triton(s, jnp.zeros((3,)), jnp.zeros((2,)), interpret=True)
     with pytest.raises(ValueError, match="exceed"):
         mass_cut_triton(jnp.ones((1, 20000)), jnp.zeros((1,)), jnp.zeros((1,)), interpret=True)
+    with pytest.raises(ValueError, match="block_rows"):
+        mass_cut_tpu(s, jnp.zeros((2,)), jnp.zeros((2,)), block_rows=12, interpret=True)
     with pytest.raises(ValueError, match="no kernel"):
         estimation.mass_cut(s, jnp.zeros((2,)), jnp.zeros((2,)), impl="xla")
 
 
-def test_policy_layouts_unchanged_by_the_kernel(monkeypatch):
+def test_policy_layouts_unchanged_by_the_kernel(monkeypatch, impl="interpret"):
     """XAttention's layout with the interpret-mode estimation kernels equals the XLA one."""
     from jaxprefill import sparse
     q = jax.random.normal(jax.random.key(3), (2, 700, 6, 32), jnp.float32)
@@ -76,7 +89,34 @@ def test_policy_layouts_unchanged_by_the_kernel(monkeypatch):
     lengths = jnp.array([700, 455], jnp.int32)
     policy = sparse.get("xattention", threshold=0.8, stride=8, block_size=64)
     layouts = {}
-    for impl in ("xla", "interpret"):
-        monkeypatch.setenv("JAXPREFILL_ESTIMATION", impl)
-        layouts[impl] = policy.build(q, k, lengths=lengths).to_block_mask()
-    np.testing.assert_array_equal(np.asarray(layouts["xla"]), np.asarray(layouts["interpret"]))
+    for mode in ("xla", impl):
+        monkeypatch.setenv("JAXPREFILL_ESTIMATION", mode)
+        layouts[mode] = policy.build(q, k, lengths=lengths).to_block_mask()
+    np.testing.assert_array_equal(np.asarray(layouts["xla"]), np.asarray(layouts[impl]))
+
+
+def test_tpu_impls_dispatch_to_the_tpu_kernels():
+    """``impl="interpret_tpu"`` reaches each TPU estimation kernel (one kernel per call: TPU
+    interpret mode is not run inside whole policy builds, where XLA may run two interpreted
+    kernels concurrently) and matches the references."""
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(2, 4, 16, 32)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 100, 2, 32)), jnp.float32)
+    lengths = jnp.asarray([100, 37], jnp.int32)
+    got = estimation.last_query_sums(q, k, lengths, scale=0.2, impl="interpret_tpu")
+    ref = estimation.last_query_sums(q, k, lengths, scale=0.2, impl="reference")
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(seed))
+    s = _scores(seed, (3, 40), ties=False)
+    base, goal = jnp.zeros((3,)), 0.9 * s.sum(-1)
+    np.testing.assert_array_equal(
+        np.asarray(estimation.mass_cut(s, base, goal, impl="interpret_tpu")),
+        np.asarray(estimation.mass_cut_reference(s, base, goal)), err_msg=str(seed))
+    qx = jnp.asarray(rng.normal(size=(1, 64, 4, 64)), jnp.float32)
+    kx = jnp.asarray(rng.normal(size=(1, 64, 2, 64)), jnp.float32)
+    out = estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8, scale=0.1,
+                                         impl="interpret_tpu")
+    gpu = estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8, scale=0.1,
+                                         impl="interpret")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(gpu), atol=1e-6, err_msg=str(seed))

@@ -35,8 +35,9 @@ _CHUNK = 1024  # prefix counts: row chunk multiplied by a [chunk, chunk] triangl
 
 def kernel_impl() -> str:
     """Which estimation kernels to use (trace time): ``JAXPREFILL_ESTIMATION`` = "auto"
-    (default: the Pallas GPU kernels on GPUs, XLA elsewhere), "xla", "pallas_gpu" or
-    "interpret" (the GPU kernels in interpret mode: tests on CPU)."""
+    (default: the Pallas GPU kernels on GPUs, XLA elsewhere), "xla", "pallas_gpu", "interpret"
+    (the GPU kernels in interpret mode: tests on CPU), "pallas_tpu" or "interpret_tpu" (the
+    TPU kernels, opt-in; see :mod:`pallas_kernels.estimation`)."""
     return estimation.estimation_impl(os.environ.get("JAXPREFILL_ESTIMATION", "auto"))
 
 
@@ -125,9 +126,10 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
 
 def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
     """uint32 [...]: the smallest key U with base + (mass of s_free above U) < goal. On GPUs one
-    pass of the Pallas kernel (:func:`pallas_kernels.estimation.mass_cut`), else 32 XLA passes."""
+    pass of the Pallas kernel (:func:`pallas_kernels.estimation.mass_cut`; TPU kernel opt-in:
+    ``JAXPREFILL_ESTIMATION=pallas_tpu``), else 32 XLA passes."""
     impl = kernel_impl()
-    if impl in ("pallas_gpu", "interpret") and s_free.shape[-1] <= _KERNEL_MAX_COLUMNS:
+    if estimation.has_mass_cut_kernel(impl, s_free.shape[-1]):
         return estimation.mass_cut(s_free, base, goal, impl=impl)
     key = sort_key(s_free)
 
@@ -135,9 +137,6 @@ def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
         return base + jnp.sum(jnp.where(key > u[..., None], s_free, 0.0), axis=-1) < goal
 
     return _search(cond, s_free.shape[:-1])
-
-
-_KERNEL_MAX_COLUMNS = 16384  # pallas_kernels.gpu.mass_cut_triton.MAX_COLUMNS (rows in registers)
 
 
 def mass_count(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:

@@ -6,15 +6,10 @@ import math
 
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._estimation_common import is_pow2, pow2
+
 # JAX 0.10 names it TritonCompilerParams, 0.11 CompilerParams.
 CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 LOG2E = math.log2(math.e)  # the kernels' softmax works in base 2 (exp2)
 
-
-def pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): Triton block shapes are powers of two."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+__all__ = ["CompilerParams", "LOG2E", "is_pow2", "pow2"]  # Triton block shapes: powers of two

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._estimation_common import cut_key, mass_cut_rows
 from pallas_kernels.gpu._triton_common import CompilerParams as _CompilerParams, pow2 as _pow2
 
 _TILE_ELEMS = 4096  # rows x columns per program: 32 floats per thread with 4 warps
@@ -62,19 +63,10 @@ def mass_cut_triton(s: jax.Array, base: jax.Array, goal: jax.Array, *, num_warps
         interpret: Pallas interpret mode (any backend).
     """
     lead, m = s.shape[:-1], s.shape[-1]
-    if m > MAX_COLUMNS:
-        raise ValueError(f"mass_cut_triton: rows of {m} entries exceed {MAX_COLUMNS}")
-    if base.shape != lead or goal.shape != lead:
-        raise ValueError(f"base {base.shape} and goal {goal.shape} must have shape {lead}")
-    rows = max(1, math.prod(lead))
     mp = max(16, _pow2(m))
-    r = max(1, min(_TILE_ELEMS // mp, _pow2(rows)))
-    n_prog = -(-rows // r)
-    pad_r = n_prog * r - rows
-    # Padding: zero mass (never above a cut) and goal 0 (no u qualifies: cut 2^31 - 1).
-    x = jnp.pad(s.astype(jnp.float32).reshape(rows, m), ((0, pad_r), (0, mp - m)))
-    b = jnp.pad(base.astype(jnp.float32).reshape(rows), (0, pad_r))
-    g = jnp.pad(goal.astype(jnp.float32).reshape(rows), (0, pad_r))
+    r = max(1, min(_TILE_ELEMS // mp, _pow2(max(1, math.prod(lead)))))
+    x, b, g, rows = mass_cut_rows(s, base, goal, MAX_COLUMNS, "mass_cut_triton", r, mp)
+    n_prog = x.shape[0] // r
     cut = pl.pallas_call(
         _kernel,
         grid=(n_prog,),
@@ -87,8 +79,7 @@ def mass_cut_triton(s: jax.Array, base: jax.Array, goal: jax.Array, *, num_warps
         interpret=interpret,
         name="mass_cut_triton",
     )(x, b, g)
-    cut = lax.bitcast_convert_type(cut[:rows], jnp.uint32) | jnp.uint32(0x80000000)
-    return cut.reshape(lead)
+    return cut_key(cut, rows, lead)
 
 
 __all__ = ["MAX_COLUMNS", "mass_cut_triton"]

@@ -65,9 +65,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gpu._triton_common import (
-    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2, is_pow2 as _is_pow2,
-)
+from pallas_kernels._estimation_common import check_pooled_inputs, is_pow2, per_row, pow2
+from pallas_kernels.gpu._triton_common import CompilerParams as _CompilerParams, LOG2E as _LOG2E
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -145,30 +144,10 @@ def _kernel(meta_ref, q_ref, k_ref, part_ref, mt_ref, lse_ref, *,
 
 
 def _check(qx: jax.Array, kx: jax.Array, r: int, pool: str, blocks: dict[str, int]) -> None:
-    if pool not in ("sum", "max"):
-        raise ValueError(f"pool must be 'sum' or 'max', got {pool!r}")
     for name, v in blocks.items():
-        if not (_is_pow2(v) and v >= 16):
+        if not (is_pow2(v) and v >= 16):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    if not _is_pow2(r) or r > blocks["block_n"]:
-        raise ValueError(f"r must be a power of two <= block_n={blocks['block_n']}, got {r}")
-    if qx.ndim != 4 or kx.ndim != 4:
-        raise ValueError(f"need qx [B, Mq, Hq, Dx] and kx [B, Mk, Hkv, Dx]: {qx.shape}, "
-                         f"{kx.shape}")
-    (b, mq, hq, dx), (bk, mk, hkv, dxk) = qx.shape, kx.shape
-    if b != bk or dx != dxk:
-        raise ValueError(f"qx {qx.shape} and kx {kx.shape} differ in batch or Dx")
-    if hq % hkv:
-        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
-    if mq % r or mk % r:
-        raise ValueError(f"Mq={mq} and Mk={mk} must be multiples of r={r}")
-
-
-def _per_row(x: Any, b: int, name: str) -> jax.Array:
-    x = jnp.asarray(x, jnp.int32)
-    if x.ndim > 1 or (x.ndim == 1 and x.shape[0] not in (1, b)):
-        raise ValueError(f"{name} must be a scalar or int32 [B={b}], got shape {x.shape}")
-    return jnp.broadcast_to(x.reshape(-1), (b,))
+    check_pooled_inputs(qx, kx, r, pool, blocks["block_n"])
 
 
 @functools.partial(
@@ -206,17 +185,17 @@ def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Arr
     b, mq, hq, dx = qx.shape
     mk, hkv = kx.shape[1], kx.shape[2]
     g, nq, n = hq // hkv, mq // r, mk // r
-    bm = min(block_m, max(16, _pow2(mq)))
-    bn = min(block_n, max(16, _pow2(mk)))  # still >= r: mk >= r and r <= block_n
-    bd = min(block_d, max(16, _pow2(dx)))
+    bm = min(block_m, max(16, pow2(mq)))
+    bn = min(block_n, max(16, pow2(mk)))  # still >= r: mk >= r and r <= block_n
+    bd = min(block_d, max(16, pow2(dx)))
     n_qt, n_tiles, n_d = -(-mq // bm), -(-mk // bn), -(-dx // bd)
     cpt = bn // r
 
     dtype = jnp.promote_types(qx.dtype, kx.dtype)
     qp = _pad_to(_pad_to(qx.astype(dtype), 1, n_qt * bm), 3, n_d * bd)
     kp = _pad_to(_pad_to(kx.astype(dtype), 1, n_tiles * bn), 3, n_d * bd)
-    vr = _per_row(valid_rows, b, "valid_rows")
-    rs = _per_row(row_start, b, "row_start")
+    vr = per_row(valid_rows, b, "valid_rows")
+    rs = per_row(row_start, b, "row_start")
     meta = jnp.stack([rs, vr, jnp.minimum(vr, mk), jnp.zeros_like(vr)], axis=-1)  # [B, 4]
 
     # Grid (g, s, bh): g fastest (the heads of one KV group share K), query tiles reversed.
