@@ -5,14 +5,10 @@ Same arguments and result as the GPU kernel
 :func:`jaxprefill.sparse.estimators.block_softmax_scores` (square cells, ``rk == r``,
 ``valid_cols == valid_rows``).
 
-Semantics
----------
-qx ``[B, Mq, Hq, Dx]`` holds ``Mq = nq * r`` query rows; row t has the global index
-``row_start[b] + t``. kx ``[B, Mk, Hkv, Dx]`` holds ``Mk = n * r`` key rows; query head h reads
-kv head ``h // (Hq // Hkv)``. Row i sees column j iff ``j <= i`` and both are
-``< valid_rows[b]``. P = softmax over the visible columns of ``scale * qx_i . kx_j`` (0 elsewhere;
-rows seeing nothing are all 0). The result ``[B, Hq, nq, n]`` float32 is P pooled over each
-r x r cell: "sum" or "max".
+Semantics: those of the GPU kernel's module docstring (rows ``row_start[b] + t`` of qx
+``[B, Mq, Hq, Dx]`` against kx ``[B, Mk, Hkv, Dx]``, causal at row granularity, rows and columns
+``>= valid_rows[b]`` invisible, row softmax pooled over r x r cells by "sum" or "max"), result
+float32 ``[B, Hq, nq, n]``.
 
 Design
 ------
