@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from jaxprefill import sparse  # noqa: E402
 from jaxprefill.sparse.base import make_geometry  # noqa: E402
 from jaxprefill.sparse.xattention import antidiagonal_block_scores  # noqa: E402
 from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton  # noqa: E402
+from scripts.bench_sparse_gpu import timeit  # noqa: E402  (median ms after a warm-up)
 
 # (block_m, block_n, block_d, num_warps, num_stages); the first is the kernel's default.
 TILINGS = [  # the first is the kernel's default (2026-11-23 H100 sweeps, docs/performance.md)
@@ -49,16 +48,6 @@ TILINGS = [  # the first is the kernel's default (2026-11-23 H100 sweeps, docs/p
     (64, 512, 32, 8, 5),
     (64, 256, 64, 4, 5),
 ]
-
-
-def timeit(fn, iters: int) -> float:
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def reshaped(q: jax.Array, k: jax.Array, stride: int) -> tuple[jax.Array, jax.Array]:

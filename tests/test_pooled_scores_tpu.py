@@ -150,28 +150,6 @@ def test_no_races_two_cores():
     _close(out, _reference(qx, kx, 8, vr, 0.2, "sum"), jnp.float32, seed)
 
 
-def test_argument_validation():
-    qx, kx = _inputs(3, 1, 64, 64, 4, 2, 32, jnp.float32)
-    vr, rs = jnp.array([64], jnp.int32), jnp.zeros(1, jnp.int32)
-    run = functools.partial(_kernel, scale=1.0)
-    with pytest.raises(ValueError, match="pool"):
-        run(qx, kx, vr, rs, r=8, pool="mean")
-    with pytest.raises(ValueError, match="r must be"):
-        run(qx, kx, vr, rs, r=12)
-    with pytest.raises(ValueError, match="r must be"):
-        run(qx, kx, vr, rs, r=32, block_n=16)
-    with pytest.raises(ValueError, match="block_m"):
-        run(qx, kx, vr, rs, r=8, block_m=48)
-    with pytest.raises(ValueError, match="multiple of Hkv"):
-        run(qx, kx[:, :, :1].repeat(3, axis=2), vr, rs, r=8)
-    with pytest.raises(ValueError, match="batch or Dx"):
-        run(qx, kx[..., :16], vr, rs, r=8)
-    with pytest.raises(ValueError, match="multiples of r"):
-        run(qx[:, :60], kx, vr, rs, r=8)
-    with pytest.raises(ValueError, match="valid_rows"):
-        run(qx, kx, jnp.array([64, 64], jnp.int32), rs, r=8)
-
-
 @pytest.mark.parametrize("dx,r,pool,dtype", [(2048, 16, "sum", jnp.bfloat16),
                                              (128, 8, "max", jnp.float32)])
 def test_lowers_to_mosaic_at_default_tiles(monkeypatch, dx, r, pool, dtype):

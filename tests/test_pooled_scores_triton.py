@@ -17,6 +17,7 @@ import pytest
 from jaxprefill.sparse.base import make_geometry, make_row_geometry
 from jaxprefill.sparse.estimators import block_softmax_scores
 from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
+from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
 
 _TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-6), jnp.bfloat16: dict(rtol=2e-2, atol=1e-3)}
 
@@ -116,10 +117,13 @@ def test_rows_past_the_keys_never_see_padded_keys():
     _close(out, _reference(qx, kx, 16, vr, 0.3, "sum", row_start=rs), jnp.float32)
 
 
-def test_argument_validation():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])  # both kernels share the checks
+def test_argument_validation(backend):
     qx, kx = _inputs(3, 1, 64, 64, 4, 2, 32, jnp.float32)
     vr, rs = jnp.array([64], jnp.int32), jnp.zeros(1, jnp.int32)
-    run = functools.partial(_kernel, scale=1.0)
+    kernel = _kernel if backend == "gpu" else functools.partial(pooled_block_scores_tpu,
+                                                                 interpret=True)
+    run = functools.partial(kernel, scale=1.0)
     with pytest.raises(ValueError, match="pool"):
         run(qx, kx, vr, rs, r=8, pool="mean")
     with pytest.raises(ValueError, match="r must be"):
