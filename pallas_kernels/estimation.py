@@ -16,9 +16,11 @@ in registers:
 estimators of ``jaxprefill.sparse.estimators``), "pallas_gpu", "interpret" (the GPU kernel in
 Pallas interpret mode, any backend), "pallas_tpu" (the Pallas TPU kernels: opt-in, verified in
 TPU interpret mode only, no TPU was reachable to time them against XLA), "interpret_tpu" (the
-TPU kernels in TPU interpret mode, any backend: for kernel tests; whole policy builds with it
-hung twice in four pytest-xdist runs on a 2-core CPU, cause not isolated, so the tests call the
-TPU kernels one at a time) or "reference" (the float32 references below, small inputs only).
+TPU kernels in TPU interpret mode, any backend, for tests: its kernels run Python callbacks that
+need the GIL, and eager JAX ops dispatched while one is in flight can fill the CPU client's
+queue and wait there holding the GIL, a deadlock seen under pytest-xdist; wait for a
+TPU-interpret result before dispatching more work) or "reference" (the float32 references
+below, small inputs only).
 """
 
 from __future__ import annotations

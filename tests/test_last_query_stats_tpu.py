@@ -53,6 +53,13 @@ def _check(vert, slash, q, k, lens, *, scale, seed, bf16=False):
     np.testing.assert_allclose(slash.sum(axis=(1, 2)), seen, rtol=tol, err_msg=msg)
 
 
+def _run(*args, **kw):
+    """The kernel, waited for before anything else is dispatched: a TPU-interpret kernel runs
+    Python callbacks that need the GIL, and eager JAX ops dispatched behind it can fill the CPU
+    client's in-flight queue and wait on it holding the GIL (seen as a hang under xdist)."""
+    return jax.block_until_ready(last_query_sums_tpu(*args, **kw))
+
+
 @pytest.mark.parametrize("b,s,hq,hkv,r,d,lengths,block_k", [
     (2, 77, 6, 2, 16, 64, (77, 9), 32),      # GQA 3, odd S (padded), a row shorter than R
     (2, 131, 4, 1, 64, 80, (131, 1), 64),    # GQA 4, R 64, D 80 (padded), a length-1 row
@@ -62,7 +69,7 @@ def test_matches_reference_f32(b, s, hq, hkv, r, d, lengths, block_k):
     q, k, seed = _inputs(b, s, hq, hkv, r, d, jnp.float32)
     rng = np.random.default_rng(seed)
     lens = jnp.asarray([rng.integers(1, s + 1) if x == "rand" else x for x in lengths], jnp.int32)
-    vert, slash = last_query_sums_tpu(q, k, lens, scale=0.4, block_k=block_k,
+    vert, slash = _run(q, k, lens, scale=0.4, block_k=block_k,
                                       interpret=_interp())
     _check(vert, slash, q, k, lens, scale=0.4, seed=seed)
 
@@ -70,9 +77,9 @@ def test_matches_reference_f32(b, s, hq, hkv, r, d, lengths, block_k):
 def test_bf16_and_vertical_only():
     q, k, seed = _inputs(2, 96, 8, 2, 64, 80, jnp.bfloat16)  # GQA 4, R 64, D 80
     lens = jnp.asarray([96, 37], jnp.int32)
-    vert, slash = last_query_sums_tpu(q, k, lens, scale=0.125, block_k=64, interpret=_interp())
+    vert, slash = _run(q, k, lens, scale=0.125, block_k=64, interpret=_interp())
     _check(vert, slash, q, k, lens, scale=0.125, seed=seed, bf16=True)
-    vert_only, none = last_query_sums_tpu(q, k, lens, scale=0.125, block_k=64, slash=False,
+    vert_only, none = _run(q, k, lens, scale=0.125, block_k=64, slash=False,
                                           interpret=_interp())
     assert none is None
     np.testing.assert_array_equal(np.asarray(vert_only), np.asarray(vert), err_msg=f"seed={seed}")
@@ -82,7 +89,7 @@ def test_default_block_clamped_and_no_races():
     """block_k=512 clamps to 256 for S = 200; two simulated cores find no race."""
     q, k, seed = _inputs(2, 200, 3, 1, 16, 64, jnp.float32)  # GQA 3
     lens = jnp.asarray([200, 130], jnp.int32)
-    vert, slash = last_query_sums_tpu(q, k, lens, scale=0.3,
+    vert, slash = _run(q, k, lens, scale=0.3,
                                       interpret=_interp(detect_races=True, num_cores_or_threads=2))
     assert mosaic_interpret.races is not None and not mosaic_interpret.races.races_found
     _check(vert, slash, q, k, lens, scale=0.3, seed=seed)

@@ -19,6 +19,9 @@ KERNELS = {  # both backends' kernels in interpret mode (TPU: uninitialized memo
     "tpu": lambda s, b, g: mass_cut_tpu(s, b, g, block_rows=8,
                                         interpret=pltpu.InterpretParams(uninitialized_memory="nan")),
 }
+# Every TPU-interpret result is waited for (np.asarray / block_until_ready) before more JAX work
+# is dispatched: its Python callbacks need the GIL, and eager ops queued behind it can fill the
+# CPU client's in-flight queue and wait holding the GIL (a hang seen under pytest-xdist).
 
 
 def _scores(seed: int, shape, ties: bool):
@@ -42,7 +45,7 @@ def test_kernel_cut_equals_reference(shape, ties, backend):
                        jnp.float32) * total
     goal = goal.at[(0,) * (len(shape) - 1)].set(0.0)  # a row no cut satisfies
     ref = estimation.mass_cut_reference(s, base, goal)
-    out = KERNELS[backend](s, base, goal)
+    out = jax.block_until_ready(KERNELS[backend](s, base, goal))
     assert out.dtype == jnp.uint32 and out.shape == shape[:-1]
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
     assert int(out[(0,) * (len(shape) - 1)]) == 0xFFFFFFFF
@@ -63,7 +66,7 @@ def test_cumulative_keep_with_kernel_equals_sort(monkeypatch, gamma, impl):
     valid = valid.at[0, 0, 0].set(False)  # a row with nothing valid
     forced = jnp.asarray(rng.random(s.shape) < 0.05)
     monkeypatch.setenv("JAXPREFILL_ESTIMATION", impl)
-    out = select.cumulative_keep(s, valid, gamma, forced)
+    out = np.asarray(select.cumulative_keep(s, valid, gamma, forced))
     ref = est.cumulative_keep_sort(s, valid, gamma, forced)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
     assert not np.asarray(out[0, 0, 0]).any()
@@ -104,7 +107,8 @@ def test_tpu_impls_dispatch_to_the_tpu_kernels():
     q = jnp.asarray(rng.normal(size=(2, 4, 16, 32)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(2, 100, 2, 32)), jnp.float32)
     lengths = jnp.asarray([100, 37], jnp.int32)
-    got = estimation.last_query_sums(q, k, lengths, scale=0.2, impl="interpret_tpu")
+    got = jax.block_until_ready(
+        estimation.last_query_sums(q, k, lengths, scale=0.2, impl="interpret_tpu"))
     ref = estimation.last_query_sums(q, k, lengths, scale=0.2, impl="reference")
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(seed))
@@ -115,8 +119,8 @@ def test_tpu_impls_dispatch_to_the_tpu_kernels():
         np.asarray(estimation.mass_cut_reference(s, base, goal)), err_msg=str(seed))
     qx = jnp.asarray(rng.normal(size=(1, 64, 4, 64)), jnp.float32)
     kx = jnp.asarray(rng.normal(size=(1, 64, 2, 64)), jnp.float32)
-    out = estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8, scale=0.1,
-                                         impl="interpret_tpu")
+    out = np.asarray(estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8,
+                                                    scale=0.1, impl="interpret_tpu"))
     gpu = estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8, scale=0.1,
                                          impl="interpret")
     np.testing.assert_allclose(np.asarray(out), np.asarray(gpu), atol=1e-6, err_msg=str(seed))

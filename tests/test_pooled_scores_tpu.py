@@ -50,8 +50,11 @@ def _reference(qx, kx, r, valid_rows, scale, pool, row_start=None):
 
 
 def _kernel(qx, kx, valid_rows, row_start, interpret=None, **kw):
-    return pooled_block_scores_tpu(qx, kx, valid_rows, row_start,
-                                   interpret=interpret or _interp(), **kw)
+    """The kernel, waited for before anything else is dispatched: a TPU-interpret kernel runs
+    Python callbacks that need the GIL, and eager JAX ops dispatched behind it can fill the CPU
+    client's in-flight queue and wait on it holding the GIL (seen as a hang under xdist)."""
+    return jax.block_until_ready(pooled_block_scores_tpu(qx, kx, valid_rows, row_start,
+                                                         interpret=interpret or _interp(), **kw))
 
 
 def _close(out, ref, dtype, seed):
