@@ -15,6 +15,16 @@ one of two criteria (``--criterion``):
   query heads (one retrieving query head needs the KV head dense). Depths cycle over
   0.1 .. 0.9 across the seeds. Heads that copy from far away score high; heads that spread mass
   widely but retrieve nothing (high far mass) do not.
+* ``ablation`` (what DuoAttention's gates optimize, without training): how far the model's
+  answer predictions (teacher forcing) move when a head streams: ``--loss kl`` (default), the
+  KL divergence from the dense model's next-token distributions, as DuoAttention penalizes
+  deviation from full attention; ``--loss nll``, the answer's loss (on 12 prompts it picks heads
+  whose streaming *lowers* the loss: overfitting). Greedy backward elimination in ``--rounds``
+  rounds: each round scores every still-dense KV head with that head streaming on top of the
+  heads already streaming, then streams the ``1/rounds`` of all heads that cost least. A
+  head's score is its elimination order (later = more needed), so every ``--dense-fraction``
+  cut keeps the heads eliminated last. One compile: the selection is data
+  (:func:`jaxprefill.eval.probe.streamed_heads_nll`).
 
 Scores are averaged over prompts; the ``--dense-fraction`` highest-scoring (layer, KV head)
 pairs over the whole model become dense; the file is the ``head_config`` of ``streaming``.
@@ -24,6 +34,14 @@ pairs over the whole model become dense; the file is the ``head_config`` of ``st
     python scripts/search_streaming_heads.py --criterion needle_mass --dense-fraction 0.25 \
         --tasks passkey niah_single niah_multikey --seeds 1000 1001 1002 1003 1004 \
         --out configs/sparse/streaming_retrieval_heads_smollm2.json
+    python scripts/search_streaming_heads.py --model $M --criterion ablation --rounds 6 \
+        --lengths 4096 8192 --tasks passkey niah_single niah_multikey --seeds 1000 1001 \
+        --dense-fraction 0.5 --out configs/sparse/streaming_heads_kl_smollm2.json
+
+The model runs in ``--dtype`` (bfloat16 by default, as the accuracy protocol runs it: in
+float32 the GPU's block-sparse dispatch falls back from the Mosaic kernel to Triton, which is
+far slower in float32). The ablation search above takes ~75 s on an H100 (~300 forwards of 12
+prompts x 8K tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -41,7 +60,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jaxprefill as jp  # noqa: E402
-from jaxprefill.eval.probe import capture_qkv  # noqa: E402
+from jaxprefill.eval.probe import capture_qkv, streamed_heads_logprobs  # noqa: E402
 from jaxprefill.eval.runner import prompt_tokens  # noqa: E402
 from jaxprefill.eval.tasks import make_sample  # noqa: E402
 
@@ -97,6 +116,81 @@ def needle_mass(q_rows: jax.Array, k: jax.Array, qpos: np.ndarray, targets: np.n
     return np.asarray(mass.mean(axis=-1).max(axis=-1))
 
 
+def answer_prompt(tok, task: str, length: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """A calibration sample: (chat prompt tokens [S0], answer tokens)."""
+    sample = make_sample(tok, task, length, DEPTHS[seed % len(DEPTHS)], seed)
+    prompt = np.asarray(tok.encode_prompt(sample.messages, chat=True), np.int32)
+    return prompt, tok.encode(" ".join(sample.answers[:1]), add_special_tokens=False)
+
+
+def ablation_scores(model, tok, prompts, args) -> np.ndarray:
+    """[L, Hkv] elimination order / heads (see the module docstring; higher = keep dense)."""
+    rows = [answer_prompt(tok, task, length, seed) for length, task, seed in prompts]
+    width = max(len(p) + len(a) for p, a in rows)
+    width = -(-width // args.block) * args.block
+    n_ans = max(len(a) for _, a in rows)
+    tokens = np.zeros((len(rows), width), np.int32)
+    qpos = np.zeros((len(rows), n_ans), np.int32)
+    targets = np.zeros((len(rows), n_ans), np.int32)
+    valid = np.zeros((len(rows), n_ans), bool)
+    for i, (prompt, answer) in enumerate(rows):  # prompt + answer[:-1]: teacher forcing
+        seq = np.concatenate([prompt, np.asarray(answer, np.int32)])
+        tokens[i, :len(seq) - 1] = seq[:-1]
+        a = len(answer)
+        qpos[i, :a] = len(prompt) - 1 + np.arange(a)
+        targets[i, :a] = answer
+        valid[i, :a] = True
+
+    def logprobs(stream: np.ndarray) -> jax.Array:
+        return streamed_heads_logprobs(model, tokens, stream, qpos, sink=args.sink,
+                                       local=args.local, block=args.block, impl=args.impl)
+
+    n_layers, hkv = len(model.layers), model.config.num_kv_heads
+    stream = np.zeros((n_layers, hkv), bool)
+    dense_logp = logprobs(stream)  # [B, A, V]
+    w = jnp.asarray(valid, jnp.float32) / valid.sum()
+
+    def loss(stream: np.ndarray) -> float:
+        logp = logprobs(stream)
+        if args.loss == "nll":
+            per = -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+        else:  # KL(dense || streamed) per answer position
+            per = jnp.sum(jnp.exp(dense_logp) * (dense_logp - logp), axis=-1)
+        return float(jnp.sum(per * w))
+
+    for what, sel in (("dense", stream), ("all streaming", ~stream), ("dense", stream)):
+        t0 = time.perf_counter()
+        value = loss(sel)
+        print(f"{what} answer loss {value:.4f} over {len(rows)} prompts "
+              f"[{tokens.shape[0]} x {tokens.shape[1]}] in {time.perf_counter() - t0:.2f} s",
+              flush=True)
+    base = loss(stream)
+    fractions = [args.dense_fraction] + [float(item.partition(":")[0]) for item in args.also]
+    goal = stream.size - int(round(min(fractions) * stream.size))  # heads that must stream
+    order = []  # (layer, head) in elimination order
+    per_round = max(1, -(-stream.size // args.rounds))
+    while True:
+        cand = [(l, h) for l in range(n_layers) for h in range(hkv) if not stream[l, h]]
+        costs = []
+        for l, h in tqdm(cand, desc=f"round {len(order) // per_round + 1}", leave=False):
+            trial = stream.copy()
+            trial[l, h] = True
+            costs.append(loss(trial))
+        ranked = [cand[i] for i in np.argsort(costs, kind="stable")]
+        if len(order) >= goal:  # the rest stay dense: ordered by this round's cost
+            order += ranked
+            break
+        for l, h in ranked[:per_round]:
+            stream[l, h] = True
+        order += ranked[:per_round]
+        print(f"streaming {len(order)}/{stream.size} heads: answer loss {loss(stream):.4f} "
+              f"(dense {base:.4f})", flush=True)
+    score = np.zeros((n_layers, hkv))
+    for rank, (l, h) in enumerate(order):
+        score[l, h] = (rank + 1) / stream.size
+    return score
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -108,7 +202,16 @@ def main() -> int:
     ap.add_argument("--local", type=int, default=256)
     ap.add_argument("--rows", type=int, default=128, help="last queries scored per prompt")
     ap.add_argument("--dense-fraction", type=float, default=0.5)
-    ap.add_argument("--criterion", default="far_mass", choices=["far_mass", "needle_mass"])
+    ap.add_argument("--criterion", default="far_mass",
+                    choices=["far_mass", "needle_mass", "ablation"])
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="ablation: elimination rounds (1 = rank by single-head ablation)")
+    ap.add_argument("--block", type=int, default=128, help="ablation: streaming block size")
+    ap.add_argument("--impl", default="auto", help="ablation: block-sparse kernel impl")
+    ap.add_argument("--loss", default="kl", choices=["kl", "nll"], help="ablation: what a "
+                    "streaming head costs (see the module docstring)")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="compute dtype (bfloat16, as sparse_accuracy_gpu.py runs the model)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--also", nargs="*", default=[], metavar="FRACTION:PATH",
                     help="more head configs from the same scores, other dense fractions")
@@ -116,8 +219,15 @@ def main() -> int:
     if not 0.0 <= args.dense_fraction <= 1.0:
         ap.error(f"--dense-fraction must be in [0, 1], got {args.dense_fraction}")
 
-    model, tok = jp.load(args.model)
+    model, tok = jp.load(args.model, dtype=args.dtype)
     prompts = [(n, t, s) for n in args.lengths for t in args.tasks for s in args.seeds]
+    if args.criterion == "ablation":
+        score = ablation_scores(model, tok, prompts, args)
+        outs = [(args.dense_fraction, args.out)] + [
+            (float(f), path) for f, _, path in (item.partition(":") for item in args.also)]
+        for fraction, path in outs:
+            write_config(score, fraction, path, args)
+        return 0
     scores = []
     for length, task, seed in tqdm(prompts, desc="calibration prompts"):
         if args.criterion == "far_mass":
@@ -125,9 +235,7 @@ def main() -> int:
             q, k, _ = capture_qkv(model, jnp.asarray(tokens))  # [L, 1, S, H, D]
             scores.append(far_mass(q[:, 0, -args.rows:], k[:, 0], args.sink, args.local))
             continue
-        sample = make_sample(tok, task, length, DEPTHS[seed % len(DEPTHS)], seed)
-        prompt = np.asarray(tok.encode_prompt(sample.messages, chat=True), np.int32)
-        answer = tok.encode(" ".join(sample.answers[:1]), add_special_tokens=False)
+        prompt, answer = answer_prompt(tok, task, length, seed)
         qpos, targets = answer_targets(prompt, answer)
         tokens = np.concatenate([prompt, np.asarray(answer[:-1], np.int32)])
         # Right padding to one shape per length (one compile; causal: earlier q/k unchanged).
@@ -155,6 +263,7 @@ def write_config(score: np.ndarray, fraction: float, path: str, args) -> None:
     out = {"model": Path(args.model).name, "lengths": args.lengths, "tasks": args.tasks,
            "seeds": args.seeds, "sink": args.sink, "local": args.local,
            "dense_fraction": fraction, "criterion": args.criterion,
+           **({"loss": args.loss, "rounds": args.rounds} if args.criterion == "ablation" else {}),
            args.criterion: [[round(float(x), 4) for x in row] for row in score],
            "dense_heads": dense}
     Path(path).write_text(json.dumps(out, indent=1) + "\n")

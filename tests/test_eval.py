@@ -213,3 +213,95 @@ def test_column_layout_stats_count_columns_as_tokens():
                                                                               cols)
             want.append(p[keep].sum())
         np.testing.assert_allclose(rec[0, h], np.mean(want), rtol=1e-5)
+
+
+def test_streamed_heads_logprobs_match_the_streaming_policy(tmp_path):
+    """The retrieval-head search's log-probabilities with a [layers, kv heads] streaming
+    selection equal those of the model prefilled through ``streaming`` with the complementary
+    head_config (dense heads listed); all-dense equals the plain model."""
+    import json
+
+    import jaxprefill as jp
+    from flax import nnx
+
+    from jaxprefill.attention import AttentionSpec
+    from jaxprefill.eval.probe import streamed_heads_logprobs
+    from jaxprefill.sparse import SparseConfig
+
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=512, eos_token_ids=(0,))
+    model = jp.Llama(cfg, rngs=nnx.Rngs(1), attention=AttentionSpec(impl="xla"))
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if p[...].ndim >= 2:
+            p[...] = p[...] * 6.0  # peaked attention: the mask changes the outputs
+    tokens = np.random.default_rng(5).integers(1, 97, (2, 160)).astype(np.int32)
+    qpos = np.array([[150, 151, 152], [120, 121, 159]], np.int32)
+    stream = np.array([[True, False], [False, False], [True, True]])
+    kw = dict(sink=16, local=32, block=16, impl="xla")
+
+    def logprobs_of(m):  # from the full forward
+        logp = np.asarray(jax.nn.log_softmax(m(jnp.asarray(tokens)), axis=-1))
+        return logp[np.arange(2)[:, None], qpos]
+
+    dense = np.asarray(streamed_heads_logprobs(model, tokens, np.zeros_like(stream), qpos, **kw))
+    np.testing.assert_allclose(dense, logprobs_of(model), rtol=1e-5, atol=1e-5)
+
+    heads = {"dense_heads": {str(l): [h for h in range(2) if not stream[l, h]]
+                             for l in range(3)}}
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps(heads))
+    sp = SparseConfig.from_dict({"policy": "streaming", "min_length": 0, "kernel": "xla",
+                                 "params": {"block_size": 16, "sink": 16, "local": 32,
+                                            "head_config": str(path)}})
+    sparse_model = jp.Llama(cfg, rngs=nnx.Rngs(1), attention=AttentionSpec(impl="xla", sparse=sp))
+    nnx.update(sparse_model, nnx.state(model))
+    mixed = np.asarray(streamed_heads_logprobs(model, tokens, stream, qpos, **kw))
+    np.testing.assert_allclose(mixed, logprobs_of(sparse_model), rtol=1e-5, atol=1e-5)
+    assert np.abs(mixed - dense).max() > 1e-3, "streaming changed nothing on these inputs"
+    with pytest.raises(ValueError, match="layers, kv heads"):
+        streamed_heads_logprobs(model, tokens, stream[:2], qpos, **kw)
+
+
+def test_streaming_head_search_ablation_order(monkeypatch, tmp_path):
+    """scripts/search_streaming_heads.py --criterion ablation on a tiny model: every head gets a
+    distinct elimination rank and the written config keeps the heads eliminated last."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import jaxprefill as jp
+    from flax import nnx
+
+    from jaxprefill.attention import AttentionSpec
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "search_streaming_heads.py"
+    spec = importlib.util.spec_from_file_location("search_streaming_heads", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=512, eos_token_ids=(0,))
+    model = jp.Llama(cfg, rngs=nnx.Rngs(1), attention=AttentionSpec(impl="xla"))
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if p[...].ndim >= 2:
+            p[...] = p[...] * 6.0
+    rng = np.random.default_rng(7)
+
+    def fake_prompt(tok, task, length, seed):  # (prompt tokens, answer tokens)
+        return rng.integers(1, 97, length).astype(np.int32), rng.integers(1, 97, 3).tolist()
+
+    monkeypatch.setattr(mod, "answer_prompt", fake_prompt)
+    args = argparse.Namespace(block=16, sink=16, local=32, impl="xla", loss="kl", rounds=3,
+                              dense_fraction=0.5, also=["0.25:x"], model="tiny",
+                              lengths=[150], tasks=["t"], seeds=[0, 1], criterion="ablation")
+    score = mod.ablation_scores(model, None, [(150, "t", 0), (120, "t", 1)], args)
+    assert score.shape == (3, 2)
+    np.testing.assert_array_equal(np.sort(score.ravel()), np.arange(1, 7) / 6)
+    out = tmp_path / "heads.json"
+    mod.write_config(score, 0.5, str(out), args)
+    dense = json.loads(out.read_text())["dense_heads"]
+    kept = {(int(l), h) for l, hs in dense.items() for h in hs}
+    top = {divmod(int(i), 2) for i in np.argsort(-score, axis=None)[:3]}
+    assert kept == top

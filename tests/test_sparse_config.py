@@ -181,3 +181,20 @@ def test_generate_sparse_batch_equals_alone_and_dense_policy_equals_dense():
                        sparse={"min_length": 128, "policy": "xattention",
                                "params": {"block_size": 64, "threshold": 1.0}})
     assert [r.tokens for r in full] == [r.tokens for r in dense]
+
+
+def test_yaml_head_config_is_relative_to_the_yaml(tmp_path, monkeypatch):
+    """A relative head_config in a YAML names the file beside it, whatever the working dir."""
+    import json
+
+    (tmp_path / "heads.json").write_text(json.dumps({"dense_heads": {"1": [0]}}))
+    (tmp_path / "a.yaml").write_text(
+        "policy: streaming\nparams: {n_last: 64, head_config: heads.json}\n")
+    (tmp_path / "b.yaml").write_text(
+        "layers:\n  - {range: [0, 2], policy: dense}\n"
+        "  - {policy: streaming, params: {head_config: heads.json}}\n")
+    monkeypatch.chdir("/")
+    for name in ("a.yaml", "b.yaml"):
+        policy = sparse.SparseConfig.parse(str(tmp_path / name)).policy_for(3)
+        assert policy.head_config == str(tmp_path / "heads.json")
+        assert policy.dense_heads(1, 2) == (0,)

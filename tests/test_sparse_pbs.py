@@ -128,3 +128,31 @@ def test_pbs_through_attend_dispatch(qkv):
     np.testing.assert_allclose(np.asarray(out), np.asarray(direct), atol=1e-6)
     with pytest.raises(ValueError, match="multiple of block_size"):
         sparse.get("pbs", block_size=64, segment=96)
+
+
+@pytest.mark.parametrize("heads", ["q", "kv"])
+def test_pbs_last_block_exact_covers_tau_of_each_heads_mass(qkv, heads):
+    """last_block_exact changes only each row's last query block, to a superset whose keys hold
+    at least tau of every query head's exact attention mass over that block's queries."""
+    q, k, _ = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    tau = 0.6
+    base = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=tau, heads=heads),
+                     q, k, lengths)
+    plus = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=tau, heads=heads,
+                                last_block_exact=True), q, k, lengths)
+    g = q.shape[2] // k.shape[2]
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    for b, length in enumerate(LENGTHS):
+        start = (length - 1) // BLOCK * BLOCK  # first query of the last block
+        np.testing.assert_array_equal(plus[b, :, :start], base[b, :, :start])
+        assert (plus[b, :, start:length] >= base[b, :, start:length]).all()
+        for h in range(q.shape[2]):
+            logits = qn[b, start:length, h] @ kn[b, :length, h // g].T / np.sqrt(D)
+            pos = np.arange(start, length)[:, None]
+            logits = np.where(np.arange(length)[None] <= pos, logits, -np.inf)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            covered = (p * plus[b, h, start:length, :length]).sum() / p.sum()
+            assert covered >= tau - 1e-6, (b, h, covered)
+    assert (plus != base).any(), "last_block_exact added nothing on these inputs"

@@ -166,3 +166,22 @@ def test_proxyattn_last_block_exact_adds_the_heads_own_selection(qkv):
             p /= p.sum(-1, keepdims=True)
             blocks = np.add.reduceat(p.sum(0), np.arange(0, length, BLOCK))
             assert plus[b, h, last, int(blocks.argmax())], (b, h)
+
+
+def test_streaming_dense_tail_is_trianglemix_from_layer_0(qkv):
+    """streaming's n_last makes the rows holding each row's last n_last queries dense causal and
+    leaves the others; with every layer streaming it equals trianglemix(start_layer=0)."""
+    q, k, _ = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    win = dict(sink=64, local=128)
+    _, plain = build(make("streaming", win), q, k, lengths)
+    _, tail = build(make("streaming", dict(win, n_last=100)), q, k, lengths)
+    _, tri = build(make("trianglemix", dict(start_layer=0, n_init=64, n_local=128, n_last=100)),
+                   q, k, lengths)
+    np.testing.assert_array_equal(tail, tri)
+    for b, length in enumerate(LENGTHS):
+        allowed, nb = causal_valid(tail.shape[-1], length)
+        first = (length - 100) // BLOCK
+        np.testing.assert_array_equal(tail[b][:, :first], plain[b][:, :first])
+        assert tail[b][:, first:nb].all(axis=0)[allowed[first:nb]].all()  # dense causal
+        assert (tail[b] != plain[b]).any()

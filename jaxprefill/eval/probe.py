@@ -44,3 +44,58 @@ def capture_qkv(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
         raise ValueError("capture_qkv needs a dense model (AttentionSpec.sparse is set)")
     graphdef, state = nnx.split(model)
     return _capture(graphdef, state, jnp.asarray(tokens, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _streamed_logprobs(graphdef, state, tokens, stream, qpos, sink, local, block, impl):
+    from jaxprefill.sparse.base import make_geometry
+    from jaxprefill.sparse.select import mask_to_lists
+    from jaxprefill.sparse.streaming import streaming_blocks
+    from pallas_kernels import BlockSparseLayout, block_sparse_attention
+
+    model = nnx.merge(graphdef, state)
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    inv_freq, scale = model.rope
+    cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    for i, layer in enumerate(model.layers):
+        attn = layer.attn
+        q, k, v = attn.project(layer.attn_norm(x), cos, sin)
+        geo = make_geometry(q, k, block, None)
+        window = streaming_blocks(geo, sink, local)[:, None]  # [1, 1, n, n]
+        mask = jnp.where(stream[i][None, :, None, None], window, geo.causal())  # [B, Hkv, n, n]
+        kv_idx, kv_cnt = mask_to_lists(mask, geo.n)
+        layout = BlockSparseLayout(kv_idx, kv_cnt, block, block, geo.n)
+        out = block_sparse_attention(q, k, v, layout, causal=True, impl=impl)
+        y = jnp.einsum("bshd,hde->bse", out, attn.o[...].astype(x.dtype))
+        if attn.cfg.o_bias:
+            y = y + attn.o_bias[...].astype(x.dtype)
+        x = x + y
+        x = x + layer.mlp(layer.mlp_norm(x))
+    hidden = jnp.take_along_axis(x, qpos[..., None], axis=1)  # [B, A, E]
+    return jax.nn.log_softmax(model.logits(model.norm(hidden)), axis=-1)
+
+
+def streamed_heads_logprobs(model, tokens: jax.Array, stream: jax.Array, qpos: jax.Array, *,
+                            sink: int, local: int, block: int = 128,
+                            impl: str = "auto") -> jax.Array:
+    """Next-token log-probabilities with some KV heads streaming (sink + local window blocks,
+    as the ``streaming`` policy lays them out) and the others dense, in every layer.
+
+    The selection is data: one compile serves every head selection (the retrieval-head search
+    scores many). Args: tokens int32 [B, S] (right padding is harmless: causal); stream bool
+    [L, Hkv] (True = streaming); qpos int32 [B, A] the positions to read.
+    Returns float32 [B, A, V]: log-softmax of the logits at qpos (predicting qpos + 1).
+    """
+    if getattr(model.attention, "sparse", None) is not None:
+        raise ValueError("streamed_heads_logprobs needs a dense model (AttentionSpec.sparse "
+                         "is set)")
+    n_layers, hkv = len(model.layers), model.config.num_kv_heads
+    if stream.shape != (n_layers, hkv):
+        raise ValueError(f"stream must be [layers, kv heads] = {(n_layers, hkv)}, "
+                         f"got {tuple(stream.shape)}")
+    graphdef, state = nnx.split(model)
+    return _streamed_logprobs(graphdef, state, jnp.asarray(tokens, jnp.int32),
+                              jnp.asarray(stream, bool), jnp.asarray(qpos, jnp.int32), sink,
+                              local, block, impl)

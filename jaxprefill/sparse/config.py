@@ -94,6 +94,7 @@ class SparseConfig:
             data = yaml.safe_load(f)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a sparse config must be a mapping")
+        _resolve_head_configs(data, os.path.dirname(os.path.abspath(path)))
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as e:
@@ -121,3 +122,13 @@ class SparseConfig:
             rules.append(LayerRule(int(start), None if stop is None else int(stop),
                                    registry.get(rule["policy"], **params)))
         return cls(tuple(rules), int(data.get("min_length", 1024)), data.get("kernel", "auto"))
+
+
+def _resolve_head_configs(data: dict, base: str) -> None:
+    """A relative ``head_config`` in a YAML file names a file beside that YAML (in place)."""
+    rules = data.get("layers") if isinstance(data.get("layers"), list) else [data]
+    for rule in rules:
+        params = rule.get("params") if isinstance(rule, dict) else None
+        path = params.get("head_config") if isinstance(params, dict) else None
+        if isinstance(path, str) and not os.path.isabs(path):
+            params["head_config"] = os.path.join(base, path)

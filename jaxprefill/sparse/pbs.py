@@ -14,6 +14,11 @@ queries attend to gather into few blocks, then selects blocks of the permuted ke
    order until ``tau`` of the mass (:func:`estimators.cumulative_keep`); the block holding
    original token 0 (the sink) is forced; every block of the query block's own (diagonal)
    segment is added, causally.
+4. (ours, ``last_block_exact``) The row's last query block, whose final token generates, also
+   keeps, per query head, the fewest permuted blocks holding ``tau`` of that head's exact
+   attention mass over the last block's queries (the scores of step 1, before the group mean):
+   the pooled query of step 3 averages 128 queries, and the question's few tokens that look
+   for a needle are diluted in it. Free: step 1 computed those scores.
 
 **Causality by construction.** Our kernels test causality on key *positions in the array*,
 not on a per-token position array. PBS's permuted keys are therefore used only where
@@ -45,7 +50,8 @@ from pallas_kernels import BlockSparseLayout, block_sparse_attention
 @register
 @dataclasses.dataclass(frozen=True)
 class PBS(Policy):
-    """PBS. Params: tau (0.9), segment (256 tokens, a multiple of block_size), block_size (128).
+    """PBS. Params: tau (0.9), segment (256 tokens, a multiple of block_size), last_block_exact
+    (False; ours, see the module docstring), block_size (128).
 
     Use :meth:`attend` (or a SparseConfig through ``attend``): :meth:`build`'s layout indexes
     the doubled key array of :meth:`keys_values`, not the original keys.
@@ -54,6 +60,7 @@ class PBS(Policy):
     name = "pbs"
     tau: float = 0.9
     segment: int = 256
+    last_block_exact: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +71,15 @@ class PBS(Policy):
     # ------------------------------------------------------------------------- permutation
     def permutation(self, q: jax.Array, k: jax.Array, geo: Geometry) -> jax.Array:
         """int32 [B, Hkv, n * block]: original key index at each permuted position."""
-        vert, _ = est.last_q_sums(q, k, geo, geo.block, slash=False)  # [B, Hq, S]
+        return self._permutation(self._last_block_scores(q, k, geo), geo)
+
+    @staticmethod
+    def _last_block_scores(q: jax.Array, k: jax.Array, geo: Geometry) -> jax.Array:
+        """float32 [B, Hq, S]: attention mass per key, summed over the row's last block of
+        queries (each query head its own)."""
+        return est.last_q_sums(q, k, geo, geo.block, slash=False)[0]
+
+    def _permutation(self, vert: jax.Array, geo: Geometry) -> jax.Array:
         score = vert.reshape(geo.B, geo.Hkv, geo.G, geo.S).sum(axis=2) / (geo.G * geo.block)
         total = geo.n * geo.block
         ns = -(-total // self.segment)
@@ -97,7 +112,8 @@ class PBS(Policy):
     def masks(self, q: jax.Array, k: jax.Array, geo: Geometry,
               min_length: int = 0) -> tuple[jax.Array, jax.Array]:
         """(perm [B, Hkv, n*block], bool [B, H, n, 2n] block mask over K2), H = Hq or Hkv."""
-        perm = self.permutation(q, k, geo)
+        vert = self._last_block_scores(q, k, geo)
+        perm = self._permutation(vert, geo)
         kp = jnp.take_along_axis(est.padded(k, geo), jnp.transpose(perm, (0, 2, 1))[..., None],
                                  axis=1)[:, :geo.S]
         n, blk = geo.n, geo.block
@@ -114,6 +130,8 @@ class PBS(Policy):
         sink = jnp.repeat(pos0 // blk, geo.G, axis=1)[:, :, None, None] == j[None, None]
         offb = jnp.broadcast_to(off, prob.shape)
         keep = est.cumulative_keep(prob, offb, self.tau, forced=sink & offb)
+        if self.last_block_exact:
+            keep = keep | self._last_block_selection(vert, perm, off, sink, geo)
         if min_length > 0:  # short rows: dense causal, all from the original keys
             short = (geo.lengths < min_length)[:, None, None, None]
             keep = keep & ~short
@@ -126,6 +144,23 @@ class PBS(Policy):
         keep = keep & ~pad_rows  # padding query blocks: their own diagonal block only
         diag = jnp.where(pad_rows, jnp.eye(n, dtype=bool)[None, None], diag)
         return perm, jnp.concatenate([keep, diag], axis=-1)
+
+    def _last_block_selection(self, vert: jax.Array, perm: jax.Array, off: jax.Array,
+                              sink: jax.Array, geo: Geometry) -> jax.Array:
+        """bool [B, Hq, n, n]: in each row's last query block, per query head, the fewest
+        permuted off-diagonal-segment blocks (sink forced) holding tau of the head's exact mass
+        ``vert`` [B, Hq, S]; False elsewhere."""
+        n, blk, total = geo.n, geo.block, geo.n * geo.block
+        vp = jnp.pad(vert, ((0, 0), (0, 0), (0, total - geo.S)))
+        by_perm = jnp.take_along_axis(vp, jnp.repeat(perm, geo.G, axis=1), axis=-1)
+        mass = by_perm.reshape(geo.B, geo.Hq, n, blk).sum(-1)  # [B, Hq, n] permuted blocks
+        last = geo.row_blocks() - 1  # [B]
+        is_last = jnp.arange(n)[None, :] == last[:, None]  # [B, n]
+        allowed = jnp.any(off[:, 0] & is_last[:, :, None], axis=1)[:, None]  # [B, 1, n]
+        forced = jnp.any(sink & is_last[:, None, :, None], axis=2)  # [B, Hq, n]
+        exact = est.cumulative_keep(mass, jnp.broadcast_to(allowed, mass.shape), self.tau,
+                                    forced=forced & allowed)
+        return is_last[:, None, :, None] & exact[:, :, None, :]
 
     def build(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
               lengths: jax.Array | None = None, min_length: int = 0) -> BlockSparseLayout:

@@ -11,8 +11,11 @@ DuoAttention keeps its *retrieval heads* dense and streams the others. ``head_co
 JSON file ``{"dense_heads": {"<layer>": [kv head, ...]}}`` whose listed KV heads (and their
 query heads) get the full causal layout; layers it does not list stream every head.
 DuoAttention finds those heads by training a gate per head; ``scripts/search_streaming_heads.py``
-instead ranks heads, training-free, by the attention mass their last queries put outside the
-sink + local window on calibration prompts.
+instead ranks heads training-free (attention mass outside the window, mass on the needle, or
+the answer's deviation from dense when a head streams: see that script).
+
+``n_last`` > 0 adds TriangleMix's dense query tail: the query blocks holding each row's last
+``n_last`` queries attend to every earlier key (the generating tokens see the whole prompt).
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ def streaming_blocks(geo: Geometry, sink: int, local: int) -> jax.Array:
     return (j < sink_b) | ((j <= i) & (j > i - local_b))
 
 
+def dense_tail(geo: Geometry, n_last: int) -> jax.Array:
+    """bool [B, nq]: the computed query-block rows holding one of each row's last n_last
+    queries."""
+    first = (geo.lengths - n_last) // geo.block  # [B] block of the tail's first query
+    return geo.query_rows() >= first[:, None]
+
+
 @functools.lru_cache(maxsize=16)
 def load_dense_heads(path: str) -> dict[int, tuple[int, ...]]:
     """JSON {"dense_heads": {"<layer>": [kv head ids]}} -> {layer: sorted kv heads}."""
@@ -61,7 +71,8 @@ class Streaming(Policy):
     """Sink + local window, optionally with dense (retrieval) heads.
 
     Params: sink (tokens, default 64), local (tokens, default 256), head_config (JSON path of
-    the dense KV heads per layer, default None: every head streams), block_size (128).
+    the dense KV heads per layer, default None: every head streams), n_last (dense query tail
+    in tokens, default 0), block_size (128).
     """
 
     name = "streaming"
@@ -69,6 +80,7 @@ class Streaming(Policy):
     sink: int = 64
     local: int = 256
     head_config: str | None = None
+    n_last: int = 0
 
     def dense_heads(self, layer: int, hkv: int) -> tuple[int, ...]:
         """The KV heads of ``layer`` that keep full causal attention."""
@@ -86,6 +98,8 @@ class Streaming(Policy):
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         m = jnp.broadcast_to(streaming_blocks(geo, self.sink, self.local)[:, None],
                              (geo.B, geo.Hkv, geo.nq, geo.n))
+        if self.n_last > 0:
+            m = m | (dense_tail(geo, self.n_last)[:, None, :, None] & geo.causal())
         dense = self.dense_heads(layer, geo.Hkv)
         if not dense:
             return m

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry, Policy
 from jaxprefill.sparse.registry import register
-from jaxprefill.sparse.streaming import streaming_blocks
+from jaxprefill.sparse.streaming import dense_tail, streaming_blocks
 
 
 @register
@@ -42,6 +42,4 @@ class TriangleMix(Policy):
         if layer < self.start_layer:
             return full
         tri = streaming_blocks(geo, self.n_init, self.n_local)[:, None]  # [1 or B, 1, nq, n]
-        first_dense = (geo.lengths - self.n_last) // geo.block  # [B] block of the tail's start
-        tail = geo.query_rows() >= first_dense[:, None]  # [B, nq]
-        return jnp.where(tail[:, None, :, None], full, tri)
+        return jnp.where(dense_tail(geo, self.n_last)[:, None, :, None], full, tri)
