@@ -12,6 +12,24 @@ from jaxprefill.eval import metrics, plots
 from jaxprefill.eval.tasks import TASKS, make_sample
 
 
+def peaked_tiny_model(num_layers: int, seed: int):
+    """A tiny Llama (6 query / 2 KV heads) with weights x6: peaked attention, so a sparse mask
+    changes its outputs."""
+    import jaxprefill as jp
+    from flax import nnx
+
+    from jaxprefill.attention import AttentionSpec
+
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=num_layers, num_heads=6, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=512, eos_token_ids=(0,))
+    model = jp.Llama(cfg, rngs=nnx.Rngs(seed), attention=AttentionSpec(impl="xla"))
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if p[...].ndim >= 2:
+            p[...] = p[...] * 6.0
+    return model
+
+
 def test_recall_density_error_match_bruteforce():
     rng = np.random.default_rng(0)
     b, s, hq, hkv, d, block = 1, 256, 4, 2, 8, 64
@@ -133,20 +151,11 @@ def test_drivers_batch_rows_like_alone():
     """greedy_answers (sparse prefill, dense decode, one padded batch) gives each row the tokens
     jp.generate gives it alone; row_attention_stats gives each row its stats alone (pbs too)."""
     import jaxprefill as jp
-    from flax import nnx
-
-    from jaxprefill.attention import AttentionSpec
     from jaxprefill.eval.probe import capture_qkv
     from jaxprefill.eval.runner import greedy_answers, row_attention_stats
     from jaxprefill.sparse import SparseConfig
 
-    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
-                         max_position_embeddings=512, eos_token_ids=(0,))
-    model = jp.Llama(cfg, rngs=nnx.Rngs(0), attention=AttentionSpec(impl="xla"))
-    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if p[...].ndim >= 2:
-            p[...] = p[...] * 6.0  # peaked attention: the mask changes the answer
+    model = peaked_tiny_model(2, 0)
 
     class Tok:
         eos_token_ids = (0,)
@@ -228,13 +237,7 @@ def test_streamed_heads_logprobs_match_the_streaming_policy(tmp_path):
     from jaxprefill.eval.probe import streamed_heads_logprobs
     from jaxprefill.sparse import SparseConfig
 
-    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                         num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
-                         max_position_embeddings=512, eos_token_ids=(0,))
-    model = jp.Llama(cfg, rngs=nnx.Rngs(1), attention=AttentionSpec(impl="xla"))
-    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if p[...].ndim >= 2:
-            p[...] = p[...] * 6.0  # peaked attention: the mask changes the outputs
+    model = peaked_tiny_model(3, 1)
     tokens = np.random.default_rng(5).integers(1, 97, (2, 160)).astype(np.int32)
     qpos = np.array([[150, 151, 152], [120, 121, 159]], np.int32)
     stream = np.array([[True, False], [False, False], [True, True]])
@@ -254,7 +257,8 @@ def test_streamed_heads_logprobs_match_the_streaming_policy(tmp_path):
     sp = SparseConfig.from_dict({"policy": "streaming", "min_length": 0, "kernel": "xla",
                                  "params": {"block_size": 16, "sink": 16, "local": 32,
                                             "head_config": str(path)}})
-    sparse_model = jp.Llama(cfg, rngs=nnx.Rngs(1), attention=AttentionSpec(impl="xla", sparse=sp))
+    sparse_model = jp.Llama(model.config, rngs=nnx.Rngs(1),
+                            attention=AttentionSpec(impl="xla", sparse=sp))
     nnx.update(sparse_model, nnx.state(model))
     mixed = np.asarray(streamed_heads_logprobs(model, tokens, stream, qpos, **kw))
     np.testing.assert_allclose(mixed, logprobs_of(sparse_model), rtol=1e-5, atol=1e-5)
@@ -271,22 +275,11 @@ def test_streaming_head_search_ablation_order(monkeypatch, tmp_path):
     import json
     from pathlib import Path
 
-    import jaxprefill as jp
-    from flax import nnx
-
-    from jaxprefill.attention import AttentionSpec
-
     path = Path(__file__).resolve().parents[1] / "scripts" / "search_streaming_heads.py"
     spec = importlib.util.spec_from_file_location("search_streaming_heads", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                         num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
-                         max_position_embeddings=512, eos_token_ids=(0,))
-    model = jp.Llama(cfg, rngs=nnx.Rngs(1), attention=AttentionSpec(impl="xla"))
-    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if p[...].ndim >= 2:
-            p[...] = p[...] * 6.0
+    model = peaked_tiny_model(3, 1)
     rng = np.random.default_rng(7)
 
     def fake_prompt(tok, task, length, seed):  # (prompt tokens, answer tokens)

@@ -11,14 +11,19 @@ from flax import nnx
 from jaxprefill.models.layers import rope_cos_sin
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _capture(graphdef, state, tokens):
-    model = nnx.merge(graphdef, state)
+def _embed(model, tokens: jax.Array):
+    """The model's input step: embeddings [B, S, E] and RoPE tables for positions 0..S-1."""
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     inv_freq, scale = model.rope
     cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
-    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    return jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype), cos, sin
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _capture(graphdef, state, tokens):
+    model = nnx.merge(graphdef, state)
+    x, cos, sin = _embed(model, tokens)
     qs, ks, vs = [], [], []
     for layer in model.layers:
         # The block's own projection (same code path as the model), then the real block step.
@@ -54,11 +59,7 @@ def _streamed_logprobs(graphdef, state, tokens, stream, qpos, sink, local, block
     from pallas_kernels import BlockSparseLayout, block_sparse_attention
 
     model = nnx.merge(graphdef, state)
-    b, s = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    inv_freq, scale = model.rope
-    cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
-    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    x, cos, sin = _embed(model, tokens)
     for i, layer in enumerate(model.layers):
         attn = layer.attn
         q, k, v = attn.project(layer.attn_norm(x), cos, sin)
