@@ -157,9 +157,8 @@ class PBS(Policy):
         last = geo.row_blocks() - 1  # [B]
         is_last = jnp.arange(n)[None, :] == last[:, None]  # [B, n]
         allowed = jnp.any(off[:, 0] & is_last[:, :, None], axis=1)[:, None]  # [B, 1, n]
-        forced = jnp.any(sink & is_last[:, None, :, None], axis=2)  # [B, Hq, n]
         exact = est.cumulative_keep(mass, jnp.broadcast_to(allowed, mass.shape), self.tau,
-                                    forced=forced & allowed)
+                                    forced=sink[:, :, 0] & allowed)  # sink [B, Hq, 1, n]
         return is_last[:, None, :, None] & exact[:, :, None, :]
 
     def build(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
