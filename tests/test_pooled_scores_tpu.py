@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxprefill.sparse.base import make_geometry, make_row_geometry
-from jaxprefill.sparse.estimators import block_softmax_scores
 from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
+from pooled_scores_cases import pooled_inputs, pooled_reference
 
 _RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error
 
@@ -32,21 +31,6 @@ def _interp(**kw):
 
 def _seed() -> int:
     return int(np.random.default_rng().integers(2**31))
-
-
-def _inputs(seed: int, B: int, Mq: int, Mk: int, Hq: int, Hkv: int, Dx: int, dtype):
-    kq, kk = jax.random.split(jax.random.key(seed))
-    qx = jax.random.normal(kq, (B, Mq, Hq, Dx), jnp.float32).astype(dtype)
-    kx = jax.random.normal(kk, (B, Mk, Hkv, Dx), jnp.float32).astype(dtype)
-    return qx, kx
-
-
-def _reference(qx, kx, r, valid_rows, scale, pool, row_start=None):
-    if row_start is None:
-        geo = make_geometry(qx, kx, r, None)
-    else:
-        geo = make_row_geometry(qx, kx, r, row_start // r, None)
-    return block_softmax_scores(qx, kx, geo, r, valid_rows, scale, pool)
 
 
 def _kernel(qx, kx, valid_rows, row_start, interpret=None, **kw):
@@ -79,33 +63,33 @@ _CASES = [
 def test_matches_block_softmax_scores(pool, r, hq, hkv, dx, bm, bn, dtype):
     # 80 rows: padded to the tiles; valid lengths odd and different per batch row.
     seed = _seed()
-    qx, kx = _inputs(seed, 2, 80, 80, hq, hkv, dx, dtype)
+    qx, kx = pooled_inputs(seed, 2, 80, 80, hq, hkv, dx, dtype)
     vr = jnp.array([77, 29], jnp.int32)
     scale = dx ** -0.5
     out = _kernel(qx, kx, vr, jnp.zeros(2, jnp.int32), r=r, scale=scale, pool=pool,
                   block_m=bm, block_n=bn)
-    _close(out, _reference(qx, kx, r, vr, scale, pool), dtype, seed)
+    _close(out, pooled_reference(qx, kx, r, vr, scale, pool), dtype, seed)
 
 
 @pytest.mark.parametrize("pool,r", [("sum", 16), ("max", 8)])
 def test_row_window_equals_whole_prompt_rows(pool, r):
     seed = _seed()
     B, M, Mq, Hq, Hkv, Dx = 2, 128, 48, 3, 1, 64
-    qfull, kx = _inputs(seed, B, M, M, Hq, Hkv, Dx, jnp.float32)
+    qfull, kx = pooled_inputs(seed, B, M, M, Hq, Hkv, Dx, jnp.float32)
     vr = jnp.array([117, 101], jnp.int32)  # row 1's window runs past its valid rows
     rs = jnp.array([32, 64], jnp.int32)
     qx = jnp.stack([qfull[b, int(rs[b]):int(rs[b]) + Mq] for b in range(B)])
     out = _kernel(qx, kx, vr, rs, r=r, scale=0.2, pool=pool, block_m=16, block_n=32)
-    whole = _reference(qfull, kx, r, vr, 0.2, pool)
+    whole = pooled_reference(qfull, kx, r, vr, 0.2, pool)
     rows = jnp.stack([whole[b, :, int(rs[b]) // r:(int(rs[b]) + Mq) // r] for b in range(B)])
     _close(out, rows, jnp.float32, seed)
-    _close(out, _reference(qx, kx, r, vr, 0.2, pool, row_start=rs), jnp.float32, seed)
+    _close(out, pooled_reference(qx, kx, r, vr, 0.2, pool, row_start=rs), jnp.float32, seed)
 
 
 @pytest.mark.parametrize("pool", ["sum", "max"])
 def test_invalid_rows_are_exactly_zero(pool):
     seed, r = _seed(), 8
-    qx, kx = _inputs(seed, 2, 64, 64, 2, 1, 64, jnp.float32)
+    qx, kx = pooled_inputs(seed, 2, 64, 64, 2, 1, 64, jnp.float32)
     vr = jnp.array([37, 5], jnp.int32)
     out = np.asarray(_kernel(qx, kx, vr, 0, r=r, scale=0.3, pool=pool, block_m=16,
                              block_n=16))
@@ -114,7 +98,7 @@ def test_invalid_rows_are_exactly_zero(pool):
         first_dead = -(-v // r)  # cells whose rows (or columns) are all >= valid_rows
         assert (out[b, :, first_dead:] == 0).all(), f"seed={seed}"
         assert (out[b, :, :, first_dead:] == 0).all(), f"seed={seed}"
-    _close(out, _reference(qx, kx, r, vr, 0.3, pool), jnp.float32, seed)
+    _close(out, pooled_reference(qx, kx, r, vr, 0.3, pool), jnp.float32, seed)
     if pool == "sum":  # each valid row's softmax sums to 1
         np.testing.assert_allclose(out.sum(axis=(2, 3)), np.broadcast_to(
             np.asarray(vr, np.float32)[:, None], out.shape[:2]), rtol=1e-5,
@@ -126,31 +110,31 @@ def test_rows_past_the_keys_never_see_padded_keys():
     # beyond Mk: the zero keys of the padding must stay invisible (the reference has no such
     # columns), although causality alone would let rows 48.. see them.
     seed = _seed()
-    qx, kx = _inputs(seed, 2, 32, 48, 2, 1, 64, jnp.float32)
+    qx, kx = pooled_inputs(seed, 2, 32, 48, 2, 1, 64, jnp.float32)
     vr = jnp.array([70, 60], jnp.int32)
     rs = jnp.array([32, 16], jnp.int32)
     out = _kernel(qx, kx, vr, rs, r=16, scale=0.3, pool="sum", block_m=16, block_n=32)
-    _close(out, _reference(qx, kx, 16, vr, 0.3, "sum", row_start=rs), jnp.float32, seed)
+    _close(out, pooled_reference(qx, kx, 16, vr, 0.3, "sum", row_start=rs), jnp.float32, seed)
 
 
 def test_default_blocks_clamp_and_scalar_arguments():
     # Defaults (128 x 512) clamp to one tile of each; valid_rows and row_start as scalars.
     seed = _seed()
-    qx, kx = _inputs(seed, 1, 48, 48, 4, 2, 64, jnp.bfloat16)
+    qx, kx = pooled_inputs(seed, 1, 48, 48, 4, 2, 64, jnp.bfloat16)
     out = _kernel(qx, kx, 45, 0, r=16, scale=0.125, pool="max")
     vr = jnp.array([45], jnp.int32)
-    _close(out, _reference(qx, kx, 16, vr, 0.125, "max"), jnp.bfloat16, seed)
+    _close(out, pooled_reference(qx, kx, 16, vr, 0.125, "max"), jnp.bfloat16, seed)
 
 
 def test_no_races_two_cores():
     seed = _seed()
-    qx, kx = _inputs(seed, 2, 32, 32, 2, 1, 64, jnp.float32)
+    qx, kx = pooled_inputs(seed, 2, 32, 32, 2, 1, 64, jnp.float32)
     vr = jnp.array([31, 19], jnp.int32)
     out = _kernel(qx, kx, vr, 0, r=8, scale=0.2, pool="sum", block_m=16, block_n=16,
                   interpret=_interp(detect_races=True, num_cores_or_threads=2))
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
     assert mosaic_interpret.races is not None and not mosaic_interpret.races.races_found
-    _close(out, _reference(qx, kx, 8, vr, 0.2, "sum"), jnp.float32, seed)
+    _close(out, pooled_reference(qx, kx, 8, vr, 0.2, "sum"), jnp.float32, seed)
 
 
 @pytest.mark.parametrize("dx,r,pool,dtype", [(2048, 16, "sum", jnp.bfloat16),

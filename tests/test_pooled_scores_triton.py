@@ -14,27 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprefill.sparse.base import make_geometry, make_row_geometry
-from jaxprefill.sparse.estimators import block_softmax_scores
 from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
 from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
+from pooled_scores_cases import pooled_inputs, pooled_reference
 
 _TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-6), jnp.bfloat16: dict(rtol=2e-2, atol=1e-3)}
-
-
-def _inputs(seed: int, B: int, Mq: int, Mk: int, Hq: int, Hkv: int, Dx: int, dtype):
-    kq, kk = jax.random.split(jax.random.key(seed))
-    qx = jax.random.normal(kq, (B, Mq, Hq, Dx), jnp.float32).astype(dtype)
-    kx = jax.random.normal(kk, (B, Mk, Hkv, Dx), jnp.float32).astype(dtype)
-    return qx, kx
-
-
-def _reference(qx, kx, r, valid_rows, scale, pool, row_start=None):
-    if row_start is None:
-        geo = make_geometry(qx, kx, r, None)
-    else:
-        geo = make_row_geometry(qx, kx, r, row_start // r, None)
-    return block_softmax_scores(qx, kx, geo, r, valid_rows, scale, pool)
 
 
 def _kernel(qx, kx, valid_rows, row_start, **kw):
@@ -63,34 +47,34 @@ _CASES = [
 @pytest.mark.parametrize("pool,r,hq,hkv,dx,bm,bn,bd,dtype", _CASES)
 def test_matches_block_softmax_scores(pool, r, hq, hkv, dx, bm, bn, bd, dtype):
     # 160 rows: padded to the tiles; valid lengths odd, one well inside the padding.
-    qx, kx = _inputs(hq * 100 + dx, 2, 160, 160, hq, hkv, dx, dtype)
+    qx, kx = pooled_inputs(hq * 100 + dx, 2, 160, 160, hq, hkv, dx, dtype)
     vr = jnp.array([157, 61], jnp.int32)
     scale = dx ** -0.5
     out = _kernel(qx, kx, vr, jnp.zeros(2, jnp.int32), r=r, scale=scale, pool=pool,
                   block_m=bm, block_n=bn, block_d=bd)
     assert out.shape == (2, hq, 160 // r, 160 // r) and out.dtype == jnp.float32
-    _close(out, _reference(qx, kx, r, vr, scale, pool), dtype)
+    _close(out, pooled_reference(qx, kx, r, vr, scale, pool), dtype)
 
 
 @pytest.mark.parametrize("pool,r", [("sum", 16), ("max", 8)])
 def test_row_window_equals_whole_prompt_rows(pool, r):
     B, M, Mq, Hq, Hkv, Dx = 2, 192, 64, 3, 1, 64
-    qfull, kx = _inputs(7, B, M, M, Hq, Hkv, Dx, jnp.float32)
+    qfull, kx = pooled_inputs(7, B, M, M, Hq, Hkv, Dx, jnp.float32)
     vr = jnp.array([181, 150], jnp.int32)  # row 1's window runs past its valid rows
     rs = jnp.array([32, 96], jnp.int32)
     qx = jnp.stack([qfull[b, int(rs[b]):int(rs[b]) + Mq] for b in range(B)])
     kw = dict(r=r, scale=0.2, pool=pool, block_m=32, block_n=32, block_d=64)
     out = _kernel(qx, kx, vr, rs, **kw)
-    whole = _reference(qfull, kx, r, vr, 0.2, pool)
+    whole = pooled_reference(qfull, kx, r, vr, 0.2, pool)
     rows = jnp.stack([whole[b, :, int(rs[b]) // r:(int(rs[b]) + Mq) // r] for b in range(B)])
     _close(out, rows, jnp.float32)
-    _close(out, _reference(qx, kx, r, vr, 0.2, pool, row_start=rs), jnp.float32)
+    _close(out, pooled_reference(qx, kx, r, vr, 0.2, pool, row_start=rs), jnp.float32)
 
 
 @pytest.mark.parametrize("pool", ["sum", "max"])
 def test_invalid_rows_are_exactly_zero(pool):
     r, M = 8, 128
-    qx, kx = _inputs(11, 2, M, M, 2, 1, 32, jnp.float32)
+    qx, kx = pooled_inputs(11, 2, M, M, 2, 1, 32, jnp.float32)
     vr = jnp.array([37, 5], jnp.int32)
     out = np.asarray(_kernel(qx, kx, vr, jnp.zeros(2, jnp.int32), r=r, scale=0.3, pool=pool,
                              block_m=32, block_n=32, block_d=32))
@@ -99,7 +83,7 @@ def test_invalid_rows_are_exactly_zero(pool):
         first_dead = -(-v // r)  # query blocks whose rows are all >= valid_rows
         assert (out[b, :, first_dead:] == 0).all()
         assert (out[b, :, :, first_dead:] == 0).all()  # no valid column there either
-    _close(out, _reference(qx, kx, r, vr, 0.3, pool), jnp.float32)
+    _close(out, pooled_reference(qx, kx, r, vr, 0.3, pool), jnp.float32)
     if pool == "sum":  # each valid row's softmax sums to 1
         np.testing.assert_allclose(out.sum(axis=(2, 3)), np.broadcast_to(
             np.asarray(vr, np.float32)[:, None], out.shape[:2]), rtol=1e-5)
@@ -109,17 +93,17 @@ def test_rows_past_the_keys_never_see_padded_keys():
     # A window whose rows run past the 96 keys (padded to 128 by block_n = 64) with valid_rows
     # beyond Mk: the zero keys of the padding must stay invisible (the reference has no such
     # columns), although causality alone would let rows 96.. see them.
-    qx, kx = _inputs(5, 2, 32, 96, 2, 1, 32, jnp.float32)
+    qx, kx = pooled_inputs(5, 2, 32, 96, 2, 1, 32, jnp.float32)
     vr = jnp.array([120, 100], jnp.int32)
     rs = jnp.array([80, 64], jnp.int32)
     out = _kernel(qx, kx, vr, rs, r=16, scale=0.3, pool="sum", block_m=32, block_n=64,
                   block_d=32)
-    _close(out, _reference(qx, kx, 16, vr, 0.3, "sum", row_start=rs), jnp.float32)
+    _close(out, pooled_reference(qx, kx, 16, vr, 0.3, "sum", row_start=rs), jnp.float32)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])  # both kernels share the checks
 def test_argument_validation(backend):
-    qx, kx = _inputs(3, 1, 64, 64, 4, 2, 32, jnp.float32)
+    qx, kx = pooled_inputs(3, 1, 64, 64, 4, 2, 32, jnp.float32)
     vr, rs = jnp.array([64], jnp.int32), jnp.zeros(1, jnp.int32)
     kernel = _kernel if backend == "gpu" else functools.partial(pooled_block_scores_tpu,
                                                                  interpret=True)
