@@ -163,18 +163,11 @@ def last_query_sums_tpu(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *, 
                         interpret: Any = False) -> tuple[jax.Array, jax.Array | None]:
     """Vertical and slash sums of the last R queries' causal softmax (Pallas TPU).
 
-    Args:
-        q_last: [B, Hq, R, D], the queries at positions lengths - R .. lengths - 1.
-        k: [B, S, Hkv, D] keys; Hq % Hkv == 0 (query head h reads KV head h // (Hq // Hkv)).
-        lengths: int32 [B], valid tokens per row (1..S).
-        scale: softmax scale of the logits.
-        slash: also compute the diagonal sums (else the second output is None).
-        block_k: keys per tile (a multiple of 128 on hardware; clamped to S rounded up to 128).
-        interpret: False on TPU; True or ``pltpu.InterpretParams(...)`` elsewhere.
-
-    Returns:
-        (vert float32 [B, Hq, S], slash float32 [B, Hq, S] or None): vert[j] = sum_r P[r, j],
-        slash[o] = sum_r P[r, pos_r - o] (o = query position - key position); 0 past L.
+    Arguments and results as :func:`pallas_kernels.gpu.last_query_stats_triton.
+    last_query_sums_triton` (q_last [B, Hq, R, D], k [B, S, Hkv, D], lengths [B] -> vert and
+    slash float32 [B, Hq, S]), except: block_k is the keys per tile (a multiple of 128 on
+    hardware; clamped to S rounded up to 128), and interpret is False on TPU, True or
+    ``pltpu.InterpretParams(...)`` elsewhere.
     """
     _check_inputs(q_last, k, lengths, block_k)
     b, hq, n_rows, d = q_last.shape
