@@ -50,6 +50,11 @@ CASES = [
                                  causal=False), {}),
     ("f32_gqa4", dict(B=1, Sq=384, Sk=384, Hq=4, Hkv=1, Dqk=64, Dv=64, dtype=np.float32,
                       block_q=64, block_k=64), {}),
+    # float32: the default three-TF32 dots at D=128 (64-row programs), and exact dots.
+    ("f32_d128_gqa4_odd", dict(B=1, Sq=515, Sk=515, Hq=8, Hkv=2, Dqk=128, Dv=128,
+                               dtype=np.float32), {}),
+    ("f32_gqa4_ieee", dict(B=1, Sq=384, Sk=384, Hq=4, Hkv=1, Dqk=64, Dv=64, dtype=np.float32,
+                           block_q=64, block_k=64), dict(triton=dict(f32_dot="ieee"))),
     # Mosaic GPU tiles: a 256-position layout block is two CTA tiles sharing one list;
     # block_k 64; head dims that are not multiples of 64 (zero-padded); 3-stage ring.
     ("bq256_bk64_odd_chunk_gqa2_bf16", dict(B=2, Sq=700, Sk=1300, Hq=4, Hkv=2, Dqk=128,
@@ -88,14 +93,18 @@ def rel_err(out, ref):
 INTERPRET = False  # --interpret: CPU smoke test of this script (small cases only)
 KERNELS = {"triton": block_sparse_attention_triton, "mosaic": block_sparse_attention_mosaic}
 # Kernel options that only one implementation takes.
-TRITON_ONLY = ("pack_gqa", "block_m", "num_warps")
+TRITON_ONLY = ("pack_gqa", "block_m", "num_warps", "f32_dot")
 MOSAIC_ONLY = ("num_stages",)
+
+
+EXTRA = {"mosaic": {}, "triton": {}}  # --mosaic-kw / --triton-kw: an experiment in every call
 
 
 def kernel_kwargs(impl, kernel_kw):
     """Per-impl options: ``kernel_kw`` may hold ``mosaic=dict(...)`` / ``triton=dict(...)``."""
     kw = {k: v for k, v in kernel_kw.items() if k not in ("mosaic", "triton")}
     kw.update(kernel_kw.get(impl, {}))
+    kw.update(EXTRA[impl])
     drop = TRITON_ONLY if impl == "mosaic" else MOSAIC_ONLY
     return {k: v for k, v in kw.items() if k not in drop}
 
@@ -239,7 +248,12 @@ def main():
     ap.add_argument("--columns-only", action="store_true",
                     help="only the column-path and BLASST cases (Triton kernel)")
     ap.add_argument("--impls", nargs="+", default=["triton", "mosaic"], choices=list(KERNELS))
+    ap.add_argument("--mosaic-kw", type=json.loads, default={},
+                    help="JSON options added to every mosaic call (e.g. an experiment)")
+    ap.add_argument("--triton-kw", type=json.loads, default={},
+                    help="JSON options added to every triton call")
     args = ap.parse_args()
+    EXTRA["mosaic"], EXTRA["triton"] = args.mosaic_kw, args.triton_kw
     global INTERPRET
     INTERPRET = args.interpret
     print("jax", jax.__version__, jax.devices(), flush=True)

@@ -73,6 +73,19 @@ def test_gpu_kernel_interpret_dispatch_and_bad_blocks():
         interp(bad)
 
 
+def test_gpu_kernel_f32_dot_choice():
+    # float32, D=128: the default picks 64-row programs and three-TF32 dots on a GPU; interpret
+    # mode multiplies exactly whatever f32_dot says (CPUs have no TF32), so every choice must
+    # match float64 at float32 tolerance here; an unknown choice is refused by name.
+    p = random_problem(5, B=1, Sq=200, Sk=200, Hq=4, Hkv=2, Dqk=128, Dv=128, block_q=64,
+                       block_k=64, density=0.7, dtype=np.float32)
+    for f32_dot in ("tf32x3", "tf32", "ieee"):
+        out, lse = interp(p, f32_dot=f32_dot)
+        assert_close(out, lse, *p.reference(), low_precision=False)
+    with pytest.raises(ValueError, match="f32_dot must be one of"):
+        interp(p, f32_dot="fp64")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (see "
                     "scripts/check_kernels_gpu.py for the full GPU check)")
@@ -83,3 +96,8 @@ def test_gpu_kernel_compiled_matches_numpy():
                            segments=True, dtype=jnp.bfloat16)
         out, lse = _run(p, poison_output=True)
         assert_close(out, lse, *p.reference(), low_precision=True)
+    # float32 with the default three-TF32 dots keeps float32 accuracy (64-row programs, D=128).
+    p = random_problem(2, B=1, Sq=515, Sk=515, Hq=8, Hkv=2, Dqk=128, Dv=128, block_q=128,
+                       block_k=128, density=0.5, dtype=np.float32)
+    out, lse = _run(p, poison_output=True)
+    assert_close(out, lse, *p.reference(), low_precision=False)

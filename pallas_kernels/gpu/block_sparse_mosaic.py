@@ -38,7 +38,11 @@ Opt-in experiments (defaults off; the default kernel is unchanged): ``read_only_
 ``producer_warp`` (one TMA-issuing warp, as tokamax) and ``order="tiles"`` (tokamax's grid order);
 timed with ``scripts/bench_attention.py --impls mosaic mosaic_<x>``: within run-to-run noise of
 the default on the H100 (docs/performance.md). FA3's intra-warpgroup overlap (QK^T j + 1 issued
-with PV j, two accumulators live) was tried and removed: 22% slower (register pressure).
+with PV j, two accumulators live) was tried and removed: 22% slower (register pressure); so
+was issuing PV j and QK^T j + 1 back to back with one wait (3-6% slower, eighth session).
+Nsight Compute (docs/performance.md, eighth session): same tensor work and softmax
+instructions as tokamax at 16K, 2.4% more cycles, spent in mbarrier synchronisation and the
+per-step block-list bookkeeping.
 
 Constraints: 16-bit inputs (bf16/f16); ``block_q`` a multiple of 128 (a layout block of 256
 positions is two CTA tiles that share the list); ``block_k`` 64 or 128; head dims are

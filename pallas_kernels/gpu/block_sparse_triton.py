@@ -150,10 +150,22 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
     lse_ref[...] = lse.reshape(bq_sub, gk)
 
 
+_F32_DOTS = {"ieee": lax.Precision.HIGHEST,
+             "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+             "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32}
+
+
+def _f32_precision(f32_dot: str, interpret: Any) -> Any:
+    """The dot precision for float32 inputs (interpret mode: exact, CPUs have no TF32)."""
+    if f32_dot not in _F32_DOTS:
+        raise ValueError(f"f32_dot must be one of {sorted(_F32_DOTS)}, got {f32_dot!r}")
+    return lax.Precision.HIGHEST if interpret else _F32_DOTS[f32_dot]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "interpret", "block_m", "num_warps", "num_stages",
-                     "pack_gqa", "poison_output", "blasst_threshold"))
+                     "pack_gqa", "poison_output", "blasst_threshold", "f32_dot"))
 def block_sparse_attention_triton(
     q: jax.Array,
     k: jax.Array,
@@ -166,11 +178,12 @@ def block_sparse_attention_triton(
     segment_ids: Any = None,
     blasst_threshold: float | None = None,
     interpret: Any = False,
-    block_m: int = 128,
+    block_m: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     pack_gqa: bool | None = None,
     poison_output: bool = False,
+    f32_dot: str = "tf32x3",
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas GPU (Triton lowering) block-sparse attention.
 
@@ -178,7 +191,9 @@ def block_sparse_attention_triton(
         q: ``[B, Sq, Hq, Dqk]``; k: ``[B, Sk, Hkv, Dqk]``; v: ``[B, Sk, Hkv, Dv]``.
         layout: heads Hq or Hkv, batch B or 1; ``block_q``/``block_k`` powers of two >= 16.
         interpret: run in Pallas interpret mode (any backend).
-        block_m: query rows (positions x packed heads) per program.
+        block_m: query rows (positions x packed heads) per program; default 128, 64 for
+            float32 inputs with head dims above 64 (the split TF32 operands of 128 rows do not
+            fit shared memory).
         num_warps, num_stages: Triton launch parameters (default 8 warps for ``block_m >= 128``
             and ``D >= 128``, else 4; 2 stages for 16-bit inputs when the K/V tiles fit in
             shared memory (not MLA's Dqk=192 -> 256), else 1).
@@ -186,12 +201,20 @@ def block_sparse_attention_triton(
             to pack only when ``block_q < block_m``.
         poison_output: alias NaN-filled buffers to the outputs, so elements the kernel fails to
             write stay NaN (checks only).
+        f32_dot: how float32 inputs are multiplied: ``"tf32x3"`` (default: three TF32
+            tensor-core products, float32 accuracy), ``"ieee"`` (CUDA cores, exact products:
+            39-55x slower on an H100) or ``"tf32"`` (one product, ~4e-4 relative error);
+            ignored for 16-bit inputs and in interpret mode (exact there). H100, S=8192,
+            causal (docs/performance.md): max error / max |out| 5-7e-7 for tf32x3 and 3-4e-7
+            for ieee and for XLA's block gather, which tf32x3 outruns 2.7-4.5x.
         Others: see ``block_sparse_attention``.
     Returns:
         ``out [B, Sq, Hq, Dv]`` (``q.dtype``), ``lse [B, Hq, Sq]`` float32.
     """
     d = _prep.check_inputs(q, k, v, layout)
     bq, bk = d.block_q, d.block_k
+    if block_m is None:
+        block_m = 64 if q.dtype == jnp.float32 and max(d.Dqk, d.Dv) > 64 else 128
     if not (_is_pow2(bq) and _is_pow2(bk) and bq >= 16 and bk >= 16):
         raise ValueError(f"pallas_gpu needs power-of-two blocks >= 16, got ({bq}, {bk})")
     layout = layout.broadcast_batch(d.B)
@@ -281,7 +304,7 @@ def block_sparse_attention_triton(
         isz = q.dtype.itemsize
         smem2 = 2 * bk * (dqk_p + dv_p) * isz + bq_sub * gk * dqk_p * isz
         num_stages = 2 if (isz < 4 and smem2 <= 200 * 1024) else 1
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = _f32_precision(f32_dot, interpret) if q.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None,
         has_cols=has_cols, log2_thr=log2_thr, n_sub=n_sub,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Nsight Compute profiles of the attention kernels (issue 4) and MLA decode (issue 6) on the GPU
+# machine: one call of each target, full section set, clocks left alone (METHOD.md).
+#   bash scripts/profile_kernels_ncu.sh OUT_DIR [TARGET ...]
+# Default targets: mosaic16k tokamax16k cudnn16k mla128 mla16 (see profile_kernels_ncu.py).
+# Writes OUT_DIR/TARGET.txt (the details page) and OUT_DIR/TARGET.raw.csv (every metric of
+# every profiled kernel); SOURCE=1 adds OUT_DIR/TARGET.sass.csv (per-instruction SASS counters
+# and stall samples); the reports and logs go to ${NCU_REPORTS:-/tmp/ncu_reports}.
+set -uo pipefail
+out=${1:?usage: profile_kernels_ncu.sh OUT_DIR [TARGET ...]}
+shift
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(mosaic16k tokamax16k cudnn16k mla128 mla16)
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+[ -n "$ncu" ] || { echo "ncu not found"; exit 1; }
+reports=${NCU_REPORTS:-/tmp/ncu_reports}
+mkdir -p "$out" "$reports"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # ncu's replay saves and restores device memory
+here=$(cd "$(dirname "$0")" && pwd)
+for t in "${targets[@]}"; do
+  echo "== $t"
+  timeout 240 "$ncu" --profile-from-start off --clock-control none --set full \
+    --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg \
+    -f -o "$reports/$t" python3 "$here/profile_kernels_ncu.py" "$t" > "$reports/$t.log" 2>&1
+  echo "rc=$? $(tail -2 "$reports/$t.log" | tr '\n' ' ')"
+  "$ncu" -i "$reports/$t.ncu-rep" --page details > "$out/$t.txt" 2>&1
+  "$ncu" -i "$reports/$t.ncu-rep" --page raw --csv > "$out/$t.raw.csv" 2>&1
+  if [ "${SOURCE:-0}" = 1 ]; then
+    "$ncu" -i "$reports/$t.ncu-rep" --page source --csv --print-source sass > "$out/$t.sass.csv" 2>&1
+  fi
+  grep -E "^  [a-zA-Z_].*\(|Duration|Elapsed Cycles|SM Active Cycles|Compute \(SM\) Throughput|Memory Throughput|Registers Per|sm__cycles_active" "$out/$t.txt" | head -40
+done
