@@ -72,15 +72,17 @@ CASES = [
     ("mla_chunk_order_heads", dict(B=2, Sq=500, Sk=900, Hq=4, Hkv=4, Dqk=192, Dv=128,
                                    q_offset="chunk"),
      dict(mosaic=dict(order="heads", no_auto_barriers=True))),
-    # Hardware named barriers for turn taking and slot-free signals, both grid kinds.
-    ("odd1000_seg_gqa4_named", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128,
-                                    segments=True), dict(mosaic=dict(named_barriers=True))),
+    # mbarriers instead of the default named barriers (with four producer warps and a full
+    # store wait); named barriers on the persistent grid; a 3-stage ring with 256-row blocks.
+    ("odd1000_seg_gqa4_mbarriers", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128,
+                                        segments=True),
+     dict(mosaic=dict(named_barriers=False, producer_warp=False, read_only_store_wait=False))),
     ("mla_chunk_named_persistent", dict(B=2, Sq=500, Sk=900, Hq=4, Hkv=4, Dqk=192, Dv=128,
                                         q_offset="chunk"),
      dict(mosaic=dict(named_barriers=True, persistent=True))),
-    ("bq256_bk64_named_stages3", dict(B=1, Sq=700, Sk=1300, Hq=4, Hkv=2, Dqk=64, Dv=64,
-                                      block_q=256, block_k=64, q_offset="random"),
-     dict(mosaic=dict(named_barriers=True, num_stages=3))),
+    ("bq256_bk64_stages3", dict(B=1, Sq=700, Sk=1300, Hq=4, Hkv=2, Dqk=64, Dv=64,
+                                block_q=256, block_k=64, q_offset="random"),
+     dict(mosaic=dict(num_stages=3))),
 ]
 
 
@@ -253,7 +255,8 @@ def main():
     ap.add_argument("--triton-kw", type=json.loads, default={},
                     help="JSON options added to every triton call")
     args = ap.parse_args()
-    EXTRA["mosaic"], EXTRA["triton"] = args.mosaic_kw, args.triton_kw
+    tuples = lambda kw: {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # noqa: E731
+    EXTRA["mosaic"], EXTRA["triton"] = tuples(args.mosaic_kw), tuples(args.triton_kw)
     global INTERPRET
     INTERPRET = args.interpret
     print("jax", jax.__version__, jax.devices(), flush=True)

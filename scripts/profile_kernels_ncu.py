@@ -5,8 +5,9 @@ profiled range, then exactly one call inside it.
         python3 scripts/profile_kernels_ncu.py TARGET
 
 ``scripts/profile_kernels_ncu.sh`` runs every target and writes the text reports. Targets:
-``mosaic16k`` / ``tokamax16k`` / ``cudnn16k``: causal attention at 16K, Hq=32, Hkv=8, D=128,
-bf16 (issue 4's full-density shape); ``mla128`` / ``mla16``: ``mla_decode_mosaic`` at batch
+``mosaic16k`` / ``tokamax16k`` / ``cudnn16k`` (and ``...64k``): causal attention at 16K (64K),
+Hq=32, Hkv=8, D=128, bf16 (issue 4's full-density shape), ``mosaic16k_<variant>`` with the
+kernel options of ``MOSAIC_VARIANTS``; ``mla128`` / ``mla16``: ``mla_decode_mosaic`` at batch
 64 x 32K context with 128 / 16 heads (issue 6). The profiled range is opened with the CUDA
 driver's ``cuProfilerStart`` (ncu's ``--profile-from-start off`` honours it).
 """
@@ -38,18 +39,36 @@ def _cuda_profiler(start: bool) -> None:
     print(f"cuProfiler{'Start' if start else 'Stop'} -> {rc}", flush=True)
 
 
-def attention_16k(which: str):
+# Options of the Mosaic kernel per target suffix (``mosaic16k_mbar``, ``mosaicmla16_stages3``).
+MOSAIC_VARIANTS = {
+    "": {},
+    # the synchronisation before the eighth session: mbarriers, 4 producer warps, full wait
+    "mbar": dict(named_barriers=False, producer_warp=False, read_only_store_wait=False),
+    "stages3": dict(num_stages=3),
+}
+
+
+def attention(which: str):
+    """``{mosaic,tokamax,cudnn}{16k,64k}[_variant]``: causal, Hq=32, Hkv=8, D=128, bf16;
+    ``{mosaic,tokamax}mla{16,128}[_variant]``: the MLA prefill shapes (Dqk=192, Dv=128, Hq=Hkv;
+    16 heads at 32K, 128 heads at 8K)."""
     from pallas_kernels.gpu.block_sparse_mosaic import block_sparse_attention_mosaic
     from pallas_kernels.layout import BlockSparseLayout
-    S, HQ, HKV, D = 16384, 32, 8, 128
+    name, _, variant = which.partition("_")
+    if "mla" in name:
+        HQ = HKV = int(name.split("mla")[1])
+        S, D, DV = (32768 if HQ == 16 else 8192), 192, 128
+    else:
+        S, HQ, HKV, D, DV = 1024 * int(name[-3:-1]), 32, 8, 128, 128
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (1, S, HQ, D), jnp.bfloat16)
     k = jax.random.normal(ks[1], (1, S, HKV, D), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (1, S, HKV, D), jnp.bfloat16)
-    if which == "mosaic16k":
+    v = jax.random.normal(ks[2], (1, S, HKV, DV), jnp.bfloat16)
+    if name.startswith("mosaic"):
         lay = BlockSparseLayout.dense_causal(1, HKV, S, S, 128, 128)
-        f = jax.jit(lambda a, b, c: block_sparse_attention_mosaic(a, b, c, lay)[0])
-    elif which == "tokamax16k":
+        kw = MOSAIC_VARIANTS[variant]
+        f = jax.jit(lambda a, b, c: block_sparse_attention_mosaic(a, b, c, lay, **kw)[0])
+    elif name.startswith("tokamax"):
         import tokamax
         f = jax.jit(lambda a, b, c: tokamax.dot_product_attention(
             a, b, c, is_causal=True, implementation="mosaic"))
@@ -75,8 +94,8 @@ def mla_decode(heads: int):
 
 def main() -> int:
     target = sys.argv[1]
-    if target.endswith("16k"):
-        f, args = attention_16k(target)
+    if target.split("_")[0].endswith(("16k", "64k")) or "mla" in target.split("_")[0][3:]:
+        f, args = attention(target)
     elif target.startswith("mla"):
         f, args = mla_decode(int(target[3:]))
     else:

@@ -6,6 +6,8 @@
 # Writes OUT_DIR/TARGET.txt (the details page) and OUT_DIR/TARGET.raw.csv (every metric of
 # every profiled kernel); SOURCE=1 adds OUT_DIR/TARGET.sass.csv (per-instruction SASS counters
 # and stall samples); the reports and logs go to ${NCU_REPORTS:-/tmp/ncu_reports}.
+# QUICK=1: only cycle, time, tensor-pipe and instruction counters (one or two replay passes; for
+# A/B comparisons in cycles, which clock changes do not move), details page only.
 set -uo pipefail
 out=${1:?usage: profile_kernels_ncu.sh OUT_DIR [TARGET ...]}
 shift
@@ -19,14 +21,18 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # ncu's replay saves and restores de
 here=$(cd "$(dirname "$0")" && pwd)
 for t in "${targets[@]}"; do
   echo "== $t"
-  timeout 240 "$ncu" --profile-from-start off --clock-control none --set full \
-    --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg \
+  if [ "${QUICK:-0}" = 1 ]; then
+    sections=(--metrics "sm__cycles_active.avg,sm__cycles_active.min,sm__cycles_active.max,sm__cycles_elapsed.max,gpu__time_duration.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum")
+  else
+    sections=(--set full --metrics sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg)
+  fi
+  timeout 240 "$ncu" --profile-from-start off --clock-control none "${sections[@]}" \
     -f -o "$reports/$t" python3 "$here/profile_kernels_ncu.py" "$t" > "$reports/$t.log" 2>&1
   echo "rc=$? $(tail -2 "$reports/$t.log" | tr '\n' ' ')"
   "$ncu" -i "$reports/$t.ncu-rep" --page details > "$out/$t.txt" 2>&1
-  "$ncu" -i "$reports/$t.ncu-rep" --page raw --csv > "$out/$t.raw.csv" 2>&1
+  [ "${QUICK:-0}" = 1 ] || "$ncu" -i "$reports/$t.ncu-rep" --page raw --csv > "$out/$t.raw.csv" 2>&1
   if [ "${SOURCE:-0}" = 1 ]; then
     "$ncu" -i "$reports/$t.ncu-rep" --page source --csv --print-source sass > "$out/$t.sass.csv" 2>&1
   fi
-  grep -E "^  [a-zA-Z_].*\(|Duration|Elapsed Cycles|SM Active Cycles|Compute \(SM\) Throughput|Memory Throughput|Registers Per|sm__cycles_active" "$out/$t.txt" | head -40
+  grep -E "^  [a-zA-Z_].*\(|Duration|Elapsed Cycles|SM Active Cycles|Compute \(SM\) Throughput|Memory Throughput|Registers Per|sm__|smsp__|gpu__" "$out/$t.txt" | grep -A8 -E "mosaic_gpu_kernel|flash|sdpa" | head -40
 done

@@ -10,15 +10,17 @@ warpgroups, two *consumers* of 64 rows each (wgmma needs M = 64 per warpgroup) a
 *producer*. Both consumers walk the same layout row ``kv_idx[b, hl, i, :kv_cnt]``, so each
 listed K/V block is copied once per CTA and read by both.
 
-- Producer (warpgroup 2, registers lowered to 40): for list entry ``t`` it waits until slot
-  ``t % num_stages`` of the shared-memory ring is free (both consumers arrived on its
-  "consumed" barrier), then issues TMA copies of K and V block ``kv_idx[t]`` into that slot;
-  each copy completes on its own barrier, so QK^T can start before V lands.
+- Producer (warpgroup 2, registers lowered to 40; one warp issues the copies, the other three
+  exit, as in tokamax): for list entry ``t`` it waits until slot ``t % num_stages`` of the
+  shared-memory ring is free (both consumers arrived on its "consumed" barrier), then issues
+  TMA copies of K and V block ``kv_idx[t]`` into that slot; each copy completes on its own
+  mbarrier, so QK^T can start before V lands.
 - Consumers (registers raised to 232): QK^T with wgmma from shared memory (Q tile and K slot),
   online softmax in base 2 with float32 statistics, P cast to the input dtype and PV with wgmma
-  (P from registers, V from shared memory). A two-arrival "schedule" barrier makes the two
-  consumers take turns on the tensor cores (one does softmax while the other's matmul runs),
-  as in FlashAttention-3.
+  (P from registers, V from shared memory). The two consumers take turns on the tensor cores
+  (one does softmax while the other's matmul runs), as in FlashAttention-3; the turn taking
+  and the slot-free signals are hardware named barriers (``bar.arrive``/``bar.sync``), which
+  wake a waiting warp without polling shared memory as an mbarrier wait does.
 - Masks only where needed: entries ``t < n_full`` (:func:`pallas_kernels._prep.full_prefix_count`,
   computed once on the host for the whole 128-row tile) run without any mask; the rest apply
   key-length, causal (``k <= q + q_offset[b]``) and segment masks. Rows whose keys are all
@@ -32,17 +34,18 @@ listed K/V block is copied once per CTA and read by both.
   the pipeline (this matters for sparse rows of a few blocks). ``persistent=False``: one CTA per
   item, in item order.
 - Epilogue: ``out = acc / l`` (0 for rows with ``l = 0``), written through shared memory with
-  a TMA store; ``lse = m ln 2 + ln l`` (``-inf`` for empty rows).
+  a TMA store; ``lse = m ln 2 + ln l`` (``-inf`` for empty rows). The CTA waits only until the
+  stores have read shared memory, so the next CTA on the SM starts while the writes finish.
 
-Opt-in experiments (defaults off; the default kernel is unchanged): ``read_only_store_wait``,
-``producer_warp`` (one TMA-issuing warp, as tokamax) and ``order="tiles"`` (tokamax's grid order);
-timed with ``scripts/bench_attention.py --impls mosaic mosaic_<x>``: within run-to-run noise of
-the default on the H100 (docs/performance.md). FA3's intra-warpgroup overlap (QK^T j + 1 issued
-with PV j, two accumulators live) was tried and removed: 22% slower (register pressure); so
-was issuing PV j and QK^T j + 1 back to back with one wait (3-6% slower, eighth session).
-Nsight Compute (docs/performance.md, eighth session): same tensor work and softmax
-instructions as tokamax at 16K, 2.4% more cycles, spent in mbarrier synchronisation and the
-per-step block-list bookkeeping.
+Tuned with Nsight Compute cycle counts (``scripts/profile_kernels_ncu.sh``, QUICK=1: SM active
+cycles repeat to 0.01% between runs, where wall-clock timings move 1-3%): the named barriers,
+the single producer warp, the read-only store wait and leaving the softmax order to the
+compiler (no ``optimization_barrier``) took 2.4% of cycles off the kernel at 16K, to within
+0.6% of tokamax's (docs/performance.md, eighth session); mbarriers everywhere
+(``named_barriers=False``) stay available. ``order="tiles"`` (tokamax's grid order) stays an
+experiment. Tried and removed: FA3's intra-warpgroup overlap (QK^T j + 1 issued with PV j, two
+accumulators live; 22% slower, register pressure) and issuing PV j and QK^T j + 1 back to
+back with one wait (3-6% slower); a 3-stage ring (1.6% more cycles).
 
 Constraints: 16-bit inputs (bf16/f16); ``block_q`` a multiple of 128 (a layout block of 256
 positions is two CTA tiles that share the list); ``block_k`` 64 or 128; head dims are
@@ -275,8 +278,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                 p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
+                # (No optimization_barrier pinning this order: the compiler's own schedule
+                # measured 0.8% fewer cycles under Nsight Compute, eighth session.)
                 p16 = p.astype(dtype)
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                 if named:
                     plgpu.barrier_wait(v_bar.at[slot])
                     turn_wait()
@@ -424,10 +428,10 @@ def block_sparse_attention_mosaic(
     persistent: bool = False,
     order: str = "groups",
     no_auto_barriers: bool = True,
-    named_barriers: bool = False,
+    named_barriers: bool = True,
     poison_output: bool = False,
-    read_only_store_wait: bool = False,
-    producer_warp: bool = False,
+    read_only_store_wait: bool = True,
+    producer_warp: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU (Hopper) block-sparse attention.
 
@@ -449,13 +453,15 @@ def block_sparse_attention_mosaic(
         no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
             memory accesses with explicit barriers and ``commit_smem``; 0-1.5% faster).
         named_barriers: hardware named barriers (inline PTX ``bar.arrive``/``bar.sync``) for
-            the consumers' turn taking and the slot-free signals instead of mbarriers.
+            the consumers' turn taking and the slot-free signals (default); False: mbarriers.
         poison_output: start from NaN-filled outputs so that elements the kernel fails to
             write stay NaN (checks only).
-        read_only_store_wait: (experimental) the final wait for the output TMA stores only
-            waits until they have read shared memory (as tokamax), not for the global writes.
-        producer_warp: (experimental) one warp of the producer warpgroup issues the copies,
-            as tokamax (named slot-free barriers then count 288 threads, not 384).
+        read_only_store_wait: the final wait for the output TMA stores only waits until they
+            have read shared memory (default, as tokamax), not for the global writes.
+        producer_warp: one warp of the producer warpgroup issues the copies and the other
+            three exit, as tokamax (named slot-free barriers then count 288 threads, not 384);
+            None (default): on for one CTA per tile, off for ``persistent=True`` (which it
+            does not support).
         Others: see ``block_sparse_attention``.
     Returns:
         ``out [B, Sq, Hq, Dv]`` (``q.dtype``), ``lse [B, Hq, Sq]`` float32.
@@ -511,6 +517,8 @@ def block_sparse_attention_mosaic(
         plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # v slot free
         plgpu.Barrier(num_arrivals=2),  # consumers take turns on the tensor cores
     ]
+    if producer_warp is None:
+        producer_warp = not persistent
     if producer_warp and persistent:
         raise ValueError("producer_warp=True supports persistent=False only")
     n_items = d.Hq * n_tiles * d.B
