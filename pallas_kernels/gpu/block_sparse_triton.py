@@ -203,10 +203,10 @@ def block_sparse_attention_triton(
             write stay NaN (checks only).
         f32_dot: how float32 inputs are multiplied: ``"tf32x3"`` (default: three TF32
             tensor-core products, float32 accuracy), ``"ieee"`` (CUDA cores, exact products:
-            39-55x slower on an H100) or ``"tf32"`` (one product, ~4e-4 relative error);
+            38-55x slower on an H100) or ``"tf32"`` (one product, ~4e-4 relative error);
             ignored for 16-bit inputs and in interpret mode (exact there). H100, S=8192,
             causal (docs/performance.md): max error / max |out| 5-7e-7 for tf32x3 and 3-4e-7
-            for ieee and for XLA's block gather, which tf32x3 outruns 2.7-4.5x.
+            for ieee and for XLA's block gather, which tf32x3 outruns 2.7-5.1x.
         Others: see ``block_sparse_attention``.
     Returns:
         ``out [B, Sq, Hq, Dv]`` (``q.dtype``), ``lse [B, Hq, Sq]`` float32.
