@@ -81,6 +81,9 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
           # (2026-11-23 H100: 81.0% vs 80.3% of copy; 192: 78.2%; 128 with 2 splits: 76.3%)
           ("mosaic cols128", dict(split_cols=128)),
           ("mosaic cols192", dict(split_cols=192)),
+          ("mosaic cols64", dict(split_cols=64)),
+          # 2026-11-23 eighth session: 83.3-83.8% of copy in 3 rounds (default 75-81%)
+          ("mosaic cols192 nab", dict(split_cols=192, no_auto_barriers=True)),
           ("mosaic multicast", dict(multicast=True)),  # clusters of 2 CTAs
           ("mosaic seesaw", dict(schedule="seesaw")),
           ("mosaic pps2", dict(pages_per_step=2)),

@@ -8,7 +8,8 @@ profiled range, then exactly one call inside it.
 ``mosaic16k`` / ``tokamax16k`` / ``cudnn16k`` (and ``...64k``): causal attention at 16K (64K),
 Hq=32, Hkv=8, D=128, bf16 (issue 4's full-density shape), ``mosaic16k_<variant>`` with the
 kernel options of ``MOSAIC_VARIANTS``; ``mla128`` / ``mla16``: ``mla_decode_mosaic`` at batch
-64 x 32K context with 128 / 16 heads (issue 6). The profiled range is opened with the CUDA
+64 x 32K context with 128 / 16 heads (issue 6), ``mla128_<variant>`` with the options of
+``MLA_VARIANTS``. The profiled range is opened with the CUDA
 driver's ``cuProfilerStart`` (ncu's ``--profile-from-start off`` honours it).
 """
 
@@ -78,7 +79,20 @@ def attention(which: str):
     return f, (q, k, v)
 
 
-def mla_decode(heads: int):
+# Options of mla_decode_mosaic per target suffix (``mla128_cols128``...).
+MLA_VARIANTS = {
+    "": {},
+    "cols128": dict(split_cols=128),
+    "cols192": dict(split_cols=192),
+    "cols64": dict(split_cols=64),
+    "cols192nab": dict(split_cols=192, no_auto_barriers=True),
+    "nab": dict(no_auto_barriers=True),
+    "cols128nab": dict(split_cols=128, no_auto_barriers=True),
+    "multicast": dict(multicast=True),
+}
+
+
+def mla_decode(heads: int, variant: str = ""):
     from pallas_kernels.gpu.mla_decode_mosaic import mla_decode_mosaic
     b, ctx, page, dc, dr = 64, 32768, 64, 512, 64
     p = ctx // page
@@ -88,7 +102,8 @@ def mla_decode(heads: int):
     kq = jax.random.split(jax.random.key(heads), 2)
     q_lat = jax.random.normal(kq[0], (b, heads, dc), jnp.bfloat16)
     q_pe = jax.random.normal(kq[1], (b, heads, dr), jnp.bfloat16)
-    f = jax.jit(lambda *a: mla_decode_mosaic(*a, sm_scale=0.07))
+    kw = MLA_VARIANTS[variant]
+    f = jax.jit(lambda *a: mla_decode_mosaic(*a, sm_scale=0.07, **kw))
     return f, (q_lat, q_pe, cache, table, lengths)
 
 
@@ -97,7 +112,8 @@ def main() -> int:
     if target.split("_")[0].endswith(("16k", "64k")) or "mla" in target.split("_")[0][3:]:
         f, args = attention(target)
     elif target.startswith("mla"):
-        f, args = mla_decode(int(target[3:]))
+        name, _, variant = target.partition("_")
+        f, args = mla_decode(int(name[3:]), variant)
     else:
         raise SystemExit(f"unknown target {target!r}")
     for _ in range(3):  # compile, autotune and warm up outside the profiled range
