@@ -109,11 +109,11 @@ def mla_decode(heads: int, variant: str = ""):
 
 def main() -> int:
     target = sys.argv[1]
-    if target.split("_")[0].endswith(("16k", "64k")) or "mla" in target.split("_")[0][3:]:
-        f, args = attention(target)
-    elif target.startswith("mla"):
-        name, _, variant = target.partition("_")
+    name, _, variant = target.partition("_")
+    if name.startswith("mla"):  # decode: mla128, mla16_<variant>
         f, args = mla_decode(int(name[3:]), variant)
+    elif name.endswith(("16k", "64k")) or "mla" in name:  # prefill: mosaic16k, tokamaxmla16
+        f, args = attention(target)
     else:
         raise SystemExit(f"unknown target {target!r}")
     for _ in range(3):  # compile, autotune and warm up outside the profiled range

@@ -8,6 +8,7 @@
 # and stall samples); the reports and logs go to ${NCU_REPORTS:-/tmp/ncu_reports}.
 # QUICK=1: only cycle, time, tensor-pipe and instruction counters (one or two replay passes; for
 # A/B comparisons in cycles, which clock changes do not move), details page only.
+# Rarely the profiled python crashes at start under ncu (rc=139 before any kernel): rerun it.
 set -uo pipefail
 out=${1:?usage: profile_kernels_ncu.sh OUT_DIR [TARGET ...]}
 shift
