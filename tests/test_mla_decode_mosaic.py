@@ -52,6 +52,9 @@ def _lower(inputs, **kw):
     dict(h=32, dc=100, dr=8, kw=dict(pages_per_step=2, schedule="seesaw", num_splits=3)),
     dict(h=128, dc=512, dr=64, kw=dict(split_cols=128)),  # consumer 1: chunks of 256 + 128
     dict(h=16, dc=512, dr=64, kw=dict(split_cols=192, poison_output=True)),
+    # the fastest configuration at 128 heads (eighth session), a candidate default
+    dict(h=128, dc=512, dr=64, kw=dict(split_cols=192, no_auto_barriers=True,
+                                       poison_output=True)),
 ])
 def test_mla_mosaic_lowers_for_cuda(case):
     inputs = _inputs(0, 3, case["h"], case["dc"], case["dr"], (1, 700, 64), 12)
@@ -101,14 +104,15 @@ def test_default_num_splits_fills_the_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU needs a Hopper GPU; the "
                     "CPU interpret mode of JAX 0.10.2 cannot run run_state (see module doc)")
-@pytest.mark.parametrize("schedule", ["split", "seesaw", "split_cols128"])
+@pytest.mark.parametrize("schedule", ["split", "seesaw", "split_cols128", "split_cols192_nab"])
 @pytest.mark.parametrize("h, dc, lengths", [(128, 512, (0, 1, 63, 4097)), (16, 512, (64, 65, 2)),
                                             (128, 256, (3000, 1, 129, 8191))])
 def test_mla_mosaic_compiled_matches_reference(h, dc, lengths, schedule):
     seed = int(np.random.default_rng().integers(2**31))
     inputs = _inputs(seed, len(lengths), h, dc, 64, lengths, 128)
-    kw = dict(schedule="split", split_cols=128) if schedule == "split_cols128" else \
-        dict(schedule=schedule)
+    kw = {"split_cols128": dict(schedule="split", split_cols=128),
+          "split_cols192_nab": dict(schedule="split", split_cols=192, no_auto_barriers=True),
+          }.get(schedule, dict(schedule=schedule))
     out, lse = mosaic.mla_decode_mosaic(*inputs, sm_scale=0.07, poison_output=True, **kw)
     up = [x.astype(jnp.float32) if x.dtype != jnp.int32 else x for x in inputs]
     ref_out, ref_lse = mla_decode_reference(*up, 0.07)
