@@ -35,7 +35,9 @@ run while the softmax is computed (the FlashMLA split, written for Pallas Mosaic
   Q tile and the page ring, free by then) with TMA stores; ``lse = m ln 2 + ln l``.
 
 Measured on an H100 (batch 64 x 32K, docs/performance.md): 96% of copy bandwidth at 16 and 64
-heads (memory-bound), 78-79% at 128 heads (558 TFLOP/s, compute-bound; the Triton kernel: 35%).
+heads (memory-bound), 75-81% at 128 heads (558 TFLOP/s, compute-bound; the Triton kernel: 35%).
+``split_cols=192, no_auto_barriers=True`` read 83.3-83.8% there (5.9% fewer cycles under Nsight
+Compute, eighth session); it becomes the default for Dc = 512 once checked on a GPU.
 
 Tried at 128 heads and not kept (H100, docs/performance.md, 2026-11-23 fourth session):
 FlashMLA's pair ("seesaw") schedule, both consumers computing QK^T of one page each of a pair
