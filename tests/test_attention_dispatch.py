@@ -92,3 +92,21 @@ def test_auto_impl_on_gpu_routes_mla_head_dims_to_block_sparse(monkeypatch):
     assert dispatch.auto_impl(bf16(1, 192), False, 128) == "xla"  # decode
     assert dispatch.auto_impl(bf16(16, 192), True, 128) == "xla"  # too few queries
     assert dispatch.auto_impl(jnp.zeros((1, 256, 4, 192)), True, 128) == "xla"  # f32
+
+
+def test_auto_impl_on_hopper_sends_float32_prefill_to_the_block_sparse_kernel(monkeypatch):
+    """float32 on Hopper: prefills of 64+ queries with head dims <= 128 go to the block-sparse
+    kernel (three-TF32 Triton dots, O(S) memory) instead of XLA's materialized scores; MLA's
+    192, decode, short chunks and other GPUs stay on XLA."""
+    from jaxprefill.attention import dispatch
+    from pallas_kernels.gpu import block_sparse_mosaic
+
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    f32 = lambda s, d: jnp.zeros((1, s, 4, d), jnp.float32)  # noqa: E731  (shapes only)
+    for hopper, expect in [(True, "block_sparse"), (False, "xla")]:
+        monkeypatch.setattr(block_sparse_mosaic, "is_hopper", lambda h=hopper: h)
+        assert dispatch.auto_impl(f32(256, 64), True, 64) == expect  # SmolLM2 prefill
+        assert dispatch.auto_impl(f32(256, 128), False, 128) == expect  # a chunk
+        assert dispatch.auto_impl(f32(256, 192), True, 128) == "xla"  # MLA: tiles too big
+        assert dispatch.auto_impl(f32(1, 64), False, 64) == "xla"  # decode
+        assert dispatch.auto_impl(f32(32, 64), True, 64) == "xla"  # too few queries

@@ -12,8 +12,8 @@ Backends (`AttentionSpec.impl`):
   * "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation.
   * "block_sparse": `pallas_kernels.block_sparse_attention` over the blocks the mask leaves
     (packed rows skip cross-document blocks, chunks skip future blocks).
-  * "auto": on GPUs cuDNN for plain causal prefill and block_sparse for packed rows / chunks
-    and MLA's Dqk != Dv (see `auto_impl`); XLA otherwise.
+  * "auto": on GPUs cuDNN for plain causal prefill and block_sparse for packed rows / chunks,
+    MLA's Dqk != Dv and float32 prefills on Hopper (see `auto_impl`); XLA otherwise.
 Sparse prefill: `AttentionSpec(sparse=SparseConfig)` (jaxprefill.sparse) routes plain causal
 self-attention prefills (no q_offset, no segment ids, no window, Sq == Sk >= min_length) of the
 layers its rules cover through the block-sparse kernel with the layer's policy layout. Models
@@ -161,7 +161,7 @@ _FULL_IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def auto_impl(q: jax.Array, simple: bool, dv: int | None = None) -> str:
-    """Backend for impl="auto" on GPUs with 16-bit inputs (q [B, Sq, H, Dqk], Dv = dv).
+    """Backend for impl="auto" (q [B, Sq, H, Dqk], Dv = dv): XLA off GPUs.
 
     jax.nn.dot_product_attention(implementation=None) always picks XLA (measured 7.7x slower
     than cuDNN for SmolLM2 prefill on an H100), so we choose: cuDNN for the mask-free causal
@@ -170,10 +170,25 @@ def auto_impl(q: jax.Array, simple: bool, dv: int | None = None) -> str:
     for prefills whose head dims cuDNN does not take as they are (MLA's Dqk=192 / Dv=128: jax.nn
     needs V padded to Dqk, and > 128 fell to XLA; the Mosaic kernel takes 192/128 natively, 665
     TFLOP/s at 16 heads x 32K on an H100, docs/performance.md); XLA for decode and the rest.
+
+    float32 on Hopper: cuDNN takes 16-bit inputs only, and XLA's path materializes the
+    [B, H, Sq, Sk] scores (a float32 SmolLM2 batch of 40 x 8K ran out of memory) and multiplies
+    in TF32 (4e-4 relative error). So prefills of 64+ queries with head dims <= 128 go to the
+    block-sparse Triton kernel, whose three-TF32 dots keep float32 accuracy (6e-7) in O(S)
+    memory: 2.5x XLA's speed at head dim 64, equal at 128 (H100, docs/performance.md, eighth
+    session). Larger head dims (MLA's 192) and other GPUs stay on XLA: the kernel's float32
+    tiles were measured to fit shared memory only there.
     """
-    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+    if jax.default_backend() != "gpu":
         return "xla"
     d = q.shape[-1]
+    if q.dtype == jnp.float32:
+        from pallas_kernels.gpu import block_sparse_mosaic as mosaic
+
+        fits = max(d, dv or d) <= 128 and q.shape[1] >= 64
+        return "block_sparse" if fits and mosaic.is_hopper() else "xla"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
     one_dim = (dv is None or dv == d) and d % 8 == 0 and d <= 128
     if simple and one_dim:
         return "cudnn"
