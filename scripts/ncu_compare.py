@@ -30,7 +30,7 @@ METRICS = [  # (label, raw metric name)
     ("issue slots busy, %", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
     ("warps resident per SM", "sm__warps_active.avg.per_cycle_active"),
     ("MUFU (xu) pipe, % of active", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"),
-    ("DRAM throughput, % of peak", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("DRAM read, % of peak", "dram__bytes_read.sum.pct_of_peak_sustained_elapsed"),
 ]
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 
