@@ -38,7 +38,7 @@ listed K/V block is copied once per CTA and read by both.
   stores have read shared memory, so the next CTA on the SM starts while the writes finish.
 
 Tuned with Nsight Compute cycle counts (``scripts/profile_kernels_ncu.sh``, QUICK=1: SM active
-cycles repeat to 0.01% between runs, where wall-clock timings move 1-3%): the named barriers,
+cycles repeat to 0.01% between runs, where wall-clock timings move 1-5%): the named barriers,
 the single producer warp, the read-only store wait and leaving the softmax order to the
 compiler (no ``optimization_barrier``) took 2.4% of cycles off the kernel at 16K, to within
 0.6% of tokamax's (docs/performance.md, eighth session); mbarriers everywhere
