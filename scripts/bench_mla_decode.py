@@ -69,21 +69,24 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
     # named-barrier hand-overs 10% slower at H=128; at H=64 1 split 13% slower, 4 splits 2%)
     # pps2 = two pages per pipeline step (fits shared memory for TPLA shards, --dc 256 only)
     16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic old default", dict(split_cols=256, no_auto_barriers=False)),
          ("mosaic pps2", dict(pages_per_step=2))],
     32: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
     64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic old default", dict(split_cols=256, no_auto_barriers=False)),
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
     128: [("mosaic default", {}),
           # consumer 0 (QK^T + softmax) accumulates 128 of the 512 PV columns, consumer 1 384
           # (2026-11-23 H100: 81.0% vs 80.3% of copy; 192: 78.2%; 128 with 2 splits: 76.3%)
-          ("mosaic cols128", dict(split_cols=128)),
-          ("mosaic cols192", dict(split_cols=192)),
-          ("mosaic cols64", dict(split_cols=64)),
-          # 2026-11-23 eighth session: 83.3-83.8% of copy in 3 rounds (default 75-81%)
-          ("mosaic cols192 nab", dict(split_cols=192, no_auto_barriers=True)),
+          ("mosaic cols128", dict(split_cols=128, no_auto_barriers=False)),
+          ("mosaic cols192 auto barriers", dict(split_cols=192, no_auto_barriers=False)),
+          ("mosaic cols64", dict(split_cols=64, no_auto_barriers=False)),
+          # the default before the ninth session (the eighth measured 75-81% of copy against
+          # 83.3-83.8% for split_cols=192 without automatic barriers, now the default)
+          ("mosaic old default", dict(split_cols=256, no_auto_barriers=False)),
           ("mosaic multicast", dict(multicast=True)),  # clusters of 2 CTAs
           ("mosaic seesaw", dict(schedule="seesaw")),
           ("mosaic pps2", dict(pages_per_step=2)),

@@ -64,9 +64,9 @@ MOSAIC_CASES = [
      dict(split_cols=128)),
     ("cols192_h128_split3", 3, 128, 512, 64, (5000, 65, 4097), 8192, jnp.bfloat16,
      dict(split_cols=192, num_splits=3)),
-    # the fastest configuration measured at 128 heads (eighth session), not yet checked here
-    ("cols192_nab_h128_ragged", 5, 128, 512, 64, (0, 1, 63, 4097, 8192), 8192, jnp.bfloat16,
-     dict(split_cols=192, no_auto_barriers=True)),
+    # the default before the ninth session (now split_cols=192 without automatic barriers)
+    ("cols256_auto_barriers_h128_ragged", 5, 128, 512, 64, (0, 1, 63, 4097, 8192), 8192,
+     jnp.bfloat16, dict(split_cols=256, no_auto_barriers=False)),
     ("seesaw_h128_split5", 3, 128, 512, 64, (5000, 65, 4097), 8192, jnp.bfloat16,
      dict(num_splits=5, schedule="seesaw")),
     ("seesaw_h16_pad_heads", 4, 16, 512, 64, (0, 1, 1000, 128), 1024, jnp.bfloat16,

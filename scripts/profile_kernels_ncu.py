@@ -80,13 +80,16 @@ def attention(which: str):
 
 
 # Options of mla_decode_mosaic per target suffix (``mla128_cols128``...).
+# Names say what differs from the pre-ninth-session default (split_cols = Dc / 2, Mosaic's
+# automatic barriers on); "" is the current default (split_cols=192, no automatic barriers).
 MLA_VARIANTS = {
     "": {},
-    "cols128": dict(split_cols=128),
-    "cols192": dict(split_cols=192),
-    "cols64": dict(split_cols=64),
+    "old": dict(split_cols=256, no_auto_barriers=False),
+    "cols128": dict(split_cols=128, no_auto_barriers=False),
+    "cols192": dict(split_cols=192, no_auto_barriers=False),
+    "cols64": dict(split_cols=64, no_auto_barriers=False),
     "cols192nab": dict(split_cols=192, no_auto_barriers=True),
-    "nab": dict(no_auto_barriers=True),
+    "nab": dict(split_cols=256, no_auto_barriers=True),
     "cols128nab": dict(split_cols=128, no_auto_barriers=True),
     "multicast": dict(multicast=True),
 }

@@ -34,10 +34,12 @@ run while the softmax is computed (the FlashMLA split, written for Pallas Mosaic
 - Epilogue: the two halves of ``out = acc / l`` are written through shared memory (aliasing the
   Q tile and the page ring, free by then) with TMA stores; ``lse = m ln 2 + ln l``.
 
-Measured on an H100 (batch 64 x 32K, docs/performance.md): 96% of copy bandwidth at 16 and 64
-heads (memory-bound), 75-81% at 128 heads (558 TFLOP/s, compute-bound; the Triton kernel: 35%).
-``split_cols=192, no_auto_barriers=True`` read 83.3-83.8% there (5.9% fewer cycles under Nsight
-Compute, eighth session); it becomes the default for Dc = 512 once checked on a GPU.
+Measured on an H100 (batch 64 x 32K, docs/performance.md): 94-96% of copy bandwidth at 16 and
+64 heads (memory-bound), 82-84% at 128 heads (584-597 TFLOP/s, compute-bound; the Triton
+kernel: 35%). That is with the Dc = 512 defaults ``split_cols=192`` (consumer 0, which also
+computes QK^T and the softmax, takes 192 of the 512 PV columns) and ``no_auto_barriers=True``:
+5.9% fewer cycles under Nsight Compute than Dc / 2 with Mosaic's automatic barriers, which
+read 75-80% in the same runs (eighth and ninth sessions).
 
 Tried at 128 heads and not kept (H100, docs/performance.md, 2026-11-23 fourth session):
 FlashMLA's pair ("seesaw") schedule, both consumers computing QK^T of one page each of a pair
@@ -443,7 +445,8 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                       page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
                       num_splits: int | None = None, num_stages: int | None = None,
                       schedule: str = "auto", pages_per_step: int = 1,
-                      split_cols: int | None = None, multicast: bool = False, no_auto_barriers: bool = False,
+                      split_cols: int | None = None, multicast: bool = False,
+                      no_auto_barriers: bool | None = None,
                       interpret: Any = False, poison_output: bool = False
                       ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU `mla_decode`: (out_latent f32 [B, H, Dc], lse f32 [B, H]).
@@ -462,8 +465,9 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             deep ring: on the H100 4.5% faster with 4 stages at Dc=256, 2.6x slower with 2
             at Dc=512) or ``"auto"`` (seesaw when the ring holds 4 pages, else split).
         split_cols: output columns accumulated by consumer 0 (the rest by consumer 1), a
-            multiple of 64 (default Dc / 2). With ``"split"`` consumer 0 also computes every
-            QK^T and softmax, so giving it fewer PV columns balances the two warpgroups.
+            multiple of 64 (default 192 for the split schedule at Dc = 512, else Dc / 2). With
+            ``"split"`` consumer 0 also computes every QK^T and softmax, so giving it fewer PV
+            columns balances the two warpgroups.
         pages_per_step: cache pages (64 tokens each) per pipeline step and ring slot: 2 halves
             the per-step synchronisation (for narrow latents, where a page is little work).
         multicast: run the head blocks of a sequence as clusters of 2 CTAs that each TMA-load
@@ -472,7 +476,9 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             vs 75.7% of copy, mean of 3 runs; the kernel is not L2-bound), and it needs an
             even number of 64-head blocks.
         no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
-            memory accesses with mbarriers and ``commit_smem``).
+            memory accesses with mbarriers and ``commit_smem``); default True for the split
+            schedule at Dc = 512 (checked on the H100: every case of check_mla_gpu.py), else
+            False.
         interpret: API parity with the other kernels (the Mosaic GPU interpreter of JAX 0.10
             cannot run ``run_state``; numerics are checked on a GPU).
         poison_output: partial outputs start as NaN so unwritten elements show (checks only).
@@ -521,7 +527,14 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # The last split may start past the table: pad it so every pt_ref read is in bounds.
     width = sps * num_splits * pages_per_step
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, width - p_max)))
-    split_cols = dc_p // 2 if split_cols is None else split_cols
+    # DeepSeek's Dc = 512 with the split schedule: consumer 0 (QK^T + softmax) takes 192 of
+    # the 512 PV columns and Mosaic's automatic barriers are off (H100, 128 heads: 82-84% of
+    # copy vs 75-80% for Dc / 2 with them, 5.9% fewer cycles; equal at 16 and 64 heads).
+    tuned = schedule == "split" and dc_p == 512
+    if split_cols is None:
+        split_cols = 192 if tuned else dc_p // 2
+    if no_auto_barriers is None:
+        no_auto_barriers = tuned
     if split_cols % 64 or not 0 < split_cols < dc_p:
         raise ValueError(f"split_cols must be a multiple of 64 in (0, {dc_p}), got {split_cols}")
     cols = (_column_chunks(0, split_cols), _column_chunks(split_cols, dc_p))
