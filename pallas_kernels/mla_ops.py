@@ -12,9 +12,9 @@ out_latent float32 [B, H, Dc] (W_UV is applied by the caller) and lse float32 [B
 impl: "reference" (pure jnp, gathers the whole cache), "pallas_gpu" (Triton lowering),
 "pallas_mosaic" (Mosaic GPU, Hopper: wgmma + TMA, two consumer warpgroups), "pallas_tpu"
 (Mosaic TPU), "auto" (on Hopper the Mosaic GPU kernel when it takes the inputs, else Triton on
-GPUs; Pallas on TPU; reference on CPU). On the H100 at batch 64 x 32K the Mosaic GPU kernel
-reads the cache at 96% of copy bandwidth with 16 heads (Triton: 84%) and 78-79% with 128
-(Triton: 35%), docs/performance.md. Kernels split the KV
+GPUs, except float32 caches: reference, faster there; Pallas on TPU; reference on CPU). On the
+H100 at batch 64 x 32K the Mosaic GPU kernel reads the cache at 94-96% of copy bandwidth with
+16 heads (Triton: 84%) and 82-84% with 128 (Triton: 35%), docs/performance.md. Kernels split the KV
 sequence into `num_splits` chunks (flash-decoding) and merge them with their LSEs. Tuning knobs
 go through `kernel_kwargs` (GPU: block_h, block_n, num_warps, num_stages); the defaults were
 measured on the H100 (H=16 is bandwidth-bound, H=128 compute-bound: docs/performance.md).
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.mla_reference import combine_splits, mla_decode_reference
 
@@ -34,6 +35,11 @@ IMPLS = ("auto", "reference", "pallas_gpu", "pallas_mosaic", "pallas_tpu")
 def default_mla_impl(q_latent: jax.Array | None = None, cache: jax.Array | None = None) -> str:
     """What impl="auto" runs for these inputs on the default device."""
     platform = jax.devices()[0].platform
+    if platform in ("gpu", "cuda") and cache is not None and cache.dtype == jnp.float32:
+        # H100, 2026-11-24 (scripts/bench_f32_estimation.py): the Triton kernel's float32 tiles
+        # do not fit shared memory at 128 heads (DeepSeek's Dc = 512), and at 16 heads XLA's
+        # gather + einsum took 0.37 ms against 2.8 ms (three-TF32 dots) and 3.9 ms (exact).
+        return "reference"
     if platform in ("gpu", "cuda") and q_latent is not None and cache is not None:
         from pallas_kernels.gpu import mla_decode_mosaic as mosaic
         from pallas_kernels.gpu.block_sparse_mosaic import is_hopper

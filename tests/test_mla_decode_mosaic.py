@@ -6,6 +6,8 @@ the layouts of every op, shared-memory budget) and its validation and dispatch a
 Numerics run on a GPU (``scripts/check_mla_gpu.py --impls mosaic``, and the gpu-marked test).
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +54,8 @@ def _lower(inputs, **kw):
     dict(h=32, dc=100, dr=8, kw=dict(pages_per_step=2, schedule="seesaw", num_splits=3)),
     dict(h=128, dc=512, dr=64, kw=dict(split_cols=128)),  # consumer 1: chunks of 256 + 128
     dict(h=16, dc=512, dr=64, kw=dict(split_cols=192, poison_output=True)),
-    # the fastest configuration at 128 heads (eighth session), a candidate default
-    dict(h=128, dc=512, dr=64, kw=dict(split_cols=192, no_auto_barriers=True,
+    # the default before the ninth session (now split_cols=192, no automatic barriers)
+    dict(h=128, dc=512, dr=64, kw=dict(split_cols=256, no_auto_barriers=False,
                                        poison_output=True)),
 ])
 def test_mla_mosaic_lowers_for_cuda(case):
@@ -91,6 +93,16 @@ def test_auto_keeps_cpu_on_reference_and_lists_mosaic():
         assert mla_ops.default_mla_impl(q_lat, cache) == "reference"
 
 
+def test_auto_sends_float32_caches_to_the_reference_on_gpus(monkeypatch):
+    # The Triton kernel's float32 tiles overflow shared memory at 128 heads and XLA was 7.6x
+    # faster at 16 (H100, docs/performance.md): "auto" must not pick a kernel for them.
+    q_lat, _, cache, _, _ = _inputs(2, 1, 128, 512, 64, (64,), 1)
+    monkeypatch.setattr(mla_ops.jax, "devices", lambda *a: [types.SimpleNamespace(platform="gpu")])
+    assert mla_ops.default_mla_impl(q_lat.astype(jnp.float32),
+                                    cache.astype(jnp.float32)) == "reference"
+    assert mla_ops.default_mla_impl() == "pallas_gpu"  # no inputs to look at
+
+
 def test_default_num_splits_fills_the_gpu():
     # B=64 x 2 head blocks = 128 CTAs on 132 SMs: one full wave without splitting.
     assert mosaic.default_num_splits(64, 2, 512, 132) == 1
@@ -104,14 +116,16 @@ def test_default_num_splits_fills_the_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU needs a Hopper GPU; the "
                     "CPU interpret mode of JAX 0.10.2 cannot run run_state (see module doc)")
-@pytest.mark.parametrize("schedule", ["split", "seesaw", "split_cols128", "split_cols192_nab"])
+@pytest.mark.parametrize("schedule", ["split", "seesaw", "split_cols128", "split_half_auto_barriers"])
 @pytest.mark.parametrize("h, dc, lengths", [(128, 512, (0, 1, 63, 4097)), (16, 512, (64, 65, 2)),
                                             (128, 256, (3000, 1, 129, 8191))])
 def test_mla_mosaic_compiled_matches_reference(h, dc, lengths, schedule):
     seed = int(np.random.default_rng().integers(2**31))
     inputs = _inputs(seed, len(lengths), h, dc, 64, lengths, 128)
     kw = {"split_cols128": dict(schedule="split", split_cols=128),
-          "split_cols192_nab": dict(schedule="split", split_cols=192, no_auto_barriers=True),
+          # the default before the ninth session (now: 192 columns, no automatic barriers)
+          "split_half_auto_barriers": dict(schedule="split", split_cols=dc // 2,
+                                           no_auto_barriers=False),
           }.get(schedule, dict(schedule=schedule))
     out, lse = mosaic.mla_decode_mosaic(*inputs, sm_scale=0.07, poison_output=True, **kw)
     up = [x.astype(jnp.float32) if x.dtype != jnp.int32 else x for x in inputs]

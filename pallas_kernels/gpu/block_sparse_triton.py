@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu._triton_common import (
     CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2, is_pow2 as _is_pow2,
+    f32_dot_precision,
 )
 
 from pallas_kernels import _prep
@@ -148,18 +149,6 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
     out, lse = normalize_rows(*carry, base2=True)
     o_ref[...] = out.reshape(bq_sub, gk, dv).astype(o_ref.dtype)
     lse_ref[...] = lse.reshape(bq_sub, gk)
-
-
-_F32_DOTS = {"ieee": lax.Precision.HIGHEST,
-             "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-             "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32}
-
-
-def _f32_precision(f32_dot: str, interpret: Any) -> Any:
-    """The dot precision for float32 inputs (interpret mode: exact, CPUs have no TF32)."""
-    if f32_dot not in _F32_DOTS:
-        raise ValueError(f"f32_dot must be one of {sorted(_F32_DOTS)}, got {f32_dot!r}")
-    return lax.Precision.HIGHEST if interpret else _F32_DOTS[f32_dot]
 
 
 @functools.partial(
@@ -304,7 +293,7 @@ def block_sparse_attention_triton(
         isz = q.dtype.itemsize
         smem2 = 2 * bk * (dqk_p + dv_p) * isz + bq_sub * gk * dqk_p * isz
         num_stages = 2 if (isz < 4 and smem2 <= 200 * 1024) else 1
-    precision = _f32_precision(f32_dot, interpret) if q.dtype == jnp.float32 else None
+    precision = f32_dot_precision(f32_dot, q.dtype, interpret)
     kernel = functools.partial(
         _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None,
         has_cols=has_cols, log2_thr=log2_thr, n_sub=n_sub,

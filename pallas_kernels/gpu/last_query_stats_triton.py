@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu._triton_common import (
-    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2,
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2, f32_dot_precision,
 )
 
 
@@ -73,7 +73,8 @@ def _sums_kernel(q_ref, k_ref, len_ref, lse_ref, vert_ref, *rest, slash: bool, w
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "slash", "slash_dtype", "block_k",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "interpret",
+                                             "f32_dot"))
 def last_query_sums_triton(
     q_last: jax.Array,
     k: jax.Array,
@@ -86,6 +87,7 @@ def last_query_sums_triton(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
+    f32_dot: str = "tf32x3",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Vertical and slash sums of the last R queries' causal softmax.
 
@@ -97,6 +99,10 @@ def last_query_sums_triton(
         slash: also compute the diagonal sums (else the second output is None).
         slash_dtype: dtype of the skew buffer (float32: exact sums; bfloat16 halves its bytes).
         interpret: run in Pallas interpret mode (any backend).
+        f32_dot: how float32 inputs are multiplied (see ``_triton_common.F32_DOTS``):
+            ``"tf32x3"`` (default: three TF32 tensor-core products, float32 accuracy),
+            ``"ieee"`` (CUDA-core exact products, far slower) or ``"tf32"``; ignored for
+            16-bit inputs and in interpret mode (exact there).
 
     Returns:
         (vert float32 [B, Hq, S], slash float32 [B, Hq, S] or None): vert[j] = sum_r P[r, j],
@@ -120,7 +126,7 @@ def last_query_sums_triton(
     if d_p != d or s_pad != seq:
         k = jnp.pad(k, ((0, 0), (0, s_pad - seq), (0, 0), (0, d_p - d)))
     lens = lengths.astype(jnp.int32).reshape(b, 1)
-    precision = lax.Precision.HIGHEST if q_last.dtype == jnp.float32 else None
+    precision = f32_dot_precision(f32_dot, q_last.dtype, interpret)
     common = dict(n_rows=n_rows, bk=block_k, qk_scale=scale * _LOG2E, precision=precision)
     grid = (hq, n_tiles, b)  # heads fastest: the group's programs read one K tile from L2
     in_specs = [

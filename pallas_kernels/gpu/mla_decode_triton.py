@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gpu._triton_common import (
-    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2,
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, pow2 as _pow2, f32_dot_precision,
 )
 
 from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
@@ -135,13 +135,14 @@ def default_num_splits(batch: int, head_blocks: int, total_steps: int, num_sms: 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "block_h", "block_n",
                                              "interpret", "num_warps", "num_stages",
-                                             "poison_output"))
+                                             "poison_output", "f32_dot"))
 def mla_decode_triton(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                       page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
                       num_splits: int | None = None, block_h: int | None = None,
                       block_n: int | None = None, interpret: Any = False,
                       num_warps: int | None = None, num_stages: int | None = None,
-                      poison_output: bool = False) -> tuple[jax.Array, jax.Array]:
+                      poison_output: bool = False, f32_dot: str = "tf32x3"
+                      ) -> tuple[jax.Array, jax.Array]:
     """Pallas-Triton `mla_decode`: (out_latent f32 [B, H, Dc], lse f32 [B, H]).
 
     block_h: query heads per program, the MMA M dimension (default: see `default_block_h`; a
@@ -149,7 +150,9 @@ def mla_decode_triton(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     step, a power of two; < page walks a page in sub-tiles (smaller shared-memory stages), > page
     takes several pages per step (default: the page). num_splits: KV chunks per sequence
     (default: `default_num_splits`). poison_output: partial outputs start NaN, so unwritten ones
-    show.
+    show. f32_dot: how a float32 cache is multiplied: "tf32x3" (default, three TF32 tensor-core
+    products, float32 accuracy), "ieee" (exact CUDA-core products) or "tf32"; ignored for 16-bit
+    caches and in interpret mode (exact there).
     """
     b, h, dc, dr, page = check_mla_inputs(q_latent, q_pe, cache, page_table, lengths)
     dc_p, dr_p, page_p = max(16, _pow2(dc)), max(16, _pow2(dr)), _pow2(page)
@@ -199,7 +202,7 @@ def mla_decode_triton(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     kernel = functools.partial(_kernel, page=page, chunk=chunk, per_iter=per_iter,
                                iters_per_split=ips, dc=dc_p, dr=dr_p,
                                qk_scale=sm_scale * _LOG2E,
-                               precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+                               precision=f32_dot_precision(f32_dot, dtype, interpret))
     if poison_output:
         args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
         in_specs += [o_spec, lse_spec]

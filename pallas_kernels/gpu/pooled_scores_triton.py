@@ -66,7 +66,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._estimation_common import check_pooled_inputs, is_pow2, per_row, pow2
-from pallas_kernels.gpu._triton_common import CompilerParams as _CompilerParams, LOG2E as _LOG2E
+from pallas_kernels.gpu._triton_common import (
+    CompilerParams as _CompilerParams, LOG2E as _LOG2E, f32_dot_precision,
+)
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -143,6 +145,18 @@ def _kernel(meta_ref, q_ref, k_ref, part_ref, mt_ref, lse_ref, *,
     lse_ref[...] = jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
+# (block_m, block_n, block_d, num_warps, num_stages) per input dtype, from H100 sweeps.
+DEFAULT_TILINGS = {
+    # scripts/tune_pooled_scores_gpu.py, 2026-11-23: at 128K tokens XAttention's GEMM ran at
+    # 515 (stride 16) and 486 (stride 8) TFLOP/s; the earlier 128 x 64 x 128 / 4 warps at 136.
+    "16-bit": (64, 512, 64, 8, 3),
+    # scripts/bench_f32_estimation.py --tilings, 2026-11-24: the 16-bit tiling needs 288 KiB of
+    # shared memory in float32 (560 KiB with three-TF32 dots) and does not compile; this one ran
+    # 16K x stride 8 in 3.07 ms (XLA's estimator: 2.45 ms with the whole score matrix in HBM).
+    "float32": (64, 128, 64, 4, 3),
+}
+
+
 def _check(qx: jax.Array, kx: jax.Array, r: int, pool: str, blocks: dict[str, int]) -> None:
     for name, v in blocks.items():
         if not (is_pow2(v) and v >= 16):
@@ -153,12 +167,13 @@ def _check(qx: jax.Array, kx: jax.Array, r: int, pool: str, blocks: dict[str, in
 @functools.partial(
     jax.jit,
     static_argnames=("r", "scale", "pool", "block_m", "block_n", "block_d", "num_warps",
-                     "num_stages", "interpret"))
+                     "num_stages", "interpret", "f32_dot"))
 def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
                                row_start: jax.Array, *, r: int, scale: float,
-                               pool: str = "sum", block_m: int = 64, block_n: int = 512,
-                               block_d: int = 64, num_warps: int = 8, num_stages: int = 3,
-                               interpret: bool = False) -> jax.Array:
+                               pool: str = "sum", block_m: int | None = None,
+                               block_n: int | None = None, block_d: int | None = None,
+                               num_warps: int | None = None, num_stages: int | None = None,
+                               interpret: bool = False, f32_dot: str = "tf32x3") -> jax.Array:
     """Pooled row-softmax scores, one pass over qx.kx^T (see the module docstring).
 
     Args:
@@ -170,17 +185,27 @@ def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Arr
         scale: logit scale.
         pool: "sum" or "max" over each r x r cell.
         block_m, block_n, block_d: query rows, key columns and Dx chunk per step (powers of two
-            >= 16; clamped to the padded problem size).
-            Defaults from H100 sweeps (``scripts/tune_pooled_scores_gpu.py``, 2026-11-23): at
-            128K tokens 64 x 512 tiles, 64-wide chunks, 8 warps, 3 stages ran XAttention's GEMM
-            at 515 (stride 16) and 486 (stride 8) TFLOP/s; the earlier 128 x 64 x 128 / 4 warps
-            ran at 136 (64K).
+            >= 16; clamped to the padded problem size). Defaults (with ``num_warps``,
+            ``num_stages``) from H100 sweeps, see ``DEFAULT_TILINGS``.
         num_warps, num_stages: Triton launch parameters.
         interpret: Pallas interpret mode (any backend).
+        f32_dot: how float32 inputs are multiplied (see ``_triton_common.F32_DOTS``):
+            ``"tf32x3"`` (default: three TF32 tensor-core products, float32 accuracy),
+            ``"ieee"`` (CUDA-core exact products, far slower) or ``"tf32"``; ignored for
+            16-bit inputs and in interpret mode (exact there).
     Returns:
         float32 ``[B, Hq, nq, n]``, equal to ``block_softmax_scores(qx, kx, geo, r, valid_rows,
         scale, pool)``.
     """
+    dtype = jnp.promote_types(qx.dtype, kx.dtype)
+    default = DEFAULT_TILINGS["float32" if dtype == jnp.float32 else "16-bit"]
+    if block_n is None:  # a tile spans whole cells (float32's 128 columns < r = 256 cells)
+        block_n = max(default[1], r)
+    d_m, _, d_d, d_warps, d_stages = default
+    block_m = d_m if block_m is None else block_m
+    block_d = d_d if block_d is None else block_d
+    num_warps = d_warps if num_warps is None else num_warps
+    num_stages = d_stages if num_stages is None else num_stages
     _check(qx, kx, r, pool, dict(block_m=block_m, block_n=block_n, block_d=block_d))
     b, mq, hq, dx = qx.shape
     mk, hkv = kx.shape[1], kx.shape[2]
@@ -191,7 +216,6 @@ def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Arr
     n_qt, n_tiles, n_d = -(-mq // bm), -(-mk // bn), -(-dx // bd)
     cpt = bn // r
 
-    dtype = jnp.promote_types(qx.dtype, kx.dtype)
     qp = _pad_to(_pad_to(qx.astype(dtype), 1, n_qt * bm), 3, n_d * bd)
     kp = _pad_to(_pad_to(kx.astype(dtype), 1, n_tiles * bn), 3, n_d * bd)
     vr = per_row(valid_rows, b, "valid_rows")
@@ -226,7 +250,7 @@ def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Arr
     kernel = functools.partial(
         _kernel, n_qt=n_qt, bm=bm, bn=bn, bd=bd, n_d=n_d, r=r, n_tiles=n_tiles, pool=pool,
         qk_scale=float(scale) * _LOG2E,
-        precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+        precision=f32_dot_precision(f32_dot, dtype, interpret))
     part, mt, lse = pl.pallas_call(
         kernel,
         grid=(g, n_qt, b * hkv),
