@@ -10,7 +10,9 @@ heads, latent d_c=512, rope d_r=64, d_v=128, bf16 cache in 64-token pages:
     its slice with its own softmax; partial outputs after W_UV are summed (psum).
 Inputs are random (timing only; correctness is tested on the CPU in tests/test_tpla*.py).
 Reports the median step time of each and the TPLA speedup (issue bar: >= 1.6x at 32K), for each
-`mla_decode` implementation in --impls (auto = the Mosaic GPU kernel on Hopper).
+`mla_decode` implementation in --impls (auto = the Mosaic GPU kernel on Hopper). Steps run 20 to
+a program by default (`--in-program`): dispatching each step from Python leaves the GPUs idle
+between TPLA's short steps. `--breakdown` adds the kernel alone and kernel + W_UV per GPU.
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ def timed(fn, *args, reps: int = 7, inner: int = 10) -> float:
     return float(np.median(ts))
 
 
+def in_program(step, n: int):
+    """`n` dependent calls of `step` inside one jitted program, as a model's decode step runs
+    its attention: no per-call dispatch. Each call's query is offset by a running scalar fed
+    from the previous output (a tiny all-reduce per call, the same for every method), so XLA
+    can neither hoist nor merge the calls. Returns a function of the step's arguments."""
+    @jax.jit
+    def run(q, *rest):
+        def body(_, s):
+            out = step(q + s.astype(q.dtype), *rest)
+            return s + 1e-30 * jnp.sum(out.astype(jnp.float32))
+        return jax.lax.fori_loop(0, n, body, jnp.zeros((), jnp.float32))
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -57,6 +73,14 @@ def main() -> None:
     p.add_argument("--tpla-kw", type=json.loads, nargs="*", default=[],
                    help='extra TPLA rows, one per JSON dict of tpla_decode / kernel kwargs, for '
                         'each impl, e.g. \'{"pages_per_step": 2}\' \'{"output": "heads"}\'')
+    p.add_argument("--in-program", type=int, default=20, metavar="N",
+                   help="time N dependent steps inside one program, reported per step (as a "
+                        "model's decode step runs its attention); 0: one dispatch per step, "
+                        "which on 2 x H200 costs about as much as TPLA's kernel at 16-64 heads "
+                        "and made those timings vary by 1.7x (ninth session)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the default TPLA step's parts: the kernel alone on each "
+                        "GPU, then with the W_UV einsum (no cross-GPU sum)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     g = 2
@@ -74,6 +98,13 @@ def main() -> None:
     w_uv = rnd((dc, h, dv), jnp.float32)
     scale = (dc // 4 + dr) ** -0.5
     rows = []
+    n_in = args.in_program
+
+    def timed_step(step, *a) -> float:
+        """Seconds per step: dispatched one per call, or n_in per program (--in-program)."""
+        if n_in:
+            return timed(in_program(step, n_in), *a, inner=1) / n_in
+        return timed(step, *a)
 
     # MLA: latent cache replicated, heads split over the 2 GPUs.
     cache = jax.device_put(rnd((n_pages, PAGE, dc + dr)), NamedSharding(mesh, P()))
@@ -97,7 +128,7 @@ def main() -> None:
     for impl in args.impls:
         try:
             mla_steps[impl] = mla_step(impl)  # kept: timed again after TPLA, no recompile
-            t_mla[impl] = timed(mla_steps[impl], ql, qp, cache, table, lengths, wuv)
+            t_mla[impl] = timed_step(mla_steps[impl], ql, qp, cache, table, lengths, wuv)
             rows.append({"method": "MLA, heads split, latent replicated", "impl": impl,
                          "ms": 1e3 * t_mla[impl], "cache_bytes_per_gpu": cache_bytes})
         except Exception as e:  # noqa: BLE001
@@ -119,7 +150,7 @@ def main() -> None:
         step = jax.jit(lambda a, b_, c, d, e, f, impl=impl, kw=kw: tpla_decode(
             a, b_, c, d, e, f, mesh=mesh, tcfg=tcfg, sm_scale=scale, impl=impl, **kw))
         try:
-            t_tpla[name] = timed(step, ql2, q_pe, pages, table, lengths, wuv2)
+            t_tpla[name] = timed_step(step, ql2, q_pe, pages, table, lengths, wuv2)
             rows.append({"method": f"TPLA g={g}", "impl": name, "ms": 1e3 * t_tpla[name],
                          "cache_bytes_per_gpu": n_pages * PAGE * w * 2})
         except Exception as e:  # noqa: BLE001
@@ -127,10 +158,31 @@ def main() -> None:
                          "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(rows[-1], flush=True)
 
+    if args.breakdown:  # where the step's time goes beyond the kernel (no collective here)
+        for impl in args.impls:
+            for part in ("kernel", "kernel + W_UV"):
+                @jax.jit
+                @partial(_shard_map, mesh=mesh,
+                         in_specs=(P(None, None, "tensor"), P(), P(None, None, "tensor"), P(),
+                                   P(), P("tensor", None, None)),
+                         out_specs=P("tensor", None, None), check_vma=False)
+                def local(ql_, qp_, pg, tbl, lens, wuv_, impl=impl, part=part):
+                    out_lat, _ = mla_decode(ql_, qp_, pg, tbl, lens, scale, impl=impl)
+                    if part == "kernel":
+                        return out_lat  # [B, H, d_c / g] per GPU, stacked over the batch axis
+                    return jnp.einsum("bhc,chv->bhv", out_lat, wuv_.astype(jnp.float32))
+                try:
+                    ms = 1e3 * timed_step(local, ql2, q_pe, pages, table, lengths, wuv2)
+                    rows.append({"method": f"TPLA g={g} part: {part}", "impl": impl, "ms": ms})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"method": f"TPLA part: {part}", "impl": impl,
+                                 "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(rows[-1], flush=True)
+
     # MLA again after TPLA (the first variant timed in a process tends to read slower): the
     # speedup uses MLA's faster time, the conservative choice for TPLA.
     for impl in list(t_mla):
-        again = timed(mla_steps[impl], ql, qp, cache, table, lengths, wuv)
+        again = timed_step(mla_steps[impl], ql, qp, cache, table, lengths, wuv)
         rows.append({"method": "MLA, heads split, latent replicated (again)", "impl": impl,
                      "ms": 1e3 * again, "cache_bytes_per_gpu": cache_bytes})
         print(rows[-1], flush=True)
@@ -139,7 +191,7 @@ def main() -> None:
                if impl in t_mla and name in t_tpla}
     result = {"device": jax.devices()[0].device_kind, "n_devices": len(jax.devices()),
               "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "batch": b, "context": t,
-              "heads": h, "rows": rows, "tpla_speedup": speedup}
+              "heads": h, "in_program": n_in, "rows": rows, "tpla_speedup": speedup}
     (args.out / "bench_tpla_gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
