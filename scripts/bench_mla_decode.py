@@ -69,12 +69,15 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
     # named-barrier hand-overs 10% slower at H=128; at H=64 1 split 13% slower, 4 splits 2%)
     # pps2 = two pages per pipeline step (fits shared memory for TPLA shards, --dc 256 only)
     16: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic pps2 nab", dict(pages_per_step=2, no_auto_barriers=True)),
          ("mosaic old default", dict(split_cols=256, no_auto_barriers=False)),
          ("mosaic pps2", dict(pages_per_step=2))],
     32: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic pps2 nab", dict(pages_per_step=2, no_auto_barriers=True)),
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
     64: [("mosaic default", {}), ("mosaic seesaw", dict(schedule="seesaw")),
+         ("mosaic pps2 nab", dict(pages_per_step=2, no_auto_barriers=True)),
          ("mosaic old default", dict(split_cols=256, no_auto_barriers=False)),
          ("mosaic pps2", dict(pages_per_step=2)),
          ("mosaic pps2 seesaw", dict(pages_per_step=2, schedule="seesaw"))],
@@ -90,7 +93,16 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
           ("mosaic multicast", dict(multicast=True)),  # clusters of 2 CTAs
           ("mosaic seesaw", dict(schedule="seesaw")),
           ("mosaic pps2", dict(pages_per_step=2)),
-          ("mosaic pps2 multicast", dict(pages_per_step=2, multicast=True))],
+          ("mosaic pps2 multicast", dict(pages_per_step=2, multicast=True)),
+          # for TPLA shards (--dc 256, where the default is seesaw with 4 stages): the split
+          # schedule without automatic barriers, as chosen for Dc = 512 (ninth session)
+          ("mosaic split nab", dict(schedule="split", no_auto_barriers=True)),
+          ("mosaic split cols64 nab", dict(schedule="split", split_cols=64,
+                                           no_auto_barriers=True)),
+          ("mosaic pps2 nab", dict(pages_per_step=2, no_auto_barriers=True)),
+          ("mosaic seesaw nab", dict(schedule="seesaw", no_auto_barriers=True)),
+          # the --dc 256 default before the ninth session (seesaw, one page per step)
+          ("mosaic pps1", dict(pages_per_step=1))],
 }
 KERNELS = {"triton": (mla_decode_triton, VARIANTS), "mosaic": (mla_decode_mosaic, MOSAIC_VARIANTS)}
 

@@ -51,6 +51,9 @@ def _lower(inputs, **kw):
     dict(h=128, dc=512, dr=64, kw=dict(multicast=True)),  # clusters of 2 CTAs
     dict(h=256, dc=512, dr=64, kw=dict(multicast=True, num_splits=2, poison_output=True)),
     dict(h=128, dc=256, dr=64, kw=dict(pages_per_step=2)),  # TPLA shard, 2 pages per step
+    # TPLA shard defaults: 2 pages per step, no automatic barriers (ninth session) / before
+    dict(h=128, dc=256, dr=64, kw=dict(poison_output=True)),
+    dict(h=128, dc=256, dr=64, kw=dict(pages_per_step=1, no_auto_barriers=False)),
     dict(h=32, dc=100, dr=8, kw=dict(pages_per_step=2, schedule="seesaw", num_splits=3)),
     dict(h=128, dc=512, dr=64, kw=dict(split_cols=128)),  # consumer 1: chunks of 256 + 128
     dict(h=16, dc=512, dr=64, kw=dict(split_cols=192, poison_output=True)),

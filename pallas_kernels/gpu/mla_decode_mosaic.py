@@ -27,7 +27,9 @@ run while the softmax is computed (the FlashMLA split, written for Pallas Mosaic
   and the softmax of a page (the owner publishes P, alpha and the running max in shared
   memory), and both accumulate their column half of every page's PV. It needs a ring of >= 3
   pages to keep the turn-taking fed, which fits only for narrower latents (TPLA shards,
-  Dc = 256: 4 stages); ``"auto"`` picks it there.
+  Dc = 256: 4 stages); ``"auto"`` picks it there for up to 64 heads. With more heads a shard
+  is compute-bound and the default is the split schedule with two pages per step and no
+  automatic barriers (H100, 128 heads: 0.3-6.8% faster than seesaw over five rounds).
 - Only a sequence's last page can be partial: it alone gets the key-length mask (seesaw: all
   pages, one select per score). A split with no pages writes out 0 and lse -inf; splits are
   merged by :func:`pallas_kernels.mla_reference.combine_splits` (a small XLA reduction).
@@ -444,7 +446,7 @@ def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -
 def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                       page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
                       num_splits: int | None = None, num_stages: int | None = None,
-                      schedule: str = "auto", pages_per_step: int = 1,
+                      schedule: str = "auto", pages_per_step: int | None = None,
                       split_cols: int | None = None, multicast: bool = False,
                       no_auto_barriers: bool | None = None,
                       interpret: Any = False, poison_output: bool = False
@@ -470,6 +472,7 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             columns balances the two warpgroups.
         pages_per_step: cache pages (64 tokens each) per pipeline step and ring slot: 2 halves
             the per-step synchronisation (for narrow latents, where a page is little work).
+            Default: 2 for a TPLA g=2 shard (Dc = 256) with more than 64 heads, else 1.
         multicast: run the head blocks of a sequence as clusters of 2 CTAs that each TMA-load
             half of every page and multicast it to both (one L2 read per page instead of two).
             Off by default: at 128 heads on the H100 it measured the same as without (75.6%
@@ -477,8 +480,8 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             even number of 64-head blocks.
         no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
             memory accesses with mbarriers and ``commit_smem``); default True for the split
-            schedule at Dc = 512 (checked on the H100: every case of check_mla_gpu.py), else
-            False.
+            schedule at Dc = 512 and for two pages per step at Dc = 256 with more than 64 heads
+            (checked on the H100: check_mla_gpu.py), else False.
         interpret: API parity with the other kernels (the Mosaic GPU interpreter of JAX 0.10
             cannot run ``run_state``; numerics are checked on a GPU).
         poison_output: partial outputs start as NaN so unwritten elements show (checks only).
@@ -496,6 +499,13 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # the 128-byte swizzle the 576-wide ring needs, so half-page steps are not possible.
     dc_p, dr_p = _round_up(dc, 128), _round_up(dr, 64)
     dk = dc_p + dr_p
+    if pages_per_step is None:
+        # A TPLA g=2 shard (Dc = 256) with more than one 64-head block is compute-bound: two
+        # pages per step (half the hand-overs) without automatic barriers ran 0.3-6.8% (mean
+        # 3.6%) faster than seesaw over five rounds at 128 heads on the H100 (ninth session);
+        # at 16-64 heads all forms read 92-96% of copy.
+        fits = num_stages is None or _smem_bytes(dk, dc_p, num_stages, 2 * PAGE) <= _MAX_SMEM
+        pages_per_step = 2 if dc_p == 256 and h > _HEADS and schedule != "seesaw" and fits else 1
     if pages_per_step not in (1, 2):
         raise ValueError(f"pages_per_step must be 1 or 2, got {pages_per_step}")
     step = pages_per_step * PAGE
@@ -530,7 +540,8 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # DeepSeek's Dc = 512 with the split schedule: consumer 0 (QK^T + softmax) takes 192 of
     # the 512 PV columns and Mosaic's automatic barriers are off (H100, 128 heads: 82-84% of
     # copy vs 75-80% for Dc / 2 with them, 5.9% fewer cycles; equal at 16 and 64 heads).
-    tuned = schedule == "split" and dc_p == 512
+    tuned = schedule == "split" and (dc_p == 512 or (dc_p == 256 and pages_per_step == 2
+                                                     and h > _HEADS))
     if split_cols is None:
         split_cols = 192 if tuned else dc_p // 2
     if no_auto_barriers is None:
