@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from scripts.bench_f32_attention import timed  # noqa: E402
 from jaxprefill.sparse import estimators as est  # noqa: E402
 from jaxprefill.sparse.base import make_geometry  # noqa: E402
+from jaxprefill.sparse.xattention import antidiagonal_operands  # noqa: E402
 from pallas_kernels.estimation import last_query_sums_reference  # noqa: E402
 from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton  # noqa: E402
 from pallas_kernels.gpu.mla_decode_triton import mla_decode_triton  # noqa: E402
@@ -59,12 +60,7 @@ def pooled_case(s: int = 16384, hq: int = 32, hkv: int = 8, d: int = 128, stride
     b, block = 1, 128
     q, k = normal(7, (b, s, hq, d), (b, s, hkv, d))
     geo = make_geometry(q, k, block, jnp.full((b,), s, jnp.int32))
-    m = geo.n * block // stride
-    qr = est.padded(q, geo).reshape(b, m, stride, hq, d)[:, :, ::-1]
-    qr = qr.transpose(0, 1, 3, 2, 4).reshape(b, m, hq, stride * d)
-    kr = est.padded(k, geo).reshape(b, m, stride, hkv, d).transpose(0, 1, 3, 2, 4)
-    kr = kr.reshape(b, m, hkv, stride * d)
-    valid = (geo.lengths + stride - 1) // stride
+    qr, kr, valid = antidiagonal_operands(q, k, geo, stride)
     r, scale = block // stride, geo.scale / stride
     zero = jnp.zeros((b,), jnp.int32)
 

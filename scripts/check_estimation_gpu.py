@@ -33,6 +33,7 @@ from jaxprefill import sparse  # noqa: E402
 from jaxprefill.eval.synthetic_qk import structured_qk  # noqa: E402
 from jaxprefill.sparse import estimators as est  # noqa: E402
 from jaxprefill.sparse.base import make_geometry  # noqa: E402
+from jaxprefill.sparse.xattention import antidiagonal_operands  # noqa: E402
 from pallas_kernels.estimation import last_query_sums  # noqa: E402
 
 
@@ -93,12 +94,7 @@ def check_pooled_scores() -> list[dict]:
             b, block, d = len(lens), 128, 128
             q, k = structured_qk(jax.random.key(200 + i), b, s, hq, hkv, d, dtype=dtype)
             geo = make_geometry(q, k, block, jnp.asarray(lens, jnp.int32))
-            m = geo.n * block // stride
-            qr = est.padded(q, geo).reshape(b, m, stride, hq, d)[:, :, ::-1]
-            qr = qr.transpose(0, 1, 3, 2, 4).reshape(b, m, hq, stride * d)
-            kr = est.padded(k, geo).reshape(b, m, stride, hkv, d).transpose(0, 1, 3, 2, 4)
-            kr = kr.reshape(b, m, hkv, stride * d)
-            valid = (geo.lengths + stride - 1) // stride
+            qr, kr, valid = antidiagonal_operands(q, k, geo, stride)
             r = block // stride
             os.environ["JAXPREFILL_ESTIMATION"] = "xla"  # the XLA estimator is the reference
             if dtype == jnp.float32:  # exact products on the CPU: XLA's GPU float32 dots are

@@ -31,16 +31,24 @@ from jaxprefill.sparse.base import Geometry, Policy
 from jaxprefill.sparse.registry import register
 
 
-def antidiagonal_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int) -> jax.Array:
-    """float32 [B, Hq, nq, n]: XAttention's strided antidiagonal block scores (each valid query
-    block's row sums to block/stride). Row-local: a window computes only its query rows."""
+def antidiagonal_operands(q: jax.Array, k: jax.Array, geo: Geometry,
+                          stride: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The strided GEMM operands: (qr [B, nq*block/stride, Hq, stride*D] with each stride
+    group's queries reversed and concatenated along D, kr [B, n*block/stride, Hkv, stride*D]
+    with its keys in order, valid rows int32 [B]). qr @ kr^T sums each group's antidiagonal."""
     m = geo.n * geo.block // stride
     mq = geo.nq * geo.block // stride  # stride groups never straddle a block (block % stride == 0)
     qr = est.padded_queries(q, geo).reshape(geo.B, mq, stride, geo.Hq, geo.D)[:, :, ::-1]
     qr = qr.transpose(0, 1, 3, 2, 4).reshape(geo.B, mq, geo.Hq, stride * geo.D)
     kr = est.padded(k, geo).reshape(geo.B, m, stride, geo.Hkv, geo.D).transpose(0, 1, 3, 2, 4)
     kr = kr.reshape(geo.B, m, geo.Hkv, stride * geo.D)
-    valid_rows = (geo.lengths + stride - 1) // stride
+    return qr, kr, (geo.lengths + stride - 1) // stride
+
+
+def antidiagonal_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int) -> jax.Array:
+    """float32 [B, Hq, nq, n]: XAttention's strided antidiagonal block scores (each valid query
+    block's row sums to block/stride). Row-local: a window computes only its query rows."""
+    qr, kr, valid_rows = antidiagonal_operands(q, k, geo, stride)
     return est.block_softmax_scores(qr, kr, geo, geo.block // stride, valid_rows,
                                     geo.scale / stride)
 
