@@ -102,7 +102,9 @@ MOSAIC_VARIANTS = {  # the Mosaic GPU kernel (pallas_kernels/gpu/mla_decode_mosa
           ("mosaic pps2 nab", dict(pages_per_step=2, no_auto_barriers=True)),
           ("mosaic seesaw nab", dict(schedule="seesaw", no_auto_barriers=True)),
           # the --dc 256 default before the ninth session (seesaw, one page per step)
-          ("mosaic pps1", dict(pages_per_step=1))],
+          ("mosaic pps1", dict(pages_per_step=1)),
+          ("mosaic pps2 nab cols192", dict(pages_per_step=2, no_auto_barriers=True,
+                                           split_cols=192))],
 }
 KERNELS = {"triton": (mla_decode_triton, VARIANTS), "mosaic": (mla_decode_mosaic, MOSAIC_VARIANTS)}
 

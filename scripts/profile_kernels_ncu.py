@@ -92,12 +92,15 @@ MLA_VARIANTS = {
     "nab": dict(split_cols=256, no_auto_barriers=True),
     "cols128nab": dict(split_cols=128, no_auto_barriers=True),
     "multicast": dict(multicast=True),
+    # TPLA g=2 shards (``tpla128``: Dc = 256); default: 2 pages per step, no automatic barriers
+    "pps1": dict(pages_per_step=1),  # the default before the ninth session (seesaw, 4 pages)
+    "pps2cols192": dict(pages_per_step=2, no_auto_barriers=True, split_cols=192),
 }
 
 
-def mla_decode(heads: int, variant: str = ""):
+def mla_decode(heads: int, variant: str = "", dc: int = 512):
     from pallas_kernels.gpu.mla_decode_mosaic import mla_decode_mosaic
-    b, ctx, page, dc, dr = 64, 32768, 64, 512, 64
+    b, ctx, page, dr = 64, 32768, 64, 64
     p = ctx // page
     cache = jax.random.normal(jax.random.key(0), (b * p, page, dc + dr), jnp.bfloat16)
     table = jnp.asarray(np.random.default_rng(0).permutation(b * p).reshape(b, p).astype(np.int32))
@@ -115,6 +118,8 @@ def main() -> int:
     name, _, variant = target.partition("_")
     if name.startswith("mla"):  # decode: mla128, mla16_<variant>
         f, args = mla_decode(int(name[3:]), variant)
+    elif name.startswith("tpla"):  # decode on a TPLA g=2 shard (Dc = 256): tpla128_<variant>
+        f, args = mla_decode(int(name[4:]), variant, dc=256)
     elif name.endswith(("16k", "64k")) or "mla" in name:  # prefill: mosaic16k, tokamaxmla16
         f, args = attention(target)
     else:

@@ -29,7 +29,7 @@ run while the softmax is computed (the FlashMLA split, written for Pallas Mosaic
   pages to keep the turn-taking fed, which fits only for narrower latents (TPLA shards,
   Dc = 256: 4 stages); ``"auto"`` picks it there for up to 64 heads. With more heads a shard
   is compute-bound and the default is the split schedule with two pages per step and no
-  automatic barriers (H100, 128 heads: 0.3-6.8% faster than seesaw over five rounds).
+  automatic barriers (H100, 128 heads: 5.3-5.6% fewer cycles than seesaw).
 - Only a sequence's last page can be partial: it alone gets the key-length mask (seesaw: all
   pages, one select per score). A split with no pages writes out 0 and lse -inf; splits are
   merged by :func:`pallas_kernels.mla_reference.combine_splits` (a small XLA reduction).
@@ -501,9 +501,9 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     dk = dc_p + dr_p
     if pages_per_step is None:
         # A TPLA g=2 shard (Dc = 256) with more than one 64-head block is compute-bound: two
-        # pages per step (half the hand-overs) without automatic barriers ran 0.3-6.8% (mean
-        # 3.6%) faster than seesaw over five rounds at 128 heads on the H100 (ninth session);
-        # at 16-64 heads all forms read 92-96% of copy.
+        # pages per step (half the hand-overs) without automatic barriers take 5.3-5.6% fewer
+        # cycles than seesaw at 128 heads on the H100 (Nsight Compute, ninth session); at
+        # 16-64 heads all forms read 92-96% of copy.
         fits = num_stages is None or _smem_bytes(dk, dc_p, num_stages, 2 * PAGE) <= _MAX_SMEM
         pages_per_step = 2 if dc_p == 256 and h > _HEADS and schedule != "seesaw" and fits else 1
     if pages_per_step not in (1, 2):
@@ -539,13 +539,14 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, width - p_max)))
     # DeepSeek's Dc = 512 with the split schedule: consumer 0 (QK^T + softmax) takes 192 of
     # the 512 PV columns and Mosaic's automatic barriers are off (H100, 128 heads: 82-84% of
-    # copy vs 75-80% for Dc / 2 with them, 5.9% fewer cycles; equal at 16 and 64 heads).
-    tuned = schedule == "split" and (dc_p == 512 or (dc_p == 256 and pages_per_step == 2
-                                                     and h > _HEADS))
+    # copy vs 75-80% for Dc / 2 with them, 5.9% fewer cycles; equal at 16 and 64 heads). A
+    # TPLA shard's two-page steps (see pages_per_step) also run without them.
+    tuned_512 = schedule == "split" and dc_p == 512
+    tuned_256 = schedule == "split" and dc_p == 256 and pages_per_step == 2 and h > _HEADS
     if split_cols is None:
-        split_cols = 192 if tuned else dc_p // 2
+        split_cols = 192 if tuned_512 else dc_p // 2
     if no_auto_barriers is None:
-        no_auto_barriers = tuned
+        no_auto_barriers = tuned_512 or tuned_256
     if split_cols % 64 or not 0 < split_cols < dc_p:
         raise ValueError(f"split_cols must be a multiple of 64 in (0, {dc_p}), got {split_cols}")
     cols = (_column_chunks(0, split_cols), _column_chunks(split_cols, dc_p))
