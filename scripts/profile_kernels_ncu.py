@@ -9,7 +9,8 @@ profiled range, then exactly one call inside it.
 Hq=32, Hkv=8, D=128, bf16 (issue 4's full-density shape), ``mosaic16k_<variant>`` with the
 kernel options of ``MOSAIC_VARIANTS``; ``mla128`` / ``mla16``: ``mla_decode_mosaic`` at batch
 64 x 32K context with 128 / 16 heads (issue 6), ``mla128_<variant>`` with the options of
-``MLA_VARIANTS``. The profiled range is opened with the CUDA
+``MLA_VARIANTS``; ``tpla128[_<variant>]``: the same on a TPLA g=2 shard (Dc = 256). The
+profiled range is opened with the CUDA
 driver's ``cuProfilerStart`` (ncu's ``--profile-from-start off`` honours it).
 """
 
