@@ -499,13 +499,14 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # the 128-byte swizzle the 576-wide ring needs, so half-page steps are not possible.
     dc_p, dr_p = _round_up(dc, 128), _round_up(dr, 64)
     dk = dc_p + dr_p
+    tpla_shard = dc_p == 256 and h > _HEADS  # a TPLA g=2 shard of DeepSeek-V3 (128 heads)
     if pages_per_step is None:
         # A TPLA g=2 shard (Dc = 256) with more than one 64-head block is compute-bound: two
         # pages per step (half the hand-overs) without automatic barriers take 5.3-5.6% fewer
         # cycles than seesaw at 128 heads on the H100 (Nsight Compute, ninth session); at
         # 16-64 heads all forms read 92-96% of copy.
         fits = num_stages is None or _smem_bytes(dk, dc_p, num_stages, 2 * PAGE) <= _MAX_SMEM
-        pages_per_step = 2 if dc_p == 256 and h > _HEADS and schedule != "seesaw" and fits else 1
+        pages_per_step = 2 if tpla_shard and schedule != "seesaw" and fits else 1
     if pages_per_step not in (1, 2):
         raise ValueError(f"pages_per_step must be 1 or 2, got {pages_per_step}")
     step = pages_per_step * PAGE
@@ -542,7 +543,7 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
     # copy vs 75-80% for Dc / 2 with them, 5.9% fewer cycles; equal at 16 and 64 heads). A
     # TPLA shard's two-page steps (see pages_per_step) also run without them.
     tuned_512 = schedule == "split" and dc_p == 512
-    tuned_256 = schedule == "split" and dc_p == 256 and pages_per_step == 2 and h > _HEADS
+    tuned_256 = schedule == "split" and tpla_shard and pages_per_step == 2
     if split_cols is None:
         split_cols = 192 if tuned_512 else dc_p // 2
     if no_auto_barriers is None:

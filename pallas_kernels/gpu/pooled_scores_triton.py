@@ -198,14 +198,12 @@ def pooled_block_scores_triton(qx: jax.Array, kx: jax.Array, valid_rows: jax.Arr
         scale, pool)``.
     """
     dtype = jnp.promote_types(qx.dtype, kx.dtype)
+    given = (block_m, block_n, block_d, num_warps, num_stages)
     default = DEFAULT_TILINGS["float32" if dtype == jnp.float32 else "16-bit"]
-    if block_n is None:  # a tile spans whole cells (float32's 128 columns < r = 256 cells)
-        block_n = max(default[1], r)
-    d_m, _, d_d, d_warps, d_stages = default
-    block_m = d_m if block_m is None else block_m
-    block_d = d_d if block_d is None else block_d
-    num_warps = d_warps if num_warps is None else num_warps
-    num_stages = d_stages if num_stages is None else num_stages
+    block_m, block_n, block_d, num_warps, num_stages = (
+        d if v is None else v for v, d in zip(given, default))
+    if given[1] is None:  # a tile spans whole cells (float32's 128 columns < r = 256 cells)
+        block_n = max(block_n, r)
     _check(qx, kx, r, pool, dict(block_m=block_m, block_n=block_n, block_d=block_d))
     b, mq, hq, dx = qx.shape
     mk, hkv = kx.shape[1], kx.shape[2]
