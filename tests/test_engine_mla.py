@@ -7,7 +7,7 @@ from flax import nnx
 
 import jaxprefill as jp
 from jaxprefill.config import MLAConfig, RopeConfig
-from jaxprefill.generate import _sparse_graphdef
+from jaxprefill.decoding import sparse_graphdef
 from jaxprefill.infer import Engine, EngineConfig, Request
 from jaxprefill.infer.latent_cache import PagedLatentCache
 from jaxprefill.models.deepseek import DeepSeek
@@ -87,9 +87,9 @@ def test_mla_sparse_prefill_in_generate_and_engine(model, monkeypatch):
     prompts = [rng.integers(1, 97, n).tolist() for n in (150, 40, 70, 9)]
     tokens = jnp.asarray([prompts[0]], jnp.int32)
     dense_h = model.forward(tokens)[0]
-    wide_h = nnx.merge(_sparse_graphdef(model, streaming(1024)),
+    wide_h = nnx.merge(sparse_graphdef(model, streaming(1024)),
                        nnx.state(model)).forward(tokens)[0]
-    narrow_h = nnx.merge(_sparse_graphdef(model, streaming(32)),
+    narrow_h = nnx.merge(sparse_graphdef(model, streaming(32)),
                          nnx.state(model)).forward(tokens)[0]
     assert calls["prefill"] >= 2 * len(model.layers)  # the sparse path really ran
     np.testing.assert_allclose(np.asarray(wide_h), np.asarray(dense_h), rtol=1e-5, atol=1e-5)

@@ -201,23 +201,23 @@ def greedy_answers(model, tokenizer, tokens: np.ndarray, lengths: np.ndarray,
     """
     from flax import nnx
 
-    from jaxprefill.generate import Sampling, _decode, _prefill, _sparse_graphdef
+    from jaxprefill.decoding import Sampling, decode_step, prefill_step, sparse_graphdef
     from jaxprefill.models import KVCache
 
     graphdef, state = nnx.split(model)
-    pre_graph = graphdef if sparse is None else _sparse_graphdef(model, sparse)
+    pre_graph = graphdef if sparse is None else sparse_graphdef(model, sparse)
     b, p = tokens.shape
     cache = KVCache.zeros(model.config, b, p + max_new_tokens, model.dtype)
     sampling = Sampling.make(b)
     t0 = time.perf_counter()
-    nxt, cache = _prefill(pre_graph, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+    nxt, cache = prefill_step(pre_graph, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
                           sampling)
     nxt = np.asarray(nxt)
     prefill_s = time.perf_counter() - t0
     out = [nxt]
     index = np.asarray(lengths, np.int32).copy()
     for step in range(1, max_new_tokens):
-        nxt, cache = _decode(graphdef, state, jnp.asarray(nxt[:, None]), jnp.asarray(index),
+        nxt, cache = decode_step(graphdef, state, jnp.asarray(nxt[:, None]), jnp.asarray(index),
                              cache, sampling, step)
         nxt = np.asarray(nxt)
         out.append(nxt)

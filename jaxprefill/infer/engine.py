@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxprefill.generate import PromptTooLongError, Sampling, _sparse_graphdef, encode_prompt
+from jaxprefill.decoding import Sampling, encode_prompt, sparse_graphdef
+from jaxprefill.generate import PromptTooLongError
 from jaxprefill.infer import latent_cache, steps
 from jaxprefill.infer.config import EngineConfig
 from jaxprefill.infer.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
@@ -107,7 +108,7 @@ class Engine:
             raise ValueError(f"tpla decode needs an MLA model, not {type(model).__name__}")
         self.max_seq_len = config.max_seq_len or cfg.max_position_embeddings
         if config.sparse is not None:  # the same weights, an AttentionSpec with the policy
-            self.graphdef = _sparse_graphdef(model, config.sparse)
+            self.graphdef = sparse_graphdef(model, config.sparse)
         if config.tpla is not None:  # folded weights, latent pool sharded over `tensor`
             from jaxprefill.infer import tpla_steps
 

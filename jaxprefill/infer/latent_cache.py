@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprefill.generate import Sampling, sample
+from jaxprefill.decoding import Sampling, sample
 
 
 @struct.dataclass

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxprefill.generate import Sampling, sample
+from jaxprefill.decoding import Sampling, sample
 from jaxprefill.infer.paged_cache import PagedKVCache, gather_view, slot_ids, write_back
 from jaxprefill.models import KVCache
 

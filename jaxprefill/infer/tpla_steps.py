@@ -21,7 +21,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.attention import attend
-from jaxprefill.generate import Sampling, sample
+from jaxprefill.decoding import Sampling, sample
 from jaxprefill.tpla import (TPLACache, TPLAConfig, pack_latent, raw_latent, rope_pair_order,
                              tpla_decode_step)
 
