@@ -9,7 +9,8 @@ from flax import nnx
 
 import jaxprefill as jp
 from jaxprefill.infer import Engine, EngineConfig
-from jaxprefill.infer.jobs import completed_ids, merge_outputs, parse_line, run_job
+from jaxprefill.infer.job_files import repair_output
+from jaxprefill.infer.jobs import merge_outputs, parse_line, run_job
 from jaxprefill.loading.gguf_reader import bundled_gguf_path
 from jaxprefill.loading.tokenizer import Tokenizer
 
@@ -65,8 +66,9 @@ def test_job_errors_go_to_errors_file_and_job_continues(engine, tmp_path):
     reasons = " | ".join(e["error"] for e in errors)
     assert len(errors) == 3 and "not valid JSON" in reasons and "duplicate id" in reasons
     assert "limit is 512" in reasons
+    assert [e["line"] for e in errors] == [5, 7, 6]  # the engine's rejection has its line too
     assert summary.requests == 4 and summary.errors == 3
-    assert "TTFT" in summary.table()
+    assert "TTFT" in summary.table() and str(tmp_path / "out.errors.jsonl") in summary.table()
 
 
 def test_crash_and_rerun_yields_each_id_exactly_once(engine, tmp_path, monkeypatch):
@@ -91,7 +93,7 @@ def test_crash_and_rerun_yields_each_id_exactly_once(engine, tmp_path, monkeypat
     assert len(read_output(out)) == 4
     with open(out, "a") as f:  # a torn line, as if killed mid-write
         f.write('{"id": "r8", "te')
-    assert len(completed_ids(out)) == 4  # torn line cut off
+    assert len(repair_output(out, warn=[].append).ids) == 4  # torn line cut off
     summary = run_job(engine, inp, out, progress=False)
     ids = [r["id"] for r in read_output(out)]
     assert sorted(ids) == [f"r{i}" for i in range(9)]  # each exactly once
@@ -112,7 +114,9 @@ def test_cli_infer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = read_output(out)
     assert row["id"] == "paris" and "Paris" in row["text"]
-    assert "requests completed" in proc.stdout and "errors" in proc.stdout
+    assert "requests completed" in proc.stdout and str(tmp_path / "out.errors.jsonl") in proc.stdout
+    (err,) = read_output(tmp_path / "out.errors.jsonl")
+    assert err["line"] == 2 and "not valid JSON" in err["error"]
 
 
 def test_sharded_hosts_then_merge(engine, tmp_path):
@@ -129,7 +133,7 @@ def test_sharded_hosts_then_merge(engine, tmp_path):
         f.write(json.dumps(read_output(parts[0])[0]) + "\n" + '{"id": "r9", "te')
     merged = tmp_path / "merged.jsonl"
     counts = merge_outputs(parts, merged, inp)
-    assert counts == {"ids": 7, "duplicates": 1, "missing": 0}
+    assert counts == {"ids": 7, "duplicates": 1, "damaged": 1, "missing": 0}
     assert [r["id"] for r in read_output(merged)] == [f"r{i}" for i in range(7)]
     inp.write_text(inp.read_text() + json.dumps({"id": "r7", "prompt": "x"}) + "\n")
     assert merge_outputs(parts, merged, inp)["missing"] == 1

@@ -1,9 +1,24 @@
-"""`jaxprefill infer --config configs/infer/x.yaml --input prompts.jsonl --output out.jsonl`."""
+"""`jaxprefill infer --config configs/infer/x.yaml --input prompts.jsonl --output out.jsonl`.
+
+Exit status of `infer`: 0 when the job ran to the end (rejected lines are in the errors file), 2
+for an ordinary mistake (missing input, output in use by another job, bad --shard: one
+`error: ...` line, checked before the model loads), 128 + signal number when SIGTERM (143) or
+SIGINT (130) stopped it (the summary says how to resume). `infer-merge`: 0, or 1 while some
+input id has no output yet, 2 for a missing file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
+from typing import Callable
+
+from jaxprefill.infer.job_files import JobError
+from jaxprefill.infer.job_lock import OutputLock
+from jaxprefill.infer.jobs import (JobEngine, JobInterrupted, check_input, check_output,
+                                   default_errors_path, merge_outputs, run_job)
 
 
 def register(sub) -> None:
@@ -25,21 +40,33 @@ def register(sub) -> None:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from jaxprefill.infer.jobs import merge_outputs
-
-    counts = merge_outputs(args.parts, args.output, args.input)
+    try:
+        counts = merge_outputs(args.parts, args.output, args.input)
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    damaged = f", {counts['damaged']} damaged lines skipped" if counts["damaged"] else ""
     print(f"merged {counts['ids']} ids into {args.output} ({counts['duplicates']} duplicates "
-          f"dropped, {counts['missing']} input ids without output)")
+          f"dropped{damaged}, {counts['missing']} input ids without output)")
     return 1 if counts["missing"] else 0
 
 
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"i/n"` -> (i, n) with 0 <= i < n; JobError otherwise."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise JobError(f"--shard must be INDEX/COUNT with 0 <= INDEX < COUNT, got {text!r}")
+    return index, count
 
-    import jaxprefill as jp
-    from jaxprefill.infer.data_parallel import make_engine
+
+def load_engine(args: argparse.Namespace) -> JobEngine:
+    """The engine the job's config asks for (loads the model: seconds to minutes)."""
+    import jaxprefill as jp  # heavy: only once the arguments and files are known to be fine
     from jaxprefill.infer.config import InferConfig
-    from jaxprefill.infer.jobs import run_job
+    from jaxprefill.infer.data_parallel import make_engine
 
     cfg = InferConfig.from_yaml(args.config) if args.config else InferConfig()
     if args.model:
@@ -47,15 +74,29 @@ def run(args: argparse.Namespace) -> int:
     if args.sparse:
         sparse = None if args.sparse.lower() == "none" else args.sparse
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, sparse=sparse))
-    try:
-        index, count = (int(x) for x in args.shard.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        print(f"error: --shard must be INDEX/COUNT with 0 <= INDEX < COUNT, got {args.shard!r}",
-              file=sys.stderr)
-        return 2
     model, tokenizer = jp.load(cfg.model, dtype=cfg.dtype, attention=cfg.attention)
-    summary = run_job(make_engine(model, tokenizer, cfg.engine), args.input, args.output,
-                      args.errors, shard=(index, count))
+    return make_engine(model, tokenizer, cfg.engine)
+
+
+def run(args: argparse.Namespace,
+        make_engine: Callable[[argparse.Namespace], JobEngine] = load_engine) -> int:
+    """`jaxprefill infer`: check the files, lock the output, load the engine, run the job.
+    make_engine: builds the engine once the output is locked (tests pass a small fake)."""
+    try:
+        shard = parse_shard(args.shard)
+        if args.config and not Path(args.config).is_file():
+            raise JobError(f"config file {args.config} does not exist")
+        check_input(args.input)
+        out = check_output(args.output, "output", args.input)
+        check_output(args.errors or default_errors_path(out), "errors file", args.input)
+        with OutputLock(out) as lock:  # before the model loads: a second job stops at once
+            summary = run_job(make_engine(args), args.input, out, args.errors, shard=shard,
+                              lock=lock)
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except JobInterrupted as e:
+        print(e.summary.table(), flush=True)  # it ends with the resume hint
+        return 128 + e.signum
     print(summary.table())
     return 0
