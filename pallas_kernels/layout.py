@@ -20,7 +20,8 @@ to, for patterns whose "vertical lines" would waste most of a block (MInference)
 
 Query block i attends to (its listed key blocks) UNION (its listed key columns); causal and
 segment masks apply to columns too. Columns never lie inside one of the row's listed blocks
-(kernels rely on it; :meth:`BlockSparseLayout.with_columns` drops such columns). Kernels gather
+(kernels rely on it; :func:`pallas_kernels.layout_columns.with_columns` drops such
+columns). Kernels gather
 the listed K/V columns and process them in chunks of ``block_k`` after the listed blocks.
 
 ``H`` is either the number of query heads (one list per query head) or the number of KV heads
@@ -33,7 +34,7 @@ The layout is a pytree (arrays are leaves, block sizes are static metadata), so 
 Constructors: :meth:`BlockSparseLayout.from_block_mask` (host numpy, or device ``jax.Array``
 inside ``jit``), :meth:`dense`, :meth:`dense_causal`, :meth:`streaming`. Host constructors run in
 NumPy; :func:`block_mask_to_layout_arrays` is the jit-able device version. Columns are added with
-:meth:`BlockSparseLayout.with_columns` (jit-able; see :mod:`pallas_kernels.layout_columns`).
+:func:`pallas_kernels.layout_columns.with_columns` (jit-able).
 """
 
 from __future__ import annotations
@@ -221,30 +222,6 @@ class BlockSparseLayout:
             return jnp.zeros(tuple(self.kv_cnt.shape) + (seq_k,), bool)
         return scatter_rows(self.col_idx, self.col_cnt, seq_k)
 
-    def with_columns(self, columns: Any, *, max_cols: int | None = None,
-                     seq_q: int | None = None, q_offset: int = 0) -> "BlockSparseLayout":
-        """This layout with the given key columns (replacing any it has).
-
-        Args:
-            columns: either key positions, int ``[B|1, H, nq|1, L]`` (any order, negatives and
-                positions ``>= nk * block_k`` are ignored, duplicates are merged; ``nq`` axis 1 =
-                the same positions for every query block), or a token-level vertical mask, bool
-                ``[B|1, H, nq|1, Sk]``.
-            max_cols: static list length. Default: ``L`` for positions; for a concrete mask the
-                largest row count. Rows with more columns keep the lowest positions.
-            seq_q, q_offset: when ``seq_q`` is given, columns after the last causal key of a
-                query block (``> min((i+1)*block_q, seq_q) - 1 + q_offset``) are dropped too
-                (they would be masked anyway).
-
-        Columns inside one of the row's listed blocks are always dropped. Jit-able when
-        ``max_cols`` is static (or ``columns`` is positions).
-        """
-        from pallas_kernels.layout_columns import build_columns
-
-        idx, cnt = build_columns(self, columns, max_cols=max_cols, seq_q=seq_q,
-                                 q_offset=q_offset)
-        return dataclasses.replace(self, col_idx=idx, col_cnt=cnt)
-
     def without_columns(self) -> "BlockSparseLayout":
         return dataclasses.replace(self, col_idx=None, col_cnt=None)
 
@@ -380,6 +357,51 @@ def streaming_block_mask(
     sink = j < sink_blocks
     local = (j <= diag[:, None]) & (j > diag[:, None] - local_blocks)
     return (sink & (j <= diag[:, None])) | local
+
+
+_SEG_BIG = 2**30
+
+
+def _block_range(seg: jax.Array, block: int, pad_value: int) -> tuple[jax.Array, jax.Array]:
+    """Min and max segment id per block of seg [B, S] -> ([B, n], [B, n]); padding excluded."""
+    b, s = seg.shape
+    n = -(-s // block)
+    padded = jnp.pad(seg, ((0, 0), (0, n * block - s)), constant_values=pad_value)
+    blocks = padded.reshape(b, n, block)
+    valid = jnp.arange(n * block).reshape(n, block) < s
+    lo = jnp.min(jnp.where(valid, blocks, _SEG_BIG), axis=-1)
+    hi = jnp.max(jnp.where(valid, blocks, -_SEG_BIG), axis=-1)
+    return lo, hi
+
+
+def structured_layout(sq: int, sk: int, batch: int, heads: int = 1, *, block_q: int, block_k: int,
+                      causal: bool, q_offset: jax.Array | None,
+                      segment_ids: tuple[jax.Array, jax.Array] | None) -> BlockSparseLayout:
+    """Layout [B, heads, nq, nk] (the same list for every head) of every block that may hold a
+    visible (query, key) pair: the masking structure of dense attention as a layout.
+
+    Packed prefill rows (several prompts, segment ids) and chunked prefill (queries at an offset)
+    are dense attention with structure: whole blocks of the score matrix are masked. Listing only
+    the blocks that can hold a visible pair lets the kernels skip the rest (they still apply the
+    token-level masks inside the listed blocks). Jit-able (max_nnz = nk is static). Segments:
+    blocks whose id ranges intersect. Causal: key block start <= last query index of the block
+    (+ q_offset). segment_ids: (q [B, Sq], kv [B, Sk]) int32 or None.
+    """
+    nq, nk = -(-sq // block_q), -(-sk // block_k)
+    mask = jnp.ones((batch, nq, nk), bool)
+    if causal:
+        last_q = jnp.minimum((jnp.arange(nq) + 1) * block_q, sq) - 1
+        off = jnp.zeros((batch,), jnp.int32) if q_offset is None else jnp.broadcast_to(
+            jnp.asarray(q_offset, jnp.int32), (batch,))
+        first_k = jnp.arange(nk) * block_k
+        mask &= first_k[None, None, :] <= (last_q[None, :, None] + off[:, None, None])
+    if segment_ids is not None:
+        q_lo, q_hi = _block_range(segment_ids[0], block_q, 0)
+        k_lo, k_hi = _block_range(segment_ids[1], block_k, 0)
+        mask &= (jnp.maximum(q_lo[:, :, None], k_lo[:, None, :])
+                 <= jnp.minimum(q_hi[:, :, None], k_hi[:, None, :]))
+    mask = jnp.broadcast_to(mask[:, None], (batch, heads, nq, nk))
+    return BlockSparseLayout.from_block_mask(mask, block_q, block_k, max_nnz=nk)
 
 
 def random_block_mask(

@@ -10,25 +10,45 @@ causally invisible to the whole query block.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.layout import scatter_rows
-
-if TYPE_CHECKING:
-    from pallas_kernels.layout import BlockSparseLayout
+from pallas_kernels.layout import BlockSparseLayout, scatter_rows
 
 _BIG = np.int32(2**30)
 
 
-def build_columns(layout: "BlockSparseLayout", columns: Any, *, max_cols: int | None = None,
+def with_columns(layout: BlockSparseLayout, columns: Any, *, max_cols: int | None = None,
+                 seq_q: int | None = None, q_offset: Any = 0) -> BlockSparseLayout:
+    """``layout`` with the given key columns (replacing any it has).
+
+    Args:
+        columns: either key positions, int ``[B|1, H, nq|1, L]`` (any order, negatives and
+            positions ``>= nk * block_k`` are ignored, duplicates are merged; ``nq`` axis 1 =
+            the same positions for every query block), or a token-level vertical mask, bool
+            ``[B|1, H, nq|1, Sk]``.
+        max_cols: static list length. Default: ``L`` for positions; for a concrete mask the
+            largest row count. Rows with more columns keep the lowest positions.
+        seq_q, q_offset: when ``seq_q`` is given, columns after the last causal key of a
+            query block (``> min((i+1)*block_q, seq_q) - 1 + q_offset``) are dropped too
+            (they would be masked anyway).
+
+    Columns inside one of the row's listed blocks are always dropped. Jit-able when
+    ``max_cols`` is static (or ``columns`` is positions).
+    """
+    idx, cnt = build_columns(layout, columns, max_cols=max_cols, seq_q=seq_q, q_offset=q_offset)
+    return dataclasses.replace(layout, col_idx=idx, col_cnt=cnt)
+
+
+def build_columns(layout: BlockSparseLayout, columns: Any, *, max_cols: int | None = None,
                   seq_q: int | None = None, q_offset: Any = 0) -> tuple[jax.Array, jax.Array]:
     """(col_idx int32 ``[B, H, nq, max_cols]``, col_cnt int32 ``[B, H, nq]``).
 
-    See :meth:`BlockSparseLayout.with_columns` for the arguments. Steps: normalize to sorted
+    See :func:`with_columns` for the arguments. Steps: normalize to sorted
     positions, drop invalid / duplicate / in-listed-block / (optionally) non-causal entries,
     compact the survivors to the front (cumsum + scatter: no per-row sort of the output) and
     pad with the last valid entry.
@@ -103,4 +123,4 @@ def compact_rows(pos: jax.Array, valid: jax.Array, count: jax.Array,
     return jnp.where(t < cnt[..., None], out, last).astype(jnp.int32), cnt
 
 
-__all__ = ["build_columns", "compact_rows"]
+__all__ = ["build_columns", "compact_rows", "with_columns"]

@@ -7,9 +7,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.layout import cdiv
+from pallas_kernels._prep import SegmentIds
+from pallas_kernels.attention import block_sparse_attention
+from pallas_kernels.layout import BlockSparseLayout, cdiv
+from pallas_kernels.layout_columns import with_columns
 
 
 def numpy_reference(
@@ -92,10 +96,8 @@ class Problem:
 
     def layout(self):
         """The problem's :class:`BlockSparseLayout` (columns from ``col_mask``, if any)."""
-        from pallas_kernels import BlockSparseLayout
-
         lay = BlockSparseLayout.from_block_mask(self.block_mask, self.block_q, self.block_k)
-        return lay if self.col_mask is None else lay.with_columns(self.col_mask)
+        return lay if self.col_mask is None else with_columns(lay, self.col_mask)
 
 
 def random_problem(
@@ -181,10 +183,6 @@ def assert_close(out: Any, lse: Any, ref_out: np.ndarray, ref_lse: np.ndarray, *
 
 def run_problem(p: Problem, impl: str, **kwargs: Any) -> tuple[Any, Any]:
     """Runs ``block_sparse_attention`` on a :class:`Problem`; returns (out, lse) jax arrays."""
-    import jax.numpy as jnp
-
-    from pallas_kernels import SegmentIds, block_sparse_attention
-
     layout = p.layout()
     seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
     return block_sparse_attention(

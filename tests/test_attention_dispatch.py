@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxprefill.attention import AttentionSpec, attend, build_mask
-from jaxprefill.attention.layouts import structured_layout
+from pallas_kernels.layout import structured_layout
 
 
 def rand(key, shape):
@@ -75,38 +75,3 @@ def test_structured_layout_skips_exactly_the_masked_blocks():
 def test_unknown_impl():
     with pytest.raises(ValueError, match="unknown attention impl"):
         AttentionSpec("flash9000")
-
-
-def test_auto_impl_on_gpu_routes_mla_head_dims_to_block_sparse(monkeypatch):
-    """On a GPU with 16-bit inputs: cuDNN for plain causal prefill with one head dim <= 128;
-    the block-sparse kernel for MLA's Dqk=192 / Dv=128 prefill (cuDNN needs V padded, and the
-    old rule sent > 128 to XLA), for chunks and packed rows; XLA for decode and f32."""
-    from jaxprefill.attention import dispatch
-
-    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
-    bf16 = lambda s, d: jnp.zeros((1, s, 4, d), jnp.bfloat16)  # noqa: E731  (shapes only)
-    assert dispatch.auto_impl(bf16(256, 128), True, 128) == "cudnn"
-    assert dispatch.auto_impl(bf16(256, 192), True, 128) == "block_sparse"  # MLA prefill
-    assert dispatch.auto_impl(bf16(256, 256), True, 256) == "block_sparse"
-    assert dispatch.auto_impl(bf16(256, 128), False, 128) == "block_sparse"  # chunk / packed
-    assert dispatch.auto_impl(bf16(1, 192), False, 128) == "xla"  # decode
-    assert dispatch.auto_impl(bf16(16, 192), True, 128) == "xla"  # too few queries
-    assert dispatch.auto_impl(jnp.zeros((1, 256, 4, 192)), True, 128) == "xla"  # f32
-
-
-def test_auto_impl_on_hopper_sends_float32_prefill_to_the_block_sparse_kernel(monkeypatch):
-    """float32 on Hopper: prefills of 64+ queries with head dims <= 128 go to the block-sparse
-    kernel (three-TF32 Triton dots, O(S) memory) instead of XLA's materialized scores; MLA's
-    192, decode, short chunks and other GPUs stay on XLA."""
-    from jaxprefill.attention import dispatch
-    from pallas_kernels.gpu import block_sparse_mosaic
-
-    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
-    f32 = lambda s, d: jnp.zeros((1, s, 4, d), jnp.float32)  # noqa: E731  (shapes only)
-    for hopper, expect in [(True, "block_sparse"), (False, "xla")]:
-        monkeypatch.setattr(block_sparse_mosaic, "is_hopper", lambda h=hopper: h)
-        assert dispatch.auto_impl(f32(256, 64), True, 64) == expect  # SmolLM2 prefill
-        assert dispatch.auto_impl(f32(256, 128), False, 128) == expect  # a chunk
-        assert dispatch.auto_impl(f32(256, 192), True, 128) == "xla"  # MLA: tiles too big
-        assert dispatch.auto_impl(f32(1, 64), False, 64) == "xla"  # decode
-        assert dispatch.auto_impl(f32(32, 64), True, 64) == "xla"  # too few queries

@@ -89,8 +89,8 @@ def test_reference_matches_numpy_rule(lam):
 
 KERNELS = {
     "xla": {},
-    "pallas_gpu": dict(interpret=True),
-    "pallas_tpu": dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan")),
+    "triton": dict(interpret=True),
+    "mosaic_tpu": dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan")),
 }
 
 

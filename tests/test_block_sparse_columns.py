@@ -5,13 +5,15 @@ columns."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
+from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention, with_columns
 from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton
 from pallas_kernels.testing import assert_close, numpy_reference, random_problem, run_problem
 
@@ -49,18 +51,18 @@ def test_with_columns_positions_and_mask(seq_q):
     lay = BlockSparseLayout.from_block_mask(bm, 16, 16)
     pos = rng.integers(-5, 90, (2, 3, 5, 9))  # duplicates, negatives, past nk * bk
     want = expected_columns(bm, pos, 16, 16, seq_q, 3)
-    got = lay.with_columns(pos, seq_q=seq_q, q_offset=3)
+    got = with_columns(lay, pos, seq_q=seq_q, q_offset=3)
     assert got.max_cols == 9 and got.has_columns
     check_columns(got, want)
-    jitted = jax.jit(lambda l, p: l.with_columns(p, seq_q=seq_q, q_offset=3))(lay, pos)
+    jitted = jax.jit(lambda l, p: with_columns(l, p, seq_q=seq_q, q_offset=3))(lay, pos)
     check_columns(jitted, want)
     # Shared positions [B, H, 1, L] and the token-mask form give the same columns.
     shared = rng.integers(0, 80, (1, 3, 1, 6))
     want = expected_columns(bm, shared, 16, 16, seq_q, 3)
-    check_columns(lay.with_columns(shared, seq_q=seq_q, q_offset=3), want)
+    check_columns(with_columns(lay, shared, seq_q=seq_q, q_offset=3), want)
     tok = np.zeros((1, 3, 1, 80), bool)
     np.put_along_axis(tok, shared, True, axis=-1)
-    from_mask = lay.with_columns(tok, seq_q=seq_q, q_offset=3)
+    from_mask = with_columns(lay, tok, seq_q=seq_q, q_offset=3)
     check_columns(from_mask, want)
     assert from_mask.max_cols == max(1, max(len(c) for c in want.values()))
     # The column mask is exactly the listed columns, disjoint from the listed blocks.
@@ -75,7 +77,7 @@ def test_columns_truncation_rounding_density_and_errors():
     bm = np.zeros((1, 1, 2, 4), bool)
     bm[..., 0] = True
     lay = BlockSparseLayout.from_block_mask(bm, 16, 16)
-    got = lay.with_columns(np.array([[[[50, 20, 40, 33]]]]), max_cols=2)
+    got = with_columns(lay, np.array([[[[50, 20, 40, 33]]]]), max_cols=2)
     np.testing.assert_array_equal(np.asarray(got.col_idx), [[[[20, 33], [20, 33]]]])  # lowest
     np.testing.assert_array_equal(np.asarray(got.col_cnt), [[[2, 2]]])
     # Density counts ceil(col_cnt / block_k) chunks per row: 2 blocks + 2 chunks of 8 cells.
@@ -90,13 +92,13 @@ def test_columns_truncation_rounding_density_and_errors():
         BlockSparseLayout(lay.kv_idx, lay.kv_cnt, 16, 16, 4, col_idx=got.col_idx[0],
                           col_cnt=got.col_cnt)
     with pytest.raises(ValueError, match="does not fit"):
-        lay.with_columns(np.zeros((1, 2, 1, 3), np.int32))
+        with_columns(lay, np.zeros((1, 2, 1, 3), np.int32))
     with pytest.raises(ValueError, match="blocks"):
-        lay.with_columns(np.zeros((1, 1, 1, 99), bool))
+        with_columns(lay, np.zeros((1, 1, 1, 99), bool))
     with pytest.raises(ValueError, match="static max_cols"):
-        jax.jit(lambda m: lay.with_columns(m).col_idx)(jnp.zeros((1, 1, 1, 64), bool))
+        jax.jit(lambda m: with_columns(lay, m).col_idx)(jnp.zeros((1, 1, 1, 64), bool))
     with pytest.raises(ValueError, match="integers"):
-        lay.with_columns(np.zeros((1, 1, 1, 3), np.float32))
+        with_columns(lay, np.zeros((1, 1, 1, 3), np.float32))
 
 
 CFGS = {
@@ -111,14 +113,14 @@ CFGS = {
 IMPLS = {
     "reference": {},
     "xla": {},
-    "pallas_gpu": dict(interpret=True),
-    "pallas_tpu": dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan")),
+    "triton": dict(interpret=True),
+    "mosaic_tpu": dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan")),
 }
 
 
 # TPU interpret mode is slow (~10 s a call): one config here, the other in the BLASST tests.
 CASES = [(i, c) for i in sorted(IMPLS) for c in sorted(CFGS)
-         if not (i == "pallas_tpu" and c.startswith("gqa4"))]
+         if not (i == "mosaic_tpu" and c.startswith("gqa4"))]
 
 
 @pytest.mark.parametrize("impl,cfg", CASES)
@@ -158,7 +160,7 @@ def test_triton_interpret_columns_poisoned(pack_gqa):
     assert_close(out, lse, *ref, low_precision=False)
 
 
-def test_minference_columns_lower_density_match_reference_and_dispatch(monkeypatch):
+def test_minference_columns_lower_density_match_reference_and_dispatch():
     from jaxprefill import sparse
     from jaxprefill.attention import dispatch
     from jaxprefill.eval.synthetic_qk import structured_qk
@@ -193,7 +195,8 @@ def test_minference_columns_lower_density_match_reference_and_dispatch(monkeypat
         np.testing.assert_allclose(np.asarray(out)[b, :n], ref[b, :n], atol=2e-5, rtol=2e-5)
 
     # Through the attention dispatch (SparseConfig, layer 0): the XLA kernel gets the columns;
-    # a kernel without the column path (as the Mosaic GPU kernel) gets them rounded to blocks.
+    # a named kernel that cannot run the call (the Mosaic GPU one: no column path, and no GPU
+    # here) raises instead of falling back.
     cfg = sparse.SparseConfig.parse({"policy": "minference", "params": params, "heads": "kv",
                                      "min_length": 0, "kernel": "xla"})
     spec = dispatch.AttentionSpec(sparse=cfg)
@@ -203,17 +206,14 @@ def test_minference_columns_lower_density_match_reference_and_dispatch(monkeypat
     got = run()
     want = block_sparse_attention(q, k, v, lay_full, impl="reference")
     np.testing.assert_allclose(got, np.asarray(want), atol=2e-5, rtol=2e-5)
-    monkeypatch.setattr(dispatch, "_FULL_IMPLS", ("reference",))
-    rounded = run()
-    want_r = block_sparse_attention(q, k, v, lay_full.round_columns_to_blocks(),
-                                    impl="reference")
-    np.testing.assert_allclose(rounded, np.asarray(want_r), atol=2e-5, rtol=2e-5)
-    assert np.abs(rounded - got).max() > 1e-4, "rounding changed nothing: a vacuous check"
+    named = dispatch.AttentionSpec(sparse=dataclasses.replace(cfg, kernel="mosaic_gpu"))
+    with pytest.raises(ValueError, match="impl='mosaic_gpu' cannot run this call"):
+        dispatch.attend(q, k, v, spec=named, layer=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (the full check: "
-                    "scripts/check_kernels_gpu.py)")
+                    "scripts/checks/check_kernels_gpu.py)")
 def test_triton_columns_compiled_matches_numpy():
     for per_kv_head in (True, False):
         p = random_problem(int(np.random.default_rng().integers(2**31)), B=2, Sq=1000, Sk=1000,

@@ -6,7 +6,7 @@ to hand the PV accumulator to wgmma (``NotImplementedError: Higher-order primiti
 The CPU tests therefore lower the kernel to Mosaic GPU for the ``cuda`` platform (tracing, the
 layouts of every op and the shared-memory budget are checked; no GPU is needed) and check the
 argument validation. Numerical equivalence runs on a GPU (marked ``gpu``; full check:
-``scripts/check_kernels_gpu.py --impls mosaic``).
+``scripts/checks/check_kernels_gpu.py --impls mosaic``).
 """
 
 import dataclasses
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
-from pallas_kernels.gpu.block_sparse_mosaic import block_sparse_attention_mosaic
+from pallas_kernels.gpu.block_sparse_mosaic import (BlockSparseMosaicConfig,
+                                                    block_sparse_attention_mosaic, unsupported)
 from pallas_kernels.testing import assert_close, random_problem
 
 
@@ -40,51 +41,27 @@ def _lower(p, **kw):
     dict(Dqk=192, Dv=128, block_k=128, segments=True, poison=True),  # MLA: output over Q smem
     dict(Dqk=80, Dv=48, block_k=64, segments=False, poison=True),  # padded head dims
     dict(Dqk=64, Dv=128, block_k=64, segments=True, poison=False),  # Dv > Dqk: separate O
-    dict(Dqk=128, Dv=128, block_k=128, segments=True, poison=False, named_barriers=True,
-         persistent=True),  # inline-PTX named barriers, persistent grid
-    dict(Dqk=128, Dv=128, block_k=128, segments=True, poison=False, named_barriers=False,
-         persistent=False),  # mbarriers for the turn taking and the slot-free signals
+    dict(Dqk=128, Dv=128, block_k=128, segments=True, poison=False,
+         config=BlockSparseMosaicConfig(persistent=True)),  # persistent grid, 4 producer warps
+    dict(Dqk=192, Dv=128, block_k=128, segments=True, poison=True,
+         config=BlockSparseMosaicConfig(order="heads")),
+    dict(Dqk=128, Dv=128, block_k=128, segments=False, poison=False,
+         config=BlockSparseMosaicConfig(num_stages=3)),
 ])
 def test_mosaic_kernel_lowers_for_cuda(case):
     p = random_problem(1, B=2, Sq=300, Sk=333, Hq=4, Hkv=2, Dqk=case["Dqk"], Dv=case["Dv"],
                        block_q=256, block_k=case["block_k"], segments=case["segments"],
                        q_offset="random", dtype=jnp.bfloat16)
-    extra = {k: case[k] for k in ("named_barriers", "persistent") if k in case}
+    extra = {"config": case["config"]} if "config" in case else {}
     text = _lower(p, poison_output=case["poison"], **extra).as_text()
     assert "mosaic_gpu" in text
 
 
-# Non-default options (timed side by side by scripts/bench_attention.py --impls mosaic_<x>):
-# the pre-eighth-session synchronisation (mbarriers, four producer warps, full store wait)
-# and its pieces, and tokamax's grid order.
-_EXPERIMENTS = [
-    dict(named_barriers=False, producer_warp=False, read_only_store_wait=False),
-    dict(named_barriers=False, read_only_store_wait=False, persistent=True),
-    dict(producer_warp=False),
-    dict(read_only_store_wait=False),
-    dict(order="tiles"),
-    dict(order="tiles", persistent=True),
-]
-
-
-def _exp_id(kw):
-    return "-".join(f"{k}={v}" for k, v in kw.items())
-
-
-@pytest.mark.parametrize("segments", [False, True])
-@pytest.mark.parametrize("kw", _EXPERIMENTS, ids=_exp_id)
-def test_mosaic_experiments_lower_for_cuda(kw, segments):
-    p = random_problem(1, B=2, Sq=300, Sk=333, Hq=4, Hkv=2, Dqk=192 if segments else 128,
-                       Dv=128, block_q=256, block_k=128, segments=segments, q_offset="random",
-                       dtype=jnp.bfloat16)
-    assert "mosaic_gpu" in _lower(p, poison_output=segments, **kw).as_text()
-
-
-def test_mosaic_producer_warp_needs_one_cta_per_tile():
-    p = random_problem(1, B=1, Sq=256, Sk=256, Hq=2, Hkv=1, Dqk=64, Dv=64, block_q=128,
-                       block_k=128, dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="producer_warp"):
-        _lower(p, producer_warp=True, persistent=True)
+def test_mosaic_config_rejects_unknown_knobs():
+    with pytest.raises(ValueError, match="num_stages"):
+        BlockSparseMosaicConfig(num_stages=5)
+    with pytest.raises(ValueError, match="order"):
+        BlockSparseMosaicConfig(order="tiles")
 
 
 def test_mosaic_kernel_rejects_what_it_does_not_take():
@@ -111,8 +88,9 @@ def test_mosaic_kernel_rejects_columns():
                                     col_cnt=jnp.ones_like(lay.kv_cnt))
     with pytest.raises(ValueError, match="columns"):
         block_sparse_attention_mosaic(q, k, v, with_cols, q_offset=off)
-    with pytest.raises(ValueError, match="blasst"):
-        block_sparse_attention(q, k, v, lay, blasst_threshold=0.5, impl="pallas_mosaic")
+    with pytest.raises(ValueError, match="BLASST"):
+        block_sparse_attention(q, k, v, lay, blasst_threshold=0.5, impl="mosaic_gpu",
+                               interpret=True)
 
 
 @pytest.mark.gpu
@@ -136,23 +114,31 @@ def test_mosaic_kernel_compiled_matches_numpy(kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU needs a Hopper GPU")
-@pytest.mark.parametrize("kw", _EXPERIMENTS, ids=_exp_id)
+@pytest.mark.parametrize("config", [BlockSparseMosaicConfig(persistent=True),
+                                    BlockSparseMosaicConfig(order="heads"),
+                                    BlockSparseMosaicConfig(num_stages=3)], ids=str)
 @pytest.mark.parametrize("case", [
     dict(Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128, segments=True),
     dict(Sq=300, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128, q_offset="chunk", per_kv_head=False),
     dict(Sq=777, Sk=777, Hq=4, Hkv=4, Dqk=192, Dv=128),
 ])
-def test_mosaic_experiments_compiled_match_numpy(kw, case):
+def test_mosaic_configs_compiled_match_numpy(config, case):
+    if config.num_stages == 3 and case["Dqk"] == 192:
+        pytest.skip("three stages of 192-wide K tiles exceed shared memory")
     p = random_problem(int(np.random.default_rng().integers(2**31)), B=2, block_q=128,
                        block_k=128, dtype=jnp.bfloat16, **case)
     q, k, v, lay, off, seg = _args(p)
     out, lse = block_sparse_attention_mosaic(q, k, v, lay, causal=p.causal, q_offset=off,
-                                             segment_ids=seg, poison_output=True, **kw)
+                                             segment_ids=seg, poison_output=True, config=config)
     assert_close(out, lse, *p.reference(), low_precision=True)
 
 
-def test_mosaic_supports_matches_what_the_kernel_takes():
-    from pallas_kernels.gpu.block_sparse_mosaic import is_hopper, supports
+def test_mosaic_unsupported_matches_what_the_kernel_takes():
+    from pallas_kernels.gpu.mosaic_common import is_hopper
+
+    def supports(*args):
+        return unsupported(*args) is None
+
     ok = random_problem(5, B=1, Sq=256, Sk=256, Hq=2, Hkv=1, Dqk=192, Dv=128, block_q=128,
                         block_k=128, dtype=jnp.bfloat16)
     q, k, v, lay, _, _ = _args(ok)

@@ -66,7 +66,7 @@ def test_gpu_kernel_interpret_block_128_gqa_packing(pack_gqa):
 def test_gpu_kernel_interpret_dispatch_and_bad_blocks():
     from pallas_kernels.testing import run_problem
     p = random_problem(9, B=1, Sq=64, Sk=64, Hq=2, Hkv=1, block_q=16, block_k=16)
-    out, lse = run_problem(p, "pallas_gpu", interpret=True)
+    out, lse = run_problem(p, "triton", interpret=True)
     assert_close(out, lse, *p.reference(), low_precision=False)
     bad = random_problem(9, B=1, Sq=48, Sk=48, Hq=2, Hkv=1, block_q=24, block_k=24)
     with pytest.raises(ValueError, match="power-of-two"):
@@ -88,7 +88,7 @@ def test_gpu_kernel_f32_dot_choice():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (see "
-                    "scripts/check_kernels_gpu.py for the full GPU check)")
+                    "scripts/checks/check_kernels_gpu.py for the full GPU check)")
 def test_gpu_kernel_compiled_matches_numpy():
     for per_kv_head in (True, False):
         p = random_problem(1, B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2, Dqk=128, Dv=128,

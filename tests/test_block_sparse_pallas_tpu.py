@@ -39,7 +39,7 @@ def test_tpu_kernel_interpret_matches_numpy(seed, sq, sk, heads, dims, blocks, p
                        per_kv_head=per_kv_head, density=0.6, causal=causal,
                        q_offset=q_offset, segments=segments,
                        dtype=jnp.bfloat16 if bf16 else np.float32)
-    out, lse = run_problem(p, "pallas_tpu", interpret=_interp())
+    out, lse = run_problem(p, "mosaic_tpu", interpret=_interp())
     assert_close(out, lse, *p.reference(), low_precision=bf16)
 
 
@@ -47,7 +47,7 @@ def test_tpu_kernel_race_detection_two_cores_batch2():
     p = random_problem(11, B=2, Sq=48, Sk=64, Hq=4, Hkv=2, Dqk=32, Dv=16, block_q=16,
                        block_k=16, per_kv_head=False, density=0.5, q_offset="chunk",
                        segments=True)
-    out, lse = run_problem(p, "pallas_tpu",
+    out, lse = run_problem(p, "mosaic_tpu",
                            interpret=_interp(detect_races=True, num_cores_or_threads=2))
     assert mosaic_interpret.races is not None
     assert not mosaic_interpret.races.races_found
@@ -59,5 +59,5 @@ def test_tpu_kernel_block_128_dense_and_sparse():
         p = random_problem(2, B=1, Sq=256, Sk=384, Hq=2, Hkv=1, Dqk=128, Dv=128, block_q=128,
                            block_k=128, density=density, empty_row_frac=0.0, q_offset="chunk",
                            dtype=jnp.bfloat16)
-        out, lse = run_problem(p, "pallas_tpu", interpret=_interp())
+        out, lse = run_problem(p, "mosaic_tpu", interpret=_interp())
         assert_close(out, lse, *p.reference(), low_precision=True)

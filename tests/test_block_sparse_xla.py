@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention, default_impl
+from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
 from pallas_kernels.testing import assert_close, numpy_reference, random_problem, run_problem
 
 attend = jax.jit(block_sparse_attention, static_argnames=("causal", "return_lse", "impl"))
@@ -101,8 +101,6 @@ def test_input_validation_and_auto_impl():
     with pytest.raises(ValueError, match="SegmentIds"):
         block_sparse_attention(q[:, :16], k, v, BlockSparseLayout.dense(1, 2, 16, 32, 16, 16),
                                segment_ids=jnp.zeros((1, 32), jnp.int32))
-    assert default_impl("cpu") == "xla" and default_impl("gpu") == "pallas_gpu"
-    assert default_impl("tpu") == "pallas_tpu"
     if jax.default_backend() == "cpu":
         auto = block_sparse_attention(q, k, v, lay, impl="auto")
         xla = block_sparse_attention(q, k, v, lay, impl="xla")
@@ -123,7 +121,7 @@ def test_device_built_layout_inside_jit():
     assert_close(out, lse, ref_out, ref_lse, low_precision=False)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "triton", "mosaic_tpu"])
 def test_batch_broadcast_layout_with_extra_padding(impl):
     # One layout (batch 1) shared by B=2, built on device with max_nnz > nk (padded entries),
     # per-batch q_offset; run through every impl (the Pallas ones in interpret mode).
@@ -134,10 +132,10 @@ def test_batch_broadcast_layout_with_extra_padding(impl):
     lay = BlockSparseLayout.from_block_mask(jnp.asarray(mask1), 16, 16, max_nnz=6)
     assert lay.batch == 1 and lay.max_nnz == 6 > lay.num_kv_blocks
     kw = {}
-    if impl == "pallas_tpu":
+    if impl == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
         kw["interpret"] = pltpu.InterpretParams()
-    elif impl == "pallas_gpu":
+    elif impl == "triton":
         kw["interpret"] = True
     out, lse = block_sparse_attention(
         *map(jnp.asarray, (p.q, p.k, p.v)), lay, q_offset=jnp.asarray(p.q_offset),
@@ -145,7 +143,7 @@ def test_batch_broadcast_layout_with_extra_padding(impl):
     assert_close(out, lse, *p.reference(), low_precision=False)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "triton", "mosaic_tpu"])
 def test_causal_boundary_offsets(impl):
     # All blocks listed, so only the in-kernel causal mask (and the kernels' mask-free prefix
     # test) separate j <= i + q_offset from j = i + q_offset + 1, at offsets around a block edge.
@@ -153,10 +151,10 @@ def test_causal_boundary_offsets(impl):
                        empty_row_frac=0.0)
     p.q_offset = np.array([14, 15, 16, 17], np.int32)
     kw = {}
-    if impl == "pallas_tpu":
+    if impl == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
         kw["interpret"] = pltpu.InterpretParams()
-    elif impl == "pallas_gpu":
+    elif impl == "triton":
         kw["interpret"] = True
     out, lse = run_problem(p, impl, **kw)
     assert_close(out, lse, *p.reference(), low_precision=False)

@@ -9,7 +9,7 @@ import jaxprefill as jp
 from jaxprefill.config import MLAConfig, RopeConfig
 from jaxprefill.decoding import sparse_graphdef
 from jaxprefill.infer import Engine, EngineConfig, Request
-from jaxprefill.infer.latent_cache import PagedLatentCache
+from jaxprefill.mla.latent_cache import PagedLatentCache
 from jaxprefill.models.deepseek import DeepSeek
 
 # 64-token prefill rows and 16-token pages: 70, 100, 120 are chunked (and cross pages mid-chunk),
@@ -68,21 +68,15 @@ def test_mla_sparse_prefill_in_generate_and_engine(model, monkeypatch):
     (b) a narrow streaming window changes the prefill and the engine's greedy tokens (packed rows,
     block-aligned chunks) equal jp.generate with the same policy."""
     import jaxprefill.attention.dispatch as dispatch
-    import jaxprefill.attention.sparse_chunks as sparse_chunks
 
-    calls = {"prefill": 0, "chunk": 0}
-    real_prefill, real_chunk = dispatch.sparse_prefill, sparse_chunks.chunk_layout
+    calls = {"prompt": 0, "chunk": 0, "packed": 0}
+    real = dispatch.sparse_attend
 
-    def count_prefill(*a, **k):
-        calls["prefill"] += 1
-        return real_prefill(*a, **k)
+    def count(q, k, v, cfg, call):
+        calls[call.kind] += 1
+        return real(q, k, v, cfg, call)
 
-    def count_chunk(*a, **k):
-        calls["chunk"] += 1
-        return real_chunk(*a, **k)
-
-    monkeypatch.setattr(dispatch, "sparse_prefill", count_prefill)
-    monkeypatch.setattr(sparse_chunks, "chunk_layout", count_chunk)
+    monkeypatch.setattr(dispatch, "sparse_attend", count)
     rng = np.random.default_rng(11)
     prompts = [rng.integers(1, 97, n).tolist() for n in (150, 40, 70, 9)]
     tokens = jnp.asarray([prompts[0]], jnp.int32)
@@ -91,7 +85,7 @@ def test_mla_sparse_prefill_in_generate_and_engine(model, monkeypatch):
                        nnx.state(model)).forward(tokens)[0]
     narrow_h = nnx.merge(sparse_graphdef(model, streaming(32)),
                          nnx.state(model)).forward(tokens)[0]
-    assert calls["prefill"] >= 2 * len(model.layers)  # the sparse path really ran
+    assert calls["prompt"] >= 2 * len(model.layers)  # the sparse path really ran
     np.testing.assert_allclose(np.asarray(wide_h), np.asarray(dense_h), rtol=1e-5, atol=1e-5)
     # the narrow window changes the hidden states only past sink + local tokens
     diff = np.abs(np.asarray(narrow_h) - np.asarray(dense_h)).max(axis=-1)[0]

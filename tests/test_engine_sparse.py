@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import jaxprefill as jp
-from jaxprefill.attention import AttentionSpec, sparse_chunks
+from jaxprefill.attention import AttentionSpec, dispatch
+from jaxprefill.sparse import prefill as sparse_rows
 from jaxprefill.config import ConfigError
 from jaxprefill.infer import Engine, EngineConfig
 from jaxprefill.infer.config import InferConfig
@@ -53,15 +54,15 @@ def run(model, prompts, sparse, max_new=5):
 def count_layout_calls(monkeypatch) -> dict:
     """Counts (at trace time) the chunk / packed sparse layouts the engine builds."""
     calls = {"chunk": 0, "packed": 0}
-    chunk, packed = sparse_chunks.chunk_layout, sparse_chunks.packed_layout
+    chunk, packed = sparse_rows.chunk_layout, sparse_rows.packed_layout
 
     def count(name, fn):
         def wrapped(*a, **kw):
             calls[name] += 1
             return fn(*a, **kw)
         return wrapped
-    monkeypatch.setattr(sparse_chunks, "chunk_layout", count("chunk", chunk))
-    monkeypatch.setattr(sparse_chunks, "packed_layout", count("packed", packed))
+    monkeypatch.setattr(sparse_rows, "chunk_layout", count("chunk", chunk))
+    monkeypatch.setattr(sparse_rows, "packed_layout", count("packed", packed))
     return calls
 
 
@@ -100,7 +101,7 @@ def test_chunk_layout_is_what_the_policy_builds(model, monkeypatch):
     """The layout the engine uses for a chunk (layer 0) equals building the policy directly for
     the prompt truncated at the chunk's end (queries of earlier chunks: zeros, not cached)."""
     seen = []
-    original = sparse_chunks.chunk_layout
+    original = sparse_rows.chunk_layout
 
     def record(policy, q, k, q_offset, q_lengths, min_length, layer=0):
         layout = original(policy, q, k, q_offset, q_lengths, min_length, layer)
@@ -108,7 +109,7 @@ def test_chunk_layout_is_what_the_policy_builds(model, monkeypatch):
             jax.debug.callback(lambda *a: seen.append([np.asarray(x) for x in a]),
                                q_offset, q_lengths, layout.kv_idx, layout.kv_cnt)
         return layout
-    monkeypatch.setattr(sparse_chunks, "chunk_layout", record)
+    monkeypatch.setattr(sparse_rows, "chunk_layout", record)
     ids = np.random.default_rng(5).integers(1, 97, 181).tolist()
     sparse = {"min_length": 32, "policy": "xattention",
               "params": {"block_size": 16, "threshold": 0.6, "stride": 4}}
@@ -141,7 +142,7 @@ def test_packed_layout_single_document_rows_only():
     seg[0, :90] = 1                          # one document of 90 tokens + padding
     seg[1, :40], seg[1, 40:80] = 1, 2        # two documents
     seg[2, :] = 1                            # one document filling the row
-    mask = np.asarray(jax.jit(lambda q, k, seg: sparse_chunks.packed_layout(
+    mask = np.asarray(jax.jit(lambda q, k, seg: sparse_rows.packed_layout(
         policy, q, k, seg, min_length=32).to_block_mask())(q, k, jnp.asarray(seg)))
     want = np.asarray(jax.jit(lambda q, k: policy.build(
         q, k, lengths=jnp.asarray([90, 96, 96])).to_block_mask())(q, k))
@@ -186,7 +187,7 @@ def test_chunk_attention_with_columns_equals_whole_prompt_rows():
     s, c, start = 512, 64, 384
     q, k, v = (jnp.asarray(rng.standard_normal((1, s, h, 16)), jnp.float32) for h in (4, 2, 2))
     end, qc, offset = start + c - 9, q[:, start:start + c], jnp.asarray([start])  # 9 padding queries
-    layout = jax.jit(lambda q, k: sparse_chunks.chunk_layout(
+    layout = jax.jit(lambda q, k: sparse_rows.chunk_layout(
         policy, q, k, offset, jnp.asarray([c - 9]), 64, 0))(qc, k)
     q_ext = jnp.zeros_like(q[:, :end]).at[:, start:end].set(q[:, start:end])
     direct = jax.jit(lambda q, k: policy.build(q, k, layer=0, min_length=64))(q_ext, k[:, :end])
@@ -196,7 +197,8 @@ def test_chunk_attention_with_columns_equals_whole_prompt_rows():
     np.testing.assert_array_equal(np.asarray(layout.column_mask(s))[0, :, :, :end], cols)
     want = block_sparse_attention(q_ext, k[:, :end], v[:, :end], direct, causal=True,
                                   sm_scale=0.25, impl="reference")[:, start:end]
-    got = jax.jit(lambda q, k, v: sparse_chunks.maybe_attend(
-        q, k, v, cfg, 0, True, offset, None, None, jnp.asarray([c - 9]), 0.25))(qc, k, v)
+    got = jax.jit(lambda q, k, v: dispatch.attend(
+        q, k, v, q_offset=offset, sm_scale=0.25, spec=AttentionSpec("reference", cfg), layer=0,
+        lengths=jnp.asarray([c - 9])))(qc, k, v)
     got = got[:, : end - start]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)

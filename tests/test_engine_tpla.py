@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent("""
     from tests.test_engine_mla import LENGTHS, tiny_deepseek_v3
     from jaxprefill.infer import Engine, EngineConfig
     from jaxprefill.sharding import make_mesh
-    from jaxprefill.tpla import TPLACache, TPLAConfig, reparameterize, tpla_decode_step, tpla_prefill
+    from jaxprefill.mla.tpla import TPLAConfig, reparameterize
+    from jaxprefill.mla.tpla_model import TPLACache, tpla_decode_step, tpla_prefill
     assert len(jax.devices()) == 4
     model = tiny_deepseek_v3()
     rng = np.random.default_rng(4)

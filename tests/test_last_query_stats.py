@@ -16,6 +16,7 @@ from jaxprefill import sparse
 from jaxprefill.eval.synthetic_qk import structured_qk
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse.base import make_geometry
+from jaxprefill.sparse.estimation import Estimation
 from pallas_kernels.estimation import last_query_sums
 from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
 
@@ -35,7 +36,8 @@ def _inputs(seed, b, s, hq, hkv, r, d, dtype):
 def test_kernel_matches_reference_f32(b, s, hq, hkv, r, d, lengths, block_k):
     q, k = _inputs(s + r, b, s, hq, hkv, r, d, jnp.float32)
     lens = jnp.asarray(lengths, jnp.int32)
-    vert, slash = last_query_sums(q, k, lens, scale=0.4, impl="interpret", block_k=block_k)
+    vert, slash = last_query_sums(q, k, lens, scale=0.4, impl="triton", interpret=True,
+                                  block_k=block_k)
     v_ref, s_ref = last_query_sums(q, k, lens, scale=0.4, impl="reference")
     assert not np.isnan(np.asarray(vert)).any() and not np.isnan(np.asarray(slash)).any()
     np.testing.assert_allclose(vert, v_ref, rtol=1e-5, atol=1e-6)
@@ -61,15 +63,14 @@ def test_kernel_bf16_and_bf16_skew_buffer():
     np.testing.assert_allclose(vert_only, vert, rtol=1e-6)
 
 
-def test_estimator_dispatch_matches_the_xla_path(monkeypatch):
+def test_estimator_dispatch_matches_the_xla_path():
     """est.last_q_sums through the kernel equals the XLA last_q_probs + reductions."""
     q, k = structured_qk(jax.random.key(3), 2, 384, 6, 2, 32, local=64, n_vertical=4,
                          dtype=jnp.float32)
-    geo = make_geometry(q, k, 64, jnp.asarray([384, 250], jnp.int32))
-    monkeypatch.setenv("JAXPREFILL_ESTIMATION", "xla")
-    v_x, s_x = est.last_q_sums(q, k, geo, 64)
-    monkeypatch.setenv("JAXPREFILL_ESTIMATION", "interpret")
-    v_k, s_k = est.last_q_sums(q, k, geo, 64)
+    lens = jnp.asarray([384, 250], jnp.int32)
+    v_x, s_x = est.last_q_sums(q, k, make_geometry(q, k, 64, lens, Estimation("xla")), 64)
+    kernel = Estimation("triton", interpret=True)
+    v_k, s_k = est.last_q_sums(q, k, make_geometry(q, k, 64, lens, kernel), 64)
     np.testing.assert_allclose(v_k, v_x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s_k, s_x, rtol=1e-5, atol=1e-6)
 
@@ -81,17 +82,17 @@ def test_estimator_dispatch_matches_the_xla_path(monkeypatch):
     ("pbs", dict(tau=0.9, segment=128)),
     ("xattention", dict(threshold=0.9, stride=8)),  # the pooled-scores kernel
 ])
-def test_policies_give_the_same_layout_with_the_kernel(name, params, monkeypatch):
+def test_policies_give_the_same_layout_with_the_kernel(name, params):
     q, k = structured_qk(jax.random.key(4), 2, 640, 8, 2, 32, local=64, n_vertical=6,
                          dtype=jnp.float32)
     lens = jnp.asarray([640, 421], jnp.int32)
-    policy = sparse.get(name, block_size=64, **params)
     masks = {}
-    for impl in ("xla", "interpret"):
-        monkeypatch.setenv("JAXPREFILL_ESTIMATION", impl)
+    for impl in ("xla", "triton"):
+        policy = sparse.get(name, block_size=64, estimation={"impl": impl, "interpret": True},
+                            **params)
         masks[impl] = np.asarray(jax.jit(
             lambda a, b, l: policy.build(a, b, layer=3, lengths=l).to_block_mask())(q, k, lens))
-    np.testing.assert_array_equal(masks["interpret"], masks["xla"])
+    np.testing.assert_array_equal(masks["triton"], masks["xla"])
 
 
 def test_bad_shapes_are_named():
@@ -101,7 +102,7 @@ def test_bad_shapes_are_named():
     q, k = _inputs(1, 1, 64, 4, 2, 24, 16, jnp.float32)
     with pytest.raises(ValueError, match="powers of two"):
         last_query_sums_triton(q, k, jnp.asarray([64]), scale=1.0, interpret=True)
-    with pytest.raises(ValueError, match="unknown estimation impl"):
+    with pytest.raises(ValueError, match="unknown impl .cuda."):
         last_query_sums(q, k, jnp.asarray([64]), scale=1.0, impl="cuda")
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
+from jaxprefill.sparse.estimation import Estimation
 from pallas_kernels import estimation
 from jax.experimental.pallas import tpu as pltpu
 
@@ -56,17 +57,17 @@ def test_kernel_cut_equals_reference(shape, ties, backend):
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(xla))
 
 
-@pytest.mark.parametrize("impl", ["interpret", "interpret_tpu"])
+@pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
-def test_cumulative_keep_with_kernel_equals_sort(monkeypatch, gamma, impl):
+def test_cumulative_keep_with_kernel_equals_sort(gamma, impl):
     seed = int(np.random.default_rng().integers(2**31))
     s = _scores(seed, (2, 3, 8, 40), ties=True)
     rng = np.random.default_rng(seed + 2)
     valid = jnp.asarray(rng.random(s.shape) < 0.9)
     valid = valid.at[0, 0, 0].set(False)  # a row with nothing valid
     forced = jnp.asarray(rng.random(s.shape) < 0.05)
-    monkeypatch.setenv("JAXPREFILL_ESTIMATION", impl)
-    out = np.asarray(select.cumulative_keep(s, valid, gamma, forced))
+    how = Estimation(impl, interpret=True)
+    out = np.asarray(select.cumulative_keep(s, valid, gamma, forced, how=how))
     ref = est.cumulative_keep_sort(s, valid, gamma, forced)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
     assert not np.asarray(out[0, 0, 0]).any()
@@ -80,47 +81,49 @@ def test_bad_inputs_are_named():
         mass_cut_triton(jnp.ones((1, 20000)), jnp.zeros((1,)), jnp.zeros((1,)), interpret=True)
     with pytest.raises(ValueError, match="block_rows"):
         mass_cut_tpu(s, jnp.zeros((2,)), jnp.zeros((2,)), block_rows=12, interpret=True)
-    with pytest.raises(ValueError, match="no kernel"):
+    with pytest.raises(ValueError, match="XLA estimators"):
         estimation.mass_cut(s, jnp.zeros((2,)), jnp.zeros((2,)), impl="xla")
 
 
-def test_policy_layouts_unchanged_by_the_kernel(monkeypatch, impl="interpret"):
+def test_policy_layouts_unchanged_by_the_kernel():
     """XAttention's layout with the interpret-mode estimation kernels equals the XLA one."""
     from jaxprefill import sparse
     q = jax.random.normal(jax.random.key(3), (2, 700, 6, 32), jnp.float32)
     k = jax.random.normal(jax.random.key(4), (2, 700, 2, 32), jnp.float32)
     lengths = jnp.array([700, 455], jnp.int32)
-    policy = sparse.get("xattention", threshold=0.8, stride=8, block_size=64)
     layouts = {}
-    for mode in ("xla", impl):
-        monkeypatch.setenv("JAXPREFILL_ESTIMATION", mode)
-        layouts[mode] = policy.build(q, k, lengths=lengths).to_block_mask()
-    np.testing.assert_array_equal(np.asarray(layouts["xla"]), np.asarray(layouts[impl]))
+    for impl in ("xla", "triton"):
+        policy = sparse.get("xattention", threshold=0.8, stride=8, block_size=64,
+                            estimation={"impl": impl, "interpret": True})
+        layouts[impl] = policy.build(q, k, lengths=lengths).to_block_mask()
+    np.testing.assert_array_equal(np.asarray(layouts["xla"]), np.asarray(layouts["triton"]))
 
 
 def test_tpu_impls_dispatch_to_the_tpu_kernels():
-    """``impl="interpret_tpu"`` reaches each TPU estimation kernel (one kernel per call: TPU
-    interpret mode is not run inside whole policy builds, where XLA may run two interpreted
-    kernels concurrently) and matches the references."""
+    """``impl="mosaic_tpu", interpret=True`` reaches each TPU estimation kernel (one kernel per
+    call: TPU interpret mode is not run inside whole policy builds, where XLA may run two
+    interpreted kernels concurrently) and matches the references."""
     seed = int(np.random.default_rng().integers(2**31))
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(2, 4, 16, 32)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(2, 100, 2, 32)), jnp.float32)
     lengths = jnp.asarray([100, 37], jnp.int32)
     got = jax.block_until_ready(
-        estimation.last_query_sums(q, k, lengths, scale=0.2, impl="interpret_tpu"))
+        estimation.last_query_sums(q, k, lengths, scale=0.2, impl="mosaic_tpu",
+                                   interpret=True))
     ref = estimation.last_query_sums(q, k, lengths, scale=0.2, impl="reference")
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(seed))
     s = _scores(seed, (3, 40), ties=False)
     base, goal = jnp.zeros((3,)), 0.9 * s.sum(-1)
     np.testing.assert_array_equal(
-        np.asarray(estimation.mass_cut(s, base, goal, impl="interpret_tpu")),
+        np.asarray(estimation.mass_cut(s, base, goal, impl="mosaic_tpu", interpret=True)),
         np.asarray(estimation.mass_cut_reference(s, base, goal)), err_msg=str(seed))
     qx = jnp.asarray(rng.normal(size=(1, 64, 4, 64)), jnp.float32)
     kx = jnp.asarray(rng.normal(size=(1, 64, 2, 64)), jnp.float32)
     out = np.asarray(estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8,
-                                                    scale=0.1, impl="interpret_tpu"))
+                                                    scale=0.1, impl="mosaic_tpu",
+                                                    interpret=True))
     gpu = estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8, scale=0.1,
-                                         impl="interpret")
+                                         impl="triton", interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(gpu), atol=1e-6, err_msg=str(seed))

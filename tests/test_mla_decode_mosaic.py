@@ -2,19 +2,18 @@
 
 As for the block-sparse Mosaic kernel (tests/test_block_sparse_mosaic.py), JAX 0.10.2's Mosaic
 GPU interpreter cannot run ``run_state``: on the CPU the kernel is lowered for ``cuda`` (tracing,
-the layouts of every op, shared-memory budget) and its validation and dispatch are checked.
-Numerics run on a GPU (``scripts/check_mla_gpu.py --impls mosaic``, and the gpu-marked test).
+the layouts of every op, shared-memory budget) and its validation is checked (which backend
+runs: tests/test_backends.py). Numerics run on a GPU (the MLA GPU check script with
+``--impls mosaic``, and the gpu-marked test).
 """
-
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mla_ops
 from pallas_kernels.gpu import mla_decode_mosaic as mosaic
+from pallas_kernels.gpu.mla_decode_mosaic import MLADecodeMosaicConfig as Config
 from pallas_kernels.mla_reference import mla_decode_reference
 
 
@@ -35,8 +34,9 @@ def _inputs(seed, b, h, dc, dr, lengths, p_max, dtype=jnp.bfloat16):
     return q_lat, q_pe, cache, jnp.asarray(table), jnp.asarray(lengths, jnp.int32)
 
 
-def _lower(inputs, **kw):
-    f = lambda *a: mosaic.mla_decode_mosaic(*a, sm_scale=0.1, **kw)  # noqa: E731
+def _lower(inputs, poison_output=False, **knobs):
+    f = lambda *a: mosaic.mla_decode_mosaic(*a, sm_scale=0.1, config=Config(**knobs),  # noqa: E731
+                                            poison_output=poison_output)
     return jax.jit(f).trace(*inputs).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -48,16 +48,14 @@ def _lower(inputs, **kw):
     dict(h=128, dc=512, dr=64, kw=dict(no_auto_barriers=True)),
     dict(h=128, dc=512, dr=64, kw=dict(schedule="seesaw")),
     dict(h=16, dc=100, dr=8, kw=dict(schedule="seesaw", poison_output=True, num_splits=2)),
-    dict(h=128, dc=512, dr=64, kw=dict(multicast=True)),  # clusters of 2 CTAs
-    dict(h=256, dc=512, dr=64, kw=dict(multicast=True, num_splits=2, poison_output=True)),
     dict(h=128, dc=256, dr=64, kw=dict(pages_per_step=2)),  # TPLA shard, 2 pages per step
-    # TPLA shard defaults: 2 pages per step, no automatic barriers (ninth session) / before
+    # TPLA shard defaults (2 pages per step, no automatic barriers) and the earlier ones
     dict(h=128, dc=256, dr=64, kw=dict(poison_output=True)),
     dict(h=128, dc=256, dr=64, kw=dict(pages_per_step=1, no_auto_barriers=False)),
     dict(h=32, dc=100, dr=8, kw=dict(pages_per_step=2, schedule="seesaw", num_splits=3)),
     dict(h=128, dc=512, dr=64, kw=dict(split_cols=128)),  # consumer 1: chunks of 256 + 128
     dict(h=16, dc=512, dr=64, kw=dict(split_cols=192, poison_output=True)),
-    # the default before the ninth session (now split_cols=192, no automatic barriers)
+    # the earlier Dc = 512 default (now split_cols=192, no automatic barriers)
     dict(h=128, dc=512, dr=64, kw=dict(split_cols=256, no_auto_barriers=False,
                                        poison_output=True)),
 ])
@@ -71,39 +69,24 @@ def test_mla_mosaic_rejects_what_it_does_not_take():
     f32 = (*inputs[:2], inputs[2].astype(jnp.float32), *inputs[3:])
     with pytest.raises(ValueError, match="bf16/f16"):
         _lower(f32)
+    with pytest.raises(ValueError, match="num_stages"):
+        Config(num_stages=1)
     with pytest.raises(ValueError, match="shared memory"):
         _lower(inputs, num_stages=3)  # 3 x 576-wide pages + Q do not fit in 227 KB
     pages32 = (*inputs[:2], inputs[2].reshape(-1, 32, 576), *inputs[3:])
     with pytest.raises(ValueError, match="pages of 64"):
         _lower(pages32)
-    assert not mosaic.supports(inputs[0], f32[2])
-    assert not mosaic.supports(inputs[0], pages32[2])
-    assert mosaic.supports(inputs[0], inputs[2])
+    assert mosaic.unsupported(inputs[0], f32[2]) is not None
+    assert mosaic.unsupported(inputs[0], pages32[2]) is not None
+    assert mosaic.unsupported(inputs[0], inputs[2]) is None
     with pytest.raises(ValueError, match="pages_per_step"):
-        _lower(inputs, pages_per_step=3)
+        Config(pages_per_step=3)
     with pytest.raises(ValueError, match="shared memory"):
         _lower(inputs, pages_per_step=2)  # two 576-wide pages per slot do not fit
-    with pytest.raises(ValueError, match="multicast pairs"):
-        _lower(inputs, multicast=True)  # 16 heads: one head block, nothing to pair
     with pytest.raises(ValueError, match="split_cols"):
-        _lower(inputs, split_cols=100)  # not a multiple of 64
-
-
-def test_auto_keeps_cpu_on_reference_and_lists_mosaic():
-    assert "pallas_mosaic" in mla_ops.IMPLS
-    q_lat, _, cache, _, _ = _inputs(2, 1, 128, 512, 64, (64,), 1)
-    if jax.default_backend() == "cpu":
-        assert mla_ops.default_mla_impl(q_lat, cache) == "reference"
-
-
-def test_auto_sends_float32_caches_to_the_reference_on_gpus(monkeypatch):
-    # The Triton kernel's float32 tiles overflow shared memory at 128 heads and XLA was 7.6x
-    # faster at 16 (H100, docs/performance.md): "auto" must not pick a kernel for them.
-    q_lat, _, cache, _, _ = _inputs(2, 1, 128, 512, 64, (64,), 1)
-    monkeypatch.setattr(mla_ops.jax, "devices", lambda *a: [types.SimpleNamespace(platform="gpu")])
-    assert mla_ops.default_mla_impl(q_lat.astype(jnp.float32),
-                                    cache.astype(jnp.float32)) == "reference"
-    assert mla_ops.default_mla_impl() == "pallas_gpu"  # no inputs to look at
+        Config(split_cols=100)  # not a multiple of 64
+    with pytest.raises(ValueError, match="split_cols"):
+        _lower(inputs, split_cols=512)  # consumer 1 would get no columns
 
 
 def test_default_num_splits_fills_the_gpu():
@@ -126,11 +109,12 @@ def test_mla_mosaic_compiled_matches_reference(h, dc, lengths, schedule):
     seed = int(np.random.default_rng().integers(2**31))
     inputs = _inputs(seed, len(lengths), h, dc, 64, lengths, 128)
     kw = {"split_cols128": dict(schedule="split", split_cols=128),
-          # the default before the ninth session (now: 192 columns, no automatic barriers)
+          # the earlier Dc = 512 default (now: 192 columns, no automatic barriers)
           "split_half_auto_barriers": dict(schedule="split", split_cols=dc // 2,
                                            no_auto_barriers=False),
           }.get(schedule, dict(schedule=schedule))
-    out, lse = mosaic.mla_decode_mosaic(*inputs, sm_scale=0.07, poison_output=True, **kw)
+    out, lse = mosaic.mla_decode_mosaic(*inputs, sm_scale=0.07, poison_output=True,
+                                        config=Config(**kw))
     up = [x.astype(jnp.float32) if x.dtype != jnp.int32 else x for x in inputs]
     ref_out, ref_lse = mla_decode_reference(*up, 0.07)
     out, lse, ref_out, ref_lse = map(np.asarray, (out, lse, ref_out, ref_lse))

@@ -20,11 +20,6 @@ from pooled_scores_cases import pooled_inputs, pooled_reference
 _RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative L2 error
 
 
-@pytest.fixture(autouse=True)
-def _xla_reference(monkeypatch):
-    monkeypatch.setenv("JAXPREFILL_ESTIMATION", "xla")  # the reference takes its XLA path
-
-
 def _interp(**kw):
     return pltpu.InterpretParams(uninitialized_memory="nan", **kw)
 

@@ -62,7 +62,7 @@ def test_cumulative_keep_matches_bruteforce():
     forced = np.zeros((3, 7), bool)
     forced[:, 0] = True
     keep = np.asarray(est.cumulative_keep(jnp.asarray(scores), jnp.asarray(valid), 0.8,
-                                          forced=jnp.asarray(forced)))
+                                          forced=jnp.asarray(forced), how=sparse.Estimation()))
     for r in range(3):
         idx = [i for i in np.argsort(-scores[r], kind="stable") if valid[r, i]]
         idx = [i for i in idx if forced[r, i]] + [i for i in idx if not forced[r, i]]

@@ -51,12 +51,17 @@ def full_keep(policy, q, k, lengths, min_length=0):
     return keep
 
 
+def prompt_call(q, lengths) -> sparse.Prefill:
+    """A whole-prompt call of layer 0 on the XLA kernel (what `attend` classifies)."""
+    return sparse.Prefill("prompt", 0, q.shape[-1] ** -0.5, kernel="xla", lengths=lengths)
+
+
 @pytest.mark.parametrize("heads", ["q", "kv"])
 def test_pbs_output_equals_reference_on_mapped_mask(qkv, heads):
     q, k, v = qkv
     policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6, heads=heads)
     lengths = jnp.asarray(LENGTHS, jnp.int32)
-    out = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, lengths=l, impl="xla"))(
+    out = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, prompt_call(a, l)))(
         q, k, v, lengths)
     out = np.asarray(out)
     keep = full_keep(policy, q, k, lengths)
@@ -123,7 +128,7 @@ def test_pbs_through_attend_dispatch(qkv):
     out = jax.jit(lambda a, b, c, l: attend(a, b, c, causal=True, spec=spec, layer=0,
                                             lengths=l))(q, k, v, lengths)
     policy = sparse.SparseConfig.parse(cfg).policy_for(0)
-    direct = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, lengths=l, impl="xla"))(
+    direct = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, prompt_call(a, l)))(
         q, k, v, lengths)
     np.testing.assert_allclose(np.asarray(out), np.asarray(direct), atol=1e-6)
     with pytest.raises(ValueError, match="multiple of block_size"):

@@ -1,4 +1,4 @@
-"""Sparse prefill policies: shared invariants for every policy (issue 5 acceptance).
+"""Sparse prefill policies: shared invariants for every policy (docs/methods/README.md).
 
 Structured q/k (sinks, local window, vertical lines; jaxprefill.eval.synthetic_qk), block 64,
 S = 640 (10 blocks). Every policy, GQA groups of 3 (SmolLM2) and 4:

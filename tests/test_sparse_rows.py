@@ -1,5 +1,5 @@
 """Row-restricted layouts for chunked prefill: `Policy.build_rows` through
-`sparse_chunks.chunk_layout` equals the whole-prefix path (the policy's layout of the prompt
+`jaxprefill.sparse.prefill.chunk_layout` equals the whole-prefix path (the policy's layout of the prompt
 truncated at the chunk's end, prefix queries zero, then the chunk's rows), for every policy.
 
 Sizes are small (512 keys, block 64): XLA compile time dominates, so each policy case compiles
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxprefill import sparse
-from jaxprefill.attention import sparse_chunks
+from jaxprefill.sparse import prefill
 from jaxprefill.sparse.registry import available
 from pallas_kernels import block_sparse_attention
 
@@ -66,7 +66,7 @@ def reference_layout(policy, q, k, q_offset, q_lengths, min_length):
     q_full = jax.vmap(lambda z, x, o: jax.lax.dynamic_update_slice_in_dim(z, x, o, axis=0))(
         jnp.zeros((b, k.shape[1], hq, d), q.dtype), q, q_offset)
     full = policy.build(q_full, k, layer=0, lengths=ends, min_length=min_length)
-    return sparse_chunks.take_rows(full, q_offset, sq)
+    return prefill.take_rows(full, q_offset, sq)
 
 
 def make_policy(name, params, config, tmp_path):
@@ -94,8 +94,9 @@ def test_every_policy_is_covered():
     assert not missing, f"add row-path cases for {sorted(missing)}"
     for name in covered:
         assert sparse.registry.policy_class(name).rows_exact, name
-    # pbs reorders keys: chunks stay dense for it (maybe_attend returns None), no row path
+    # pbs reorders keys: it takes whole prompts only (chunks stay dense), no row path
     assert not sparse.registry.policy_class("pbs").rows_exact
+    assert sparse.registry.policy_class("pbs").kinds == ("prompt",)
 
 
 @pytest.mark.parametrize("name,params,config", CASES,
@@ -109,7 +110,7 @@ def test_row_layout_equals_whole_prefix_rows(name, params, config, tmp_path):
     @jax.jit
     def both(q, k, offset):
         return (reference_layout(policy, q, k, offset, lengths, min_length),
-                sparse_chunks.chunk_layout(policy, q, k, offset, lengths, min_length, 0))
+                prefill.chunk_layout(policy, q, k, offset, lengths, min_length, 0))
 
     for offsets in (ALIGNED, UNALIGNED):
         want, got = both(q, k, jnp.asarray(offsets, jnp.int32))
@@ -152,8 +153,8 @@ def test_chunk_attention_equals_whole_prefix_path():
     @jax.jit
     def attend(q, k, v, offset):
         outs = []
-        for layout in (sparse_chunks.whole_prefix_layout(policy, q, k, offset, lengths, 0, 0),
-                       sparse_chunks.chunk_layout(policy, q, k, offset, lengths, 0, 0)):
+        for layout in (prefill.whole_prefix_layout(policy, q, k, offset, lengths, 0, 0),
+                       prefill.chunk_layout(policy, q, k, offset, lengths, 0, 0)):
             outs.append(block_sparse_attention(q, k, v, layout, causal=True, sm_scale=D ** -0.5,
                                                impl="xla", q_offset=offset))
         return outs + [layout.col_cnt.sum()]

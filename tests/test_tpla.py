@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxprefill.config import MLAConfig, RopeConfig
 from jaxprefill.models.deepseek import DeepSeek
-from jaxprefill.tpla import TPLAConfig, hadamard, pca_rotation, reparameterize
+from jaxprefill.mla.tpla import TPLAConfig, hadamard, pca_rotation, reparameterize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,8 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxprefill.sharding import make_mesh
-    from jaxprefill.tpla import (TPLAConfig, hadamard, pack_latent, tpla_decode,
-                                 tpla_decode_numpy)
+    from jaxprefill.mla.tpla import TPLAConfig, hadamard, pack_latent, tpla_decode
+    from tests.tpla_numpy import tpla_decode_numpy
     from pallas_kernels.mla_reference import mla_decode_reference
     assert len(jax.devices()) == 8, jax.devices()
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""TPLA driving a whole `DeepSeek` model (jaxprefill.tpla: tpla_logits, tpla_prefill,
+"""TPLA driving a whole `DeepSeek` model (jaxprefill.mla.tpla_model: tpla_logits, tpla_prefill,
 tpla_decode_step), on 8 fake CPU devices in a subprocess:
 
   * g = 1: teacher-forced TPLA logits equal the original model's MLA logits (defaults, and
@@ -24,9 +24,10 @@ SCRIPT = textwrap.dedent("""
     from jaxprefill.config import MLAConfig, RopeConfig
     from jaxprefill.models.deepseek import DeepSeek
     from jaxprefill.sharding import make_mesh
-    from jaxprefill.tpla import (TPLACache, TPLAConfig, pack_latent, raw_latent, reparameterize,
-                                 tpla_attention, tpla_decode_numpy, tpla_decode_step, tpla_logits,
-                                 tpla_prefill)
+    from jaxprefill.mla.tpla import TPLAConfig, pack_latent, reparameterize
+    from jaxprefill.mla.tpla_model import (TPLACache, raw_latent, tpla_attention,
+                                           tpla_decode_step, tpla_logits, tpla_prefill)
+    from tests.tpla_numpy import tpla_decode_numpy
     assert len(jax.devices()) == 8
     cfg = MLAConfig(model_type="deepseek_v3", vocab_size=97, hidden_size=32, intermediate_size=48,
                     num_layers=2, num_heads=4, kv_lora_rank=32, qk_nope_head_dim=8,

@@ -1,7 +1,7 @@
 """The ``f32_dot`` choice shared by the Triton kernels (_triton_common.f32_dot_precision).
 
 On a GPU float32 dots default to three TF32 products (timed against the exact ``ieee`` in
-scripts/bench_f32_attention.py and scripts/bench_f32_estimation.py); in interpret mode every
+scripts/benchmarks/bench_f32_attention.py and scripts/benchmarks/bench_f32_estimation.py); in interpret mode every
 choice multiplies exactly, so the kernels must still match their float32 references here, and
 an unknown choice is refused by name by every kernel that takes one.
 """

@@ -40,7 +40,7 @@ class EngineConfig:
     # than its min_length stay dense; decode stays dense. None: dense prefill.
     sparse: Any = None
     # TPLA decode for MLA models: {"tensor": g, "transform": "none" | "hadamard", "rope":
-    # "replicated" | "split", "logit_scale": "1" | "g"} (jaxprefill.tpla); None: MLA decode.
+    # "replicated" | "split", "logit_scale": "1" | "g"} (jaxprefill.mla.tpla); None: MLA decode.
     tpla: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:

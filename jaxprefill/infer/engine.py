@@ -13,9 +13,10 @@ One `Engine.run` loop, each iteration:
      reported at once through `on_result`.
 
 Models: Llama family (paged per-head K/V, paged_cache.py + steps.py) and MLA models (paged
-latent cache and absorbed decode, latent_cache.py; TPLA decode on a `tensor` axis with
-`EngineConfig.tpla`, tpla_steps.py). Sparse prefill (`EngineConfig.sparse`) applies per chunk
-and to prompts alone in a packed row (jaxprefill/attention/sparse_chunks.py). Several devices:
+latent cache and absorbed decode, jaxprefill/mla/latent_cache.py; TPLA decode on a `tensor`
+axis with `EngineConfig.tpla`, jaxprefill/mla/tpla_steps.py). Sparse prefill
+(`EngineConfig.sparse`) applies per chunk and to prompts alone in a packed row
+(jaxprefill/attention/sparse.py). Several devices:
 `EngineConfig.data_parallel` (data_parallel.py).
 """
 
@@ -34,17 +35,23 @@ from tqdm.auto import tqdm
 
 from jaxprefill.decoding import Sampling, encode_prompt, sparse_graphdef
 from jaxprefill.generate import PromptTooLongError
-from jaxprefill.infer import latent_cache, steps
+from jaxprefill.infer import steps
+from jaxprefill.mla import latent_cache, tpla_steps
+from jaxprefill.models import KVCache
+from jaxprefill.models.deepseek import MLACache
 from jaxprefill.infer.config import EngineConfig
 from jaxprefill.infer.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
 from jaxprefill.infer.scheduler import pack_rows
+from jaxprefill.validate import check_id, check_prompt, check_prompt_list, check_sampling
 
 
 @dataclasses.dataclass
 class Request:
-    """One prompt to complete. Sampling fields left None take the engine config's defaults."""
+    """One prompt to complete. Sampling fields left None take the engine config's defaults.
+    Checked when the engine admits it (`Engine.prepare`): id a str or an int, the prompt and
+    sampling fields as `jp.generate` requires (jaxprefill/validate.py)."""
 
-    id: str
+    id: str | int
     prompt: str | list | None = None   # text, chat messages, or token ids
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -91,11 +98,11 @@ class Engine:
     """`Engine(model, tokenizer, config).generate(prompts)`; `run(requests, on_result)` streams."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
-        from jaxprefill.models import KVCache
-        from jaxprefill.models.deepseek import MLACache
-
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.config
+        check_sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                       top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+                       where="engine config")
         cache_class = getattr(model, "cache_class", KVCache)
         if cache_class is KVCache:  # Llama family: paged per-head K/V
             self.steps, pool = steps, PagedKVCache
@@ -110,8 +117,6 @@ class Engine:
         if config.sparse is not None:  # the same weights, an AttentionSpec with the policy
             self.graphdef = sparse_graphdef(model, config.sparse)
         if config.tpla is not None:  # folded weights, latent pool sharded over `tensor`
-            from jaxprefill.infer import tpla_steps
-
             model, self.steps, self.cache = tpla_steps.setup(
                 model, dict(config.tpla), config.num_pages, config.page_size)
         else:
@@ -131,14 +136,19 @@ class Engine:
         return generate_in_order(self.run, prompts, progress)
 
     def prepare(self, req: Request) -> _Seq:
-        """Tokenize and validate; raises ValueError / PromptTooLongError naming the problem."""
+        """Validate and tokenize; raises InputError / PromptTooLongError (ValueErrors) naming
+        the request and the problem."""
         c = self.config
-        ids = encode_prompt(self.tokenizer, req.prompt, c.chat) if req.prompt is not None else []
+        check_id(req.id, "request id")
+        where = f"request {req.id!r}"
+        prompt = check_prompt(req.prompt, where, self.model.config.vocab_size)
+        check_sampling(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                       top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
+                       where=where)
+        ids = encode_prompt(self.tokenizer, prompt, c.chat)
         if not ids:
-            raise ValueError(f"request {req.id!r}: empty prompt")
+            raise ValueError(f"{where}: empty prompt after tokenization")
         max_new = req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens
-        if max_new < 1:
-            raise ValueError(f"request {req.id!r}: max_new_tokens must be >= 1, got {max_new}")
         if len(ids) + max_new > self.max_seq_len:
             raise PromptTooLongError(
                 f"request {req.id!r}: prompt has {len(ids)} tokens; with max_new_tokens={max_new} "
@@ -177,20 +187,26 @@ class Engine:
         data-parallel driver (data_parallel.py) advances one per device in turn, so every
         device computes while the host waits on another."""
         slots: list[_Seq | None] = [None] * self.config.max_batch
-        while waiting or any(slots):
-            self._admit(waiting, slots)
-            active = [s for s in slots if s is not None]
-            if not active:
-                raise RuntimeError("no request fits the page pool; raise num_pages")
-            yield from self._prefill_steps([s for s in active if s.prefilled < len(s.ids)])
-            yield from self._decode_steps(slots)
+        try:
+            while waiting or any(slots):
+                self._admit(waiting, slots)
+                active = [s for s in slots if s is not None]
+                if not active:
+                    raise RuntimeError("no request fits the page pool; raise num_pages")
+                yield from self._prefill_steps([s for s in active if s.prefilled < len(s.ids)])
+                yield from self._decode_steps(slots)
+                for i, s in enumerate(slots):
+                    if s is not None and s.finish is not None:
+                        self.allocator.free(s.pages)
+                        slots[i] = None
+                        on_result(self._result(s))
+                        if on_done is not None:
+                            on_done()
+        finally:  # interrupted (an exception, SIGTERM, the generator closed): free the pages
             for i, s in enumerate(slots):
-                if s is not None and s.finish is not None:
+                if s is not None:
                     self.allocator.free(s.pages)
                     slots[i] = None
-                    on_result(self._result(s))
-                    if on_done is not None:
-                        on_done()
 
     # ---- scheduling ------------------------------------------------------------------------
 
@@ -361,7 +377,7 @@ class Engine:
 def generate_in_order(run: Callable, prompts: Iterable, progress: bool) -> list[Result]:
     """Drive an engine's `run(requests, on_result, progress=)` and return results in input order."""
     reqs = [p if isinstance(p, Request) else Request(id=str(i), prompt=p)
-            for i, p in enumerate(prompts)]
+            for i, p in enumerate(check_prompt_list(prompts, allow_empty=True))]
     done: dict[str, Result] = {}
     run(reqs, lambda r: done.__setitem__(r.id, r), progress=progress)
     return [done[r.id] for r in reqs]

@@ -2,17 +2,18 @@
 
 Layout per layer: pages [num_pages, page_size, d_c + d_r] (DeepSeek-V3: 64 x 576) holding each
 token's [normalized latent | roped shared key]; never per-head K/V. The page pool and its
-allocator are the engine's (page 0 is scratch, see paged_cache.py): a sequence's page-table row
+allocator are the engine's (page 0 is scratch, see jaxprefill/infer/paged_cache.py): a sequence's page-table row
 lists its pages, exactly the `MLACache(pages, page_table)` the model reads and writes, so
 
   * chunked prefill passes the pool itself with the chunk rows' page tables: the model writes
     the chunk's latents at `cache_index` and attends (decompressed) over the cached prefix;
   * decode passes the pool with the slots' page tables: the absorbed form through
-    `pallas_kernels.mla_ops.mla_decode` reads the pages in place (no view copy);
+    `pallas_kernels.mla_decode` reads the pages in place (no view copy);
   * packed prefill rows (several prompts, restarted positions) write into a contiguous view
     (`MLACache.zeros`), copied to each token's own slot afterwards (a row's tokens belong to
     different sequences, so one page-table row cannot describe them).
-The three steps have the signatures of `steps.py`'s, so the engine calls either set.
+The three steps have the signatures of `jaxprefill.infer.steps`', so the engine calls either
+set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxprefill.decoding import Sampling, sample
+from jaxprefill.models.deepseek import MLACache
 
 
 @struct.dataclass
@@ -45,8 +47,6 @@ class PagedLatentCache:
 
 
 def _mla_cache(cache: PagedLatentCache, page_table: jax.Array):
-    from jaxprefill.models.deepseek import MLACache
-
     return MLACache(cache.pages, page_table)
 
 
@@ -59,8 +59,6 @@ def _sample(model, hidden, sampling: Sampling, steps):
 def prefill_packed(graphdef, state, cache: PagedLatentCache, tokens, positions, segment_ids,
                    slots, last_index, sampling: Sampling, steps):
     """As steps.prefill_packed: tokens/positions/segment_ids/slots int32 [R, C]."""
-    from jaxprefill.models.deepseek import MLACache
-
     model = nnx.merge(graphdef, state)
     r, c = tokens.shape
     view = MLACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)

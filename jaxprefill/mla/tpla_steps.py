@@ -1,13 +1,15 @@
 """TPLA decode in the engine for MLA models: the latent pool sharded over a `tensor` mesh axis.
 
 `EngineConfig(tpla={"tensor": g, "transform": ..., "rope": ..., "logit_scale": ...})` runs:
-  * the model through `tpla.reparameterize` (kv norm weight and the rotation folded; exact MLA);
+  * the model through `jaxprefill.mla.tpla.reparameterize` (kv norm weight and the rotation
+    folded; exact MLA);
   * a page pool per layer [num_pages, page, g*w] (`tpla.pack_latent` layout, sharded over the
     last axis: each device holds 1/g of every token's latent, plus its RoPE part);
   * prefill as exact MLA (packed rows and chunks; a chunk attends over the prefix decompressed
     from the pool, which holds the exact latent because the engine requires norm="global");
-  * decode with `tpla.tpla_decode_step`: per-shard `mla_decode` over the pages + psum.
-g = 1 is MLA. The three steps have `steps.py`'s signatures once bound to (mesh, tcfg).
+  * decode with `tpla_model.tpla_decode_step`: per-shard `mla_decode` over the pages + psum.
+g = 1 is MLA. The three steps have `jaxprefill.infer.steps`' signatures once bound to
+(mesh, tcfg).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.attention import attend
 from jaxprefill.decoding import Sampling, sample
-from jaxprefill.tpla import (TPLACache, TPLAConfig, pack_latent, raw_latent, rope_pair_order,
-                             tpla_decode_step)
+from jaxprefill.mla.tpla import TPLAConfig, pack_latent, reparameterize, rope_pair_order
+from jaxprefill.mla.tpla_model import TPLACache, raw_latent, tpla_decode_step
+from jaxprefill.models.deepseek import gather_latent, write_latent
+from jaxprefill.sharding import make_mesh
 
 
 @struct.dataclass
@@ -92,8 +96,6 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, page_table,
                    start, n_valid, sampling, steps):
-    from jaxprefill.models.deepseek import gather_latent, write_latent
-
     model = nnx.merge(graphdef, state)
     cfg, g = model.config, mesh.shape[tcfg.axis]
     r, c = tokens.shape
@@ -141,9 +143,6 @@ class TPLASteps:
 
 def setup(model, spec: dict, num_pages: int, page_size: int):
     """(folded model, TPLASteps, pool) for EngineConfig.tpla = spec."""
-    from jaxprefill.sharding import make_mesh
-    from jaxprefill.tpla import reparameterize
-
     spec = dict(spec)
     g = int(spec.pop("tensor", 1))
     tcfg = TPLAConfig(**spec)
@@ -152,7 +151,7 @@ def setup(model, spec: dict, num_pages: int, page_size: int):
                          "the exact latent from the pool)")
     if tcfg.transform == "pca":
         raise ValueError("transform='pca' needs calibration tokens: reparameterize the model "
-                         "with jaxprefill.tpla.reparameterize first and pass transform='none'")
+                         "with jaxprefill.mla.tpla.reparameterize first and pass transform='none'")
     local = jax.local_devices()
     if g > len(local):
         raise ValueError(f"tpla tensor={g} but this host has only {len(local)} devices")

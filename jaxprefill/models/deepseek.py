@@ -4,7 +4,7 @@ Read top to bottom: MLACache -> MLAttention -> Block -> DeepSeek. Same protocol 
 (`forward(tokens, positions, segment_ids, cache, cache_index)`, `logits`), so
 `jaxprefill.generate` drives it; `model.cache_class` is the paged latent cache.
 
-MLA (spec: shared/research/mla_tpla.md). Per token x [E]:
+MLA (method: docs/methods/mla.md). Per token x [E]:
   q = q_b(norm(q_a x)) (or q_proj x)            -> per head [q_nope (d_n) | q_pe (d_r)]
   [c_raw | k_pe_raw] = kv_a x;  c = norm(c_raw)   -> the cached latent (d_c) + shared key (d_r)
   k_nope_h = W_UK,h c, v_h = W_UV,h c             (kv_b, [d_c, H, d_n + d_v])
@@ -32,7 +32,7 @@ from jaxprefill.config import MLAConfig
 from jaxprefill.models.layers import (RMSNorm, SwiGLU, apply_rope_pairs, param, rope_cos_sin_half,
                                       rope_inv_freq)
 from jaxprefill.models.moe import MoE
-from pallas_kernels.mla_ops import mla_decode
+from pallas_kernels import mla_decode
 
 PAGE_SIZE = 64
 
@@ -210,7 +210,8 @@ class DeepSeek(nnx.Module):
     """The decoder. `model(tokens)` -> logits; `forward(...)` for caches (see `Llama.forward`).
 
     absorb: decode single tokens in the absorbed form (False: decompress the cached latent).
-    decode_impl: `mla_decode` implementation ("auto", "reference", "pallas_gpu", "pallas_tpu").
+    decode_impl: `mla_decode` implementation ("auto", "reference", "triton", "mosaic_gpu",
+      "mosaic_tpu").
     """
 
     cache_class = MLACache

@@ -14,6 +14,9 @@ oracle_topk, pbs (permuted block-sparse, causal by construction; see each module
 
 from jaxprefill.sparse.base import Geometry, Policy
 from jaxprefill.sparse.config import LayerRule, SparseConfig
+from jaxprefill.sparse.estimation import Estimation
+from jaxprefill.sparse.prefill import Prefill
 from jaxprefill.sparse.registry import available, get, param_names
 
-__all__ = ["Geometry", "LayerRule", "Policy", "SparseConfig", "available", "get", "param_names"]
+__all__ = ["Estimation", "Geometry", "LayerRule", "Policy", "Prefill", "SparseConfig",
+           "available", "get", "param_names"]

@@ -26,22 +26,38 @@ for its own rows instead of the whole prefix's [n, n] block matrix. Queries befo
 count as zero queries (the prefix queries of a chunk are not cached; the whole-prefix path put
 zeros there too), and the window must reach each row's last valid query.
 
+**The interface** (what the attention entry point calls; defaults here, so a policy overrides
+only what it changes):
+
+* :meth:`Policy.build` (whole prompt) / :meth:`Policy.build_rows` (a window of rows) -> layout;
+* :meth:`Policy.kernel_options` -> extra kernel arguments for its layouts (BLASST's threshold);
+* :meth:`Policy.attend` -> the attention output of one classified call
+  (:class:`jaxprefill.sparse.prefill.Prefill`): by default, build the layout of the call's
+  kind and run the block-sparse kernel; policies that reorder keys (PBS) override it;
+* ``kinds``: the call kinds the policy takes (others stay dense).
+
+**Estimation** (:class:`Estimation`, a field of every policy, so part of the jit key): which
+implementation runs the estimation kernels (``pallas_kernels.estimation``), in interpret mode
+or not, and whether selections use the threshold searches of :mod:`jaxprefill.sparse.select`
+or the sort-based references of :mod:`jaxprefill.sparse.estimators` (A/B measurement).
+
 Everything is jit-able: shapes depend only on static sizes and the policy's static parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import BlockSparseLayout
+from pallas_kernels import BlockSparseLayout, block_sparse_attention
 from pallas_kernels.layout import block_mask_to_layout_arrays
 
 from jaxprefill.sparse import select
-
+from jaxprefill.sparse.estimation import Estimation
+from jaxprefill.sparse.prefill import KINDS, Prefill, layout_for
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -57,6 +73,7 @@ class Geometry:
     # Row window (build_rows): query-block rows [row0, row0 + nr) only; None = all n rows.
     row0: jax.Array | None = None  # int32 [B], first query-block row of the window
     nr: int = 0  # static number of rows in the window (when row0 is set)
+    estimation: Estimation = Estimation()  # how estimators run (the policy's)
 
     @property
     def G(self) -> int:
@@ -117,15 +134,16 @@ class Geometry:
         return jnp.arange(self.S)[None, :] < self.lengths[:, None]
 
 
-def make_geometry(q: jax.Array, k: jax.Array, block: int,
-                  lengths: jax.Array | None) -> Geometry:
+def make_geometry(q: jax.Array, k: jax.Array, block: int, lengths: jax.Array | None,
+                  estimation: Estimation = Estimation()) -> Geometry:
     if q.ndim != 4 or k.ndim != 4 or q.shape[1] != k.shape[1]:
         raise ValueError(f"sparse prefill needs q [B,S,Hq,D], k [B,S,Hkv,D]: {q.shape}, {k.shape}")
-    return _geometry(q.shape, k.shape, block, lengths)
+    return _geometry(q.shape, k.shape, block, lengths, estimation)
 
 
 def make_row_geometry(q_rows: jax.Array, k: jax.Array, block: int, row0: jax.Array,
-                      lengths: jax.Array | None) -> Geometry:
+                      lengths: jax.Array | None,
+                      estimation: Estimation = Estimation()) -> Geometry:
     """Geometry of the query-block rows [row0, row0 + nr) of a prefill whose keys are k.
 
     q_rows [B, Sr, Hq, D]: query t at position row0[b] * block + t; nr = ceil(Sr / block).
@@ -135,12 +153,13 @@ def make_row_geometry(q_rows: jax.Array, k: jax.Array, block: int, row0: jax.Arr
         raise ValueError(f"row layouts need q [B,Sr,Hq,D], k [B,S,Hkv,D]: {q_rows.shape}, "
                          f"{k.shape}")
     B, _, Hq, D = q_rows.shape
-    geo = _geometry((B, k.shape[1], Hq, D), k.shape, block, lengths)
+    geo = _geometry((B, k.shape[1], Hq, D), k.shape, block, lengths, estimation)
     row0 = jnp.broadcast_to(jnp.asarray(row0, jnp.int32).reshape(-1), (B,))
     return dataclasses.replace(geo, row0=row0, nr=-(-q_rows.shape[1] // int(block)))
 
 
-def _geometry(q_shape: tuple, k_shape: tuple, block: int, lengths: jax.Array | None) -> Geometry:
+def _geometry(q_shape: tuple, k_shape: tuple, block: int, lengths: jax.Array | None,
+              estimation: Estimation) -> Geometry:
     B, S, Hq, D = q_shape
     Hkv = k_shape[2]
     if Hq % Hkv:
@@ -148,7 +167,7 @@ def _geometry(q_shape: tuple, k_shape: tuple, block: int, lengths: jax.Array | N
     if lengths is None:
         lengths = jnp.full((B,), S, jnp.int32)
     lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(B), 1, S)
-    return Geometry(B, S, Hq, Hkv, D, int(block), lengths)
+    return Geometry(B, S, Hq, Hkv, D, int(block), lengths, estimation=estimation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,17 +178,22 @@ class Policy:
       block_size: tokens per query and key block (the kernel's block_q = block_k).
       heads: "q" one list per query head (the papers), "kv" one per KV head (group union).
       max_nnz: static cap on blocks per list; None = no cap (n blocks).
+      estimation: how the estimation runs (:class:`Estimation`; a name or a dict in configs).
     """
 
     name: ClassVar[str] = "base"
     # True when select (and layout) handle a row window exactly (build_rows == rows of build);
     # a policy that leaves it False is built over the whole prefix by chunked prefill.
     rows_exact: ClassVar[bool] = False
+    # The call kinds (jaxprefill.sparse.prefill.KINDS) the policy takes; others stay dense.
+    kinds: ClassVar[tuple[str, ...]] = KINDS
     block_size: int = 128
     heads: str = "q"
     max_nnz: int | None = None
+    estimation: Estimation = Estimation()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "estimation", Estimation.parse(self.estimation))
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"{self.name}: block_size must be a power of two >= 16, "
                              f"got {self.block_size}")
@@ -199,7 +223,7 @@ class Policy:
         Returns:
           BlockSparseLayout [B, Hq or Hkv, n, max_nnz] with block_q = block_k = block_size.
         """
-        geo = make_geometry(q, k, self.block_size, lengths)
+        geo = make_geometry(q, k, self.block_size, lengths, self.estimation)
         return self.layout(q, k, geo, layer, min_length)
 
     def build_rows(self, q_rows: jax.Array, k: jax.Array, *, row0: jax.Array, layer: int = 0,
@@ -223,7 +247,7 @@ class Policy:
         nr = -(-q_rows.shape[1] // self.block_size)
         q_rows = jnp.pad(q_rows, ((0, 0), (0, nr * self.block_size - q_rows.shape[1]),
                                   (0, 0), (0, 0)))
-        geo = make_row_geometry(q_rows, k, self.block_size, row0, lengths)
+        geo = make_row_geometry(q_rows, k, self.block_size, row0, lengths, self.estimation)
         return self.layout(q_rows, k, geo, layer, min_length)
 
     def layout(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
@@ -240,6 +264,20 @@ class Policy:
         """A layer whose layout computation equals ``layer``'s (callers that jit one layout per
         layer compile once per key). Layer-independent policies return 0."""
         return 0
+
+    def kernel_options(self, seq_len: int) -> dict[str, Any]:
+        """Extra ``block_sparse_attention`` arguments for a prefill of ``seq_len`` keys."""
+        return {}
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, call: Prefill) -> jax.Array:
+        """Causal attention [B, Sq, Hq, Dv] over this policy's layout for ``call``.
+
+        q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]; ``call.kind`` in ``kinds``.
+        """
+        layout = layout_for(self, q, k, call)
+        return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=call.sm_scale,
+                                      q_offset=call.q_offset, segment_ids=call.segment_ids,
+                                      impl=call.kernel, **self.kernel_options(k.shape[1]))
 
     # ------------------------------------------------------------------------------- shared
     def finish(self, mask: jax.Array, geo: Geometry, min_length: int) -> BlockSparseLayout:
@@ -258,7 +296,7 @@ class Policy:
         cap = geo.n if self.max_nnz is None else min(self.max_nnz, geo.n)
         if cap < geo.n:
             mask = cap_blocks(mask, forced, cap)
-        if select.use_sort():
+        if geo.estimation.sort:
             kv_idx, kv_cnt = block_mask_to_layout_arrays(mask, cap)
         else:  # same arrays: prefix count + scatter instead of a sort of every row
             kv_idx, kv_cnt = select.mask_to_lists(mask, cap)
@@ -284,5 +322,5 @@ def static_mask(mask, geo: Geometry, heads: int) -> jax.Array:
     return jnp.broadcast_to(m[:, None], (geo.B, heads, geo.nq, geo.n))
 
 
-__all__ = ["Geometry", "Policy", "make_geometry", "make_row_geometry", "cap_blocks",
+__all__ = ["Estimation", "Geometry", "Policy", "make_geometry", "make_row_geometry", "cap_blocks",
            "static_mask"]

@@ -12,8 +12,9 @@ for 64K, give ``a ~ 0.8`` (0.82 and 0.66), our default. ``lam`` fixes lambda for
 
 Measured on an H100 (2026-11-23, structured synthetic q/k, Llama-3-8B heads, 32K and 128K): no
 speedup yet. The Triton kernel with the skip ran 13-18% slower than without it, because almost
-no 128-row tile is skipped by all its rows on those inputs (see docs/performance.md). Dispatch
-runs this policy on the Triton kernel (``pallas_gpu``) on GPUs, never the Mosaic one.
+no 128-row tile is skipped by all its rows on those inputs (see docs/performance.md). On GPUs
+the kernel resolver runs this policy on the Triton kernel: the Mosaic one has no BLASST
+predicate.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class Blasst(Policy):
     """BLASST. Params: lam (None: calibrated ``calib_a / L``, L = the padded prefill length),

@@ -13,8 +13,11 @@ YAML/dict keys: ``policy`` + ``params`` (all layers) or ``layers`` (a list of ru
 wins; a rule without ``range`` matches every layer; ``range: [start, stop)``, stop may be null),
 ``min_length`` (rows shorter than this, and whole prefills shorter than this, are dense),
 ``block_size`` (overrides every policy's block size), ``heads`` ("q" | "kv", likewise),
-``kernel`` (block-sparse impl: auto | xla | reference | pallas_gpu | pallas_mosaic | pallas_tpu). Layers no
-rule matches are dense. Unknown keys raise, naming them.
+``estimation`` (how every policy's estimation runs: an implementation name, auto | xla | triton
+| mosaic_tpu | reference, or a mapping with ``impl``, ``interpret``, ``selection``: see
+:class:`jaxprefill.sparse.Estimation`), ``kernel`` (the block-sparse implementation: auto | xla
+| reference | triton | mosaic_gpu | mosaic_tpu; a named one that cannot run a call raises).
+Layers no rule matches are dense. Unknown keys raise, naming them.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import dataclasses
 import os
 from typing import Any
 
+import yaml
+
+from pallas_kernels import IMPLS as KERNELS
 from jaxprefill.sparse import registry
 from jaxprefill.sparse.base import Policy
 
-_TOP_KEYS = {"policy", "params", "layers", "min_length", "block_size", "heads", "kernel"}
+_TOP_KEYS = {"policy", "params", "layers", "min_length", "block_size", "heads", "estimation",
+             "kernel"}
 _RULE_KEYS = {"range", "policy", "params"}
-KERNELS = ("auto", "xla", "reference", "pallas_gpu", "pallas_mosaic", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +94,8 @@ class SparseConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "SparseConfig":
-        import yaml
-
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"sparse config {path} does not exist")
         with open(path) as f:
             data = yaml.safe_load(f)
         if not isinstance(data, dict):
@@ -107,7 +113,8 @@ class SparseConfig:
             raise ValueError(f"unknown sparse config key(s) {bad}; known: {sorted(_TOP_KEYS)}")
         if ("policy" in data) == ("layers" in data):
             raise ValueError("a sparse config needs exactly one of 'policy' or 'layers'")
-        common = {k: data[k] for k in ("block_size", "heads") if data.get(k) is not None}
+        common = {k: data[k] for k in ("block_size", "heads", "estimation")
+                  if data.get(k) is not None}
         raw = data["layers"] if "layers" in data else [
             {"policy": data["policy"], "params": data.get("params") or {}}]
         rules = []

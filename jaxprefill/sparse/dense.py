@@ -8,10 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class Dense(Policy):
     """All causal blocks (density 1.0). Useful as a per-layer-range entry of a SparseConfig."""

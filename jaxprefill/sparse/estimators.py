@@ -17,10 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxprefill.sparse import select
-from jaxprefill.sparse.select import kernel_impl
-from jaxprefill.sparse.base import Geometry
 from pallas_kernels import estimation
+from jaxprefill.sparse import select
+from jaxprefill.sparse.base import Geometry
+from jaxprefill.sparse.estimation import Estimation
 
 
 def grouped_logits(qx: jax.Array, kx: jax.Array) -> jax.Array:
@@ -121,11 +121,12 @@ def last_q_sums(q: jax.Array, k: jax.Array, geo: Geometry, n_last: int,
     Pallas kernel computes both without materializing P
     (:func:`pallas_kernels.estimation.last_query_sums`); elsewhere XLA reduces P.
     """
-    impl = kernel_impl()
-    if impl != "xla" and n_last >= 16 and n_last & (n_last - 1) == 0:  # kernel tile: 2^k rows
+    impl = geo.estimation.backend("last_query_sums", rows=n_last)
+    if impl != "xla":
         ql, _ = last_queries(q, geo, n_last)
         return estimation.last_query_sums(jnp.swapaxes(ql, 1, 2), k, geo.lengths,
-                                          scale=geo.scale, slash=slash, impl=impl)
+                                          scale=geo.scale, slash=slash, impl=impl,
+                                          interpret=geo.estimation.interpret)
     p = last_q_probs(q, k, geo, n_last)
     return p.sum(axis=2), (slash_sums(p, geo, n_last) if slash else None)
 
@@ -198,7 +199,7 @@ def rank_desc(scores: jax.Array) -> jax.Array:
 
 
 def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
-                    forced: jax.Array | None = None) -> jax.Array:
+                    forced: jax.Array | None = None, *, how: Estimation) -> jax.Array:
     """Smallest set, in descending score order, whose mass reaches ``gamma`` of the valid total.
 
     scores [..., m] (non-negative), valid bool [..., m]; forced entries are taken first (their
@@ -207,8 +208,8 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
     Threshold search (:mod:`jaxprefill.sparse.select`); :func:`cumulative_keep_sort` is the
     sort-based reference with the same result.
     """
-    if not select.use_sort():
-        return select.cumulative_keep(scores, valid, gamma, forced)
+    if not how.sort:
+        return select.cumulative_keep(scores, valid, gamma, forced, how=how)
     return cumulative_keep_sort(scores, valid, gamma, forced)
 
 
@@ -232,10 +233,11 @@ def cumulative_keep_sort(scores: jax.Array, valid: jax.Array, gamma: float,
     return keep & valid
 
 
-def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:
+def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array, *,
+              how: Estimation) -> jax.Array:
     """bool [..., m]: the ``count`` (broadcast to [...]) highest valid entries of each row
     (ties in index order). Threshold search; :func:`topk_mask_sort` is the reference."""
-    if not select.use_sort():
+    if not how.sort:
         return select.topk_mask(scores, valid, count)
     return topk_mask_sort(scores, valid, count)
 
@@ -267,11 +269,12 @@ def block_softmax_scores(qx: jax.Array, kx: jax.Array, geo: Geometry, r: int,
     (:func:`pallas_kernels.estimation.pooled_block_scores`), same result.
     """
     first = geo.query_start() // geo.block * r  # [B] global index of row 0
-    impl = kernel_impl()
-    if impl != "xla" and (rk is None or rk == r) and valid_cols is None and r <= 64 \
-            and r & (r - 1) == 0:  # one-pass Pallas kernel (square cells of <= 64 rows)
+    square = (rk is None or rk == r) and valid_cols is None
+    impl = geo.estimation.backend("pooled_block_scores", cell=r if square else None)
+    if impl != "xla":  # one-pass Pallas kernel (square cells of <= 64 rows)
         return estimation.pooled_block_scores(qx, kx, valid_rows, first, r=r, scale=scale,
-                                              pool=pool, impl=impl)
+                                              pool=pool, impl=impl,
+                                              interpret=geo.estimation.interpret)
     rk = r if rk is None else rk
     valid_cols = valid_rows if valid_cols is None else valid_cols
     m, nq = geo.n * rk, geo.nq
@@ -305,6 +308,6 @@ def padded(x: jax.Array, geo: Geometry) -> jax.Array:
 
 __all__ = ["block_softmax_scores", "padded", "padded_queries", "grouped_logits", "zero_padding",
            "pool_blocks", "pool_query_blocks", "last_query_positions", "last_queries",
-           "last_q_probs", "last_q_sums", "kernel_impl", "slash_sums", "slash_sums_gather",
+           "last_q_probs", "last_q_sums", "slash_sums", "slash_sums_gather",
            "block_sum", "diagonal_blocks", "slash_offsets_to_blocks", "rank_desc",
            "cumulative_keep", "cumulative_keep_sort", "topk_mask", "topk_mask_sort"]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
+from jaxprefill.sparse.estimation import Estimation
 
 
 def js_distance(p: jax.Array, q: jax.Array, eps: float = 1e-10) -> jax.Array:
@@ -47,10 +47,10 @@ def js_distance(p: jax.Array, q: jax.Array, eps: float = 1e-10) -> jax.Array:
     return jnp.sqrt(jnp.maximum(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0))
 
 
-def mass_count(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:
+def mass_count(x: jax.Array, valid: jax.Array, gamma: float, *, how: Estimation) -> jax.Array:
     """Number of largest entries of x [..., S] whose cumulative sum stays <= gamma (valid only).
     Threshold search (no sort; :func:`mass_count_sort` is the reference)."""
-    if not select.use_sort():
+    if not how.sort:
         return select.mass_count(x, valid, gamma)
     return mass_count_sort(x, valid, gamma)
 
@@ -73,7 +73,8 @@ def uniform_prefix(geo: Geometry) -> tuple[jax.Array, jax.Array]:
 
 
 def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
-                              value: jax.Array, count: jax.Array) -> jax.Array:
+                              value: jax.Array, count: jax.Array, *,
+                              how: Estimation) -> jax.Array:
     """:func:`estimators.cumulative_keep` (no forced entries) of the concatenation [prefix
     entries; scores], returned for the scores only: bool [B, H, M].
 
@@ -89,7 +90,7 @@ def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
     pv = jnp.broadcast_to(value[:, None, :], pshape)
     pcount = jnp.broadcast_to(count[:, None, :], pshape)
     goal = gamma * (jnp.sum(s, axis=-1) + jnp.sum(pmass, axis=-1))  # [B, H]
-    if select.use_sort():
+    if how.sort:
         # Stable sort of [prefix; scores] by value: ties keep the prefix first (lower index).
         prio = jnp.concatenate([jnp.where(pcount > 0, pv, -1.0),
                                 jnp.where(valid, s, -1.0)], axis=-1)
@@ -119,7 +120,6 @@ def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
     return gt | (eq & (before[..., None] + s * rank < goal[..., None]))
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class FlexPrefill(Policy):
     """FlexPrefill. Params: gamma (0.95), tau (0.1), min_budget (1024 tokens), max_budget
@@ -144,7 +144,7 @@ class FlexPrefill(Policy):
         hi = geo.n if self.max_budget is None else -(-self.max_budget // bsz)
 
         def budget(x):
-            return jnp.clip(mass_count(x, tok_ok, self.gamma) // bsz + 1, lo, hi)
+            return jnp.clip(mass_count(x, tok_ok, self.gamma, how=geo.estimation) // bsz + 1, lo, hi)
 
         n_v, n_s = budget(vert), budget(slash)  # [B, Hq] blocks
 
@@ -162,9 +162,10 @@ class FlexPrefill(Policy):
         n_v = jnp.where(query_aware, lo, n_v)
         n_s = jnp.where(query_aware, lo, n_s)
 
-        vert_blocks = est.topk_mask(est.block_sum(vert, geo), blk_ok[:, None], n_v)  # [B,Hq,n]
+        vert_blocks = est.topk_mask(est.block_sum(vert, geo), blk_ok[:, None], n_v,
+                                      how=geo.estimation)  # [B,Hq,n]
         band = est.block_sum(slash, geo)  # [B, Hq, n] by block-diagonal band
-        sel_band = est.topk_mask(band, blk_ok[:, None], n_s)
+        sel_band = est.topk_mask(band, blk_ok[:, None], n_s, how=geo.estimation)
         sel_diag = sel_band | jnp.pad(sel_band, ((0, 0), (0, 0), (1, 0)))[..., :geo.n]
         vs = vert_blocks[:, :, None, :] | est.diagonal_blocks(sel_diag, geo)
 
@@ -175,9 +176,10 @@ class FlexPrefill(Policy):
         pb = jnp.where(causal, jax.nn.softmax(s, axis=-1), 0.0)  # [B, Hq, nq, n]
         flat_ok = jnp.broadcast_to(causal, pb.shape).reshape(geo.B, geo.Hq, -1)
         if geo.row0 is None:
-            qa = est.cumulative_keep(pb.reshape(geo.B, geo.Hq, -1), flat_ok, self.gamma)
+            qa = est.cumulative_keep(pb.reshape(geo.B, geo.Hq, -1), flat_ok, self.gamma,
+                                     how=geo.estimation)
         else:  # the rows before the window join the global threshold analytically
             qa = keep_after_uniform_prefix(pb.reshape(geo.B, geo.Hq, -1), flat_ok, self.gamma,
-                                           *uniform_prefix(geo))
+                                           *uniform_prefix(geo), how=geo.estimation)
         qa = qa.reshape(pb.shape) & query_aware[:, :, None, None]
         return vs | qa

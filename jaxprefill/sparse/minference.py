@@ -1,6 +1,6 @@
 """``minference``: MInference 1.0 (NeurIPS'24) vertical-slash / block-sparse / A-shape heads.
 
-Per head, one of three patterns (offline search: scripts/search_minference_patterns.py writes
+Per head, one of three patterns (offline search: scripts/tools/search_minference_patterns.py writes
 a per-head JSON; without one every head is vertical-slash, the released configs' fallback):
 
 * "vs" (vertical, slash): softmax(Q[-64:] K^T / sqrt(D) + causal) in float32 over the last 64
@@ -30,11 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import BlockSparseLayout, with_columns
 from jaxprefill.sparse import estimators as est
-from pallas_kernels import BlockSparseLayout
-
 from jaxprefill.sparse.base import Geometry, Policy, make_geometry
-from jaxprefill.sparse.registry import register
 from jaxprefill.sparse.streaming import streaming_blocks
 
 PATTERNS = ("vs", "bs", "a")
@@ -62,7 +60,6 @@ def load_head_config(path: str) -> dict[int, tuple[tuple[str, int, int], ...]]:
     return out
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class MInference(Policy):
     """MInference. Params: vertical (1000), slash (6096), last_q (64), force_vertical (30),
@@ -147,13 +144,13 @@ class MInference(Policy):
         if layout.num_heads != geo.Hq:  # heads="kv": union of the group's columns
             cols = cols.reshape(geo.B, geo.Hkv, geo.G * cols.shape[-1])
         if geo.row0 is None:
-            layout = layout.with_columns(cols[:, :, None, :], seq_q=geo.S)
+            layout = with_columns(layout, cols[:, :, None, :], seq_q=geo.S)
         else:
             # Window row r is global row row0 + r: its last query is (row0 + r + 1) * block - 1.
             # The whole-prompt call clips the last row at S - 1, a no-op here: columns are
             # valid keys, all < lengths <= S.
-            layout = layout.with_columns(cols[:, :, None, :], seq_q=geo.nq * geo.block,
-                                         q_offset=geo.query_start())
+            layout = with_columns(layout, cols[:, :, None, :], seq_q=geo.nq * geo.block,
+                                  q_offset=geo.query_start())
         # Query blocks in the right padding keep just their diagonal (as in finish): no columns.
         pad = geo.query_rows()[:, None, :] >= geo.row_blocks()[:, None, None]
         return dataclasses.replace(layout, col_idx=jnp.where(pad[..., None], 0, layout.col_idx),
@@ -162,7 +159,7 @@ class MInference(Policy):
     def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
                    lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:
         """bool [B, H, n, n]: blocks of the layout with every column rounded up to its block."""
-        geo = make_geometry(q, k, self.block_size, lengths)
+        geo = make_geometry(q, k, self.block_size, lengths, self.estimation)
         mask = self.select_with_columns(q, k, geo, layer, columns=False)[0]
         return self.finish(mask, geo, min_length).to_block_mask()
 
@@ -176,8 +173,8 @@ class MInference(Policy):
         valid = tok < geo.lengths[:, None, None]  # key j / offset o exists in the row
         vert = jnp.where(tok < self.force_vertical, jnp.inf, vert)
         slash = jnp.where(tok < self.force_slash, jnp.inf, slash)
-        sel_v = est.topk_mask(vert, valid, jnp.asarray(kv)[None, :])  # [B, Hq, S] columns
-        sel_s = est.topk_mask(slash, valid, jnp.asarray(ks)[None, :])  # [B, Hq, S] offsets
+        sel_v = est.topk_mask(vert, valid, jnp.asarray(kv)[None, :], how=geo.estimation)  # [B, Hq, S] columns
+        sel_s = est.topk_mask(slash, valid, jnp.asarray(ks)[None, :], how=geo.estimation)  # [B, Hq, S] offsets
         diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)
         on = (kv > 0)[None, :, None, None]
         if columns:
@@ -196,4 +193,4 @@ def block_topk(q: jax.Array, k: jax.Array, geo: Geometry, kb: np.ndarray) -> jax
     qp, kp = est.pool_query_blocks(q, geo), est.pool_blocks(k, geo)  # [B, nq | n, H, D]
     s = est.grouped_logits(qp, kp)  # [B, Hq, nq, n]
     valid = geo.causal()
-    return est.topk_mask(s, valid, jnp.asarray(kb)[None, :, None])
+    return est.topk_mask(s, valid, jnp.asarray(kb)[None, :, None], how=geo.estimation)

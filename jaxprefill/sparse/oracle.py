@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 
 
 def exact_block_mass(q: jax.Array, k: jax.Array, geo: Geometry) -> jax.Array:
@@ -25,7 +24,6 @@ def exact_block_mass(q: jax.Array, k: jax.Array, geo: Geometry) -> jax.Array:
                                     geo.lengths, geo.scale)
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class OracleTopK(Policy):
     """Exact top mass. Params: gamma (0.95), block_size (128)."""
@@ -37,4 +35,4 @@ class OracleTopK(Policy):
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         mass = exact_block_mass(q, k, geo)
         valid = jnp.broadcast_to(geo.causal(), mass.shape)
-        return est.cumulative_keep(mass, valid, self.gamma, forced=geo.forced())
+        return est.cumulative_keep(mass, valid, self.gamma, forced=geo.forced(), how=geo.estimation)

@@ -43,21 +43,23 @@ import jax.numpy as jnp
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy, make_geometry
-from jaxprefill.sparse.registry import register
+from jaxprefill.sparse.prefill import Prefill
 from pallas_kernels import BlockSparseLayout, block_sparse_attention
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class PBS(Policy):
     """PBS. Params: tau (0.9), segment (256 tokens, a multiple of block_size), last_block_exact
     (False; ours, see the module docstring), block_size (128).
 
     Use :meth:`attend` (or a SparseConfig through ``attend``): :meth:`build`'s layout indexes
-    the doubled key array of :meth:`keys_values`, not the original keys.
+    the doubled key array of :meth:`keys_values`, not the original keys. Whole prompts only:
+    a chunk or a packed row would need the permutation of keys it cannot see, so those calls
+    stay dense (``kinds``).
     """
 
     name = "pbs"
+    kinds = ("prompt",)
     tau: float = 0.9
     segment: int = 256
     last_block_exact: bool = False
@@ -106,9 +108,6 @@ class PBS(Policy):
         return two(k), two(v)
 
     # ------------------------------------------------------------------------- selection
-    def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        raise NotImplementedError("pbs selects on permuted keys: use build / attend")
-
     def masks(self, q: jax.Array, k: jax.Array, geo: Geometry,
               min_length: int = 0) -> tuple[jax.Array, jax.Array]:
         """(perm [B, Hkv, n*block], bool [B, H, n, 2n] block mask over K2), H = Hq or Hkv."""
@@ -129,7 +128,7 @@ class PBS(Policy):
         pos0 = jnp.argmin(perm, axis=-1)  # permuted position of original token 0 [B, Hkv]
         sink = jnp.repeat(pos0 // blk, geo.G, axis=1)[:, :, None, None] == j[None, None]
         offb = jnp.broadcast_to(off, prob.shape)
-        keep = est.cumulative_keep(prob, offb, self.tau, forced=sink & offb)
+        keep = est.cumulative_keep(prob, offb, self.tau, forced=sink & offb, how=geo.estimation)
         if self.last_block_exact:
             keep = keep | self._last_block_selection(vert, perm, off, sink, geo)
         if min_length > 0:  # short rows: dense causal, all from the original keys
@@ -158,13 +157,13 @@ class PBS(Policy):
         is_last = jnp.arange(n)[None, :] == last[:, None]  # [B, n]
         allowed = jnp.any(off[:, 0] & is_last[:, :, None], axis=1)[:, None]  # [B, 1, n]
         exact = est.cumulative_keep(mass, jnp.broadcast_to(allowed, mass.shape), self.tau,
-                                    forced=sink[:, :, 0] & allowed)  # sink [B, Hq, 1, n]
+                                    forced=sink[:, :, 0] & allowed,  # sink [B, Hq, 1, n]
+                                    how=geo.estimation)
         return is_last[:, None, :, None] & exact[:, :, None, :]
 
-    def build(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
-              lengths: jax.Array | None = None, min_length: int = 0) -> BlockSparseLayout:
+    def layout(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
+               min_length: int) -> BlockSparseLayout:
         """Layout over K2 (see module docstring): [B, H, n, n] lists of blocks in [0, 2n)."""
-        geo = make_geometry(q, k, self.block_size, lengths)
         _, mask = self.masks(q, k, geo, min_length)
         kv_idx, kv_cnt = select.mask_to_lists(mask, geo.n)  # <= i + 1 blocks per row
         return BlockSparseLayout(kv_idx, kv_cnt, geo.block, geo.block, 2 * geo.n)
@@ -178,7 +177,7 @@ class PBS(Policy):
                  lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:
         """bool [B, H, R, S]: keys (original positions) that query positions ``rows`` [B, R]
         attend to (causal included): what the kernel computes, mapped back."""
-        geo = make_geometry(q, k, self.block_size, lengths)
+        geo = make_geometry(q, k, self.block_size, lengths, self.estimation)
         perm, mask = self.masks(q, k, geo, min_length)
         n, blk, total = geo.n, geo.block, geo.n * geo.block
         row_blk = (rows // blk)[:, None, :, None]  # [B, 1, R, 1]
@@ -195,16 +194,13 @@ class PBS(Policy):
         return (orig & causal)[..., :geo.S]
 
     # ------------------------------------------------------------------------- attention
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int = 0,
-               lengths: jax.Array | None = None, min_length: int = 0,
-               sm_scale: float | None = None, impl: str = "auto") -> jax.Array:
-        """Causal attention [B, S, Hq, Dv] over the PBS selection (one kernel call)."""
-        geo = make_geometry(q, k, self.block_size, lengths)
-        perm, mask = self.masks(q, k, geo, min_length)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, call: Prefill) -> jax.Array:
+        """Causal attention [B, S, Hq, Dv] of a whole prompt over the PBS selection (one kernel
+        call over K2 = [permuted keys ; original keys])."""
+        geo = make_geometry(q, k, self.block_size, call.lengths, self.estimation)
+        perm, mask = self.masks(q, k, geo, call.min_length)
         kv_idx, kv_cnt = select.mask_to_lists(mask, geo.n)
         layout = BlockSparseLayout(kv_idx, kv_cnt, geo.block, geo.block, 2 * geo.n)
         k2, v2 = self.keys_values(k, v, perm, geo)
-        from jaxprefill.attention.sparse_chunks import kernel_impl
-
-        return block_sparse_attention(q, k2, v2, layout, causal=True, sm_scale=sm_scale,
-                                      q_offset=geo.n * geo.block, impl=kernel_impl(impl, q))
+        return block_sparse_attention(q, k2, v2, layout, causal=True, sm_scale=call.sm_scale,
+                                      q_offset=geo.n * geo.block, impl=call.kernel)

@@ -1,7 +1,7 @@
 """``proxyattn``: ProxyAttn (ICLR'26), pooled proxy heads rank blocks, per-head budgets size them.
 
 The official repository was not retrievable; this follows the paper's description
-(../shared/research/sparse_prefill.md section 4), defaults marked "ours" are unverified:
+(docs/methods/proxyattn.md), defaults marked "ours" are unverified:
 1. One proxy head per GQA group: Q_g = mean of the group's query heads, K_g = the group's KV
    head. Token scores softmax(Q_g K_g^T / sqrt(D)) on every ``stride``-th token (the first of
    each stride window; cost ~ 1/stride^2 of one head's attention per group), max-pooled into
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 
 
 def proxy_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int,
@@ -47,7 +46,6 @@ def proxy_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride: int,
                                     valid_cols=valid_cols)
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class ProxyAttn(Policy):
     """ProxyAttn. Params: gamma (0.95), stride (16), key_stride (None: = stride; 1 scores every
@@ -80,14 +78,14 @@ class ProxyAttn(Policy):
         mass = est.block_sum(vert, geo)  # [B, Hq, n]
         nb = geo.row_blocks()[:, None]
         blk_ok = jnp.arange(geo.n)[None, None, :] < nb[:, :, None]
-        exact = est.cumulative_keep(mass, blk_ok, self.gamma)  # [B, Hq, n] last block's own
+        exact = est.cumulative_keep(mass, blk_ok, self.gamma, how=geo.estimation)  # [B, Hq, n] last block's own
         need = exact.sum(-1)  # [B, Hq]
         ratio = need / nb  # [B, Hq]
         row_len = geo.query_rows()[:, None, :] + 1  # causal blocks of query block m
         count = jnp.maximum(self.min_blocks, jnp.ceil(ratio[:, :, None] * row_len)).astype(
             jnp.int32)
         valid = jnp.broadcast_to(geo.causal(), a.shape)
-        keep = est.topk_mask(a, valid, count)
+        keep = est.topk_mask(a, valid, count, how=geo.estimation)
         if self.last_block_exact:
             last = geo.query_rows()[:, None, :, None] == (nb - 1)[:, :, None, None]  # [B,1,nq,1]
             keep = keep | (last & exact[:, :, None, :])

@@ -4,7 +4,7 @@
     policy = sparse.get("flexprefill", gamma=0.95, tau=0.1)
     layout = policy.build(q, k, layer=i)          # q [B,S,Hq,D], k [B,S,Hkv,D]
 
-Unknown names and parameters raise with the list of valid ones.
+The table below is the list of policies. Unknown names and parameters raise with the valid ones.
 """
 
 from __future__ import annotations
@@ -12,25 +12,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-_POLICIES: dict[str, type] = {}
+from jaxprefill.sparse.base import Policy
+from jaxprefill.sparse.blasst import Blasst
+from jaxprefill.sparse.dense import Dense
+from jaxprefill.sparse.flexprefill import FlexPrefill
+from jaxprefill.sparse.minference import MInference
+from jaxprefill.sparse.oracle import OracleTopK
+from jaxprefill.sparse.pbs import PBS
+from jaxprefill.sparse.proxyattn import ProxyAttn
+from jaxprefill.sparse.streaming import Streaming
+from jaxprefill.sparse.trianglemix import TriangleMix
+from jaxprefill.sparse.xattention import XAttention
 
-
-def register(cls: type) -> type:
-    """Class decorator: makes ``cls`` available as ``get(cls.name)``."""
-    _POLICIES[cls.name] = cls
-    return cls
-
-
-def _load_all() -> None:
-    # Import for the side effect of @register (kept lazy: no import cycle with base).
-    from jaxprefill.sparse import (blasst, dense, flexprefill, minference, oracle,  # noqa: F401
-                                   pbs, proxyattn, streaming, trianglemix, xattention)
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (
+    Dense, Streaming, MInference, FlexPrefill, XAttention, ProxyAttn, PBS, TriangleMix, Blasst,
+    OracleTopK)}
 
 
 def available() -> list[str]:
     """Registered policy names."""
-    _load_all()
-    return sorted(_POLICIES)
+    return sorted(POLICIES)
 
 
 def param_names(name: str) -> list[str]:
@@ -38,21 +39,20 @@ def param_names(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(policy_class(name))]
 
 
-def policy_class(name: str) -> type:
-    _load_all()
-    if name not in _POLICIES:
-        raise ValueError(f"unknown sparse policy {name!r}; choose one of {sorted(_POLICIES)}")
-    return _POLICIES[name]
+def policy_class(name: str) -> type[Policy]:
+    if name not in POLICIES:
+        raise ValueError(f"unknown sparse policy {name!r}; choose one of {available()}")
+    return POLICIES[name]
 
 
-def get(name: str, **params: Any):
+def get(name: str, **params: Any) -> Policy:
     """The policy ``name`` with ``params`` (see each policy's docstring for defaults).
 
     Lists become tuples so the policy stays hashable (it is part of the jit cache key).
     """
     cls = policy_class(name)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    bad = sorted(set(params) - set(known))
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(params) - known)
     if bad:
         raise ValueError(f"unknown parameter(s) {bad} for sparse policy {name!r}; "
                          f"known: {sorted(known)}")

@@ -16,34 +16,20 @@ back over up to 32 x 1M entries), FlexPrefill's budget sorts, and the layout con
   operands, float32 accumulation: exact to 2^24) runs on tensor cores, where a scan runs log(n)
   elementwise passes.
 
-Everything is jit-able with static shapes. ``JAXPREFILL_SPARSE_SELECT=sort`` (read at trace
-time) switches the estimators back to the sort-based reference implementations
+Everything is jit-able with static shapes. ``Estimation(selection="sort")`` (a policy field)
+switches the estimators back to the sort-based reference implementations
 (:mod:`jaxprefill.sparse.estimators`), for A/B measurement.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import estimation
+from jaxprefill.sparse.estimation import Estimation
 
 _CHUNK = 1024  # prefix counts: row chunk multiplied by a [chunk, chunk] triangle
-
-
-def kernel_impl() -> str:
-    """Which estimation kernels to use (trace time): ``JAXPREFILL_ESTIMATION`` = "auto"
-    (default: the Pallas GPU kernels on GPUs, XLA elsewhere), "xla", "pallas_gpu", "interpret"
-    (the GPU kernels in interpret mode: tests on CPU), "pallas_tpu" or "interpret_tpu" (the
-    TPU kernels, opt-in; see :mod:`pallas_kernels.estimation`)."""
-    return estimation.estimation_impl(os.environ.get("JAXPREFILL_ESTIMATION", "auto"))
-
-
-def use_sort() -> bool:
-    """True when the sort-based reference implementations are requested (env, trace time)."""
-    return os.environ.get("JAXPREFILL_SPARSE_SELECT", "threshold") == "sort"
 
 
 def sort_key(x: jax.Array) -> jax.Array:
@@ -103,7 +89,7 @@ def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Arra
 
 
 def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
-                    forced: jax.Array | None = None) -> jax.Array:
+                    forced: jax.Array | None = None, *, how: Estimation) -> jax.Array:
     """Threshold version of :func:`jaxprefill.sparse.estimators.cumulative_keep_sort` (same
     result): forced entries first, then descending scores (ties in index order) while the mass
     before an entry stays below gamma x the valid total."""
@@ -115,7 +101,7 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
     base = jnp.sum(jnp.where(forced, s, 0.0), axis=-1)
     goal = gamma * jnp.sum(s, axis=-1)
     key = sort_key(s)
-    cut = _mass_cut(jnp.where(free, s, 0.0), base, goal)[..., None]
+    cut = _mass_cut(jnp.where(free, s, 0.0), base, goal, how)[..., None]
     gt = free & (key > cut)
     eq = free & (key == cut)
     before = base + jnp.sum(jnp.where(gt, s, 0.0), axis=-1)
@@ -124,13 +110,14 @@ def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
     return forced | gt | keep_eq
 
 
-def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
+def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array,
+              how: Estimation) -> jax.Array:
     """uint32 [...]: the smallest key U with base + (mass of s_free above U) < goal. On GPUs one
     pass of the Pallas kernel (:func:`pallas_kernels.estimation.mass_cut`; TPU kernel opt-in:
-    ``JAXPREFILL_ESTIMATION=pallas_tpu``), else 32 XLA passes."""
-    impl = kernel_impl()
-    if estimation.has_mass_cut_kernel(impl, s_free.shape[-1]):
-        return estimation.mass_cut(s_free, base, goal, impl=impl)
+    ``Estimation(impl="mosaic_tpu")``), else 32 XLA passes."""
+    impl = how.backend("mass_cut", columns=s_free.shape[-1])
+    if impl != "xla":
+        return estimation.mass_cut(s_free, base, goal, impl=impl, interpret=how.interpret)
     key = sort_key(s_free)
 
     def cond(u):  # forced mass + free mass strictly above u < goal (non-free entries are 0)
@@ -184,4 +171,4 @@ def mask_to_lists(mask: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
 
 
 __all__ = ["cumulative_keep", "mask_to_lists", "mass_count", "prefix_count", "sort_key",
-           "topk_mask", "use_sort"]
+           "topk_mask"]

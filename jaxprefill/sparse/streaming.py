@@ -10,7 +10,7 @@ end of the prompt: it is meant for the heads/layers that do not retrieve.
 DuoAttention keeps its *retrieval heads* dense and streams the others. ``head_config`` names a
 JSON file ``{"dense_heads": {"<layer>": [kv head, ...]}}`` whose listed KV heads (and their
 query heads) get the full causal layout; layers it does not list stream every head.
-DuoAttention finds those heads by training a gate per head; ``scripts/search_streaming_heads.py``
+DuoAttention finds those heads by training a gate per head; ``scripts/tools/search_streaming_heads.py``
 instead ranks heads training-free (attention mass outside the window, mass on the needle, or
 the answer's deviation from dense when a head streams: see that script).
 
@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 
 
 def streaming_blocks(geo: Geometry, sink: int, local: int) -> jax.Array:
@@ -65,7 +64,6 @@ def load_dense_heads(path: str) -> dict[int, tuple[int, ...]]:
     return out
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class Streaming(Policy):
     """Sink + local window, optionally with dense (retrieval) heads.

@@ -17,11 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 from jaxprefill.sparse.streaming import dense_tail, streaming_blocks
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class TriangleMix(Policy):
     """TriangleMix. Params: start_layer (16), n_init (8), n_local (512), n_last (128),

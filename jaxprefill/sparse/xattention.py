@@ -14,7 +14,7 @@ Defaults: block 128 and threshold 0.9 from the official code's RULER runs
 (Llama-3.1-8B RULER average 88.08 at stride 16, 88.47 at 8, dense 87.52), not the code's 8:
 at 128K on an H100 the estimate costs 4.6% of cuDNN dense attention at stride 16 and 8.3% at
 stride 8, whose antidiagonal GEMM alone is 6.25% of dense attention's FLOPs
-(docs/performance.md, 2026-11-23 sixth session). threshold >= 1 gives the dense layout.
+(docs/performance.md, estimation kernels, 2026-11-23). threshold >= 1 gives the dense layout.
 Rows are processed in chunks of query blocks so the (L/S)^2 score matrix never exists whole.
 The original asserts batch 1 and Hq == Hkv; here both are lifted.
 """
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.registry import register
 
 
 def antidiagonal_operands(q: jax.Array, k: jax.Array, geo: Geometry,
@@ -53,7 +52,6 @@ def antidiagonal_block_scores(q: jax.Array, k: jax.Array, geo: Geometry, stride:
                                     geo.scale / stride)
 
 
-@register
 @dataclasses.dataclass(frozen=True)
 class XAttention(Policy):
     """XAttention. Params: threshold (0.9), stride (16), block_size (128)."""
@@ -72,4 +70,5 @@ class XAttention(Policy):
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         scores = antidiagonal_block_scores(q, k, geo, self.stride)
         valid = jnp.broadcast_to(geo.causal(), scores.shape)
-        return est.cumulative_keep(scores, valid, self.threshold, forced=geo.forced())
+        return est.cumulative_keep(scores, valid, self.threshold, forced=geo.forced(),
+                                   how=geo.estimation)

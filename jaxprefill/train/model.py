@@ -113,7 +113,7 @@ def build(section: ModelSection, mesh: Mesh, seed: int) -> SplitModel:
     from jaxprefill.loading.weights import build_model
 
     dtype, param_dtype = DTYPES[section.dtype], DTYPES[section.param_dtype]
-    spec = AttentionSpec(section.attention)
+    spec = AttentionSpec(section.attention, differentiable=True)  # no kernels without gradients
     if section.pretrained:
         hf_config, tensors = pretrained_tensors(section.pretrained)
         cfg = with_overrides(config_from_hf_dict(hf_config), section.overrides)

@@ -37,15 +37,16 @@ listed K/V block is copied once per CTA and read by both.
   a TMA store; ``lse = m ln 2 + ln l`` (``-inf`` for empty rows). The CTA waits only until the
   stores have read shared memory, so the next CTA on the SM starts while the writes finish.
 
-Tuned with Nsight Compute cycle counts (``scripts/profile_kernels_ncu.sh``, QUICK=1: SM active
+Tuned with Nsight Compute cycle counts (``scripts/profiling/profile_kernels_ncu.sh``, QUICK=1: SM active
 cycles repeat to 0.01% between runs, where wall-clock timings move 1-5%): the named barriers,
 the single producer warp, the read-only store wait and leaving the softmax order to the
 compiler (no ``optimization_barrier``) took 2.4% of cycles off the kernel at 16K, to within
-0.6% of tokamax's (docs/performance.md, eighth session); mbarriers everywhere
-(``named_barriers=False``) stay available. ``order="tiles"`` (tokamax's grid order) stays an
-experiment. Tried and removed: FA3's intra-warpgroup overlap (QK^T j + 1 issued with PV j, two
-accumulators live; 22% slower, register pressure) and issuing PV j and QK^T j + 1 back to
-back with one wait (3-6% slower); a 3-stage ring (1.6% more cycles).
+0.6% of tokamax's (docs/performance.md). Tried and removed (docs/history.md): mbarriers for the turn taking
+and slot-free signals; tokamax's grid order (all tiles of a head from the shortest row);
+Mosaic's automatic barriers; a full store wait; FA3's intra-warpgroup overlap (QK^T j + 1
+issued with PV j, two accumulators live; 22% slower, register pressure) and issuing PV j and
+QK^T j + 1 back to back with one wait (3-6% slower). A 3-stage ring (1.6% more cycles at 16K)
+stays a config option.
 
 Constraints: 16-bit inputs (bf16/f16); ``block_q`` a multiple of 128 (a layout block of 256
 positions is two CTA tiles that share the list); ``block_k`` 64 or 128; head dims are
@@ -55,8 +56,8 @@ already multiples). Layouts with the column path (``col_idx``) are not supported
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import math
 from typing import Any
 
@@ -69,17 +70,43 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 try:  # MLIR bindings for the named-barrier inline PTX (present in JAX 0.10 and 0.11)
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
-except ImportError:  # pragma: no cover - then named_barriers=True raises at trace time
+except ImportError:  # pragma: no cover - then the kernel raises at trace time
     ir = llvm = None
 
 from pallas_kernels import _prep
+from pallas_kernels.gpu.mosaic_common import MAX_SMEM, load, num_sms, round_up, smem
 from pallas_kernels.layout import BlockSparseLayout
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _WG_ROWS = 64  # query rows per consumer warpgroup (wgmma M)
 _TILE_Q = 2 * _WG_ROWS  # query rows per CTA
-_MAX_SMEM = 227 * 1024  # H100 shared memory per block
+ORDERS = ("groups", "heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseMosaicConfig:
+    """Tuning knobs of :func:`block_sparse_attention_mosaic` (static: part of the jit key).
+
+    num_stages: depth of the K/V shared-memory ring (2 or 3; limited by shared memory; 3
+      measured 1.6% more cycles at 16K on an H100).
+    persistent: one CTA per SM looping over the tiles (round robin, snake), so a CTA's next tile
+      starts while its K/V ring keeps streaming; False (default): one CTA per tile, whose
+      producer is a single warp. One CTA per tile measured faster on an H100 at full density
+      (16K: 3.70 vs 4.15 ms) and about equal at 128K densities 5-50% (docs/performance.md).
+    order: tile order, "groups" (the q heads of a KV head, then tiles from the last, then KV
+      heads: CTAs running together share K/V in L2) or "heads" (all q heads, then tiles).
+    """
+
+    num_stages: int = 2
+    persistent: bool = False
+    order: str = "groups"
+
+    def __post_init__(self) -> None:
+        if self.num_stages not in (2, 3):
+            raise ValueError(f"num_stages must be 2 or 3, got {self.num_stages}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
 
 # Hardware (named) barrier ids: Mosaic GPU keeps the low ids for itself.
@@ -107,37 +134,18 @@ def _named_barrier(op: str, bar_id: Any, n_threads: int) -> None:
         _dynamic(bar_id)
 
 
-# ``plgpu.load(ref, idx)``: JAX 0.10 requires the index argument, 0.11 deprecates it (index
-# the ref with ``ref.at[...]`` instead); decided once here from the signature.
-_LOAD_TAKES_IDX = (inspect.signature(plgpu.load).parameters["idx"].default
-                   is inspect.Parameter.empty)
-
-
-def _load(ref: Any, **kw: Any) -> jax.Array:
-    """``plgpu.load`` of a whole (already indexed) ref on JAX 0.10 and 0.11 without warnings."""
-    return plgpu.load(ref, (), **kw) if _LOAD_TAKES_IDX else plgpu.load(ref, **kw)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _smem(shape: tuple[int, ...], dtype: Any) -> Any:
-    """Shared memory with the 128-byte swizzle wgmma and TMA want (tiles of 8 x 64 x 16 bit)."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
-                                                plgpu.SwizzleTransform(128)))
-
-
 def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             causal: bool, qk_scale: float, has_seg: bool, n_tiles: int, r: int, G: int,
             Gl: int, Hq: int, B: int, bk: int, seq_k: int, stages: int, dv: int, dtype: Any,
-            n_ctas: int, order: str, named: bool, ro_wait: bool = False, producer_warp: bool = False):
-    """One CTA; ``n_ctas > 0``: persistent, CTA c takes items c, c + n_ctas, ... (see module)."""
+            n_ctas: int, order: str):
+    """One CTA; ``n_ctas > 0``: persistent, CTA c takes items c, c + n_ctas, ... (see module).
+    Otherwise one item per CTA and a single producer warp issues its copies."""
+    producer_warp = not n_ctas
     if has_seg:
         qseg_ref, kseg_ref, o_ref, lse_ref = refs[:4]
     else:
         o_ref, lse_ref = refs[:2]
-    qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, sched = refs[-10:]
+    qo_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar = refs[-7:]
     q_smem, o_smem = qo_smem
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -148,8 +156,6 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
         """Item index -> (q head, batch, tile); tiles counted from the last (longest) one."""
         if order == "heads":  # q heads fastest, then batch, then tiles
             return g % Hq, (g // Hq) % B, n_tiles - 1 - g // (Hq * B)
-        if order == "tiles":  # tokamax's grid: tiles from the first (shortest), then heads
-            return (g // n_tiles) % Hq, g // (n_tiles * Hq), g % n_tiles
         # "groups": the G q heads of a KV head fastest, then tiles, then KV heads, then batch,
         # so the CTAs running at once share the K/V of one KV head in L2 (MHA: one head).
         gi, rest = g % G, g // G
@@ -185,13 +191,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
         hl = h // Gl
         return i, hl, meta_ref[b, hl, i, 0], meta_ref[b, hl, i, 1]
 
-    def schedule_barrier():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
-
-    # With named=True the consumers hand the tensor cores to each other FA3-style: consumer w
-    # signals barrier _BAR_TURN + 1 - w after issuing QK^T and waits on _BAR_TURN + w before
-    # PV; slot-free signals are bar.arrive (256 consumer threads) / bar.sync (128 producer).
+    # The consumers hand the tensor cores to each other FA3-style: consumer w signals barrier
+    # _BAR_TURN + 1 - w after issuing QK^T and waits on _BAR_TURN + w before PV; slot-free
+    # signals are bar.arrive (256 consumer threads) / bar.sync (the producer's 32 or 128).
     n_free = 2 * 128 + (32 if producer_warp else 128)
 
     def turn_signal():
@@ -221,7 +223,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                                     q_bar.at[wg])
             off = off_ref[b]
             if has_seg:
-                qseg = _load(qseg_ref.at[b, pl.ds(q0, _WG_ROWS)], layout=row_layout,
+                qseg = load(qseg_ref.at[b, pl.ds(q0, _WG_ROWS)], layout=row_layout,
                              optimized=False)
             plgpu.barrier_wait(q_bar.at[wg])
 
@@ -234,10 +236,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                 plgpu.barrier_wait(k_bar.at[lax.rem(base, stages)])
 
             # Consumer 1 lets consumer 0 issue the first QK^T; from then on they alternate.
-            if named:
-                pl.when(wg == 1)(lambda: _named_barrier("sync", _BAR_TURN + 1, 256))
-            else:
-                pl.when(wg == 1)(schedule_barrier)
+            pl.when(wg == 1)(lambda: _named_barrier("sync", _BAR_TURN + 1, 256))
 
             def step(t, carry, masked: bool):
                 acc, m_i, l_i = carry
@@ -247,14 +246,11 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
-                    turn_signal() if named else schedule_barrier()
+                    turn_signal()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
-                if named:
-                    free_arrive(0, slot)
-                else:
-                    plgpu.barrier_arrive(k_free.at[slot])
+                free_arrive(0, slot)
                 if masked:
                     shape = (_WG_ROWS, bk)
                     kpos = k0 + plgpu.broadcasted_iota(jnp.int32, shape, 1,
@@ -265,7 +261,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                                                                  layout=plgpu.Layout.WGMMA)
                         ok = ok & (kpos <= qpos)
                     if has_seg:
-                        kseg = _load(kseg_ref.at[b, pl.ds(k0, bk)], layout=col_layout,
+                        kseg = load(kseg_ref.at[b, pl.ds(k0, bk)], layout=col_layout,
                                      optimized=False)
                         ok = ok & (lax.broadcast_in_dim(qseg, shape, [0])
                                    == lax.broadcast_in_dim(kseg, shape, [1]))
@@ -279,15 +275,10 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
                 # (No optimization_barrier pinning this order: the compiler's own schedule
-                # measured 0.8% fewer cycles under Nsight Compute, eighth session.)
+                # measured 0.8% fewer cycles under Nsight Compute.)
                 p16 = p.astype(dtype)
-                if named:
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    turn_wait()
-                else:
-                    plgpu.barrier_arrive(sched)  # softmax done: the other may use the TCs
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                turn_wait()
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -297,10 +288,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
                         plgpu.barrier_wait(k_bar.at[lax.rem(base + t + 1, stages)])
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                if named:
-                    free_arrive(1, slot)
-                else:
-                    plgpu.barrier_arrive(v_free.at[slot])
+                free_arrive(1, slot)
                 return acc, m_new, l_i
 
             carry = (acc, m_i, l_i)
@@ -308,10 +296,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             acc, m_i, l_i = lax.fori_loop(n_full, cnt, functools.partial(step, masked=True),
                                           carry)
             # Balances consumer 1's extra wait at the start.
-            if named:
-                pl.when(wg == 0)(lambda: _named_barrier("arrive", _BAR_TURN + 1, 256))
-            else:
-                pl.when(wg == 0)(schedule_barrier)
+            pl.when(wg == 0)(lambda: _named_barrier("arrive", _BAR_TURN + 1, 256))
 
             has = l_i > 0.0
             l_safe = jnp.where(has, l_i, 1.0)
@@ -325,9 +310,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             return base + cnt
 
         lax.fori_loop(0, my_items, item, jnp.int32(0))
-        # ro_wait: only wait until the stores have read shared memory (the CTA may exit while
-        # the writes to global memory are in flight; the next CTA on this SM starts earlier).
-        plgpu.wait_smem_to_gmem(0, wait_read_only=ro_wait)
+        # Only wait until the stores have read shared memory (the CTA may exit while the
+        # writes to global memory are in flight; the next CTA on this SM starts earlier).
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == 2)
     def _producer():
@@ -342,13 +327,13 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
 
                 @pl.when(g >= stages)
                 def _():
-                    free_wait(0, slot) if named else plgpu.barrier_wait(k_free.at[slot])
+                    free_wait(0, slot)
 
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
 
                 @pl.when(g >= stages)
                 def _():
-                    free_wait(1, slot) if named else plgpu.barrier_wait(v_free.at[slot])
+                    free_wait(1, slot)
 
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
                 return None
@@ -375,31 +360,24 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, off_ref, *refs,
             lax.fori_loop(0, my_items, item, jnp.int32(0))
 
 
-def is_hopper() -> bool:
-    """True when the default device is an sm90 GPU (H100/H200/H800/H20)."""
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")) == "9.0"
-
-
-def supports(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockSparseLayout,
-             num_stages: int = 2) -> bool:
-    """Whether :func:`block_sparse_attention_mosaic` takes these inputs (dtype, blocks, head
-    dims within shared memory, no column path); used by ``impl="auto"`` to fall back to the
-    Triton kernel otherwise."""
+def unsupported(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockSparseLayout,
+                config: BlockSparseMosaicConfig = BlockSparseMosaicConfig()) -> str | None:
+    """Why :func:`block_sparse_attention_mosaic` cannot take these inputs, or None (dtype,
+    blocks, head dims within shared memory, no column path). Device checks are the caller's."""
     if getattr(layout, "col_idx", None) is not None:
-        return False
+        return "no column path (layouts with key columns, col_idx)"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    if layout.block_q % _TILE_Q or layout.block_k not in (64, 128) or q.ndim != 4:
-        return False
-    dqk, dv = _round_up(q.shape[-1], 64), _round_up(v.shape[-1], 64)
-    return _smem_bytes(dqk, dv, layout.block_k, num_stages) <= _MAX_SMEM
-
-
-def _num_sms() -> int:
-    """Streaming multiprocessors of the default device (132 on an H100 SXM if unknown)."""
-    dev = jax.devices()[0]
-    return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
+        return f"needs bf16/f16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if layout.block_q % _TILE_Q or layout.block_k not in (64, 128):
+        return (f"needs block_q % {_TILE_Q} == 0 and block_k in (64, 128), got "
+                f"({layout.block_q}, {layout.block_k})")
+    if q.ndim != 4:
+        return f"needs q [B, S, H, D], got {q.shape}"
+    dqk, dv = round_up(q.shape[-1], 64), round_up(v.shape[-1], 64)
+    if _smem_bytes(dqk, dv, layout.block_k, config.num_stages) > MAX_SMEM:
+        return (f"Dqk={q.shape[-1]}, Dv={v.shape[-1]}, block_k={layout.block_k}, "
+                f"num_stages={config.num_stages} exceed shared memory")
+    return None
 
 
 def _smem_bytes(dqk: int, dv: int, bk: int, stages: int) -> int:
@@ -409,10 +387,8 @@ def _smem_bytes(dqk: int, dv: int, bk: int, stages: int) -> int:
     return 2 * (qo + stages * bk * (dqk + dv)) + 2 * _WG_ROWS * 4 + 1024
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "num_stages",
-                                              "persistent", "order", "no_auto_barriers",
-                                              "named_barriers", "poison_output",
-                                              "read_only_store_wait", "producer_warp"))
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "config",
+                                              "poison_output"))
 def block_sparse_attention_mosaic(
     q: jax.Array,
     k: jax.Array,
@@ -424,14 +400,8 @@ def block_sparse_attention_mosaic(
     q_offset: Any = None,
     segment_ids: Any = None,
     interpret: Any = False,
-    num_stages: int = 2,
-    persistent: bool = False,
-    order: str = "groups",
-    no_auto_barriers: bool = True,
-    named_barriers: bool = True,
+    config: BlockSparseMosaicConfig = BlockSparseMosaicConfig(),
     poison_output: bool = False,
-    read_only_store_wait: bool = True,
-    producer_warp: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU (Hopper) block-sparse attention.
 
@@ -441,50 +411,22 @@ def block_sparse_attention_mosaic(
         interpret: passed to ``plgpu.kernel`` (API parity with the other kernels; JAX
             0.10.2's Mosaic GPU interpret mode has no rule for ``run_state`` and cannot run
             this kernel).
-        num_stages: depth of the K/V shared-memory ring (2 or 3; limited by shared memory).
-        persistent: one CTA per SM looping over the tiles (round robin, snake), so a CTA's
-            next tile starts while its K/V ring keeps streaming; False (default): one CTA per
-            tile, which measured faster on an H100 at full density (16K: 3.70 vs 4.15 ms) and
-            about equal at 128K densities 5-50% (docs/performance.md).
-        order: tile order, ``"groups"`` (the q heads of a KV head, then tiles from the last,
-            then KV heads: CTAs running together share K/V in L2), ``"heads"`` (all q heads,
-            then tiles from the last) or ``"tiles"`` (tokamax's grid: all tiles of a q head
-            from the first, i.e. shortest causal row, then the next q head; experimental).
-        no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
-            memory accesses with explicit barriers and ``commit_smem``; 0-1.5% faster).
-        named_barriers: hardware named barriers (inline PTX ``bar.arrive``/``bar.sync``) for
-            the consumers' turn taking and the slot-free signals (default); False: mbarriers.
+        config: the tuning knobs (:class:`BlockSparseMosaicConfig`).
         poison_output: start from NaN-filled outputs so that elements the kernel fails to
             write stay NaN (checks only).
-        read_only_store_wait: the final wait for the output TMA stores only waits until they
-            have read shared memory (default, as tokamax), not for the global writes.
-        producer_warp: one warp of the producer warpgroup issues the copies and the other
-            three exit, as tokamax (named slot-free barriers then count 288 threads, not 384);
-            None (default): on for one CTA per tile, off for ``persistent=True`` (which it
-            does not support).
         Others: see ``block_sparse_attention``.
     Returns:
         ``out [B, Sq, Hq, Dv]`` (``q.dtype``), ``lse [B, Hq, Sq]`` float32.
     Raises:
         ValueError: unsupported dtype, block sizes, head dims or a layout with columns.
     """
-    if getattr(layout, "col_idx", None) is not None:
-        raise ValueError("pallas_mosaic does not support layouts with key columns (col_idx) "
-                         "yet; use impl='pallas_gpu' or 'xla'")
-    if order not in ("groups", "heads", "tiles"):
-        raise ValueError(f"order must be 'groups', 'heads' or 'tiles', got {order!r}")
     d = _prep.check_inputs(q, k, v, layout)
+    reason = unsupported(q, k, v, layout, config)
+    if reason is not None:
+        raise ValueError(f"block_sparse_attention_mosaic: {reason}")
     bq, bk = d.block_q, d.block_k
-    if bq % _TILE_Q or bk not in (64, 128):
-        raise ValueError(f"pallas_mosaic needs block_q % {_TILE_Q} == 0 and block_k in (64, 128),"
-                         f" got ({bq}, {bk})")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"pallas_mosaic needs bf16/f16 q, k, v, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    dqk_p, dv_p = _round_up(d.Dqk, 64), _round_up(d.Dv, 64)
-    if _smem_bytes(dqk_p, dv_p, bk, num_stages) > _MAX_SMEM:
-        raise ValueError(f"pallas_mosaic: Dqk={d.Dqk}, Dv={d.Dv}, block_k={bk}, "
-                         f"num_stages={num_stages} exceed shared memory")
+    num_stages, persistent = config.num_stages, config.persistent
+    dqk_p, dv_p = round_up(d.Dqk, 64), round_up(d.Dv, 64)
     layout = layout.broadcast_batch(d.B)
     off = _prep.normalize_q_offset(q_offset, d.B)
     seg = _prep.pad_segment_ids(_prep.normalize_segment_ids(segment_ids, d), d)
@@ -500,42 +442,35 @@ def block_sparse_attention_mosaic(
     if seg is not None:
         args += [seg.q, seg.kv]
     n_tiles = sq_pad // _TILE_Q
-    q_buf, o_buf = _smem((2, _WG_ROWS, dqk_p), q.dtype), _smem((2, _WG_ROWS, dv_p), q.dtype)
+    q_buf, o_buf = smem((2, _WG_ROWS, dqk_p), q.dtype), smem((2, _WG_ROWS, dv_p), q.dtype)
     # Each consumer writes its output tile over its own Q tile once its last QK^T is done. With
     # Dv <= Dqk, o[wg] starts inside q[wg] or (o[1]) q[0]'s tail, which consumer 0 no longer
     # reads: consumer 1 leaves its loop only after consumer 0 passed its final schedule barrier.
     qo = plgpu.RefUnion(q_buf, o_buf) if dv_p <= dqk_p else (q_buf, o_buf)
     scratch = [
         qo,
-        _smem((num_stages, bk, dqk_p), q.dtype),
-        _smem((num_stages, bk, dv_p), q.dtype),
+        smem((num_stages, bk, dqk_p), q.dtype),
+        smem((num_stages, bk, dv_p), q.dtype),
         plgpu.SMEM((2, _WG_ROWS), jnp.float32),
         plgpu.Barrier(num_barriers=2),  # q loaded (one per consumer)
         plgpu.Barrier(num_barriers=num_stages),  # k slot loaded
         plgpu.Barrier(num_barriers=num_stages),  # v slot loaded
-        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # k slot free
-        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # v slot free
-        plgpu.Barrier(num_arrivals=2),  # consumers take turns on the tensor cores
-    ]
-    if producer_warp is None:
-        producer_warp = not persistent
-    if producer_warp and persistent:
-        raise ValueError("producer_warp=True supports persistent=False only")
+    ]  # (slot-free signals and the consumers' turn taking use hardware named barriers)
     n_items = d.Hq * n_tiles * d.B
-    n_ctas = min(_num_sms(), n_items) if persistent else 0
+    n_ctas = min(num_sms(), n_items) if persistent else 0
     kernel = functools.partial(
         _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None,
         n_tiles=n_tiles, r=bq // _TILE_Q, G=d.G, Gl=d.Gl, Hq=d.Hq, B=d.B, bk=bk, seq_k=d.Sk,
-        stages=num_stages, dv=dv_p, dtype=q.dtype, n_ctas=n_ctas, order=order,
-        named=named_barriers, ro_wait=read_only_store_wait,
-        producer_warp=producer_warp)
+        stages=num_stages, dv=dv_p, dtype=q.dtype, n_ctas=n_ctas, order=config.order)
     extra = {} if interpret is False or interpret is None else {"interpret": interpret}
     out_type = (jax.ShapeDtypeStruct((d.B, sq_pad, d.Hq, dv_p), q.dtype),
                 jax.ShapeDtypeStruct((d.B, d.Hq, sq_pad), jnp.float32))
     # No cross-warp reductions here (a row of the wgmma layout lives in one warp), so no
     # reduction scratch: the 2 KiB let a 3-stage K/V ring fit at D=128.
+    # No automatic barriers: the kernel orders its shared memory accesses itself (mbarriers,
+    # named barriers, commit_smem); 0-1.5% faster.
     params = plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
-                                  unsafe_no_auto_barriers=no_auto_barriers)
+                                  unsafe_no_auto_barriers=True)
     if n_ctas:
         grid = dict(grid=(n_ctas,), grid_names=("sm",), num_threads=3, thread_name="wg")
     else:  # one CTA per item, launched in item order

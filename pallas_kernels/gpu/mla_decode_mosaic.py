@@ -41,14 +41,12 @@ Measured on an H100 (batch 64 x 32K, docs/performance.md): 94-96% of copy bandwi
 kernel: 35%). That is with the Dc = 512 defaults ``split_cols=192`` (consumer 0, which also
 computes QK^T and the softmax, takes 192 of the 512 PV columns) and ``no_auto_barriers=True``:
 5.9% fewer cycles under Nsight Compute than Dc / 2 with Mosaic's automatic barriers, which
-read 75-80% in the same runs (eighth and ninth sessions).
+read 75-80% in the same runs.
 
-Tried at 128 heads and not kept (H100, docs/performance.md, 2026-11-23 fourth session):
-FlashMLA's pair ("seesaw") schedule, both consumers computing QK^T of one page each of a pair
-with P written over the page's rope region and the ring loaded / released per column region:
-correct, but 1.71-1.76 ms against the split schedule's 1.06-1.10 ms (the two-page ring leaves
-each pair's loads exposed; commit 9d7f89a has the code). Cluster multicast (opt-in
-``multicast=True``) made no difference to the split schedule (75.6% vs 75.7% of copy, 3 runs).
+Tried at 128 heads and not kept (H100, docs/history.md): FlashMLA's pair schedule, both
+consumers computing QK^T of one page each of a pair (1.71-1.76 ms against the split schedule's
+1.06-1.10 ms: the two-page ring leaves each pair's loads exposed), and multicasting each page
+to a cluster of two CTAs (75.6% vs 75.7% of copy: the kernel is not L2-bound).
 
 Constraints: bf16/f16 cache; page == 64 tokens; Dc a multiple of 128 and Dr a multiple of 64
 (DeepSeek: 512 / 64; TPLA shards: 256 / 64) or zero-padded copies for test dims; the page ring
@@ -68,14 +66,59 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gpu.block_sparse_mosaic import _MAX_SMEM, _load, _num_sms, _round_up, _smem
 from pallas_kernels.gpu import mla_decode_triton as mla_triton
+from pallas_kernels.gpu.mosaic_common import MAX_SMEM, load, num_sms, round_up, smem
 from pallas_kernels.mla_reference import check_mla_inputs, combine_splits
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _HEADS = 64  # query heads per CTA: the wgmma M of one warpgroup
 PAGE = 64  # tokens per cache page (FlashMLA's page size; one K/V step)
+SCHEDULES = ("auto", "split", "seesaw")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLADecodeMosaicConfig:
+    """Tuning knobs of :func:`mla_decode_mosaic` (static: part of the jit key). None picks the
+    measured default for the call's shapes.
+
+    num_splits: KV splits per sequence (default :func:`default_num_splits`).
+    num_stages: shared-memory ring depth (default: the most, up to 4, that fit; 2 pages fit at
+      Dc + Dr = 576, 4 at a TPLA shard's 320).
+    schedule: how the two consumer warpgroups share a 64-head tile: "split" (consumer 0 does
+      every QK^T and softmax, both do PV on their column half), "seesaw" (they alternate QK^T
+      and softmax by page, both do PV on every page; it needs a deep ring: on the H100 4.5%
+      faster with 4 stages at Dc=256, 2.6x slower with 2 at Dc=512) or "auto" (seesaw when the
+      ring holds 4 pages of one step, else split).
+    pages_per_step: cache pages (64 tokens each) per pipeline step and ring slot: 2 halves the
+      per-step synchronisation (narrow latents, where a page is little work). Default: 2 for a
+      TPLA g=2 shard (Dc = 256) with more than 64 heads, else 1.
+    split_cols: output columns accumulated by consumer 0 (the rest by consumer 1), a multiple
+      of 64 (default 192 for the split schedule at Dc = 512, else Dc / 2). With "split"
+      consumer 0 also computes every QK^T and softmax, so fewer PV columns balance the two.
+    no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
+      memory accesses with mbarriers and ``commit_smem``); default True for the split schedule
+      at Dc = 512 and for two pages per step at Dc = 256 with more than 64 heads (checked on
+      the H100), else False.
+    """
+
+    num_splits: int | None = None
+    num_stages: int | None = None
+    schedule: str = "auto"
+    pages_per_step: int | None = None
+    split_cols: int | None = None
+    no_auto_barriers: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.pages_per_step not in (None, 1, 2):
+            raise ValueError(f"pages_per_step must be 1 or 2, got {self.pages_per_step}")
+        if self.num_stages is not None and self.num_stages < 2:
+            raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+        if self.split_cols is not None and (self.split_cols % 64 or self.split_cols <= 0):
+            raise ValueError(f"split_cols must be a positive multiple of 64, got "
+                             f"{self.split_cols}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +314,7 @@ def _split_consumers(c: _Ctx, wg: Any) -> None:
             slot = lax.rem(t, c.stages)
             plgpu.barrier_wait(c.k_bar.at[slot])
             plgpu.barrier_wait(p_ready)
-            alpha = _load(alpha_smem, layout=_ROW, optimized=False)
+            alpha = load(alpha_smem, layout=_ROW, optimized=False)
             acc = _pv(c, _rescale(acc, alpha), c.p_smem, slot, 1)
             plgpu.barrier_arrive(p_free)
             plgpu.barrier_arrive(c.free_bar.at[slot])
@@ -279,7 +322,7 @@ def _split_consumers(c: _Ctx, wg: Any) -> None:
 
         acc = lax.fori_loop(0, c.cnt, step, acc)
         plgpu.barrier_wait(p_ready)
-        _store_out(c, 1, acc, _load(alpha_smem, layout=_ROW, optimized=False))
+        _store_out(c, 1, acc, load(alpha_smem, layout=_ROW, optimized=False))
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -305,8 +348,8 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
             slot = lax.rem(t, c.stages)
             plgpu.barrier_wait(c.k_bar.at[slot])
             plgpu.barrier_wait(theirs)
-            alpha = _load(alpha_smem, layout=_ROW, optimized=False)
-            m_i = _load(m_smem, layout=_ROW, optimized=False)
+            alpha = load(alpha_smem, layout=_ROW, optimized=False)
+            m_i = load(m_smem, layout=_ROW, optimized=False)
             acc = _pv(c, _rescale(acc, alpha), c.p_smem, slot, w)
             plgpu.barrier_arrive(c.free_bar.at[slot])
             return acc, m_i, l_i * alpha
@@ -346,7 +389,7 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
         c.stats.at[2 + w][...] = l_i
         plgpu.barrier_arrive(c.done)
         plgpu.barrier_wait(c.done)
-        l_i = l_i + _load(c.stats.at[3 - w], layout=_ROW, optimized=False)
+        l_i = l_i + load(c.stats.at[3 - w], layout=_ROW, optimized=False)
         if w == 0:
             _store_lse(c, m_i, l_i)
         _store_out(c, w, acc, _inverse(l_i))
@@ -357,17 +400,13 @@ def _seesaw_consumers(c: _Ctx, wg: Any) -> None:
 
 
 def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch, dk: int,
-            dc: int, cols: tuple, stages: int, steps_per_split: int, pages_per_step: int, n_hb: int,
-            n_splits: int, cluster: int, qk_scale: float, dtype: Any, schedule: str):
+            dc: int, cols: tuple, stages: int, steps_per_split: int, pages_per_step: int,
+            n_hb: int, n_splits: int, qk_scale: float, dtype: Any, schedule: str):
     union, p_smem, stats, lse_smem, q_bar, k_bar, free_bar, hand, done = scratch
     (q_smem, k_smem), o_smem = union
     wg = lax.axis_index("wg")
     item = lax.axis_index("x")
-    if cluster == 1:
-        hb, rest = item % n_hb, item // n_hb
-    else:  # the CTAs of a cluster are adjacent head blocks of one (sequence, split)
-        pairs = n_hb // cluster
-        hb, rest = (item % pairs) * cluster + lax.axis_index("cl"), item // pairs
+    hb, rest = item % n_hb, item // n_hb
     split, b = rest % n_splits, rest // n_splits
     h0 = hb * _HEADS
     length = len_ref[b]
@@ -398,20 +437,10 @@ def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, len_ref, o_ref, lse_ref, *scratch
                 page_id = jnp.where(j < n_pages, jnp.maximum(pt_ref[b, j], 0), 0)
                 dst = k_smem.at[slot, pl.ds(i * PAGE, PAGE)] if pages_per_step > 1 else \
                     k_smem.at[slot]
-                # cluster: each CTA copies half the page and multicasts it to both CTAs
-                plgpu.copy_gmem_to_smem(cache_ref.at[page_id], dst, k_bar.at[slot],
-                                        collective_axes="cl" if cluster > 1 else None)
+                plgpu.copy_gmem_to_smem(cache_ref.at[page_id], dst, k_bar.at[slot])
             return None
 
         lax.fori_loop(0, cnt, issue, None)
-        if cluster > 1:
-            # The peer CTA arrives on this CTA's slot-free barriers (and this CTA on the
-            # peer's): wait for the last arrivals before the CTA may exit.
-            def drain(t, _):
-                plgpu.barrier_wait(free_bar.at[lax.rem(t, stages)])
-                return None
-
-            lax.fori_loop(jnp.maximum(cnt - stages, 0), cnt, drain, None)
 
 
 def _smem_bytes(dk: int, dc: int, stages: int, step: int = PAGE) -> int:
@@ -421,15 +450,23 @@ def _smem_bytes(dk: int, dc: int, stages: int, step: int = PAGE) -> int:
     return max(ring, 4 * _HEADS * dc) + 2 * _HEADS * step + 5 * 4 * _HEADS + 1024
 
 
-def supports(q_latent: jax.Array, cache: jax.Array, num_stages: int = 2) -> bool:
-    """Whether :func:`mla_decode_mosaic` takes these inputs (16-bit cache, page 64, dims that
-    fit shared memory with a ring of ``num_stages`` pages, at least 2); used by
-    ``mla_decode(impl="auto")`` to fall back to Triton."""
-    if cache.dtype not in (jnp.bfloat16, jnp.float16) or cache.ndim != 3 or cache.shape[1] != PAGE:
-        return False
-    dc = _round_up(q_latent.shape[-1], 128)
-    dk = dc + _round_up(cache.shape[-1] - q_latent.shape[-1], 64)
-    return _smem_bytes(dk, dc, num_stages) <= _MAX_SMEM
+def unsupported(q_latent: jax.Array, cache: jax.Array,
+                config: MLADecodeMosaicConfig = MLADecodeMosaicConfig()) -> str | None:
+    """Why :func:`mla_decode_mosaic` cannot take these inputs, or None (16-bit cache, pages of
+    64 tokens, dims that fit shared memory with a ring of ``num_stages`` pages, at least 2).
+    Device checks are the caller's."""
+    if cache.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs a bf16/f16 cache, got {cache.dtype}"
+    if cache.ndim != 3 or cache.shape[1] != PAGE:
+        return f"needs pages of {PAGE} tokens [num_pages, {PAGE}, Dc + Dr], got {cache.shape}"
+    dc = round_up(q_latent.shape[-1], 128)
+    dk = dc + round_up(cache.shape[-1] - q_latent.shape[-1], 64)
+    stages = config.num_stages or 2
+    step = (config.pages_per_step or 1) * PAGE
+    if _smem_bytes(dk, dc, stages, step) > MAX_SMEM:
+        return (f"Dc={q_latent.shape[-1]}, Dr={cache.shape[-1] - q_latent.shape[-1]} with "
+                f"{stages} stages of {step} tokens exceed shared memory")
+    return None
 
 
 def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -> int:
@@ -439,16 +476,11 @@ def default_num_splits(batch: int, head_blocks: int, pages: int, num_sms: int) -
     return mla_triton.default_num_splits(batch, head_blocks, pages, num_sms, block_h=_HEADS)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "num_stages",
-                                             "schedule", "pages_per_step", "split_cols",
-                                             "multicast",
-                                             "no_auto_barriers", "interpret", "poison_output"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret",
+                                             "poison_output"))
 def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
                       page_table: jax.Array, lengths: jax.Array, *, sm_scale: float,
-                      num_splits: int | None = None, num_stages: int | None = None,
-                      schedule: str = "auto", pages_per_step: int | None = None,
-                      split_cols: int | None = None, multicast: bool = False,
-                      no_auto_barriers: bool | None = None,
+                      config: MLADecodeMosaicConfig = MLADecodeMosaicConfig(),
                       interpret: Any = False, poison_output: bool = False
                       ) -> tuple[jax.Array, jax.Array]:
     """Pallas Mosaic GPU `mla_decode`: (out_latent f32 [B, H, Dc], lse f32 [B, H]).
@@ -458,30 +490,7 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
             page_table: int32 [B, P] (slots past a sequence's pages are ignored);
             lengths: int32 [B], 0 <= lengths <= P * 64.
         sm_scale: softmax scale (DeepSeek: qk_head_dim^-0.5 * mscale^2).
-        num_splits: KV splits per sequence (default :func:`default_num_splits`).
-        num_stages: shared-memory ring depth (default: the most, up to 4, that fit; 2 pages
-            fit at Dc + Dr = 576, 4 at a TPLA shard's 320).
-        schedule: how the two consumer warpgroups share a 64-head tile: ``"split"`` (consumer
-            0 does every QK^T and softmax, both do PV on their column half), ``"seesaw"``
-            (they alternate QK^T and softmax by page, both do PV on every page; it needs a
-            deep ring: on the H100 4.5% faster with 4 stages at Dc=256, 2.6x slower with 2
-            at Dc=512) or ``"auto"`` (seesaw when the ring holds 4 pages, else split).
-        split_cols: output columns accumulated by consumer 0 (the rest by consumer 1), a
-            multiple of 64 (default 192 for the split schedule at Dc = 512, else Dc / 2). With
-            ``"split"`` consumer 0 also computes every QK^T and softmax, so giving it fewer PV
-            columns balances the two warpgroups.
-        pages_per_step: cache pages (64 tokens each) per pipeline step and ring slot: 2 halves
-            the per-step synchronisation (for narrow latents, where a page is little work).
-            Default: 2 for a TPLA g=2 shard (Dc = 256) with more than 64 heads, else 1.
-        multicast: run the head blocks of a sequence as clusters of 2 CTAs that each TMA-load
-            half of every page and multicast it to both (one L2 read per page instead of two).
-            Off by default: at 128 heads on the H100 it measured the same as without (75.6%
-            vs 75.7% of copy, mean of 3 runs; the kernel is not L2-bound), and it needs an
-            even number of 64-head blocks.
-        no_auto_barriers: Mosaic's ``unsafe_no_auto_barriers`` (the kernel orders its shared
-            memory accesses with mbarriers and ``commit_smem``); default True for the split
-            schedule at Dc = 512 and for two pages per step at Dc = 256 with more than 64 heads
-            (checked on the H100: check_mla_gpu.py), else False.
+        config: the tuning knobs (:class:`MLADecodeMosaicConfig`).
         interpret: API parity with the other kernels (the Mosaic GPU interpreter of JAX 0.10
             cannot run ``run_state``; numerics are checked on a GPU).
         poison_output: partial outputs start as NaN so unwritten elements show (checks only).
@@ -489,32 +498,30 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
         ValueError: unsupported dtype, page size or dims that do not fit shared memory.
     """
     b, h, dc, dr, page = check_mla_inputs(q_latent, q_pe, cache, page_table, lengths)
-    if page != PAGE:
-        raise ValueError(f"mla_decode_mosaic needs pages of {PAGE} tokens, got {page}")
-    if cache.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"mla_decode_mosaic needs a bf16/f16 cache, got {cache.dtype}")
-    if schedule not in ("auto", "split", "seesaw"):
-        raise ValueError(f"schedule must be 'auto', 'split' or 'seesaw', got {schedule!r}")
+    reason = unsupported(q_latent, cache, config)
+    if reason is not None:
+        raise ValueError(f"mla_decode_mosaic: {reason}")
+    num_splits, num_stages, schedule = config.num_splits, config.num_stages, config.schedule
+    pages_per_step, split_cols = config.pages_per_step, config.split_cols
+    no_auto_barriers = config.no_auto_barriers
     # One step = one page: the PV wgmma's K dimension (tokens) must be a multiple of 64 with
     # the 128-byte swizzle the 576-wide ring needs, so half-page steps are not possible.
-    dc_p, dr_p = _round_up(dc, 128), _round_up(dr, 64)
+    dc_p, dr_p = round_up(dc, 128), round_up(dr, 64)
     dk = dc_p + dr_p
     tpla_shard = dc_p == 256 and h > _HEADS  # a TPLA g=2 shard of DeepSeek-V3 (128 heads)
     if pages_per_step is None:
         # A TPLA g=2 shard (Dc = 256) with more than one 64-head block is compute-bound: two
         # pages per step (half the hand-overs) without automatic barriers take 5.3-5.6% fewer
-        # cycles than seesaw at 128 heads on the H100 (Nsight Compute, ninth session); at
+        # cycles than seesaw at 128 heads on the H100 (Nsight Compute); at
         # 16-64 heads all forms read 92-96% of copy.
-        fits = num_stages is None or _smem_bytes(dk, dc_p, num_stages, 2 * PAGE) <= _MAX_SMEM
+        fits = num_stages is None or _smem_bytes(dk, dc_p, num_stages, 2 * PAGE) <= MAX_SMEM
         pages_per_step = 2 if tpla_shard and schedule != "seesaw" and fits else 1
-    if pages_per_step not in (1, 2):
-        raise ValueError(f"pages_per_step must be 1 or 2, got {pages_per_step}")
     step = pages_per_step * PAGE
     if num_stages is None:
-        num_stages = max([2] + [n for n in (3, 4) if _smem_bytes(dk, dc_p, n, step) <= _MAX_SMEM])
+        num_stages = max([2] + [n for n in (3, 4) if _smem_bytes(dk, dc_p, n, step) <= MAX_SMEM])
     if schedule == "auto":
         schedule = "seesaw" if num_stages * pages_per_step >= 4 and pages_per_step == 1 else "split"
-    if _smem_bytes(dk, dc_p, num_stages, step) > _MAX_SMEM:
+    if _smem_bytes(dk, dc_p, num_stages, step) > MAX_SMEM:
         raise ValueError(f"mla_decode_mosaic: Dc={dc}, Dr={dr}, num_stages={num_stages}, "
                          f"pages_per_step={pages_per_step} exceed shared memory")
     dtype = cache.dtype
@@ -522,17 +529,14 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
         cache = jnp.concatenate([
             jnp.pad(cache[..., :dc], ((0, 0), (0, 0), (0, dc_p - dc))),
             jnp.pad(cache[..., dc:], ((0, 0), (0, 0), (0, dr_p - dr)))], axis=-1)
-    h_pad = _round_up(h, _HEADS)
+    h_pad = round_up(h, _HEADS)
     # (no copies when the dtype, head count and dims already fit: DeepSeek's 128 heads)
     q_lat = jnp.pad(q_latent.astype(dtype), ((0, 0), (0, h_pad - h), (0, dc_p - dc)))
     q_pe = jnp.pad(q_pe.astype(dtype), ((0, 0), (0, h_pad - h), (0, dr_p - dr)))
     n_hb = h_pad // _HEADS
-    if multicast and n_hb % 2:
-        raise ValueError(f"multicast pairs head blocks of 64: {h} heads give {n_hb} blocks")
-    cluster = 2 if multicast else 1
     p_max = page_table.shape[1]
     if num_splits is None:
-        num_splits = default_num_splits(b, n_hb, p_max, _num_sms())
+        num_splits = default_num_splits(b, n_hb, p_max, num_sms())
     steps = -(-p_max // pages_per_step)
     sps = -(-steps // num_splits)  # steps per split
     # The last split may start past the table: pad it so every pt_ref read is in bounds.
@@ -548,36 +552,33 @@ def mla_decode_mosaic(q_latent: jax.Array, q_pe: jax.Array, cache: jax.Array,
         split_cols = 192 if tuned_512 else dc_p // 2
     if no_auto_barriers is None:
         no_auto_barriers = tuned_512 or tuned_256
-    if split_cols % 64 or not 0 < split_cols < dc_p:
+    if not split_cols < dc_p:
         raise ValueError(f"split_cols must be a multiple of 64 in (0, {dc_p}), got {split_cols}")
     cols = (_column_chunks(0, split_cols), _column_chunks(split_cols, dc_p))
     scratch = [
-        plgpu.RefUnion(((_smem((_HEADS, dc_p), dtype), _smem((_HEADS, dr_p), dtype)),
-                        _smem((num_stages, step, dk), dtype)),
+        plgpu.RefUnion(((smem((_HEADS, dc_p), dtype), smem((_HEADS, dr_p), dtype)),
+                        smem((num_stages, step, dk), dtype)),
                        tuple(tuple(plgpu.SMEM((_HEADS, width), jnp.float32) for _, width in chunks)
                              for chunks in cols)),  # Q + ring | out column chunks
-        _smem((_HEADS, step), dtype),  # P handed between the consumers
+        smem((_HEADS, step), dtype),  # P handed between the consumers
         plgpu.SMEM((4, _HEADS), jnp.float32),  # alpha, m, l of each consumer
         plgpu.SMEM((_HEADS,), jnp.float32),  # lse
         plgpu.Barrier(num_barriers=2),  # Q loaded (latent, rope)
         plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=num_stages),  # slot loaded
-        # slot free: both consumers (of both CTAs of a cluster: a multicast writes both)
-        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages) if cluster == 1 else
-        plgpu.ClusterBarrier(collective_axes=("cl",), num_arrivals=2, num_barriers=num_stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # slot free: both consumers
         plgpu.Barrier(num_barriers=2),  # hand-overs between the consumers (per schedule)
         plgpu.Barrier(num_arrivals=2),  # both consumers done with Q and the ring
     ]
     kernel = functools.partial(
         _kernel, dk=dk, dc=dc_p, cols=cols, stages=num_stages, steps_per_split=sps,
-        pages_per_step=pages_per_step, n_hb=n_hb, n_splits=num_splits, cluster=cluster, qk_scale=float(sm_scale) * _LOG2E, dtype=dtype, schedule=schedule)
+        pages_per_step=pages_per_step, n_hb=n_hb, n_splits=num_splits,
+        qk_scale=float(sm_scale) * _LOG2E, dtype=dtype, schedule=schedule)
     out_type = (jax.ShapeDtypeStruct((b, num_splits, h_pad, dc_p), jnp.float32),
                 jax.ShapeDtypeStruct((b, num_splits, h_pad), jnp.float32))
     params = plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                   unsafe_no_auto_barriers=no_auto_barriers)
-    grid = dict(grid=(b * num_splits * n_hb // cluster,), grid_names=("x",), num_threads=3,
+    grid = dict(grid=(b * num_splits * n_hb,), grid_names=("x",), num_threads=3,
                 thread_name="wg")
-    if cluster > 1:
-        grid.update(cluster=(cluster,), cluster_names=("cl",))
     extra = {} if interpret is False or interpret is None else {"interpret": interpret}
     args = (q_lat, q_pe, cache, pt, lengths.astype(jnp.int32))
     if not poison_output:

@@ -102,7 +102,7 @@ def _kernel(ql_ref, qp_ref, cache_ref, pt_ref, meta_ref, o_ref, lse_ref, *, page
 def default_block_h(h: int) -> int:
     """Query heads per program: small H takes all heads (padded to 16, the MMA minimum); large H
     takes 64, the M of one Hopper MMA tile: at H=128 on the H100 64 ran 1.66x faster than 32
-    (benchmarks/results/mla_largeh_h100_2026-11-23_run2_bench.log). 128 does not fit: Triton
+    (benchmarks/results/2026-11-23/h100_bench_mla_decode_largeh_run2.log). 128 does not fit: Triton
     keeps the [128, 576] query block and the KV stages in shared memory (> 227 KB)."""
     if h <= 32:
         return min(max(16, _pow2(h)), 32) if h > 16 else 16

@@ -147,10 +147,10 @@ def _kernel(meta_ref, q_ref, k_ref, part_ref, mt_ref, lse_ref, *,
 
 # (block_m, block_n, block_d, num_warps, num_stages) per input dtype, from H100 sweeps.
 DEFAULT_TILINGS = {
-    # scripts/tune_pooled_scores_gpu.py, 2026-11-23: at 128K tokens XAttention's GEMM ran at
+    # scripts/benchmarks/tune_pooled_scores_gpu.py, 2026-11-23: at 128K tokens XAttention's GEMM ran at
     # 515 (stride 16) and 486 (stride 8) TFLOP/s; the earlier 128 x 64 x 128 / 4 warps at 136.
     "16-bit": (64, 512, 64, 8, 3),
-    # scripts/bench_f32_estimation.py --tilings, 2026-11-24: the 16-bit tiling needs 288 KiB of
+    # scripts/benchmarks/bench_f32_estimation.py --tilings, 2026-11-24: the 16-bit tiling needs 288 KiB of
     # shared memory in float32 (560 KiB with three-TF32 dots) and does not compile; this one ran
     # 16K x stride 8 in 3.07 ms (XLA's estimator: 2.45 ms with the whole score matrix in HBM).
     "float32": (64, 128, 64, 4, 3),

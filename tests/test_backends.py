@@ -1,0 +1,148 @@
+"""One resolver per op: which implementation runs a call, and why (device, dtype, head dims,
+layout features, gradients). Device facts are monkeypatched, so every branch runs on a CPU."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprefill.attention import dispatch
+from pallas_kernels import BlockSparseLayout, backends, block_sparse_backend, mla_decode_backend
+from pallas_kernels import estimation
+from pallas_kernels.gpu import mosaic_common
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """device(platform, hopper=False): pretend the default device is that one."""
+    def set_device(platform: str, hopper: bool = False) -> None:
+        monkeypatch.setattr(backends, "platform", lambda: platform)
+        monkeypatch.setattr(mosaic_common, "is_hopper", lambda: hopper)
+    return set_device
+
+
+def _qkv(s=256, d=128, dv=None, dtype=jnp.bfloat16, hq=4, hkv=2):
+    # Shapes and dtypes only: resolvers never read values.
+    return (jnp.zeros((1, s, hq, d), dtype), jnp.zeros((1, s, hkv, d), dtype),
+            jnp.zeros((1, s, hkv, dv or d), dtype))
+
+
+def _layout(s=256, block=128, columns=False):
+    lay = BlockSparseLayout.dense(1, 2, s, s, block, block)
+    if columns:
+        lay = dataclasses.replace(lay, col_idx=jnp.zeros(lay.kv_cnt.shape + (1,), jnp.int32),
+                                  col_cnt=jnp.ones_like(lay.kv_cnt))
+    return lay
+
+
+def test_block_sparse_auto_takes_the_first_backend_that_runs_the_call(device):
+    q, k, v = _qkv()
+    device("gpu", hopper=True)
+    assert block_sparse_backend(q, k, v, _layout()) == "mosaic_gpu"
+    assert block_sparse_backend(q, k, v, _layout(columns=True)) == "triton"  # no column path
+    assert block_sparse_backend(q, k, v, _layout(), blasst_threshold=1e-4) == "triton"
+    assert block_sparse_backend(q, k, v, _layout(block=64)) == "triton"  # block_q % 128
+    q32, k32, v32 = _qkv(dtype=jnp.float32)
+    assert block_sparse_backend(q32, k32, v32, _layout()) == "triton"  # three TF32 products
+    q32, k32, v32 = _qkv(d=192, dv=128, dtype=jnp.float32)
+    assert block_sparse_backend(q32, k32, v32, _layout()) == "xla"  # float32 tiles too big
+    device("gpu", hopper=False)
+    assert block_sparse_backend(q, k, v, _layout()) == "triton"
+    device("tpu")
+    assert block_sparse_backend(q, k, v, _layout()) == "mosaic_tpu"
+    device("cpu")
+    assert block_sparse_backend(q, k, v, _layout()) == "xla"
+
+
+def test_a_named_backend_that_cannot_run_the_call_raises_with_its_reason(device):
+    q, k, v = _qkv()
+    device("gpu", hopper=True)
+    with pytest.raises(ValueError, match="column path"):
+        block_sparse_backend(q, k, v, _layout(columns=True), impl="mosaic_gpu")
+    with pytest.raises(ValueError, match="BLASST"):
+        block_sparse_backend(q, k, v, _layout(), impl="mosaic_gpu", blasst_threshold=0.1)
+    device("cpu")
+    with pytest.raises(ValueError, match="runs on gpu, not cpu"):
+        block_sparse_backend(q, k, v, _layout(), impl="triton")
+    assert block_sparse_backend(q, k, v, _layout(), impl="triton", interpret=True) == "triton"
+    assert block_sparse_backend(q, k, v, _layout(), impl="reference") == "reference"
+    with pytest.raises(ValueError, match="unknown impl 'pallas_gpu'"):
+        block_sparse_backend(q, k, v, _layout(), impl="pallas_gpu")
+
+
+def test_estimation_backends_follow_the_kernel_shapes(device):
+    device("gpu", hopper=True)
+    assert estimation.estimation_backend("last_query_sums", rows=64) == "triton"
+    assert estimation.estimation_backend("last_query_sums", rows=100) == "xla"  # not 2^k
+    assert estimation.estimation_backend("pooled_block_scores", cell=8) == "triton"
+    assert estimation.estimation_backend("pooled_block_scores", cell=None) == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=1 << 20) == "xla"
+    # a named kernel runs the ops whose shapes it takes; the others run on XLA, unless strict
+    assert estimation.estimation_backend("last_query_sums", rows=100, impl="triton") == "xla"
+    with pytest.raises(ValueError, match="power of two"):
+        estimation.estimation_backend("last_query_sums", rows=100, impl="triton", strict=True)
+    device("tpu")  # the TPU kernels are opt-in
+    assert estimation.estimation_backend("mass_cut", columns=64) == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=64, impl="mosaic_tpu") == "mosaic_tpu"
+    device("cpu")
+    assert estimation.estimation_backend("mass_cut", columns=64) == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=64, impl="triton",
+                                         interpret=True) == "triton"
+    with pytest.raises(ValueError, match="reference"):
+        estimation.estimation_backend("pooled_block_scores", cell=8, impl="reference",
+                                      strict=True)
+    with pytest.raises(ValueError, match="runs on gpu, not cpu"):  # the device is never skipped
+        estimation.estimation_backend("mass_cut", columns=64, impl="triton")
+
+
+def test_mla_decode_backends(device):
+    q_lat = jnp.zeros((2, 128, 512), jnp.bfloat16)
+    cache = jnp.zeros((4, 64, 576), jnp.bfloat16)
+    device("gpu", hopper=True)
+    assert mla_decode_backend(q_lat, cache) == "mosaic_gpu"
+    # float32 caches: the reference (the Triton tiles overflow at 128 heads; XLA was faster at 16)
+    assert mla_decode_backend(q_lat.astype(jnp.float32), cache.astype(jnp.float32)) == "reference"
+    assert mla_decode_backend(q_lat, cache[:, :32]) == "triton"  # pages of 32 tokens
+    device("gpu", hopper=False)
+    assert mla_decode_backend(q_lat, cache) == "triton"
+    device("tpu")
+    assert mla_decode_backend(q_lat, cache) == "mosaic_tpu"
+    device("cpu")
+    assert mla_decode_backend(q_lat, cache) == "reference"
+
+
+@pytest.mark.parametrize("hopper", [True, False])
+def test_attention_backends_on_gpus(device, hopper):
+    device("gpu", hopper=hopper)
+    bf16 = lambda s, d: jnp.zeros((1, s, 4, d), jnp.bfloat16)  # noqa: E731
+    f32 = lambda s, d: jnp.zeros((1, s, 4, d), jnp.float32)  # noqa: E731
+    pick = dispatch.attention_backend
+    assert pick(bf16(256, 128), 128, simple=True) == "cudnn"
+    assert pick(bf16(256, 192), 128, simple=True) == "block_sparse"  # MLA prefill: 192 / 128
+    assert pick(bf16(256, 128), 128, simple=False) == "block_sparse"  # chunk / packed row
+    assert pick(bf16(1, 128), 128, simple=False) == "xla"  # decode
+    assert pick(bf16(16, 192), 128, simple=True) == "xla"  # too few queries
+    assert pick(bf16(256, 128), 128, simple=False, differentiable=True) == "cudnn"  # training
+    assert pick(bf16(256, 128), 128, simple=False, window=64) == "xla"
+    # float32: the block-sparse kernel (three TF32 products, O(S) memory) on Hopper only
+    expect = "block_sparse" if hopper else "xla"
+    assert pick(f32(256, 64), 64, simple=True) == expect
+    assert pick(f32(256, 128), 128, simple=False) == expect
+    assert pick(f32(256, 192), 128, simple=True) == "xla"
+    assert pick(f32(32, 64), 64, simple=True) == "xla"
+    with pytest.raises(ValueError, match="no backward pass"):
+        pick(bf16(256, 128), 128, simple=False, impl="block_sparse", differentiable=True)
+
+
+def test_attention_backends_off_gpus(device):
+    device("cpu")
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    assert dispatch.attention_backend(q, 64, simple=True) == "xla"
+    assert dispatch.attention_backend(q, 64, simple=False) == "xla"
+    assert dispatch.attention_backend(q, 64, simple=False, impl="block_sparse") == "block_sparse"
+    with pytest.raises(ValueError, match="runs on gpu"):
+        dispatch.attention_backend(q, 64, simple=True, impl="cudnn")
+    assert np.all(backends.explain(dispatch.BACKENDS_SIMPLE,
+                                   dispatch.AttentionCall(q, 64, True, None, False))["xla"]
+                  == "runs")
