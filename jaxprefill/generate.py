@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from jaxprefill.decoding import (BUCKET, Sampling, decode_step, encode_prompt, prefill_step,
                                  round_up, sparse_graphdef)
 from jaxprefill.models import KVCache, Llama
+from jaxprefill.validate import check_prompts, check_sampling
 
 
 class PromptTooLongError(ValueError):
@@ -69,12 +70,14 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
     """Generate a completion for each prompt (one batch).
 
     Args:
-      prompts: strings, chat message lists (`[{"role": ..., "content": ...}]`), or token id lists.
+      prompts: a non-empty list of strings, chat message lists (`[{"role": ..., "content": ...}]`)
+        or token id lists (ints in [0, vocab_size)); a bare string is a TypeError.
       chat: render string prompts through the tokenizer's chat template as a user turn.
       temperature: 0 = greedy; otherwise sample from softmax(logits / temperature) after top-k
         (0 = off) and nucleus top-p filtering, with a PRNG seeded by `seed` (per row, so a prompt
         samples the same tokens whatever batch it is in).
-      stop: strings that end a completion (excluded from the text).
+      max_new_tokens: >= 1.
+      stop: a list of strings that end a completion (excluded from the text).
       eos_token_ids: default: the tokenizer's, else the config's.
       sparse: sparse prefill: a policy name ("flexprefill"), a YAML path, a dict, a
         `jaxprefill.sparse.Policy` or `SparseConfig` (see jaxprefill.sparse). Decode stays dense.
@@ -82,10 +85,15 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
       Generations (a list of GenerationResult, with `.stats`).
     Raises:
       PromptTooLongError if a prompt plus max_new_tokens exceeds the model's context.
+      jaxprefill.validate.InputError (a ValueError; InputTypeError is also a TypeError) naming
+      the argument: temperature < 0, top_p outside (0, 1], top_k < 0, max_new_tokens < 1, a
+      non-integer seed, stop not a list of strings, a token id outside [0, vocab_size), an empty
+      prompt list or prompt.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = model.config
+    prompts = check_prompts(prompts, cfg.vocab_size)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, seed=seed, stop=stop)
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     for i, row in enumerate(ids):
         if not row:

@@ -112,3 +112,25 @@ def test_engine_rejects_bad_requests(smol):
     engine.run([Request(id="ok", prompt="Hi"), Request(id="big", prompt=list(range(1, 200)))],
                out.append, on_error=lambda r, e: errors.append((r.id, str(e))))
     assert [r.id for r in out] == ["ok"] and errors[0][0] == "big"
+
+
+def test_an_interrupted_run_gives_its_pages_back(smol):
+    """An exception in the middle of a run (here from on_result; SIGTERM in a job is the same)
+    frees the pages of the requests in flight, so the engine can be used again."""
+    model, tokenizer = smol
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=3, prefill_tokens=64, page_size=16,
+                                                   num_pages=16, bucket=256, max_new_tokens=3,
+                                                   chat=False))
+    full = engine.allocator.num_free
+
+    def stop(result):
+        raise KeyboardInterrupt
+
+    prompts = token_prompts(tokenizer, [9, 20, 33])
+    reqs = [Request(id=str(i), prompt=p) for i, p in enumerate(prompts)]
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(reqs, stop)
+    assert engine.allocator.num_free == full
+    out = []
+    engine.run(reqs, out.append)  # usable again
+    assert sorted(r.id for r in out) == ["0", "1", "2"]

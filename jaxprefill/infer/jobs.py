@@ -36,9 +36,9 @@ from jaxprefill.infer.engine import Request, Result
 from jaxprefill.infer.job_files import (BadLine, ErrorLog, JobError, atomic_write, iter_lines,
                                         json_line, repair_output, result_id, warn_stderr)
 from jaxprefill.infer.job_lock import OutputLock, lock_path
+from jaxprefill.validate import InputError, check_id, check_sampling
 
-SAMPLING_FIELDS = {"max_new_tokens": int, "temperature": (int, float), "top_p": (int, float),
-                   "top_k": int, "seed": int}
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 KNOWN_FIELDS = {"id", "prompt", "messages", "stop", *SAMPLING_FIELDS}
 RESUME_HINT = "rerun the same command to resume"
 
@@ -108,8 +108,8 @@ def parse_line(line: str, lineno: int) -> Request:
         raise ValueError(f"line {lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"line {lineno}: expected a JSON object")
-    if "id" not in obj or not isinstance(obj["id"], (str, int)):
-        raise ValueError(f"line {lineno}: missing or non-scalar 'id'")
+    if "id" not in obj:
+        raise ValueError(f"line {lineno}: missing 'id'")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
     if unknown:
         raise ValueError(f"line {lineno}: unknown field(s) {unknown}")
@@ -122,14 +122,13 @@ def parse_line(line: str, lineno: int) -> Request:
             isinstance(m, dict) and "role" in m and "content" in m for m in obj["messages"])):
         raise ValueError(f"line {lineno}: 'messages' must be a non-empty list of "
                          f"{{'role', 'content'}} objects")
-    for name, types in SAMPLING_FIELDS.items():
-        if name in obj and (not isinstance(obj[name], types) or isinstance(obj[name], bool)):
-            raise ValueError(f"line {lineno}: '{name}' has the wrong type")
     stop = obj.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            raise ValueError(f"line {lineno}: 'stop' must be a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    try:  # the same checks (field, allowed range) as jp.generate and the engine
+        check_id(obj["id"], "'id'")
+        check_sampling(stop=stop, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj})
+    except InputError as e:
+        raise ValueError(f"line {lineno}: {e}") from None
     return Request(id=str(obj["id"]), prompt=obj["prompt"] if has_prompt else obj["messages"],
                    stop=stop, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj})
 

@@ -25,6 +25,9 @@ from typing import Any, NamedTuple
 import gguf
 import numpy as np
 
+from jaxprefill.config import ConfigError
+from jaxprefill.loading.weights import WeightError
+
 __all__ = [
     "GGUFContents", "GGUFFile", "SUPPORTED_ARCHITECTURES", "bundled_gguf_path", "field_value", "open_gguf", "read_gguf",
 ]  # fmt: skip
@@ -99,6 +102,8 @@ class GGUFTensor(NamedTuple):
 # GGUF metadata value types (gguf.GGUFValueType) -> struct format; 8 = string, 9 = array.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+# A sane upper bound on tensor rank; anything larger means the header is damaged (ggml uses 4).
+_MAX_DIMS = 8
 # Element dtype of unquantized tensors; everything else is handed to dequantize as raw uint8 rows.
 _PLAIN = {
     gguf.GGMLQuantizationType.F32: np.float32,
@@ -113,6 +118,9 @@ class GGUFFile:
     `gguf.GGUFReader` wraps every metadata string in a numpy memmap view, which takes ~3 s for a
     49k-token vocabulary; plain `struct` parsing takes ~0.1 s. Tensor bytes are not read until used.
 
+    Every read is bounds-checked: a truncated or damaged file raises WeightError with the path, the
+    size the header implies and the actual size (never a bare `struct.error`).
+
     Attributes:
         fields: metadata key -> Python value (str, int, float, bool, or list of those).
         tensors: tensor headers in file order, each with a zero-copy view of its bytes.
@@ -120,18 +128,22 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
+        self._size = os.path.getsize(path)
+        if self._size < 4:
+            raise WeightError(f"{self.path!r} is not a GGUF file: it has {self._size} bytes, "
+                              f"fewer than the 24-byte GGUF header")
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf, self._pos = self._map, 0
         if buf[:4] != b"GGUF":
-            raise ValueError(f"{self.path!r} is not a GGUF file (magic {bytes(buf[:4])!r})")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            raise WeightError(f"{self.path!r} is not a GGUF file (magic {bytes(buf[:4])!r})")
+        self._pos = 4
+        version, n_tensors, n_kv = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
         if version not in (2, 3):
-            raise ValueError(
+            raise WeightError(
                 f"{self.path!r}: GGUF version {version} is not supported (2 and 3 are; big-endian files "
                 "and v1 files need re-converting with a current llama.cpp)"
             )
-        self._pos = 24
         self.fields: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
@@ -140,20 +152,45 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = self._string()
             n_dims = self._unpack("<I")
-            shape = struct.unpack_from(f"<{n_dims}Q", buf, self._pos)
-            self._pos += 8 * n_dims
+            if n_dims > _MAX_DIMS:
+                raise self._damaged(f"tensor {name!r} has {n_dims} dimensions")
+            shape = tuple(self._unpack("<Q") for _ in range(n_dims))
             infos.append((name, shape, self._unpack("<I"), self._unpack("<Q")))
         alignment = int(self.fields.get("general.alignment", 32))
         start = -(-self._pos // alignment) * alignment
-        self.tensors = [self._tensor(name, shape, kind, start + off) for name, shape, kind, off in infos]
+        layouts = [(name, *self._layout(name, shape, kind), start + off) for name, shape, kind, off in infos]
+        needed = max((offset + nbytes for *_, nbytes, offset in layouts), default=self._pos)
+        if needed > self._size:
+            raise WeightError(
+                f"GGUF file {self.path!r} is truncated: its tensor table needs {needed} bytes, the file "
+                f"has {self._size} ({needed - self._size} missing; an interrupted download or copy?)"
+            )
+        self.tensors = [
+            self._tensor(name, qtype, shape, data_shape, dtype, offset)
+            for name, qtype, shape, data_shape, dtype, nbytes, offset in layouts
+        ]
+
+    def _damaged(self, what: str) -> WeightError:
+        return WeightError(f"GGUF file {self.path!r} is damaged: {what} (at byte {self._pos} of {self._size})")
+
+    def _need(self, n: int) -> None:
+        """Bounds check before reading n bytes of the header at the current position."""
+        if self._pos + n > self._size:
+            raise WeightError(
+                f"GGUF file {self.path!r} is truncated or damaged: its header runs past the end of the "
+                f"file (needs at least {self._pos + n} bytes, the file has {self._size})"
+            )
 
     def _unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        self._need(size)
         (value,) = struct.unpack_from(fmt, self._map, self._pos)
-        self._pos += struct.calcsize(fmt)
+        self._pos += size
         return value
 
     def _string(self) -> str:
         n = self._unpack("<Q")
+        self._need(n)
         self._pos += n
         return self._map[self._pos - n : self._pos].decode("utf-8", errors="replace")
 
@@ -163,26 +200,41 @@ class GGUFFile:
         if kind == 8:
             return self._string()
         if kind != 9:
-            raise ValueError(f"{self.path!r}: unknown GGUF metadata value type {kind}")
+            raise self._damaged(f"unknown metadata value type {kind}")
         item_kind, n = self._unpack("<I"), self._unpack("<Q")
         if item_kind in _NUMPY:  # numeric arrays (token types, scores) in one read
+            self._need(n * np.dtype(_NUMPY[item_kind]).itemsize)
             values = np.frombuffer(self._map, dtype=_NUMPY[item_kind], count=n, offset=self._pos)
             self._pos += values.nbytes
             return values.tolist()
         return [self._value(item_kind) for _ in range(n)]
 
-    def _tensor(self, name: str, shape: tuple[int, ...], kind: int, offset: int) -> GGUFTensor:
-        qtype = gguf.GGMLQuantizationType(kind)
+    def _layout(self, name: str, shape: tuple[int, ...], kind: int) -> tuple:
+        """(qtype, shape, numpy shape of the stored data, its dtype, its size in bytes)."""
+        try:
+            qtype = gguf.GGMLQuantizationType(kind)
+        except ValueError:
+            raise WeightError(
+                f"GGUF file {self.path!r}: tensor {name!r} has unknown type {kind} (a damaged file, or "
+                "a type newer than the installed gguf package)"
+            ) from None
         np_shape = tuple(reversed(shape))
-        count = math.prod(shape)
         if qtype in _PLAIN:
-            data = np.frombuffer(self._map, dtype=_PLAIN[qtype], count=count, offset=offset).reshape(np_shape)
+            dtype, data_shape = np.dtype(_PLAIN[qtype]), np_shape
         else:
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            byte_shape = (*np_shape[:-1], np_shape[-1] // block * type_size)
-            data = np.frombuffer(self._map, dtype=np.uint8, count=math.prod(byte_shape), offset=offset)
-            data = data.reshape(byte_shape)
-        return GGUFTensor(name, qtype, tuple(int(d) for d in shape), data)
+            if not np_shape or np_shape[-1] % block:
+                raise WeightError(
+                    f"GGUF file {self.path!r}: tensor {name!r} of type {qtype.name} has shape {shape}, "
+                    f"whose first dimension is not a multiple of the block size {block} (damaged file)"
+                )
+            dtype, data_shape = np.dtype(np.uint8), (*np_shape[:-1], np_shape[-1] // block * type_size)
+        return qtype, tuple(int(d) for d in shape), data_shape, dtype, math.prod(data_shape) * dtype.itemsize
+
+    def _tensor(self, name: str, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...],
+                data_shape: tuple[int, ...], dtype: np.dtype, offset: int) -> GGUFTensor:
+        data = np.frombuffer(self._map, dtype=dtype, count=math.prod(data_shape), offset=offset)
+        return GGUFTensor(name, qtype, shape, data.reshape(data_shape))
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -210,12 +262,13 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFCont
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: unsupported `general.architecture`, or tensors this reader cannot map.
+        WeightError (a ValueError): not a GGUF file, or a truncated or damaged one.
+        ConfigError (a ValueError): unsupported `general.architecture`, or tensors this reader cannot map.
     """
     reader = open_gguf(path)
     arch = field_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"GGUF file {str(path)!r} has general.architecture={arch!r}, which jaxprefill cannot load; "
             f"supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}."
         )
@@ -243,12 +296,12 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFCont
 
 
 def _hf_name(gguf_name: str, path: str | os.PathLike) -> str:
-    """HF parameter name for a GGUF tensor name; ValueError for tensors this reader does not know."""
+    """HF parameter name for a GGUF tensor name; ConfigError for tensors this reader does not know."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_RE.match(gguf_name)
     if match is None or match.group(2) not in _LAYER_NAMES:
-        raise ValueError(
+        raise ConfigError(
             f"GGUF file {str(path)!r} has tensor {gguf_name!r}, which has no Hugging Face counterpart in "
             "jaxprefill's dense Llama/Qwen models (MoE or other variants are not supported)."
         )
@@ -351,7 +404,7 @@ def _rope_scaling(reader: GGUFFile, arch: str, tensors: dict[str, GGUFTensor]) -
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
     if kind not in (None, "none"):
-        raise ValueError(f"GGUF {arch}.rope.scaling.type={kind!r} is not supported (supported: linear, yarn)")
+        raise ConfigError(f"GGUF {arch}.rope.scaling.type={kind!r} is not supported (supported: linear, yarn)")
     if _ROPE_FREQS in tensors:
         head_dim = int(tensors[_ROPE_FREQS].shape[0]) * 2
         theta = float(field_value(reader, f"{arch}.rope.freq_base", 10000.0))
@@ -377,7 +430,7 @@ def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int) -> dict[str,
             if np.allclose(_llama3_rope_factors(theta, head_dim, factor, low, high, original), freqs, rtol=1e-4):
                 keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                 return {"rope_type": "llama3", **dict(zip(keys, (factor, low, high, original)))}
-    raise ValueError("GGUF rope_freqs.weight does not match any Llama-3 rope scaling this reader recognizes")
+    raise ConfigError("GGUF rope_freqs.weight does not match any Llama-3 rope scaling this reader recognizes")
 
 
 def bundled_gguf_path(name: str = "smollm2-135m-instruct") -> pathlib.Path:

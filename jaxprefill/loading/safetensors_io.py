@@ -3,17 +3,23 @@
 We parse the format ourselves (8-byte header length, JSON header, raw little-endian data) so
 that bf16/fp8 tensors come back as numpy views via `ml_dtypes` and nothing is read until a slice
 of it is asked for. `safetensors.numpy` cannot represent bf16.
+
+Opening a checkpoint checks each file's header against its size, so a truncated or damaged file
+is a WeightError naming the file and the expected and actual sizes, not a failed memmap later.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from jaxprefill.loading.weights import WeightError
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -30,8 +36,13 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise WeightError(f"{index} is damaged: expected a JSON object with a "
+                                  f"'weight_map' of tensor name -> file name "
+                                  f"({type(e).__name__}: {e})") from None
         else:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
@@ -59,7 +70,8 @@ class SafetensorsCheckpoint:
         path, info, data_start = self._entries[name]
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
-            raise ValueError(f"tensor {name!r} in {path.name} has unsupported dtype {info['dtype']}")
+            raise WeightError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}; "
+                              f"supported: {sorted(DTYPES)}")
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end == begin:
@@ -68,15 +80,50 @@ class SafetensorsCheckpoint:
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
+    """(header, byte offset of the data section); WeightError if the file cannot hold them."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
+            raise WeightError(f"{path} is not a safetensors file (too short: {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
+            raise WeightError(f"{path} is not a safetensors file (header length {n})")
+        if 8 + n > size:
+            raise WeightError(f"{path} is truncated: its header needs {8 + n} bytes, the file has "
+                              f"{size}")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightError(f"{path} has a corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise WeightError(f"{path} has a corrupt safetensors header: expected a JSON object")
+    data_bytes = 0
+    for key, info in header.items():
+        if key != "__metadata__":
+            data_bytes = max(data_bytes, _entry_end(path, key, info))
+    if 8 + n + data_bytes > size:
+        expected = 8 + n + data_bytes
+        raise WeightError(f"{path} is truncated: its header describes {expected} bytes, the "
+                          f"file has {size} ({expected - size} missing; an interrupted download "
+                          f"or copy?)")
     return header, 8 + n
+
+
+def _entry_end(path: Path, key: str, info) -> int:
+    """End offset (in the data section) of one header entry, after checking the entry is whole."""
+    try:
+        begin, end = (int(x) for x in info["data_offsets"])
+        shape = [int(d) for d in info["shape"]]
+        dtype = info["dtype"]
+    except (KeyError, TypeError, ValueError):
+        raise WeightError(f"{path} has a corrupt safetensors header: entry {key!r} needs "
+                          f"'dtype', 'shape' and two 'data_offsets', got {info!r}") from None
+    if dtype in DTYPES and end - begin != math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize:
+        raise WeightError(f"{path} has a corrupt safetensors header: tensor {key!r} ({dtype} "
+                          f"{shape}) spans {end - begin} bytes, expected "
+                          f"{math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize}")
+    if not 0 <= begin <= end:
+        raise WeightError(f"{path} has a corrupt safetensors header: tensor {key!r} has data "
+                          f"offsets {[begin, end]}")
+    return end
