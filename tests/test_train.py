@@ -148,8 +148,8 @@ def test_bad_config_keys_are_named(corpus, tmp_path):
         Trainer(tiny_cfg(corpus, tmp_path, "model.overrides={hidden_sise: 64}"))
     assert tiny_cfg(corpus, tmp_path, "optim.lr=3e-4").optim.lr == 3e-4  # YAML's "3e-4" string
 
-    from jaxprefill.train.cli import main
-    assert main(["--config", RECIPE, "optim.betas=1"]) == 2
+    from jaxprefill.cli import main
+    assert main(["train", "--config", RECIPE, "optim.betas=1"]) == 2
 
 
 def test_recipes_parse():

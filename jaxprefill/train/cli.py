@@ -43,15 +43,3 @@ def run_train(args: argparse.Namespace) -> int:
         summary += f", validation loss {result.val_loss:.4f}"
     print(summary, file=sys.stderr)
     return 0 if result.status in ("finished", "stopped") else 3
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m jaxprefill.train.cli --config ...`)."""
-    parser = argparse.ArgumentParser(prog="jaxprefill")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,6 +11,7 @@ Relative paths (output_dir, data files, model files) resolve against the current
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -152,11 +153,14 @@ class LogSection:
     eval_every: int = 0               # 0: validation only at the end (if data.validation is set)
     eval_batches: int = 4
     tensorboard: bool = True
-    progress: bool = True             # tqdm bar (only on a terminal)
+    progress: bool = True             # a tqdm bar on a terminal, else a progress line (below)
+    progress_every: int | None = None  # steps between progress lines off a terminal; null: log.every
 
     def __post_init__(self) -> None:
         _positive("log.every", self.every)
         _positive("log.eval_batches", self.eval_batches)
+        if self.progress_every is not None:
+            _positive("log.progress_every", self.progress_every)
         if self.eval_every < 0:
             raise ConfigError(f"log.eval_every must be >= 0, got {self.eval_every}")
 
@@ -329,6 +333,26 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
 def _positive(key: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def config_diff(saved: Any, current: Any) -> list[str]:
+    """`"key.sub: saved -> current"` for each leaf that differs, compared by value: both sides go
+    through JSON first, so a tuple equals the list a checkpoint's JSON gives back."""
+    def flat(x: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                flat(v, f"{prefix}.{k}" if prefix else str(k), out)
+        else:
+            out[prefix] = x
+        return out
+
+    def show(d: dict[str, Any], k: str) -> str:
+        return repr(d[k]) if k in d else "unset"
+
+    a = flat(json.loads(json.dumps(saved)), "", {})
+    b = flat(json.loads(json.dumps(current)), "", {})
+    return [f"{k or 'config'}: {show(a, k)} -> {show(b, k)}" for k in sorted(set(a) | set(b))
+            if k not in a or k not in b or a[k] != b[k]]
 
 
 def _plain(x: Any) -> Any:

@@ -5,7 +5,11 @@
                                `loading.deepseek_weights.deepseek_to_hf_tensors` for DeepSeek);
                                with `max_shard_bytes`, model-0000i-of-0000N.safetensors +
                                model.safetensors.index.json instead
-    <dir>/tokenizer.json (+ tokenizer_config.json)   when the run used an HF/GGUF tokenizer
+    <dir>/tokenizer.json + tokenizer_config.json      the run's tokenizer: its own files for an
+                               HF/GGUF tokenizer; for the byte tokenizer an equivalent byte-level
+                               one (ids 0-255 = UTF-8 bytes, 256 EOS, 257 BOS), so the export
+                               answers text prompts. A run without a tokenizer (synthetic tokens)
+                               exports weights only.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from jaxprefill.config import MLA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, MLAConfig, ModelConfig
+from jaxprefill.data.tokenize import ByteTokenizer
+from jaxprefill.loading.tokenizer import _byte_alphabet
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
               np.dtype(np.float16): "F16"}
@@ -178,14 +185,64 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[s
             f.write(a.tobytes())
 
 
-def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None,
+# Names of the byte tokenizer's two special ids in the exported tokenizer.json; unusual on
+# purpose, because a prompt that spells an added token's name encodes to that token.
+BYTE_EOS, BYTE_BOS = "<|byte_eos|>", "<|byte_bos|>"
+
+
+def byte_level_tokenizer(add_bos: bool = False) -> Tokenizer:
+    """A `tokenizers.Tokenizer` that encodes text exactly as the data pipeline's `ByteTokenizer`
+    (UTF-8 byte b -> id b) with EOS = 256 and BOS = 257 as special tokens; decoding skips them
+    and maps invalid UTF-8 to U+FFFD, as `ByteTokenizer.decode` does. `add_bos`: encoding with
+    special tokens prepends BOS (for a run trained with data.add_bos)."""
+    alphabet = _byte_alphabet()  # byte -> the printable character byte-level BPE spells it with
+    vocab = {alphabet[b]: b for b in range(256)}
+    vocab.update({BYTE_EOS: ByteTokenizer.eos_id, BYTE_BOS: ByteTokenizer.bos_id})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    # Already in the vocabulary, so they keep ids 256 and 257; marking them special makes
+    # decoding skip them.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BYTE_EOS, BYTE_BOS)])
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BYTE_BOS}:0 $A:0", pair=f"{BYTE_BOS}:0 $A:0 {BYTE_BOS}:1 $B:1",
+            special_tokens=[(BYTE_BOS, ByteTokenizer.bos_id)])
+    return backend
+
+
+def write_tokenizer(out_dir: str, tokenizer, *, add_bos: bool = False) -> bool:
+    """tokenizer.json + tokenizer_config.json for `tokenizer` (see the module docstring);
+    False (nothing written) for None."""
+    tok = getattr(tokenizer, "tok", tokenizer)  # unwrap the data pipeline's adapter
+    if isinstance(tok, ByteTokenizer):
+        backend = byte_level_tokenizer(add_bos)
+        tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                   "bos_token": BYTE_BOS, "eos_token": BYTE_EOS}
+    elif tok is not None and hasattr(tok, "backend"):
+        backend, tok_cfg = tok.backend, dict(tok.special_tokens)
+        if tok.chat_template:
+            tok_cfg["chat_template"] = tok.chat_template
+    elif tok is None:
+        return False
+    else:
+        raise TypeError(f"cannot export a tokenizer of type {type(tok).__name__}: expected "
+                        f"jaxprefill's Tokenizer, HFTokenizer or ByteTokenizer")
+    backend.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=2)
+    return True
+
+
+def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None, add_bos: bool = False,
               max_shard_bytes: int | None = None) -> str:
     """Write `model` (an NNX `Llama` or `DeepSeek`) to `out_dir`; returns the directory.
 
     `max_shard_bytes`: split the weights into safetensors shards of at most this size.
 
-    `tokenizer` is a `jaxprefill.loading.tokenizer.Tokenizer` (or the data pipeline's
-    `HFTokenizer`); a byte-level tokenizer has no HF files, so none are written for it.
+    `tokenizer`: a `jaxprefill.loading.tokenizer.Tokenizer`, the data pipeline's `HFTokenizer`
+    or `ByteTokenizer` (written as an equivalent byte-level tokenizer.json; `add_bos` makes it
+    prepend BOS like a run with data.add_bos), or None (weights only).
     """
     from jaxprefill.loading.weights import to_hf_tensors
 
@@ -204,12 +261,5 @@ def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None,
     save_sharded_safetensors(out_dir, tensors, max_shard_bytes)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    tok = getattr(tokenizer, "tok", tokenizer)  # unwrap the data pipeline's adapter
-    if tok is not None and hasattr(tok, "backend"):
-        tok.backend.save(os.path.join(out_dir, "tokenizer.json"))
-        tok_cfg = dict(tok.special_tokens)
-        if tok.chat_template:
-            tok_cfg["chat_template"] = tok.chat_template
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(tok_cfg, f, indent=2)
+    write_tokenizer(out_dir, tokenizer, add_bos=add_bos)
     return out_dir

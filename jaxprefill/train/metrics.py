@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import datetime
 import socket
 import struct
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _crc32c_table() -> list[int]:
@@ -159,12 +160,55 @@ def _decode_event(event: bytes) -> tuple[int, dict[str, float]]:
 
 
 class MetricsLog:
-    """Appends JSON lines to <output_dir>/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends JSON lines to <output_dir>/metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Every record has a "step": training records (loss, lr, ...) one per step in step order,
+    validation records (val_loss) and events ("event": "first_step" | "resume") beside them.
+    """
 
     def __init__(self, output_dir: str, *, tensorboard: bool = True, enabled: bool = True) -> None:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tb = TensorBoardWriter(os.path.join(output_dir, "tensorboard")) if (enabled and tensorboard) else None
+
+    def set_aside(self) -> str | None:
+        """Rename a metrics.jsonl left by an earlier run to metrics.<n>.jsonl (the first free n),
+        so a run starting from scratch writes its steps into a file of its own; returns the new
+        path, or None when there was nothing to move."""
+        if not self.enabled or not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            return None
+        n = 1
+        while os.path.exists(old := self.path[:-len(".jsonl")] + f".{n}.jsonl"):
+            n += 1
+        os.replace(self.path, old)
+        return old
+
+    def drop_after(self, step: int) -> tuple[int, int]:
+        """Remove the records of steps > `step` (a resume from `step` replays and rewrites them,
+        so each step keeps one record) and any torn line a killed run left. Returns (records
+        dropped, torn lines dropped). The file is rewritten atomically (temp file + rename)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return 0, 0
+        kept, dropped, torn = [], 0, 0
+        with open(self.path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    torn += 1
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped or torn:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        return dropped, torn
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -182,3 +226,35 @@ class MetricsLog:
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class ProgressLine:
+    """Progress for logs that are not terminals (no tqdm bar there): every `every` steps one line
+    `step 40/60 (67%): loss 2.3456, 12,345 tokens/s, ETA 0:00:12` through `say`.
+
+    Tokens/s and ETA cover the steps since the previous line, timed from `start` (call it after
+    the first step, which includes compilation); `loss` is the step's own loss.
+    """
+
+    def __init__(self, say: Callable[[str], None], *, total: int, every: int, tokens_per_step: int) -> None:
+        self.say, self.total, self.every, self.tokens_per_step = say, total, every, tokens_per_step
+        self._t: float | None = None
+        self._step = 0
+
+    def start(self, step: int) -> None:
+        self._t, self._step = time.perf_counter(), step
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def log(self, step: int, loss: float) -> str:
+        """Say (and return) the line for `step`; the caller has waited for the step's loss."""
+        line = f"step {step}/{self.total} ({100 * step // self.total}%): loss {loss:.4f}"
+        now = time.perf_counter()
+        if self._t is not None and step > self._step:
+            per_step = (now - self._t) / (step - self._step)
+            line += f", {self.tokens_per_step / per_step:,.0f} tokens/s"
+            line += f", ETA {datetime.timedelta(seconds=round(per_step * (self.total - step)))}"
+            self._t, self._step = now, step
+        self.say(line)
+        return line

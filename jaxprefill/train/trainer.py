@@ -27,8 +27,8 @@ from jaxprefill.config import ConfigError
 from jaxprefill.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
 from jaxprefill.train import mfu as mfu_lib
 from jaxprefill.train.checkpoint import Checkpointer, StopSignal, abstract_like
-from jaxprefill.train.config import MeshSection, TrainConfig
-from jaxprefill.train.metrics import MetricsLog
+from jaxprefill.train.config import MeshSection, TrainConfig, config_diff
+from jaxprefill.train.metrics import MetricsLog, ProgressLine
 from jaxprefill.train.model import SplitModel, build, merged
 from jaxprefill.train.optimizer import make_optimizer
 from jaxprefill.train.step import (StepOptions, init_state, make_eval_step, make_train_step,
@@ -50,15 +50,6 @@ def maybe_initialize_distributed() -> None:
              or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
     if multi and not getattr(jax.distributed, "is_initialized", lambda: False)():
         jax.distributed.initialize()
-
-
-def training_attention(impl: str, packed: bool) -> str:
-    """The attention backend for training. "auto" sends packed rows on GPUs to the block-sparse
-    Pallas kernel, which has no backward pass (yet), so training uses cuDNN with the segment
-    mask there instead; every other case keeps the dispatch's choice."""
-    if impl == "auto" and packed and jax.default_backend() == "gpu":
-        return "cudnn"
-    return impl
 
 
 def build_mesh(m: MeshSection):
@@ -88,11 +79,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.mesh = build_mesh(cfg.mesh)
         packed = not (cfg.data.format == "synthetic" and not cfg.data.synthetic_docs)
-        attention = training_attention(cfg.model.attention, packed)
-        if attention != cfg.model.attention:
-            self.say(f"attention: {cfg.model.attention!r} -> {attention!r} (differentiable for packed rows)")
-        self.model: SplitModel = build(dataclasses.replace(cfg.model, attention=attention), self.mesh,
-                                       cfg.seed)
+        self.model: SplitModel = build(cfg.model, self.mesh, cfg.seed)
         mcfg = self.model.config
         self.tokenizer, self.train_loader, self.val_source = self._data()
         if self.tokenizer is not None and self.tokenizer.vocab_size > mcfg.vocab_size:
@@ -162,16 +149,31 @@ class Trainer:
         return tokenizer, loader, val
 
     def _maybe_restore(self) -> int | None:
-        step = self.ckpt.latest_step() if self.ckpt is not None else None
-        if step is None:
-            self.say(f"starting from scratch in {self.cfg.output_dir}")
+        """Resume from the newest checkpoint that restores (damaged ones are moved aside with a
+        warning each; see checkpoint.py); None when there is none."""
+        model_config = self.model.config.to_dict()
+        restored = None
+        if self.ckpt is not None:
+            restored = self.ckpt.restore_newest(abstract_like(self.state, self.shardings),
+                                                model_config=model_config, warn=self.say)
+        if restored is None:
+            old = self.metrics.set_aside()  # an earlier run's records would repeat its steps
+            self.say(f"starting from scratch in {self.cfg.output_dir}"
+                     + (f" (the earlier metrics.jsonl is now {os.path.basename(old)})" if old else ""))
             return None
-        state, data_state, meta = self.ckpt.restore(step, abstract_like(self.state, self.shardings))
-        self.state = state
-        self.train_loader.set_state(data_state)
-        if meta.get("model") != self.model.config.to_dict():
-            self.say("warning: the checkpoint's model config differs from this run's")
+        step = restored.step
+        self.state = restored.state
+        self.train_loader.set_state(restored.data_state)
+        diff = config_diff(restored.meta.get("model"), model_config)
+        if diff:
+            self.say(f"warning: the checkpoint's model config differs from this run's: {'; '.join(diff[:5])}"
+                     + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""))
         self.say(f"resumed from checkpoint step {step} in {self.ckpt.directory}")
+        # Steps after `step` run again: their old records go, so each step keeps one record.
+        dropped, torn = self.metrics.drop_after(step)
+        if dropped or torn:
+            self.say(f"metrics.jsonl: dropped {dropped} record(s) after step {step} (replayed)"
+                     + (f" and {torn} torn line(s)" if torn else ""))
         self.metrics.write({"event": "resume", "step": step, "time": time.time()})
         return step
 
@@ -233,37 +235,53 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.data.seq_len
         last: dict[str, Any] = {}
         status, val_loss = "finished", None
-        pending: list[dict] = []
-        window_start, window_steps = None, 0
+        pending: list[dict] = []  # device metrics of the steps not yet written
+        window: dict[str, Any] = {"start": None, "steps": 0}  # timing of the tokens/s window
         bar = self._progress(start)
+        line = self._progress_line(tokens_per_step)
+
+        def flush(done: int) -> None:
+            """Write the pending steps' records (the last one with tokens/s and MFU)."""
+            nonlocal pending, last
+            if not pending:
+                return
+            records = jax.device_get(pending)
+            now = time.perf_counter()
+            steps = window["steps"]
+            tok_s = (steps * tokens_per_step / (now - window["start"])) if steps else None
+            for i, r in enumerate(records):
+                last = {"step": done - len(records) + 1 + i, **{k: float(v) for k, v in r.items()}}
+                if i == len(records) - 1 and tok_s:
+                    last["tokens_per_s"] = tok_s
+                    m = mfu_lib.mfu(tok_s, self.model.config, cfg.data.seq_len,
+                                    jax.device_count(), self.peak)
+                    if m is not None:
+                        last["mfu"] = m
+                self.metrics.write(last)
+            pending = []
+            window.update(start=now, steps=0)
+
         t0 = time.perf_counter()
+        done = start
         with StopSignal(cfg.checkpoint.save_on_sigterm) as stop:
             for step in range(start, cfg.steps):
                 batch = self._next_batch()
                 self.state, metrics = self.step_fn(self.state, batch)
                 pending.append(metrics)
                 done = step + 1
-                if window_start is None:  # the first step includes compilation: time it apart
+                if window["start"] is None:  # the first step includes compilation: time it apart
                     jax.block_until_ready(metrics)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window.update(start=time.perf_counter(), steps=0)
+                    if line is not None:
+                        line.start(done)
                     self.metrics.write({"event": "first_step", "step": done,
-                                        "seconds": window_start - t0})
+                                        "seconds": window["start"] - t0})
                 else:
-                    window_steps += 1
+                    window["steps"] += 1
+                if line is not None and line.due(done):
+                    line.log(done, float(jax.device_get(metrics["loss"])))
                 if done % cfg.log.every == 0 or done == cfg.steps:
-                    records = jax.device_get(pending)
-                    now = time.perf_counter()
-                    tok_s = (window_steps * tokens_per_step / (now - window_start)) if window_steps else None
-                    for i, r in enumerate(records):
-                        last = {"step": done - len(records) + 1 + i, **{k: float(v) for k, v in r.items()}}
-                        if i == len(records) - 1 and tok_s:
-                            last["tokens_per_s"] = tok_s
-                            m = mfu_lib.mfu(tok_s, self.model.config, cfg.data.seq_len,
-                                            jax.device_count(), self.peak)
-                            if m is not None:
-                                last["mfu"] = m
-                        self.metrics.write(last)
-                    pending, window_start, window_steps = [], now, 0
+                    flush(done)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
                 if bar is not None:
@@ -281,6 +299,7 @@ class Trainer:
                     status = "stopped"
                     self.say(f"time_limit_s={cfg.time_limit_s} reached at step {done}")
                     break
+        flush(done)  # a run that stops between log steps keeps its records
         if bar is not None:
             bar.close()
         self.save()
@@ -322,11 +341,20 @@ class Trainer:
         return loss
 
     def _progress(self, start: int):
+        """A tqdm bar when stderr is a terminal (else None: see `_progress_line`)."""
         if not (self.cfg.log.progress and self.is_main and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+
+    def _progress_line(self, tokens_per_step: int) -> ProgressLine | None:
+        """Progress lines every `log.progress_every` (default `log.every`) steps when stderr is
+        not a terminal (a log file, a job scheduler), where a tqdm bar would show nothing."""
+        if not (self.cfg.log.progress and self.is_main) or sys.stderr.isatty():
+            return None
+        return ProgressLine(self.say, total=self.cfg.steps, tokens_per_step=tokens_per_step,
+                            every=self.cfg.log.progress_every or self.cfg.log.every)
 
     # ---- outputs --------------------------------------------------------------------------------
 
@@ -335,10 +363,15 @@ class Trainer:
         return merged(self.model, self.state["params"])
 
     def export(self, out_dir: str, dtype: str = "float32", shard_mb: int | None = None) -> str:
-        """HF-style directory of the current parameters (`shard_mb`: safetensors shard size)."""
+        """HF-style directory of the current parameters and the run's tokenizer, which
+        `jp.load(out_dir)` reads back (`shard_mb`: safetensors shard size)."""
         from jaxprefill.train.export import export_hf
 
+        if self.tokenizer is None:
+            self.say(f"export: this run has no tokenizer (data.format={self.cfg.data.format}), so "
+                     f"{out_dir} holds weights only; jp.load gives tokenizer None (token-id prompts only)")
         return export_hf(self.nnx_model(), out_dir, dtype=dtype, tokenizer=self.tokenizer,
+                         add_bos=self.cfg.data.add_bos,
                          max_shard_bytes=None if shard_mb is None else shard_mb * 2**20)
 
     def close(self) -> None:
