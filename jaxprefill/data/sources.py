@@ -5,7 +5,7 @@ Formats:
   * text: every file is one document.
   * jsonl: every line is a JSON object; the document is its `text_key` field. Lines are indexed
     once (byte offsets), then read lazily, so a large corpus costs 8 bytes a line in memory.
-  * array_record: every record is one UTF-8 document (what `scripts/build_corpus.py` writes).
+  * array_record: every record is one UTF-8 document (what `scripts/tools/build_corpus.py` writes).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def expand(patterns: Sequence[str], key: str) -> list[str]:
         matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
             raise FileNotFoundError(f"{key}: no file matches {pattern!r} (build a corpus with "
-                                    f"`python scripts/build_corpus.py`)")
+                                    f"`python -m scripts.tools.build_corpus`)")
         files.extend(matched)
     return files
 
