@@ -1,19 +1,19 @@
-"""scripts/ncu_compare.py reads the Nsight Compute exports kept in benchmarks/results and gives
-the figures docs/performance.md quotes (eighth session, issue 4)."""
+"""scripts/profiling/ncu_compare.py reads the Nsight Compute exports kept in benchmarks/results
+and gives the cycle-count figures docs/history.md quotes (2026-11-23)."""
 
 import runpy
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "benchmarks" / "results" / "ncu_2026-11-23_s8"
+DATA = ROOT / "benchmarks" / "results" / "2026-11-23" / "h100_profile_kernels_ncu"
 
 
 def test_ncu_compare_reads_the_recorded_16k_profiles(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ncu_compare.py", str(DATA), "mosaic16k:anonymous_mosaic",
                                       "tokamax16k:flash_attention", "--top", "2"])
     try:
-        runpy.run_path(str(ROOT / "scripts" / "ncu_compare.py"), run_name="__main__")
+        runpy.run_module("scripts.profiling.ncu_compare", run_name="__main__")
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""Accuracy studies on real model weights (no timing)."""

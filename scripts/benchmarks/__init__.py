@@ -1,0 +1,1 @@
+"""Timing benchmarks, profiles of where the time goes, and tiling sweeps."""

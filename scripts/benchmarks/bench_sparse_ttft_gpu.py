@@ -1,0 +1,120 @@
+"""Time to first token of one long prompt through the batch engine: sparse prefill vs dense.
+
+  python -m scripts.benchmarks.bench_sparse_ttft_gpu --layers 2 --seq 32768 --out $OUT
+
+Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256) with
+random bf16 weights and `--layers` decoder layers (a few: compile time; report TTFT per layer
+too). One request of `--seq` random tokens, max_new_tokens=1, so TTFT is the whole prefill plus
+the first token's sampling. Two engine prefill paths:
+  * chunked: `--chunk`-token chunks (SARATHI) against the cached prefix (q_offset); the cache
+    view is one bucket of `--seq` tokens, so each configuration compiles once;
+  * row: the prompt alone in one prefill row of `--seq` tokens (the prepacked path).
+Per path: dense (the anchor, the engine's own dense path: block-sparse kernel over the causal
+structure) and each sparse policy (streaming, minference, flexprefill), in the same process.
+TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse / dense TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxprefill as jp
+from jaxprefill.infer import Engine, EngineConfig, Request
+
+POLICIES = {
+    "dense": None,
+    "streaming": {"policy": "streaming", "min_length": 1024,
+                  "params": {"sink": 1024, "local": 4096, "block_size": 128}},
+    "minference": {"policy": "minference", "min_length": 1024, "params": {}},  # VS(1000, 6096)
+    "flexprefill": {"policy": "flexprefill", "min_length": 1024,
+                    "params": {"gamma": 0.95, "tau": 0.1}},
+    "xattention": {"policy": "xattention", "min_length": 1024, "params": {}},  # stride 16, 0.9
+}
+
+
+def llama3_8b_shapes(layers: int, tiny: bool) -> jp.ModelConfig:
+    if tiny:  # CPU smoke test of the script itself
+        return jp.ModelConfig(model_type="llama", vocab_size=512, hidden_size=64,
+                              intermediate_size=128, num_layers=layers, num_heads=4,
+                              num_kv_heads=2, head_dim=16, max_position_embeddings=8192)
+    return jp.ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096,
+                          intermediate_size=14336, num_layers=layers, num_heads=32,
+                          num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
+                          rms_norm_eps=1e-5)
+
+
+def ttft(engine: Engine, prompt: list[int], reps: int) -> tuple[float, list[float]]:
+    """Median TTFT (s) over reps, after one warm-up run."""
+    times = []
+    for i in range(reps + 1):
+        out = engine.generate([Request(id=str(i), prompt=prompt, max_new_tokens=1)])
+        if i:
+            times.append(out[0].ttft_s)
+    return statistics.median(times), times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--paths", nargs="+", default=["chunked", "row"])
+    p.add_argument("--policies", nargs="+", default=list(POLICIES))
+    p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    cfg = llama3_8b_shapes(args.layers, args.tiny)
+    t0 = time.perf_counter()
+    model = jp.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, args.seq).tolist()
+    print(f"model init {time.perf_counter() - t0:.1f}s; {jax.devices()[0].device_kind}", flush=True)
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
+              "rows": []}
+    pages = -(-(args.seq + 64) // 64) + 2
+    for path in args.paths:
+        width = args.chunk if path == "chunked" else args.seq
+        dense_s = None
+        for name in args.policies:
+            config = EngineConfig(max_batch=1, prefill_tokens=width, prefill_rows=1, page_size=64,
+                                  num_pages=pages, max_seq_len=args.seq + 64, max_new_tokens=1,
+                                  bucket=args.seq, chat=False, sparse=POLICIES[name])
+            engine = Engine(model, None, config)
+            t = time.perf_counter()
+            med, times = ttft(engine, prompt, args.reps)
+            row = {"path": path, "policy": name, "ttft_s": med, "ttft_per_layer_ms":
+                   med / args.layers * 1e3, "times_s": times,
+                   "wall_incl_compile_s": time.perf_counter() - t, "stats": dict(engine.stats)}
+            if name == "dense":
+                dense_s = med
+            row["ratio_vs_dense"] = med / dense_s if dense_s else None
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "bench_sparse_ttft_gpu.json").write_text(json.dumps(result, indent=2))
+            del engine
+    lines = [f"device: {result['device']}, jax {result['jax']}, {args.layers} layers of "
+             f"Llama-3-8B shapes (random bf16), prompt {args.seq} tokens",
+             "", "| path | policy | TTFT ms | per layer ms | sparse / dense |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = "anchor" if r["policy"] == "dense" else (
+            f"{r['ratio_vs_dense']:.2f}" if r["ratio_vs_dense"] else "-")
+        lines.append(f"| {r['path']} | {r['policy']} | {r['ttft_s'] * 1e3:.1f} | "
+                     f"{r['ttft_per_layer_ms']:.1f} | {ratio} |")
+    (args.out / "bench_sparse_ttft_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

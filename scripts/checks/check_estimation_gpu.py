@@ -1,0 +1,202 @@
+"""GPU check of the sparse-estimation kernels (run on the H100).
+
+    python -m scripts.checks.check_estimation_gpu [--out DIR]
+
+1. ``last_query_sums`` (``impl="triton"``: the Pallas Triton kernel) against the float32
+   reference on fresh random inputs: odd lengths, rows shorter than R, GQA 4 and 3, bf16 and
+   f32, R = 64 and 128.
+2. ``pooled_block_scores`` (``impl="triton"``) against the XLA estimator
+   ``block_softmax_scores`` (a geometry with ``Estimation(impl="xla")``): sum and max pooling,
+   strides 8 and 16, GQA 4.
+3. ``mass_cut`` (``impl="triton"``: the cut of a cumulative-mass selection) against the
+   float32 reference bit search.
+4. Every policy that uses them builds its layout with the kernels (``estimation="auto"``, the
+   Triton kernels on GPUs) and with the XLA estimators (``estimation="xla"``) at 16K tokens
+   (structured q/k, bf16): the fraction of blocks that differ (bf16 sums in another order may
+   flip near-ties) must stay under 0.5%.
+
+Prints one line per case and writes ``check_estimation_gpu.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprefill import sparse
+from jaxprefill.eval.synthetic_qk import structured_qk
+from jaxprefill.sparse import Estimation
+from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse.base import make_geometry
+from jaxprefill.sparse.xattention import antidiagonal_operands
+from pallas_kernels.estimation import (last_query_sums, mass_cut, mass_cut_reference,
+                                       pooled_block_scores)
+
+XLA = Estimation(impl="xla")  # the XLA estimators: the reference of the pooled-scores kernel
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def check_last_query_sums() -> list[dict]:
+    rows = []
+    cases = [  # B, S, Hq, Hkv, R, D, lengths, dtype, tol
+        (2, 8191, 32, 8, 128, 128, (8191, 1000), jnp.bfloat16, 2e-2),
+        (1, 32768, 32, 8, 128, 128, (32768,), jnp.bfloat16, 2e-2),
+        (2, 5000, 9, 3, 64, 64, (5000, 40), jnp.float32, 1e-4),
+        (1, 4097, 8, 2, 128, 80, (4097,), jnp.bfloat16, 2e-2),
+    ]
+    for i, (b, s, hq, hkv, r, d, lens, dtype, tol) in enumerate(cases):
+        name = f"lqs_B{b}_S{s}_g{hq // hkv}_R{r}_D{d}_{jnp.dtype(dtype).name}"
+        try:
+            kq, kk = jax.random.split(jax.random.key(100 + i))
+            q = jax.random.normal(kq, (b, hq, r, d), jnp.float32).astype(dtype)
+            k = jax.random.normal(kk, (b, s, hkv, d), jnp.float32).astype(dtype)
+            lengths = jnp.asarray(lens, jnp.int32)
+            scale = d ** -0.5
+            vert, slash = jax.jit(lambda q, k, l: last_query_sums(
+                q, k, l, scale=scale, impl="triton"))(q, k, lengths)
+            v_ref, s_ref = jax.jit(lambda q, k, l: last_query_sums(
+                q, k, l, scale=scale, impl="reference"))(q, k, lengths)
+            nan = bool(np.isnan(np.asarray(vert)).any() or np.isnan(np.asarray(slash)).any())
+            ev, es = rel_err(vert, v_ref), rel_err(slash, s_ref)
+            ok = (not nan) and ev < tol and es < tol
+            rows.append(dict(case=name, ok=ok, vert_err=ev, slash_err=es, nan=nan))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def check_pooled_scores() -> list[dict]:
+    rows = []
+    cases = [  # S, Hq, Hkv, stride, pool, lengths, dtype
+        (16384, 32, 8, 8, "sum", (16384,), jnp.bfloat16),
+        (16384, 32, 8, 16, "sum", (16384,), jnp.bfloat16),
+        (9000, 8, 2, 16, "max", (9000, 3001), jnp.bfloat16),
+        (9000, 8, 2, 8, "sum", (9000, 3001), jnp.bfloat16),
+        (9000, 8, 2, 8, "sum", (9000, 3001), jnp.float32),  # float32 tiling, three-TF32 dots
+        (5000, 8, 2, 1, "max", (5000,), jnp.float32),  # r = 128 cells
+    ]
+    for i, (s, hq, hkv, stride, pool, lens, dtype) in enumerate(cases):
+        name = (f"pooled_S{s}_g{hq // hkv}_stride{stride}_{pool}_B{len(lens)}_"
+                f"{jnp.dtype(dtype).name}")
+        try:
+            b, block, d = len(lens), 128, 128
+            q, k = structured_qk(jax.random.key(200 + i), b, s, hq, hkv, d, dtype=dtype)
+            geo = make_geometry(q, k, block, jnp.asarray(lens, jnp.int32), estimation=XLA)
+            qr, kr, valid = antidiagonal_operands(q, k, geo, stride)
+            r = block // stride
+            if dtype == jnp.float32:  # exact products on the CPU: XLA's GPU float32 dots are
+                # TF32 (2e-4 off on these logits), its HIGHEST fusion overflows shared memory
+                cpu = jax.devices("cpu")[0]
+                with jax.default_device(cpu), jax.default_matmul_precision("highest"):
+                    geo_c = make_geometry(q, k, block, np.asarray(lens, np.int32),
+                                          estimation=XLA)
+                    valid_c = (geo_c.lengths + stride - 1) // stride
+                    ref = jax.jit(lambda a, c: est.block_softmax_scores(
+                        a, c, geo_c, r, valid_c, geo_c.scale / stride, pool))(
+                        *jax.device_put((qr, kr), cpu))
+            else:
+                ref = jax.jit(lambda a, c: est.block_softmax_scores(
+                    a, c, geo, r, valid, geo.scale / stride, pool))(qr, kr)
+            out = jax.jit(lambda a, c: pooled_block_scores(
+                a, c, valid, jnp.zeros((b,), jnp.int32), r=r, scale=geo.scale / stride,
+                pool=pool, impl="triton"))(qr, kr)
+            nan = bool(np.isnan(np.asarray(out)).any())
+            err = rel_err(out, ref)
+            tol = 1e-4 if dtype == jnp.float32 else 2e-2
+            rows.append(dict(case=name, ok=(not nan) and err < tol, err=err, nan=nan))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def check_mass_cut() -> list[dict]:
+    """The register-resident cut search against the XLA bit search (exact cuts expected except
+    where a row sum lands within rounding of the goal: at most 0.1% of rows may differ)."""
+    rows = []
+    for i, (shape, gamma) in enumerate([((32, 1024, 1024), 0.9), ((8, 300, 700), 0.95),
+                                        ((4, 64, 4096), 0.5)]):
+        name = f"mass_cut_{'x'.join(map(str, shape))}_gamma{gamma}"
+        try:
+            u = jax.random.uniform(jax.random.key(300 + i), shape, jnp.float32)
+            s = jnp.where(u < 0.2, 0.0, u ** 8)  # zeros and a heavy tail, like block masses
+            total = s.sum(-1)
+            base, goal = 0.05 * total, gamma * total
+            ref = np.asarray(jax.jit(mass_cut_reference)(s, base, goal))
+            out = np.asarray(jax.jit(lambda a, b, c: mass_cut(a, b, c, impl="triton"))(
+                s, base, goal))
+            differ = float((out != ref).mean())
+            rows.append(dict(case=name, ok=differ <= 1e-3, rows_differ=differ))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+POLICIES = {
+    "flexprefill": dict(gamma=0.95, tau=0.1),
+    "minference": dict(),
+    "proxyattn": dict(gamma=0.95, stride=16),
+    "pbs": dict(tau=0.9, segment=256),
+    "xattention": dict(threshold=0.9, stride=16),
+    "xattention_s8": dict(threshold=0.9, stride=8),
+}
+
+
+def check_policy_layouts(seq: int = 16384) -> list[dict]:
+    q, k = structured_qk(jax.random.key(0), 2, seq, 32, 8, 128)
+    lengths = jnp.asarray([seq, seq - 3001], jnp.int32)
+    rows = []
+    for label, params in POLICIES.items():
+        name = label.split("_s")[0]
+        try:
+            masks = {}
+            for impl in ("xla", "auto"):
+                policy = sparse.get(name, estimation=impl, **params)
+                masks[impl] = np.asarray(jax.jit(lambda a, b, l: policy.build(
+                    a, b, layer=20, lengths=l).to_block_mask())(q, k, lengths))
+            differ = float((masks["auto"] != masks["xla"]).mean())
+            rows.append(dict(case=f"layout_{label}_S{seq}", ok=differ < 5e-3, differ=differ,
+                             density_auto=float(masks["auto"].mean()),
+                             density_xla=float(masks["xla"].mean())))
+        except Exception as e:  # report, never skip silently
+            traceback.print_exc()
+            rows.append(dict(case=f"layout_{label}_S{seq}", ok=False,
+                             error=f"{type(e).__name__}: {e}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-layouts", action="store_true")
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    rows = check_last_query_sums() + check_pooled_scores() + check_mass_cut()
+    if not args.skip_layouts:
+        rows += check_policy_layouts()
+    passed = sum(r["ok"] for r in rows)
+    print(f"{passed}/{len(rows)} passed")
+    if args.out:
+        Path(args.out, "check_estimation_gpu.json").write_text(json.dumps(rows, indent=1))
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Nsight Compute profiles of single kernel calls and their side-by-side reading."""

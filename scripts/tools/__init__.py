@@ -1,0 +1,1 @@
+"""Offline tools: corpus and notebook generation, head and pattern searches that write configs."""
