@@ -79,21 +79,42 @@ class WordTokenizer:
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_tasks_fit_length_hold_needles_and_score(task):
+@pytest.mark.parametrize("kind", ["code", "prose"])
+def test_tasks_fit_length_hold_needles_and_score(task, kind):
     tok = WordTokenizer()
-    a = make_sample(tok, task, 1500, 0.3, seed=1)
+    a = make_sample(tok, task, 1500, 0.3, seed=1, haystack=kind)
     assert 1400 <= len(tok.encode_prompt(a.messages)) <= 1500
     text = a.messages[0]["content"]
-    assert all(ans in text for ans in a.answers)
+    assert all(ans in text for ans in a.answers + a.distractors)
     assert a.score(" ".join(a.answers)) == 1.0 and a.score("no idea") == 0.0
-    b = make_sample(tok, task, 1500, 0.3, seed=1)
+    assert a.partial(a.answers[0]) == 1 / len(a.answers)
+    if a.distractors:  # naming another key's number / another person's fact is wrong
+        assert a.score(" ".join(a.answers + a.distractors[:1])) == 0.0
+    b = make_sample(tok, task, 1500, 0.3, seed=1, haystack=kind)
     assert b.messages == a.messages  # deterministic
-    c = make_sample(tok, task, 1500, 0.9, seed=2)
+    c = make_sample(tok, task, 1500, 0.9, seed=2, haystack=kind)
     assert c.messages != a.messages
+    assert make_sample(tok, task, 1500, 0.3, seed=1, split="test",
+                       haystack=kind).messages != a.messages
+    if task == "cwe":  # no needle: 10 words repeated, the rest once
+        words = text.split()
+        assert a.depth is None and all(words.count(w) == 2 for w in a.answers)
+        return
+    assert a.haystack == ("prose" if task == "qa" else kind)
     first = a.answers[0] if task != "vt" else f"VAR {a.answers[0]} ="
     # Depth 0.3: the (first) needle sits about 30% into the haystack.
     pos = text.find(first) / len(text)
     assert 0.15 < pos < 0.45, pos
+
+
+def test_answer_matching_is_normalized_whole_words():
+    from jaxprefill.eval.tasks import contains
+
+    assert contains("The answer is: **Mipelmi**.", "mipelmi")
+    assert contains("the pass key is 12,345", "12345")
+    assert not contains("1234567", "123456")  # a longer number is not the answer
+    assert not contains("Mipelmiro", "Mipelmi")
+    assert contains("It is the Velvet Harbor.", "velvet harbor")
 
 
 def test_plots_write_pngs(tmp_path):
@@ -194,7 +215,7 @@ def test_column_layout_stats_count_columns_as_tokens():
     """A layout with key columns (minference's column path): density counts each column as
     1/block_k of a block, recall covers exactly listed blocks | columns (brute force)."""
     from jaxprefill.eval.runner import column_layout_stats
-    from pallas_kernels import BlockSparseLayout
+    from pallas_kernels import BlockSparseLayout, with_columns
 
     rng = np.random.default_rng(7)
     b, s, hq, hkv, d, block = 1, 256, 4, 2, 8, 64
@@ -205,8 +226,8 @@ def test_column_layout_stats_count_columns_as_tokens():
     mask = np.eye(n, dtype=bool)[None, None].repeat(hq, axis=1)
     mask[..., 0] = True
     cols = np.array([70, 75, 140], np.int32)  # key positions outside the listed blocks
-    layout = BlockSparseLayout.from_block_mask(mask, block, block).with_columns(
-        jnp.broadcast_to(jnp.asarray(cols), (b, hq, 1, 3)), seq_q=s)
+    layout = with_columns(BlockSparseLayout.from_block_mask(mask, block, block),
+                          jnp.broadcast_to(jnp.asarray(cols), (b, hq, 1, 3)), seq_q=s)
     rows = np.array([[100, 200, 255]], np.int32)
     dens, rec, _ = column_layout_stats(layout, q, k, v, np.array([s]), rows)
     causal_blocks = n * (n + 1) / 2
@@ -268,17 +289,13 @@ def test_streamed_heads_logprobs_match_the_streaming_policy(tmp_path):
 
 
 def test_streaming_head_search_ablation_order(monkeypatch, tmp_path):
-    """scripts/search_streaming_heads.py --criterion ablation on a tiny model: every head gets a
-    distinct elimination rank and the written config keeps the heads eliminated last."""
+    """scripts/tools/search_streaming_heads.py --criterion ablation on a tiny model: every head
+    gets a distinct elimination rank and the written config keeps the heads eliminated last."""
     import argparse
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "search_streaming_heads.py"
-    spec = importlib.util.spec_from_file_location("search_streaming_heads", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts.tools import search_streaming_heads as mod
+
     model = peaked_tiny_model(3, 1)
     rng = np.random.default_rng(7)
 

@@ -1,17 +1,35 @@
 """`jaxprefill analyze` (attention statistics + pictures) and `jaxprefill eval` (task accuracy).
 
-    jaxprefill analyze --length 4096 --policies flexprefill xattention --layer 12 --out-dir out/
-    jaxprefill eval --policies dense flexprefill --lengths 4096 8192 --tasks passkey \
-        --depths 5 --seeds 4 --out benchmarks/results/sparse_smollm2.md
-Policies are names (paper defaults) or YAML files (configs/sparse/*.yaml); label = file stem.
+    jaxprefill analyze --length 4096 --sparse flexprefill xattention --layer 12 --out-dir out/
+    jaxprefill eval --model smollm2-135m-instruct --sparse configs/sparse/flexprefill_smollm2.yaml \
+        --lengths 4096 8192 --samples 20 --split dev --out-dir eval/dev
+
+Sparse configs: policy names (paper defaults), YAML files (configs/sparse/*.yaml; label = file
+stem) or ``name:key=value,...`` (parameters of one policy for every layer; label = the spec).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxprefill as jp
+from jaxprefill.eval import haystack as hay
+from jaxprefill.eval import plots, report, suite
+from jaxprefill.eval.probe import layer_qkv
+from jaxprefill.eval.runner import attention_stats, markdown_table, prompt_tokens
+from jaxprefill.eval.tasks import TASKS
+from jaxprefill.sparse import SparseConfig
+from jaxprefill.sparse.base import make_geometry
+from jaxprefill.sparse.oracle import exact_block_mass
+from jaxprefill.validate import InputError, as_input_error
 
 
 def register(sub) -> None:
@@ -23,48 +41,165 @@ def register(sub) -> None:
     an.add_argument("--head", type=int, default=0, help="query head drawn in the heatmap")
     an.add_argument("--out-dir", default=None, help="write heatmap.png, density_recall.png, "
                                                     "stats.md, stats.json here")
-    an.set_defaults(func=run_analyze)
+    an.set_defaults(func=run_analyze, sparse=["flexprefill"])
 
-    ev = sub.add_parser("eval", help="sparse prefill: synthetic long-context task accuracy")
+    ev = sub.add_parser(
+        "eval", help="long-context accuracy (RULER-style tasks), dense vs sparse prefill",
+        description="Answers synthetic long-context tasks greedily with dense prefill and with "
+                    "each --sparse config on the same samples; writes answers.jsonl (resumable: "
+                    "rerun the same command to continue), report.md (accuracy with Wilson "
+                    "intervals, paired differences against dense, density / recall), "
+                    "summary.json and accuracy.png to --out-dir.")
     _common(ev)
-    ev.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    ev.add_argument("--tasks", nargs="+", default=["passkey"])
-    ev.add_argument("--depths", type=int, default=5, help="needle depths in [0, 1]")
-    ev.add_argument("--seeds", type=int, default=4, help="samples per depth")
-    ev.add_argument("--max-new-tokens", type=int, default=16)
-    ev.add_argument("--out", default=None, help="markdown summary (a .jsonl of every answer "
-                                                "is written beside it)")
-    ev.set_defaults(func=run_eval)
+    ev.add_argument("--adapter", default=None,
+                    help="adapter weights passed to jp.load(adapter=...) (needs a jp.load that "
+                         "takes one)")
+    ev.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
+                    help=f"default: all of {' '.join(TASKS)}")
+    ev.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192],
+                    help="prompt lengths in tokens (chat template included); capped at the "
+                         "model's context minus the generated tokens")
+    ev.add_argument("--depths", type=float, nargs="+", default=[5],
+                    help="needle depths in [0, 1], or one integer n >= 2 for n evenly spaced "
+                         "depths from 0 to 1 (default 5)")
+    ev.add_argument("--samples", type=int, default=20,
+                    help="samples per (task, length), spread over the depths")
+    ev.add_argument("--split", choices=hay.SPLITS, default="dev",
+                    help="dev: tune defaults here; test: report here (other documents, other "
+                         "seeds)")
+    ev.add_argument("--haystack", choices=("code", "prose", "mixed"), default="mixed",
+                    help="haystack text (qa always uses prose, cwe a word list)")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tokens generated per answer (default: per task, 32 to 128)")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="rows per prefill call (default: about 64K tokens per batch)")
+    ev.add_argument("--stats-prompts", type=int, default=4,
+                    help="prompts per length for density / recall (0: skip)")
+    ev.add_argument("--stats-rows", type=int, default=32,
+                    help="sampled query rows per prompt for recall")
+    ev.add_argument("--out-dir", required=True, help="output directory (resumable)")
+    ev.set_defaults(func=run_eval, sparse=[])
 
 
 def _common(p) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--policies", nargs="+", default=["flexprefill"],
-                   help="policy names or YAML configs (dense is always the baseline)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="bundled model name, HF directory or .gguf file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--sparse", "--policies", dest="sparse", nargs="+",
+                   help="sparse configs: policy names, YAML files or name:key=value,... "
+                        "(dense is always the baseline)")
+
+
+def parse_spec(spec: str):
+    """(label, SparseConfig or None for dense) of one --sparse spec (see module docstring)."""
+    if spec == "dense":
+        return "dense", None
+    with as_input_error(f"--sparse {spec}"):
+        if spec.endswith((".yaml", ".yml")):
+            if not Path(spec).is_file():
+                raise FileNotFoundError(2, "no such sparse config file", spec)
+            return Path(spec).stem, SparseConfig.parse(spec)
+        name, _, params = spec.partition(":")
+        kv = {}
+        for item in filter(None, params.split(",")):
+            key, eq, val = item.partition("=")
+            if not eq or not key:
+                raise InputError(f"expected key=value, got {item!r}")
+            kv[key] = _value(val)
+        return spec, SparseConfig.parse({"policy": name, "params": kv})
+
+
+def _value(text: str):
+    """'true' / 'false' -> bool, then int, float, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def configs(specs: list[str]) -> dict:
-    from jaxprefill.sparse import SparseConfig
+    """--sparse specs -> {label: SparseConfig or None}, dense first; duplicate labels refused."""
+    out: dict = {"dense": None}
+    for spec in specs or []:
+        label, cfg = parse_spec(spec)
+        if label in out and label != "dense":
+            raise InputError(f"--sparse: two configs are labelled {label!r}")
+        out[label] = cfg
+    return out
 
-    return {Path(s).stem if s.endswith((".yaml", ".yml")) else s: SparseConfig.parse(s)
-            for s in specs}
+
+def depth_list(values: list[float]) -> list[float]:
+    """--depths: one integer n >= 2 -> n evenly spaced depths in [0, 1]; else the values."""
+    if len(values) == 1 and values[0] >= 2 and float(values[0]).is_integer():
+        return np.linspace(0.0, 1.0, int(values[0])).round(3).tolist()
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise InputError(f"--depths: depths must lie in [0, 1] (or give one integer n >= 2), "
+                         f"got {bad}")
+    return sorted(set(values))
+
+
+def load_model(model: str, dtype: str, adapter: str | None = None):
+    """jp.load(model, dtype=...), passing ``adapter`` when given. jp.load's signature decides:
+    a jp.load without an ``adapter`` parameter makes --adapter an error, not a silent no-op."""
+    kwargs = {"dtype": dtype}
+    if adapter is not None:
+        if "adapter" not in inspect.signature(jp.load).parameters:
+            raise InputError("--adapter: this jaxprefill's jp.load() takes no adapter argument")
+        kwargs["adapter"] = adapter
+    model_, tok = jp.load(model, **kwargs)
+    if tok is None:
+        raise InputError(f"--model {model} has no tokenizer files; the tasks need one")
+    return model_, tok
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    cfgs = configs(args.sparse)  # every check that needs no model first
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--batch-size", args.batch_size, 1),
+                               ("--stats-prompts", args.stats_prompts, 0),
+                               ("--stats-rows", args.stats_rows, 1)):
+        if value is not None and value < least:
+            raise InputError(f"{flag} must be >= {least}, got {value}")
+    plan = suite.EvalPlan(tuple(args.tasks), tuple(args.lengths),
+                          tuple(depth_list(args.depths)), args.samples, args.split,
+                          args.haystack)
+    model, tok = load_model(args.model, args.dtype, args.adapter)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    answers, stats = suite.run(
+        model, tok, cfgs, plan, args.out_dir,
+        {"model": args.model, "adapter": args.adapter, "dtype": args.dtype},
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        stats_prompts=args.stats_prompts, stats_rows=args.stats_rows, log=log)
+    meta = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype,
+            "split": plan.split, "tasks": list(plan.tasks), "lengths": list(plan.lengths),
+            "depths": list(plan.depths), "samples": plan.samples, "haystack": plan.haystack,
+            "configs": list(cfgs), "device": jax.devices()[0].device_kind}
+    report.write(args.out_dir, answers, stats, meta)
+    print((Path(args.out_dir) / "report.md").read_text())
+    log(f"wrote {args.out_dir}/report.md, summary.json, accuracy.png, answers.jsonl")
+    return 0
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-    import numpy as np
-
-    import jaxprefill as jp
-    from jaxprefill.eval import plots
-    from jaxprefill.eval.probe import capture_qkv
-    from jaxprefill.eval.runner import attention_stats, markdown_table, prompt_tokens
-    from jaxprefill.sparse.oracle import exact_block_mass
-    from jaxprefill.sparse.base import make_geometry
-
-    model, tok = jp.load(args.model)
+    cfgs = {k: v for k, v in configs(args.sparse).items() if v is not None}
+    if not cfgs:
+        raise InputError("--sparse: analyze needs at least one sparse config")
+    model, tok = load_model(args.model, args.dtype)
+    if not 0 <= args.layer < model.config.num_layers:
+        raise InputError(f"--layer must be in [0, {model.config.num_layers}), got {args.layer}")
+    if not 0 <= args.head < model.config.num_heads:
+        raise InputError(f"--head must be in [0, {model.config.num_heads}), got {args.head}")
     tokens = prompt_tokens(tok, args.length)
-    cfgs = configs(args.policies)
-    rows = attention_stats(model, tokens, cfgs, rows=args.rows, log=lambda m: print(m, file=sys.stderr))
+    rows = attention_stats(model, tokens, cfgs, rows=args.rows,
+                           log=lambda m: print(m, file=sys.stderr))
     cols = ["policy", "length", "density", "recall", "min_head_recall", "output_error"]
     table = markdown_table(rows, cols)
     print(table)
@@ -73,8 +208,11 @@ def run_analyze(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.md").write_text(table + "\n")
         (out / "stats.json").write_text(json.dumps(rows))
-        q, k, _ = capture_qkv(model, jnp.asarray(tokens))
-        ql, kl = q[args.layer], k[args.layer]
+        ql = kl = None
+        for layer, q, k, _ in layer_qkv(model, jnp.asarray(tokens)):
+            if layer == args.layer:
+                ql, kl = q, k
+                break
         masks = {}
         for name, cfg in cfgs.items():
             policy = cfg.policy_for(args.layer)
@@ -84,34 +222,11 @@ def run_analyze(args: argparse.Namespace) -> int:
                 m = np.asarray(policy.block_mask(ql, kl, layer=args.layer))[0]
                 masks[name] = m[args.head * m.shape[0] // ql.shape[2]]
         block = next(iter(cfgs.values())).rules[0].policy.block_size
-        mass = np.asarray(exact_block_mass(ql, kl, make_geometry(ql, kl, block, None)))[0, args.head]
+        geometry = make_geometry(ql, kl, block, None)
+        mass = np.asarray(exact_block_mass(ql, kl, geometry))[0, args.head]
         plots.mask_heatmaps(str(out / "heatmap.png"), mass, masks,
                             f"{args.model}, {tokens.shape[1]} tokens, layer {args.layer} "
                             f"head {args.head}")
         plots.density_recall(str(out / "density_recall.png"), rows)
         print(f"wrote {out}/heatmap.png, density_recall.png, stats.md", file=sys.stderr)
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    import jaxprefill as jp
-    from jaxprefill.eval.runner import markdown_table, summarize_accuracy, task_accuracy
-
-    model, tok = jp.load(args.model)
-    cfgs = {"dense": None, **{k: v for k, v in configs(args.policies).items() if k != "dense"}}
-    depths = np.linspace(0.0, 1.0, args.depths).round(3).tolist()
-    jsonl = Path(args.out).with_suffix(".jsonl") if args.out else None
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    rows = task_accuracy(model, tok, cfgs, args.tasks, args.lengths, depths,
-                         range(args.seeds), args.max_new_tokens, log=log, jsonl=jsonl)
-    table = markdown_table(summarize_accuracy(rows),
-                           ["config", "task", "length", "correct", "samples", "accuracy"])
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
     return 0

@@ -104,8 +104,34 @@ def _keep_stats(q, k, v, keep, rows):
 def keep_recall_error(q, k, v, keep, rows) -> tuple[np.ndarray, np.ndarray]:
     """:func:`row_recall_error` from a token-level keep bool [B, Hq or Hkv, R, S] (policies
     whose selection is not a block mask of the original keys, e.g. pbs)."""
-    recall, err = _keep_stats(q, k, v, jnp.asarray(keep), jnp.asarray(rows))
-    return (np.asarray(recall, np.float64).mean(axis=2), np.asarray(err, np.float64).mean(axis=2))
+    keep, rows = jnp.asarray(keep), jnp.asarray(rows)
+    return _by_kv_heads(lambda qs, ks, vs, sl: _keep_stats(qs, ks, vs, keep[:, sl], rows),
+                        q, k, v, keep.shape[1], rows.shape[1])
+
+
+# Bytes of float32 [B, Hq, R, S] intermediates one stats call may hold (logits, probabilities,
+# kept mass, ...: about 6 such buffers). Larger calls are split over groups of KV heads.
+STATS_CALL_BYTES = 1 << 30
+
+
+def _by_kv_heads(fn, q, k, v, mask_heads: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``fn(q, k, v, mask head slice) -> (recall, err) [B, Hq', R]`` over groups of KV
+    heads small enough for :data:`STATS_CALL_BYTES`; returns row-mean float64 ([B, Hq],
+    [B, Hq]). Every group has the same shape (one compile)."""
+    b, s, hq, _ = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    per_kv = 6 * 4 * b * g * n_rows * s + 4 * b * s * g * q.shape[3]  # + v repeated per group
+    fit = max(1, min(hkv, STATS_CALL_BYTES // max(per_kv, 1)))
+    step = max(d for d in range(1, fit + 1) if hkv % d == 0)
+    recall, err = [], []
+    for h0 in range(0, hkv, step):
+        m0, m1 = (h0 * g, (h0 + step) * g) if mask_heads == hq else (h0, h0 + step)
+        r, e = fn(q[:, :, h0 * g:(h0 + step) * g], k[:, :, h0:h0 + step], v[:, :, h0:h0 + step],
+                  slice(m0, m1))
+        recall.append(np.asarray(r, np.float64).mean(axis=2))
+        err.append(np.asarray(e, np.float64).mean(axis=2))
+    return np.concatenate(recall, axis=1), np.concatenate(err, axis=1)
 
 
 def head_stats(q, k, v, mask, lengths, block: int, rows: np.ndarray) -> LayerStats:
@@ -124,5 +150,7 @@ def row_recall_error(q, k, v, mask, rows, block: int) -> tuple[np.ndarray, np.nd
     """Per batch row and query head: mean recall and mean output error over the sampled query
     rows (shapes as in :func:`head_stats`; ``block`` tokens per mask block). Returns float64
     numpy ([B, Hq], [B, Hq])."""
-    recall, err = _row_stats(q, k, v, jnp.asarray(mask), jnp.asarray(rows), int(block))
-    return (np.asarray(recall, np.float64).mean(axis=2), np.asarray(err, np.float64).mean(axis=2))
+    mask, rows = jnp.asarray(mask), jnp.asarray(rows)
+    return _by_kv_heads(lambda qs, ks, vs, sl: _row_stats(qs, ks, vs, mask[:, sl], rows,
+                                                          int(block)),
+                        q, k, v, mask.shape[1], rows.shape[1])

@@ -1,4 +1,5 @@
-"""PNG pictures (matplotlib, Agg): dense attention beside policy masks; density vs recall."""
+"""PNG pictures (matplotlib, Agg): dense attention beside policy masks; density vs recall;
+accuracy vs prompt length per config."""
 
 from __future__ import annotations
 
@@ -51,6 +52,43 @@ def density_recall(path: str, rows: list[dict]) -> None:
     ax.set_xlim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_length(path: str, rows: list[dict], configs: list[str], tasks: list[str],
+                       title: str) -> None:
+    """Accuracy against prompt length, one line per config with 95% Wilson error bars; one
+    panel per task plus the pooled ``all`` panel. ``rows``: ``report.accuracy_rows`` output
+    (keys config, task, length, accuracy, low, high; pooled lengths are skipped)."""
+    plt = _plt()
+    panels = ["all"] + list(tasks)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False)
+    for ax, task in zip(axes.ravel(), panels):
+        for i, config in enumerate(configs):
+            pts = sorted((r["length"], r["accuracy"], r["low"], r["high"]) for r in rows
+                         if r["config"] == config and r["task"] == task
+                         and isinstance(r["length"], int))
+            if not pts:
+                continue
+            x, y, lo, hi = (np.asarray(v, float) for v in zip(*pts))
+            x = x * (1 + 0.03 * (i - (len(configs) - 1) / 2))  # spread overlapping error bars
+            err = np.maximum(0.0, [y - lo, hi - y])  # rounding can leave -1e-17
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, lw=1.2,
+                        label=config)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(task, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("prompt tokens", fontsize=8)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("accuracy")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

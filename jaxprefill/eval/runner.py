@@ -1,65 +1,121 @@
-"""Evaluation drivers: attention statistics per policy, and task accuracy dense vs sparse.
+"""Evaluation drivers: attention statistics per sparse config, and greedy answers.
 
-Both write plain rows (dicts) that :func:`markdown_table` renders; the CLI (`jaxprefill analyze`,
-`jaxprefill eval`) and scripts call these.
+* :func:`prompt_attention_stats` / :func:`attention_stats`: density, attention recall and output
+  error of each config's layouts, from the dense forward's q/k/v, computed one chunk of prompts
+  and one layer at a time (memory bounded whatever the number of prompts or layers; inside a
+  layer the recall computation is split over groups of KV heads, see
+  ``metrics.STATS_CALL_BYTES``).
+* :func:`greedy_answers`: greedy completions of a fixed-shape batch, prefill through a sparse
+  config, decode dense.
+
+Rows are plain dicts that :func:`markdown_table` renders; `jaxprefill analyze` /
+`jaxprefill eval` (``jaxprefill.eval.cli`` / ``suite``) and scripts call these.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxprefill.decoding import Sampling, decode_step, prefill_step, sparse_graphdef
 from jaxprefill.eval.metrics import keep_recall_error, row_density, row_recall_error, sample_rows
-from jaxprefill.eval.probe import capture_qkv
+from jaxprefill.eval.probe import layer_qkv
 from jaxprefill.eval.tasks import make_sample
+from jaxprefill.models import KVCache
 from jaxprefill.sparse import SparseConfig
+
+_METRICS = ("density", "recall", "output_error")
 
 
 def prompt_tokens(tokenizer, length: int, seed: int = 0, task: str = "passkey") -> np.ndarray:
-    """int32 [1, ~length] tokens of a real long prompt (a synthetic-task sample)."""
+    """int32 [1, ~length] tokens of a real long prompt (a synthetic-task sample, dev split)."""
     s = make_sample(tokenizer, task, length, 0.5, seed)
     return np.asarray([tokenizer.encode_prompt(s.messages, chat=True)], np.int32)
 
 
+def layer_head_stats(model, tokens: np.ndarray, lengths, configs: dict[str, SparseConfig | None],
+                     rows: int = 64, chunk: int = 1, min_pos: int = 256,
+                     log: Callable[[str], None] = print) -> dict[str, dict[str, np.ndarray]]:
+    """Per config, layer, prompt and query head: density, recall and output error.
+
+    tokens int32 [N, S] right-padded prompts, lengths [N] valid tokens. Prompts go through the
+    dense model ``chunk`` at a time (the last chunk padded with copies of its first row), one
+    layer at a time (:func:`jaxprefill.eval.probe.layer_qkv`); each config's layout of a layer
+    is built from that layer's q/k/v (the activations a first sparse layer would see). Recall
+    and error are exact on ``rows`` sampled query positions per prompt (from ``min_pos`` on).
+    Layers a config leaves dense, and prompts shorter than its ``min_length``, count as density
+    1, recall 1, error 0 (what the model runs).
+    Returns {config: {"density" | "recall" | "output_error": float64 [L, N, Hq]}}.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    lens = np.asarray(lengths, np.int32)
+    n = tokens.shape[0]
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    n_layers, hq = model.config.num_layers, model.config.num_heads
+    sampled = sample_rows(lens, rows, min_pos=min_pos)
+    out = {name: {m: np.zeros((n_layers, n, hq)) for m in _METRICS} for name in configs}
+    for name in configs:
+        out[name]["density"][:] = 1.0
+        out[name]["recall"][:] = 1.0
+    for c0 in range(0, n, chunk):
+        t0 = time.perf_counter()
+        idx = np.arange(c0, c0 + chunk)
+        real = idx < n
+        idx = np.where(real, idx, c0)  # pad a short last chunk with copies of its first row
+        for layer, q, k, v in layer_qkv(model, jnp.asarray(tokens[idx])):
+            for name, cfg in configs.items():
+                policy = cfg.policy_for(layer) if cfg is not None else None
+                if policy is None:
+                    continue
+                d, r, e = layer_stats(policy, layer, q, k, v, lens[idx], sampled[idx])
+                sparse_rows = real & (lens[idx] >= cfg.min_length)
+                for m, x in zip(_METRICS, (d, r, e)):
+                    out[name][m][layer, idx[sparse_rows]] = x[sparse_rows]
+            del q, k, v
+        log(f"  stats: prompts {c0 + 1}-{min(c0 + chunk, n)} of {n} "
+            f"({time.perf_counter() - t0:.1f}s)")
+    return out
+
+
+def prompt_attention_stats(model, tokens: np.ndarray, lengths, configs: dict,
+                           rows: int = 64, chunk: int = 1,
+                           log: Callable[[str], None] = print) -> dict[str, dict[str, np.ndarray]]:
+    """Per config and prompt, averaged over layers and heads (see :func:`layer_head_stats`):
+    {config: {"density", "recall", "min_head_recall", "output_error": float64 [N]}}."""
+    per = layer_head_stats(model, tokens, lengths, configs, rows=rows, chunk=chunk, log=log)
+    return {name: _reduce(s) for name, s in per.items()}
+
+
+def _reduce(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"density": s["density"].mean(axis=(0, 2)), "recall": s["recall"].mean(axis=(0, 2)),
+            "min_head_recall": s["recall"].min(axis=(0, 2)),
+            "output_error": s["output_error"].mean(axis=(0, 2))}
+
+
 def attention_stats(model, tokens: np.ndarray, configs: dict[str, SparseConfig],
                     rows: int = 64, log: Callable[[str], None] = print) -> list[dict]:
-    """Per policy: mean density, recall and output error over layers and heads.
-
-    One dense forward captures every layer's q, k, v; each policy's layout is built from them
-    (the activations a first sparse layer would see; later layers see slightly different ones
-    in a sparse forward). Recall and error are exact on ``rows`` sampled query rows per prompt.
-    Layers a config leaves dense count as density 1, recall 1.
-    """
-    q_all, k_all, v_all = capture_qkv(model, jnp.asarray(tokens))
+    """Per config: mean density, recall and output error over layers and heads of the prompts
+    ``tokens`` int32 [B, S] (all S tokens valid), with per-layer and per-head values for plots.
+    Computed by :func:`layer_head_stats` (memory bounded)."""
     b, s = tokens.shape
-    sampled = sample_rows(np.full(b, s), rows, min_pos=min(s - 1, 256))
+    per = layer_head_stats(model, tokens, np.full(b, s), configs, rows=rows,
+                           min_pos=min(s - 1, 256), log=log)
     out = []
-    for name, cfg in configs.items():
-        t0 = time.perf_counter()
-        dens, rec, err, per_layer = [], [], [], []
-        for layer in range(q_all.shape[0]):
-            policy = cfg.policy_for(layer)
-            if policy is None or s < cfg.min_length:
-                d, r, e = np.ones(q_all.shape[3]), np.ones(q_all.shape[3]), np.zeros(q_all.shape[3])
-            else:
-                d, r, e = (x.mean(axis=0) for x in layer_stats(
-                    policy, layer, q_all[layer], k_all[layer], v_all[layer], np.full(b, s),
-                    sampled))
-            dens.append(d)
-            rec.append(r)
-            err.append(e)
-            per_layer.append((float(np.mean(d)), float(np.mean(r))))
-        row = {"policy": name, "length": s, "density": float(np.mean(dens)),
-               "recall": float(np.mean(rec)), "min_head_recall": float(np.min(rec)),
-               "output_error": float(np.mean(err)), "per_layer": per_layer,
-               "per_head_density": np.concatenate(dens).tolist(),
-               "per_head_recall": np.concatenate(rec).tolist()}
+    for name, st in per.items():
+        dens, rec, err = (st[m].mean(axis=1) for m in _METRICS)  # [L, Hq]
+        row = {"policy": name, "length": s, "density": float(dens.mean()),
+               "recall": float(rec.mean()), "min_head_recall": float(rec.min()),
+               "output_error": float(err.mean()),
+               "per_layer": [(float(d.mean()), float(r.mean())) for d, r in zip(dens, rec)],
+               "per_head_density": dens.ravel().tolist(), "per_head_recall": rec.ravel().tolist()}
         log(f"  {name:>14s} @ {s}: density {row['density']:.3f} recall {row['recall']:.4f} "
-            f"err {row['output_error']:.4f} ({time.perf_counter() - t0:.0f}s)")
+            f"err {row['output_error']:.4f}")
         out.append(row)
     return out
 
@@ -112,6 +168,9 @@ def column_layout_stats(layout, q, k, v, lengths: np.ndarray, sampled: np.ndarra
     return d, r, e
 
 
+_MASK_FNS: dict = {}
+
+
 def _layout_fn(policy, layer: int):
     layer = policy.layer_key(layer)
     key = (policy, layer, "layout")
@@ -119,9 +178,6 @@ def _layout_fn(policy, layer: int):
         _MASK_FNS[key] = jax.jit(lambda q, k, lengths: policy.build(
             q, k, layer=layer, lengths=lengths))
     return _MASK_FNS[key]
-
-
-_MASK_FNS: dict = {}
 
 
 def _fold_pbs(mask: np.ndarray, n: int) -> np.ndarray:
@@ -150,130 +206,95 @@ def _mask_fn(policy, layer: int):
 
 def row_attention_stats(q_all: jax.Array, k_all: jax.Array, v_all: jax.Array,
                         lengths: np.ndarray, configs: dict[str, SparseConfig], rows: int = 64,
-                        log: Callable[[str], None] = print) -> dict[str, dict[str, np.ndarray]]:
-    """Per config and batch row: density and attention recall averaged over layers and heads.
+                        log: Callable[[str], None] = print,
+                        chunk: int = 4) -> dict[str, dict[str, np.ndarray]]:
+    """Per config and batch row: density and attention recall averaged over layers and heads,
+    from q/k/v captured beforehand.
 
     q_all [L, B, S, Hq, D], k_all / v_all [L, B, S, Hkv, D] (``capture_qkv`` of right-padded
-    rows), lengths int [B] valid tokens per row. Rows of different lengths share one batch (and
-    one compiled mask function per policy): each row's layout equals its layout alone. Recall is
-    exact on ``rows`` sampled query positions per row; layers a config leaves dense count as
-    density 1, recall 1. Returns {config: {"density": [B], "recall": [B],
+    rows), lengths int [B] valid tokens per row. Rows go through the policies ``chunk`` at a
+    time (a short last chunk padded with copies of its first row: one compile per shape); each
+    row's layout equals its layout alone. Prefer :func:`prompt_attention_stats`, which never
+    holds every layer's activations. Returns {config: {"density": [B], "recall": [B],
     "min_head_recall": [B], "output_error": [B]}} as float64 numpy.
     """
     n_layers, b, s, hq = q_all.shape[:4]
+    chunk = max(1, min(chunk, b))
     lens = np.asarray(lengths, np.int32)
     sampled = sample_rows(lens, rows, min_pos=256)
     out = {}
     for name, cfg in configs.items():
         t0 = time.perf_counter()
-        dens, rec, err = [], [], []  # each [L] of [B, Hq]
+        st = {m: np.zeros((n_layers, b, hq)) for m in _METRICS}
+        st["density"][:] = 1.0
+        st["recall"][:] = 1.0
         for layer in range(n_layers):
             policy = cfg.policy_for(layer) if cfg is not None else None
             if policy is None:
-                dens.append(np.ones((b, hq)))
-                rec.append(np.ones((b, hq)))
-                err.append(np.zeros((b, hq)))
                 continue
-            d, r, e = layer_stats(policy, layer, q_all[layer], k_all[layer], v_all[layer], lens,
-                                  sampled)
-            # Rows shorter than min_length are dense in the model: measure what the model runs.
-            short = lens < cfg.min_length
-            dens.append(np.where(short[:, None], 1.0, d))
-            rec.append(np.where(short[:, None], 1.0, r))
-            err.append(np.where(short[:, None], 0.0, e))
-        dens, rec, err = np.stack(dens), np.stack(rec), np.stack(err)  # [L, B, Hq]
-        out[name] = {"density": dens.mean(axis=(0, 2)), "recall": rec.mean(axis=(0, 2)),
-                     "min_head_recall": rec.min(axis=(0, 2)), "output_error": err.mean(axis=(0, 2))}
+            for c0 in range(0, b, chunk):
+                idx = np.arange(c0, c0 + chunk)
+                real = idx < b
+                idx = np.where(real, idx, c0)
+                d, r, e = layer_stats(policy, layer, q_all[layer][idx], k_all[layer][idx],
+                                      v_all[layer][idx], lens[idx], sampled[idx])
+                # Rows shorter than min_length are dense in the model: measure what it runs.
+                keep = real & (lens[idx] >= cfg.min_length)
+                for m, x in zip(_METRICS, (d, r, e)):
+                    st[m][layer, idx[keep]] = x[keep]
+        out[name] = _reduce(st)
         log(f"  stats {name:>20s}: density {out[name]['density'].mean():.3f} recall "
             f"{out[name]['recall'].mean():.4f} ({time.perf_counter() - t0:.0f}s)")
     return out
 
 
 def greedy_answers(model, tokenizer, tokens: np.ndarray, lengths: np.ndarray,
-                   sparse: SparseConfig | None, max_new_tokens: int) -> tuple[list[str], float]:
+                   sparse: SparseConfig | None, max_new_tokens: int,
+                   cache_len: int | None = None) -> tuple[list[str], float]:
     """Greedy completions of right-padded prompt rows, prefill sparse, decode dense.
 
-    tokens int32 [B, P] (P a multiple of 64: one compiled prefill per shape and config),
-    lengths [B]. Same computation as ``jp.generate(..., sparse=...)`` (whose decode is dense
-    too), but the decode step is compiled once for the dense graph and shared by every config,
-    and no EOS early exit (a fixed number of steps; text is cut at the first EOS).
+    tokens int32 [B, P] (one compiled prefill per shape and config), lengths [B]. Same
+    computation as ``jp.generate(..., sparse=...)`` (whose decode is dense too), but the decode
+    step is compiled once for the dense graph and shared by every config. ``cache_len`` (>= P +
+    max_new_tokens; default exactly that) fixes the cache shape, so calls with different
+    ``max_new_tokens`` share one compiled decode step. Decoding stops once every row has
+    produced an EOS; text is cut at the first EOS.
     Returns (texts, seconds of the prefill call, compile included on a first call).
     """
-    from flax import nnx
-
-    from jaxprefill.decoding import Sampling, decode_step, prefill_step, sparse_graphdef
-    from jaxprefill.models import KVCache
-
     graphdef, state = nnx.split(model)
     pre_graph = graphdef if sparse is None else sparse_graphdef(model, sparse)
     b, p = tokens.shape
-    cache = KVCache.zeros(model.config, b, p + max_new_tokens, model.dtype)
+    cache_len = p + max_new_tokens if cache_len is None else cache_len
+    if cache_len < p + max_new_tokens:
+        raise ValueError(f"cache_len {cache_len} < prompt {p} + max_new_tokens {max_new_tokens}")
+    cache_class = getattr(model, "cache_class", KVCache)  # DeepSeek: paged latent cache
+    cache = cache_class.zeros(model.config, b, cache_len, model.dtype)
     sampling = Sampling.make(b)
+    eos = np.asarray(sorted(int(e) for e in (tokenizer.eos_token_ids
+                                             or model.config.eos_token_ids)), np.int64)
     t0 = time.perf_counter()
     nxt, cache = prefill_step(pre_graph, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                          sampling)
+                              sampling)
     nxt = np.asarray(nxt)
     prefill_s = time.perf_counter() - t0
     out = [nxt]
+    done = np.isin(nxt, eos)
     index = np.asarray(lengths, np.int32).copy()
     for step in range(1, max_new_tokens):
+        if done.all():
+            break
         nxt, cache = decode_step(graphdef, state, jnp.asarray(nxt[:, None]), jnp.asarray(index),
-                             cache, sampling, step)
+                                 cache, sampling, step)
         nxt = np.asarray(nxt)
         out.append(nxt)
+        done |= np.isin(nxt, eos)
         index += 1
-    gen = np.stack(out, axis=1)  # [B, max_new_tokens]
-    eos = set(int(e) for e in (tokenizer.eos_token_ids or model.config.eos_token_ids))
-    texts = []
+    gen = np.stack(out, axis=1)  # [B, steps]
+    texts, eos_ids = [], set(eos.tolist())
     for row in gen.tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
         texts.append(tokenizer.decode(row[:cut]))
     return texts, prefill_s
-
-
-def task_accuracy(model, tokenizer, configs: dict[str, SparseConfig | None], tasks: Iterable[str],
-                  lengths: Iterable[int], depths: Iterable[float], seeds: Iterable[int],
-                  max_new_tokens: int = 24, log: Callable[[str], None] = print,
-                  jsonl=None) -> list[dict]:
-    """Greedy answers of every (task, length, depth, seed) sample under each config.
-
-    Returns one row per (config, task, length, sample): score, prefill seconds, answer text.
-    Each row is also appended to ``jsonl`` (a path) as it completes, so long runs keep partial
-    results.
-    """
-    import json
-
-    import jaxprefill as jp
-
-    rows = []
-    for task in tasks:
-        for length in lengths:
-            for depth in depths:
-                for seed in seeds:
-                    sample = make_sample(tokenizer, task, length, depth, seed)
-                    for name, cfg in configs.items():
-                        outs = jp.generate(model, tokenizer, [sample.messages], chat=True,
-                                           max_new_tokens=max_new_tokens, sparse=cfg)
-                        text = outs[0].text
-                        rows.append({"config": name, "task": task, "length": length,
-                                     "depth": depth, "seed": seed, "score": sample.score(text),
-                                     "prefill_s": outs.stats.prefill_s, "text": text.strip()})
-                        if jsonl is not None:
-                            with open(jsonl, "a") as f:
-                                f.write(json.dumps(rows[-1]) + "\n")
-                        log(f"  {task} L={length} depth={depth:.2f} seed={seed} {name:>12s}: "
-                            f"{'ok ' if rows[-1]['score'] else 'MISS'} "
-                            f"({outs.stats.prefill_s:.1f}s) {text.strip()[:40]!r}")
-    return rows
-
-
-def summarize_accuracy(rows: list[dict]) -> list[dict]:
-    """Mean score and sample count per (config, task, length)."""
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["task"], r["length"]), []).append(r["score"])
-    return [{"config": c, "task": t, "length": n, "correct": int(sum(v)), "samples": len(v),
-             "accuracy": float(np.mean(v))} for (c, t, n), v in groups.items()]
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -1,80 +1,146 @@
-"""Synthetic long-context tasks over a haystack of Python standard-library text (no downloads).
+"""Synthetic long-context tasks (RULER-style) over the committed haystack documents.
 
-RULER-style tasks, generated deterministically from (task, target length, depth, seed):
+Each sample is a deterministic function of (task, target length, depth, seed, split, haystack
+kind); the haystack text comes from :mod:`jaxprefill.eval.haystack` (never from the running
+interpreter), so every machine builds the same prompts for the same tokenizer.
 
 * ``passkey``: "The pass key is N. Remember it. N is the pass key." (InfiniteBench passkey).
 * ``niah_single``: one "special magic number for <key>" needle (RULER niah_single).
-* ``niah_multikey``: 4 needles with different keys, ask one (RULER niah_multikey).
-* ``niah_multivalue``: 4 numbers for one key, ask all (RULER niah_multivalue; all must appear).
+* ``niah_multikey``: 4 needles with different keys, ask one (RULER niah_multikey); naming
+  another key's number is wrong.
+* ``niah_multivalue``: 4 numbers for one key, ask all (RULER niah_multivalue).
 * ``vt``: variable tracking, a 4-hop chain VAR A = N, VAR B = VAR A, ... (RULER vt; all names).
+* ``cwe``: common-word extraction: a numbered list where 10 words appear 30 times and the
+  others 3 times (below 4096 tokens: 2 times and once, as RULER does); name the 10 most
+  frequent (RULER cwe; the words come from the split's prose). No needle: depth is None.
+* ``qa``: a fact sentence about an invented person placed in prose, asked as a question, with
+  two facts of the same form about other people as distractors.
 
-The haystack is the text of stdlib modules (sorted file list, shuffled by seed), trimmed so the
-whole chat prompt has about ``length`` tokens. Needles go in at ``depth`` (0 = start, 1 = end),
-at a line boundary; extra needles of a task spread around it.
+Needles go in at ``depth`` (0 = start, 1 = end) at a line boundary (prose: after a sentence or
+a paragraph); extra needles of a task spread around it. The haystack is trimmed so the whole
+chat prompt has at most ``length`` tokens.
+
+Scoring (:meth:`Sample.score`): 1.0 iff every expected answer occurs in the normalized answer
+text as whole words (lower case, punctuation and articles dropped: SQuAD's normalization) and
+no distractor does; :meth:`Sample.partial` is the fraction of expected answers found (RULER's
+string_match_all).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
-import sysconfig
-from pathlib import Path
+import re
+from typing import Callable
 
-TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt")
+from jaxprefill.eval import haystack as hay
+from jaxprefill.validate import InputError
+
+TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "qa")
+# Tokens to generate per task: the answer plus a preamble ("The special magic numbers for x
+# are: ..."); tokenizers that split numbers into digits need 6 tokens per 6-digit value.
+MAX_NEW_TOKENS = {"passkey": 32, "niah_single": 32, "niah_multikey": 32, "niah_multivalue": 96,
+                  "vt": 64, "cwe": 128, "qa": 32}
+# Haystack kinds a task can use; the first is its default.
+HAYSTACKS = {"cwe": ("words",), "qa": ("prose",)}
 _WORDS = ("amber", "falcon", "harbor", "lantern", "meadow", "quartz", "saffron", "tundra",
           "velvet", "willow", "cobalt", "ember", "glacier", "juniper", "orchid", "pebble")
+_FIRST = ("Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ingrid",
+          "Jonas", "Keiko", "Liam", "Marta", "Nikolai", "Olga", "Pedro", "Quinn", "Rosa",
+          "Stefan", "Tamsin", "Umar", "Vera", "Wendell", "Yusuf")
+_SYLLABLES = ("ka", "lo", "mi", "ra", "ven", "dor", "sil", "ta", "bri", "nor", "pel", "zan",
+              "qu", "ith", "mar", "vel", "os", "tren", "ul", "gar")
+# (fact, question); {p} a person, {a} the answer (an invented name).
+_FACTS = (
+    ("{p} was born in a small town called {a}.", "In which town was {p} born?"),
+    ("The ship that {p} sailed on was named {a}.", "What was the name of the ship that {p} "
+                                                   "sailed on?"),
+    ("{p} named the family cat {a}.", "What did {p} name the family cat?"),
+    ("{p} spent the winter in a mountain village called {a}.", "In which village did {p} "
+                                                               "spend the winter?"),
+)
+_CWE_COMMON = 10
+
+
+def _cwe_freqs(length: int) -> tuple[int, int]:
+    """(repeats of each common word, of each rare word): RULER's settings."""
+    return (30, 3) if length >= 4096 else (2, 1)
+
+
+_INSTRUCTIONS = {
+    "passkey": "There is an important piece of information hidden inside a lot of irrelevant "
+               "text. Find it and memorize it. I will quiz you about it.",
+    "niah": "Some special magic numbers are hidden within the following text. Make sure to "
+            "memorize them. I will quiz you about the numbers afterwards.",
+    "vt": "Memorize and track the chain of variable assignments hidden in the following text.",
+    "cwe": "Below is a numbered list of words. In these words, some appear more often than "
+           "others. Memorize the ones that appear most often.",
+    "qa": "Read the following text carefully. I will ask you a question about it afterwards.",
+}
 
 
 @dataclasses.dataclass
 class Sample:
-    """One prompt: chat messages, the strings a correct answer contains, metadata."""
+    """One prompt: chat messages, the strings a correct answer contains, metadata.
+
+    ``depth`` is None for tasks without a needle (cwe); ``distractors`` are strings a correct
+    answer must not contain (another key's number, another person's fact)."""
 
     task: str
     messages: list[dict]
     answers: list[str]
     length: int
-    depth: float
+    depth: float | None
     seed: int
+    split: str = "dev"
+    haystack: str = "code"
+    distractors: list[str] = dataclasses.field(default_factory=list)
 
     def score(self, text: str) -> float:
-        """1.0 if every answer string occurs in the model's text, else 0.0."""
-        return float(all(a in text for a in self.answers))
+        """1.0 if every answer and no distractor occurs in ``text`` (see module doc), else 0.0."""
+        return float(all(contains(text, a) for a in self.answers)
+                     and not any(contains(text, d) for d in self.distractors))
+
+    def partial(self, text: str) -> float:
+        """Fraction of the expected answers that occur in ``text``."""
+        return sum(contains(text, a) for a in self.answers) / len(self.answers)
 
 
-@functools.lru_cache(maxsize=1)
-def stdlib_lines() -> tuple[str, ...]:
-    """Non-empty lines of stdlib .py files (deterministic order; ~tens of MB available)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    lines: list[str] = []
-    for path in sorted(root.glob("*.py"))[:400]:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        lines.extend(line.rstrip() for line in text.splitlines() if line.strip())
-    if len(lines) < 10000:
-        raise RuntimeError(f"too little stdlib text under {root} ({len(lines)} lines)")
-    return tuple(lines)
+def normalize(text: str) -> str:
+    """Lower case; digit-group commas dropped (1,234 -> 1234); punctuation -> space; articles
+    (a, an, the) dropped; whitespace collapsed."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
+    text = re.sub(r"[^\w\s]|_", " ", text)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
-def _needles(task: str, rng: random.Random) -> tuple[list[str], str, list[str]]:
-    """(needle sentences, question, answer strings)."""
+def contains(text: str, answer: str) -> bool:
+    """Whether normalized ``answer`` occurs in normalized ``text`` as whole words."""
+    return f" {normalize(answer)} " in f" {normalize(text)} "
+
+
+def _invented(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
+
+
+def _needles(task: str, rng: random.Random) -> tuple[list[str], str, list[str], list[str]]:
+    """(needle sentences, question, answers, distractors); needles[0] carries the answer."""
     num = lambda: str(rng.randint(100000, 999999))  # noqa: E731
     if task == "passkey":
         n = str(rng.randint(10000, 99999))
         return ([f"The pass key is {n}. Remember it. {n} is the pass key."],
-                "What is the pass key? Answer with the number only.", [n])
+                "What is the pass key? Answer with the number only.", [n], [])
     if task in ("niah_single", "niah_multikey"):
         keys = rng.sample(_WORDS, 4 if task == "niah_multikey" else 1)
         vals = [num() for _ in keys]
         needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, vals)]
         return (needles, f"What is the special magic number for {keys[0]}? Answer with the "
-                         f"number only.", [vals[0]])
+                         f"number only.", [vals[0]], vals[1:])
     if task == "niah_multivalue":
         key, vals = rng.choice(_WORDS), [num() for _ in range(4)]
         needles = [f"One of the special magic numbers for {key} is: {v}." for v in vals]
-        return (needles, f"What are all the special magic numbers for {key}? List them.", vals)
+        return (needles, f"What are all the special magic numbers for {key}? List them.", vals,
+                [])
     if task == "vt":
         names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
                  for _ in range(4)]
@@ -82,44 +148,143 @@ def _needles(task: str, rng: random.Random) -> tuple[list[str], str, list[str]]:
         needles = [f"VAR {names[0]} = {val}."] + [f"VAR {b} = VAR {a}." for a, b in
                                                  zip(names, names[1:])]
         return (needles, f"Find all variables that are assigned the value {val}, directly or "
-                         f"through other variables. List their names.", names)
-    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+                         f"through other variables. List their names.", names, [])
+    if task == "qa":
+        fact, question = rng.choice(_FACTS)
+        people = rng.sample(_FIRST, 3)
+        people = [f"{p} {_invented(rng)}" for p in people]
+        answers = []
+        while len(answers) < 3:
+            a = _invented(rng)
+            if a not in answers and all(a not in p for p in people):
+                answers.append(a)
+        needles = [fact.format(p=p, a=a) for p, a in zip(people, answers)]
+        return (needles, question.format(p=people[0]) + " Answer with the name only.",
+                answers[:1], answers[1:])
+    raise InputError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-def make_sample(tokenizer, task: str, length: int, depth: float, seed: int) -> Sample:
-    """A prompt of about ``length`` tokens (chat template included) with needles at ``depth``."""
-    rng = random.Random(f"{task}/{length}/{depth}/{seed}")
-    needles, question, answers = _needles(task, rng)
-    lines = list(stdlib_lines())
-    start = rng.randrange(0, len(lines) - 20000)
-    pool = lines[start:start + 20000]
+def _instruction(task: str) -> str:
+    return _INSTRUCTIONS["niah" if task.startswith("niah") else task]
 
-    def render(hay: list[str]) -> list[dict]:
-        body = "\n".join(hay)
-        return [{"role": "user", "content": "Below is some Python source text with a hidden "
-                 f"fact. Remember it.\n\n{body}\n\n{question}"}]
 
-    def count(hay: list[str]) -> int:
-        return len(tokenizer.encode_prompt(render(hay), chat=True))
+def make_sample(tokenizer, task: str, length: int, depth: float | None, seed: int,
+                split: str = "dev", haystack: str | None = None) -> Sample:
+    """A prompt of at most ``length`` tokens (chat template included) with needles at ``depth``.
 
-    # Grow the haystack by bisection on the number of lines (token counts are monotone).
-    lo, hi = 0, len(pool)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count(_insert(pool[:mid], needles, depth, rng_seed=seed)) <= length:
-            lo = mid
+    ``tokenizer`` needs ``encode_prompt(messages, chat=True) -> list[int]``. ``haystack``:
+    ``code`` or ``prose`` (default: ``qa`` prose, ``cwe`` its word list, others code).
+    Raises ValueError for an unknown task / split / kind, a depth outside [0, 1], or a length
+    the instructions alone exceed or the split's text cannot fill.
+    """
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; choose one of {TASKS}")
+    kinds = HAYSTACKS.get(task, hay.KINDS)
+    kind = kinds[0] if haystack is None or task in HAYSTACKS else haystack
+    if kind not in kinds:
+        raise InputError(f"task {task} takes a haystack of kind {kinds}, got {haystack!r}")
+    if task == "cwe":
+        return _cwe_sample(tokenizer, length, seed, split)
+    if depth is None or not 0.0 <= depth <= 1.0:
+        raise InputError(f"depth must be in [0, 1], got {depth}")
+    rng = random.Random(f"{task}/{length}/{depth}/{seed}/{split}")
+    needles, question, answers, distractors = _needles(task, rng)
+    pool = hay.haystack_lines(split, kind, seed)
+    place_rng = random.Random(f"place/{seed}")
+    if task == "qa":  # distractor facts anywhere in the text
+        depths = [depth] + [place_rng.random() for _ in needles[1:]]
+    else:  # extra needles within +-5% of the first
+        depths = [depth] + [min(1.0, max(0.0, depth + place_rng.uniform(-0.05, 0.05)))
+                            for _ in needles[1:]]
+
+    def render(m: int) -> list[dict]:
+        body = "\n".join(_insert(pool[:m], needles, depths, prose=kind == "prose"))
+        return [{"role": "user", "content": f"{_instruction(task)}\n\n{body}\n\n{question}"}]
+
+    m = _fit(lambda m: len(tokenizer.encode_prompt(render(m), chat=True)), len(pool), length,
+             f"the {split} split's {kind} text")
+    return Sample(task, render(m), answers, length, depth, seed, split, kind, distractors)
+
+
+def _cwe_sample(tokenizer, length: int, seed: int, split: str) -> Sample:
+    """RULER cwe: 10 common words x 30 and m rare words x 3 (or x 2 and x 1), shuffled,
+    numbered."""
+    rng = random.Random(f"cwe/{length}/{seed}/{split}")
+    vocab = list(hay.vocabulary(split))
+    rng.shuffle(vocab)
+    common, rare = vocab[:_CWE_COMMON], vocab[_CWE_COMMON:]
+    question = (f"What are the {_CWE_COMMON} most common words in the above list? Answer with "
+                f"the words only, separated by commas.")
+
+    freq, rare_freq = _cwe_freqs(length)
+
+    def render(m: int) -> list[dict]:
+        words = common * freq + rare[:m] * rare_freq
+        random.Random(f"cwe-order/{seed}/{m}").shuffle(words)
+        body = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+        return [{"role": "user", "content": f"{_instruction('cwe')}\n\n{body}\n\n{question}"}]
+
+    m = _fit(lambda m: len(tokenizer.encode_prompt(render(m), chat=True)), len(rare), length,
+             f"the {split} split's vocabulary")
+    return Sample("cwe", render(m), list(common), length, None, seed, split, "words", [])
+
+
+def _fit(count: Callable[[int], int], limit: int, length: int, what: str) -> int:
+    """Largest m in [0, limit] with count(m) <= length, count non-decreasing in m.
+
+    Interpolation search on the tokens-per-unit rate with a bisection fallback: about 5
+    tokenizer calls instead of ~17 for plain bisection on a 32K-token prompt.
+    """
+    c0 = count(0)
+    if c0 > length:
+        raise InputError(f"length {length} is too short: the task's prompt without haystack "
+                         f"takes {c0} tokens")
+    lo, c_lo = 0, c0
+    probe = min(limit, 64)
+    hi, c_hi = None, None
+    while hi is None:  # find an upper bracket by extrapolating the rate
+        c = count(probe)
+        if c > length:
+            hi, c_hi = probe, c
+        elif probe == limit:
+            raise InputError(f"length {length} needs more than {what} holds ({c} tokens at most)")
         else:
-            hi = mid - 1
-    hay = _insert(pool[:lo], needles, depth, rng_seed=seed)
-    return Sample(task, render(hay), answers, length, depth, seed)
+            lo, c_lo = probe, c
+            rate = max((c - c0) / probe, 1e-3)
+            probe = min(limit, max(probe + 1, int(probe + 1.1 * (length - c) / rate) + 1))
+    halve = False
+    while hi - lo > 1:
+        if halve:
+            guess = (lo + hi) // 2
+        else:
+            guess = lo + int((length - c_lo) * (hi - lo) / max(c_hi - c_lo, 1))
+            guess = min(max(guess, lo + 1), hi - 1)
+        width = hi - lo
+        c = count(guess)
+        if c <= length:
+            lo, c_lo = guess, c
+        else:
+            hi, c_hi = guess, c
+        halve = (hi - lo) > width // 2  # interpolation stalled: bisect next
+    return lo
 
 
-def _insert(hay: list[str], needles: list[str], depth: float, rng_seed: int) -> list[str]:
-    """Needles at fraction ``depth`` of the lines (several needles: spread +-5% around it)."""
+def _boundary(hay: list[str], i: int, window: int = 40) -> int:
+    """The insertion index nearest ``i`` that follows a sentence or paragraph end in prose."""
+    def ok(j: int) -> bool:
+        return j == 0 or j == len(hay) or not hay[j - 1].strip() or \
+            hay[j - 1].rstrip().endswith((".", "!", "?", ":"))
+    for step in range(window + 1):
+        for j in (i - step, i + step):
+            if 0 <= j <= len(hay) and ok(j):
+                return j
+    return i
+
+
+def _insert(hay: list[str], needles: list[str], depths: list[float], prose: bool) -> list[str]:
+    """Needles at fractions ``depths`` of the lines (prose: snapped to sentence ends)."""
     out = list(hay)
-    rng = random.Random(rng_seed)
-    n = len(out)
-    for i, needle in enumerate(needles):
-        d = depth if i == 0 else min(1.0, max(0.0, depth + rng.uniform(-0.05, 0.05)))
-        out.insert(int(round(d * (n + i))), needle)
+    for needle, d in zip(needles, depths):
+        i = int(round(d * len(out)))
+        out.insert(_boundary(out, i) if prose else i, needle)
     return out

@@ -1,0 +1,329 @@
+"""`jaxprefill eval`: dev/test splits, confidence intervals, paired comparison, report files,
+fixed-shape batches, resume, memory-bounded attention statistics (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zlib
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprefill as jp
+from jaxprefill.attention import AttentionSpec
+from jaxprefill.eval import cli, haystack, metrics, report, runner, suite
+from jaxprefill.eval.stats import mcnemar_exact, paired_difference, wilson
+from jaxprefill.sparse import SparseConfig
+from jaxprefill.validate import InputError
+
+STREAMING = SparseConfig.from_dict({"policy": "streaming", "min_length": 64, "kernel": "xla",
+                                    "params": {"block_size": 16, "sink": 16, "local": 32}})
+
+
+class HashTokenizer:
+    """Whitespace words -> ids in [1, 97); decode prints the ids (tiny random models)."""
+
+    eos_token_ids = (0,)
+
+    def encode_prompt(self, messages, chat=True):
+        return [zlib.crc32(w.encode()) % 96 + 1 for w in messages[0]["content"].split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def tiny_model(num_layers: int = 2, context: int = 1024):
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=num_layers, num_heads=6, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=context, eos_token_ids=(0,))
+    return jp.Llama(cfg, rngs=nnx.Rngs(0), attention=AttentionSpec(impl="xla"))
+
+
+# ------------------------------------------------------------------------------ splits
+def test_dev_and_test_share_no_document_and_no_seed():
+    dev, test = haystack.documents("dev"), haystack.documents("test")
+    assert {d.name for d in dev}.isdisjoint(d.name for d in test)
+    assert {d.sha256 for d in dev}.isdisjoint(d.sha256 for d in test)
+    code_paths = lambda docs: {d.source_path for d in docs if d.kind == "code"}  # noqa: E731
+    assert code_paths(dev).isdisjoint(code_paths(test))
+    listed = haystack.test_documents()
+    assert [d["sha256"] for d in listed] == [d.sha256 for d in test]
+    assert all(set(d) == {"name", "kind", "source", "source_path", "sha256"} for d in listed)
+    for split in haystack.SPLITS:
+        for kind in haystack.KINDS:  # each split and kind can fill a 32K-token haystack
+            assert sum(len(d.text) for d in haystack.documents(split, kind)) > 4 * 32768
+    assert "Python Software Foundation" in haystack.license_text()
+    plan = dict(tasks=("passkey", "qa"), lengths=(512, 1024), depths=(0.0, 0.5, 1.0), samples=30)
+    seeds = {s: {p.seed for p in suite.plan_samples(suite.EvalPlan(**plan, split=s))}
+             for s in haystack.SPLITS}
+    assert seeds["dev"].isdisjoint(seeds["test"])
+    assert seeds["dev"].isdisjoint(range(haystack.SEED_BASE["test"],
+                                         haystack.SEED_BASE["test"] + haystack.MAX_SAMPLES))
+    for kind in haystack.KINDS:  # no shared text either (a stray line of boilerplate at most)
+        long_lines = lambda s: {ln.strip() for d in haystack.documents(s, kind)  # noqa: E731
+                                for ln in d.text.split("\n") if len(ln.strip()) >= 50}
+        test_lines = long_lines("test")
+        assert len(test_lines & long_lines("dev")) <= 0.005 * len(test_lines), kind
+
+
+def test_plan_spreads_samples_over_depths_and_haystacks():
+    plan = suite.EvalPlan(("passkey", "cwe", "qa"), (512,), (0.25, 0.75), 8)
+    ps = suite.plan_samples(plan)
+    assert len(ps) == 24 and len({p.prompt_id for p in ps}) == 24
+    pk = [p for p in ps if p.task == "passkey"]
+    assert [p.depth for p in pk] == [0.25, 0.75] * 4
+    assert [p.haystack for p in pk] == ["code", "code", "prose", "prose"] * 2
+    assert {p.haystack for p in ps if p.task == "qa"} == {"prose"}
+    assert {p.depth for p in ps if p.task == "cwe"} == {None}
+    with pytest.raises(InputError, match="unknown task"):
+        suite.EvalPlan(("nope",), (512,), (0.5,), 1)
+    with pytest.raises(InputError, match="depths"):
+        suite.EvalPlan(("passkey",), (512,), (1.5,), 1)
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_wilson_interval_known_values():
+    np.testing.assert_allclose(wilson(8, 10), (0.4902, 0.9433), atol=1e-4)
+    np.testing.assert_allclose(wilson(0, 10), (0.0, 0.2775), atol=1e-4)
+    np.testing.assert_allclose(wilson(10, 10), (0.7225, 1.0), atol=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_paired_interval_covers_and_uses_the_pairing():
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact(3, 3) == 1.0
+    d = paired_difference([True] * 6 + [False] * 4, [True] * 8 + [False] * 2)
+    assert (d.both, d.only_a, d.only_b, d.neither) == (6, 0, 2, 2)
+    assert d.diff == pytest.approx(-0.2) and d.low < -0.2 < d.high
+    # Coverage at n = 40 with correlated outcomes (p_a 0.7, p_b 0.8): near the nominal 95%.
+    rng = random.Random(0)
+    hits = 0
+    for _ in range(1500):
+        u = [rng.random() for _ in range(40)]
+        noise = [rng.random() < 0.15 for _ in range(40)]
+        a = [(x < 0.7) != n for x, n in zip(u, noise)]
+        b = [x < 0.8 for x in u]
+        r = paired_difference(a, b)
+        hits += r.low <= (0.7 * 0.85 + 0.3 * 0.15) - 0.8 <= r.high
+    assert 0.92 <= hits / 1500 <= 0.99, hits / 1500
+    # Same accuracies, identical failures: the paired interval is far narrower than the
+    # difference of two independent Wilson intervals would be.
+    same = paired_difference([True] * 30 + [False] * 10, [True] * 29 + [False] * 11)
+    assert same.high - same.low < 0.2 and same.only_a == 1 and same.only_b == 0
+
+
+def records(config, correct, task="passkey", length=512):
+    return [{"config": config, "task": task, "length": length, "prompt_id": f"{task}/{length}/{i}",
+             "correct": c, "score": float(c)} for i, c in enumerate(correct)]
+
+
+def test_report_tables_pair_configs_on_the_same_prompts(tmp_path):
+    dense = records("dense", [1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    sparse = records("flex", [1, 1, 1, 1, 1, 0, 0, 1, 1, 0])
+    long = records("dense", [1, 0, 0, 0], length=1024) + records("flex", [0, 0, 0, 0], length=1024)
+    answers = dense + sparse + long
+    stats = [{"config": "flex", "length": 512, "density": 0.5, "recall": 0.9,
+              "min_head_recall": 0.7, "output_error": 0.1},
+             {"config": "flex", "length": 512, "density": 0.7, "recall": 0.95,
+              "min_head_recall": 0.8, "output_error": 0.05}]
+    meta = {"model": "m", "split": "test", "tasks": ["passkey"], "lengths": [512, 1024],
+            "depths": [0.5], "samples": 10, "haystack": "mixed", "dtype": "float32",
+            "configs": ["dense", "flex"]}
+    summary = report.write(tmp_path, answers, stats, meta)
+    acc = {(r["config"], r["task"], r["length"]): r for r in summary["accuracy"]}
+    assert acc[("flex", "passkey", 512)]["correct"] == 7
+    assert acc[("dense", "all", "all")]["n"] == 14 and acc[("dense", "all", "all")]["correct"] == 9
+    lo, hi = wilson(7, 10)
+    assert acc[("flex", "passkey", 512)]["low"] == pytest.approx(lo)
+    pair = {(r["task"], r["length"]): r for r in summary["paired"]}
+    assert (pair[("passkey", 512)]["only_a"], pair[("passkey", 512)]["only_b"]) == (1, 2)
+    assert pair[("passkey", 512)]["diff"] == pytest.approx(-0.1)
+    assert pair[("all", "all")]["n"] == 14 and pair[("all", "all")]["only_b"] == 3
+    assert summary["attention"] == [{"config": "flex", "length": 512, "prompts": 2,
+                                     "density": 0.6, "recall": 0.925, "min_head_recall": 0.7,
+                                     "output_error": pytest.approx(0.075)}]
+    md = (tmp_path / "report.md").read_text()
+    assert "| dense | passkey | 8/10 0.80 [0.49, 0.94] | 1/4 0.25 [0.05, 0.70] |" in md
+    assert "| flex | passkey | -0.10 [" in md and "(+1/-2, p=1)" in md
+    assert "| flex | 512 | 2 | 0.600 | 0.9250 | 0.7000 | 0.0750 |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["paired_method"].startswith(
+        "Newcombe")
+    assert (tmp_path / "accuracy.png").stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------ the run
+def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkeypatch,
+                                                                capsys):
+    """`jaxprefill eval` on a tiny random model, dense + streaming: every answer recorded with
+    its fields, one prefill shape per length, stats on the sampled prompts, the report files;
+    a rerun computes nothing, a lost tail (torn line included) is recomputed, a changed run is
+    refused."""
+    import argparse
+
+    model, tok = tiny_model(), HashTokenizer()
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype, adapter=None: (model, tok))
+    shapes = []
+    real = suite.greedy_answers
+
+    def spy(model, tok, tokens, lengths, cfg, steps, cache_len):
+        shapes.append((tokens.shape, cache_len))
+        return real(model, tok, tokens, lengths, cfg, steps, cache_len)
+
+    monkeypatch.setattr(suite, "greedy_answers", spy)
+    (tmp_path / "streaming.yaml").write_text(
+        "policy: streaming\nmin_length: 64\nkernel: xla\n"
+        "params: {block_size: 16, sink: 16, local: 32}\n")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["eval", "--model", "tiny", "--sparse", str(tmp_path / "streaming.yaml"), "--tasks",
+         "passkey", "niah_multikey", "qa", "--lengths", "200", "--depths", "0.2", "0.8",
+         "--samples", "2", "--batch-size", "4", "--max-new-tokens", "3", "--stats-prompts", "2",
+         "--stats-rows", "8", "--out-dir", str(out)])
+    assert args.func(args) == 0
+    assert "[eval] 12/12 answers (100%) streaming L=200 batch 2/2" in capsys.readouterr().err
+    assert set(shapes) == {((4, 256), 259)}  # 6 prompts: batches of 4 (last padded), one shape
+    assert len(shapes) == 4
+    keys = {"prompt_id", "task", "length", "tokens", "depth", "seed", "haystack", "config",
+            "answer", "expected", "distractors", "correct", "score", "prefill_s", "prompt_sha"}
+    lines = (out / "answers.jsonl").read_text().splitlines()
+    answers = [json.loads(ln) for ln in lines]
+    assert len(answers) == 12 and all(set(r) == keys for r in answers)
+    assert all(r["tokens"] <= 200 and isinstance(r["correct"], bool) for r in answers)
+    plan = suite.EvalPlan(("passkey", "niah_multikey", "qa"), (200,), (0.2, 0.8), 2)
+    configs = {"dense": None, "streaming": SparseConfig.parse(str(tmp_path / "streaming.yaml"))}
+    assert {(r["config"], r["prompt_id"]) for r in answers} == {
+        (c, p.prompt_id) for c in configs for p in suite.plan_samples(plan)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["config"], r["task"], r["length"], r["n"]) for r in summary["accuracy"]][:2] == [
+        ("dense", "passkey", 200, 2), ("dense", "passkey", "all", 2)]
+    assert {(r["task"], r["length"]) for r in summary["paired"]} >= {("all", "all"), ("qa", 200)}
+    assert [(r["config"], r["prompts"]) for r in summary["attention"]] == [("streaming", 2)]
+    assert 0 < summary["attention"][0]["density"] < 1
+    assert "## Sparse minus dense" in (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 5000
+
+    info = {"model": "tiny", "adapter": None, "dtype": "float32"}
+    kw = dict(batch_size=4, max_new_tokens=3, stats_prompts=2, stats_rows=8,
+              log=lambda m: None, progress_stream=io.StringIO())
+    shapes.clear()
+    n_stats = len((out / "stats.jsonl").read_text().splitlines())
+    again, again_stats = suite.run(model, tok, configs, plan, out, info, **kw)
+    assert shapes == [] and sorted(again, key=str) == sorted(answers, key=str)  # no recompute
+    assert len(again_stats) == n_stats == 2
+    assert len((out / "stats.jsonl").read_text().splitlines()) == n_stats
+    # Lose the last three answers, the last one mid-write: exactly those are recomputed.
+    (out / "answers.jsonl").write_text("\n".join(lines[:9]) + "\n" + lines[9][:20])
+    third, _ = suite.run(model, tok, configs, plan, out, info, **kw)
+    assert len(shapes) == 1 and len(third) == 12
+    same = lambda rs: sorted(json.dumps({**r, "prefill_s": 0}, sort_keys=True)  # noqa: E731
+                             for r in rs)
+    assert same(third) == same(answers)  # greedy answers of the same prompts in the same shape
+    with pytest.raises(InputError, match="dtype"):
+        suite.run(model, tok, configs, plan, out, {**info, "dtype": "bfloat16"}, **kw)
+    other = {"dense": None, "streaming": SparseConfig.parse("flexprefill")}
+    with pytest.raises(InputError, match="streaming"):
+        suite.run(model, tok, other, plan, out, info, **kw)
+
+
+def test_eval_refuses_lengths_beyond_context(tmp_path):
+    plan = suite.EvalPlan(("passkey",), (2048,), (0.5,), 1)
+    with pytest.raises(InputError, match="context of 1024"):
+        suite.run(tiny_model(), HashTokenizer(), {"dense": None}, plan, tmp_path,
+                  {"model": "tiny"}, log=lambda m: None)
+
+
+# ------------------------------------------------------------------------------ bounded stats
+def test_chunked_layer_stats_match_the_all_layers_capture(monkeypatch):
+    """Prompts one chunk and one layer at a time, recall split over KV-head groups: the same
+    numbers as the whole-batch capture (capture_qkv + row_attention_stats)."""
+    from jaxprefill.eval.probe import capture_qkv
+
+    model = tiny_model(num_layers=2)
+    rng = np.random.default_rng(3)
+    lens = np.array([250, 203, 130])
+    tokens = np.zeros((3, 256), np.int32)
+    for i, n in enumerate(lens):
+        tokens[i, :n] = rng.integers(1, 97, n)
+    configs = {"streaming": STREAMING}
+    q, k, v = capture_qkv(model, jnp.asarray(tokens))
+    want = runner.row_attention_stats(q, k, v, lens, configs, rows=8, log=lambda m: None,
+                                      chunk=3)
+    monkeypatch.setattr(metrics, "STATS_CALL_BYTES", 1)  # one KV head per recall call
+    for chunk in (1, 2):  # chunk 2: the last chunk is padded with a copy
+        got = runner.prompt_attention_stats(model, tokens, lens, configs, rows=8, chunk=chunk,
+                                            log=lambda m: None)
+        for m in ("density", "recall", "min_head_recall", "output_error"):
+            np.testing.assert_allclose(got["streaming"][m], want["streaming"][m], rtol=1e-5,
+                                       err_msg=f"{m} chunk {chunk}")
+    assert want["streaming"]["recall"].max() < 1.0
+
+
+# ------------------------------------------------------------------------------ command line
+def test_cli_configs_depths_and_adapter_hook(monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    cfgs = cli.configs([str(root / "configs/sparse/flexprefill_smollm2.yaml"),
+                        "xattention:threshold=0.9,stride=8", "streaming"])
+    assert list(cfgs) == ["dense", "flexprefill_smollm2", "xattention:threshold=0.9,stride=8",
+                          "streaming"]
+    assert cfgs["xattention:threshold=0.9,stride=8"].rules[0].policy.threshold == 0.9
+    with pytest.raises(InputError, match="two configs"):
+        cli.configs(["streaming", "streaming"])
+    with pytest.raises(InputError, match="--sparse nope"):
+        cli.configs(["nope"])
+    with pytest.raises(FileNotFoundError):
+        cli.configs([str(root / "configs/sparse/missing.yaml")])
+    assert cli.depth_list([5]) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert cli.depth_list([0.9, 0.1]) == [0.1, 0.9]
+    with pytest.raises(InputError, match="--depths"):
+        cli.depth_list([1.5, 0.2])
+    seen = {}
+
+    def load_plain(source, *, dtype="float32"):
+        raise AssertionError("must not load: this jp.load takes no adapter")
+
+    monkeypatch.setattr(jp, "load", load_plain)
+    with pytest.raises(InputError, match="--adapter"):
+        cli.load_model("m", "float32", adapter="lora/")
+
+    def load(source, *, dtype="float32", adapter=None):
+        seen.update(source=source, dtype=dtype, adapter=adapter)
+        return "model", HashTokenizer()
+
+    monkeypatch.setattr(jp, "load", load)
+    assert cli.load_model("m", "bfloat16", adapter="lora/")[0] == "model"
+    assert seen == {"source": "m", "dtype": "bfloat16", "adapter": "lora/"}
+
+
+def test_analyze_command_tiny_model(tmp_path, monkeypatch, capsys):
+    """`jaxprefill analyze` (stats one layer at a time, heatmap of one layer) still writes its
+    table and pictures."""
+    import argparse
+
+    model = tiny_model(num_layers=2)
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype, adapter=None: (model,
+                                                                              HashTokenizer()))
+    (tmp_path / "streaming.yaml").write_text(
+        "policy: streaming\nmin_length: 64\nkernel: xla\n"
+        "params: {block_size: 16, sink: 16, local: 32}\n")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--sparse", str(tmp_path / "streaming.yaml"),
+                              "--length", "200", "--rows", "8", "--layer", "1",
+                              "--out-dir", str(tmp_path / "an")])
+    assert args.func(args) == 0
+    assert "| streaming |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "an" / "stats.json").read_text())
+    assert len(rows[0]["per_layer"]) == 2 and len(rows[0]["per_head_recall"]) == 2 * 6
+    assert 0 < rows[0]["density"] < 1 and rows[0]["recall"] < 1
+    for png in ("heatmap.png", "density_recall.png"):
+        assert (tmp_path / "an" / png).stat().st_size > 1000
+    args.layer = 5
+    with pytest.raises(InputError, match="--layer"):
+        args.func(args)
