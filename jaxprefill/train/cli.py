@@ -15,7 +15,11 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. steps=100 optim.lr=1e-3 output_dir=runs/x")
     p.add_argument("--export", metavar="DIR", default=None,
-                   help="after training, export an HF-style safetensors directory here")
+                   help="after training, export an HF-style safetensors directory here (a LoRA "
+                        "run: the adapters merged into the base weights)")
+    p.add_argument("--export-adapter", metavar="FILE", default=None,
+                   help="after training, also write the LoRA adapter to this .safetensors file "
+                        "(LoRA runs; they always write <output_dir>/adapter.safetensors)")
     p.set_defaults(func=run_train)
 
 
@@ -28,11 +32,18 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.export_adapter and cfg.lora is None:
+        print("error: --export-adapter: this recipe has no lora section", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-        if args.export and result.status in ("finished", "stopped"):  # stopped: time limit
-            print(f"exported to {trainer.export(args.export)}", file=sys.stderr)
+        if result.status in ("finished", "stopped"):  # stopped: time limit
+            if args.export:
+                print(f"exported to {trainer.export(args.export)}", file=sys.stderr)
+            if args.export_adapter:
+                path = trainer.export_adapter(args.export_adapter, cfg.checkpoint.export_dtype)
+                print(f"adapter written to {path}", file=sys.stderr)
     finally:
         trainer.close()
     last = result.last

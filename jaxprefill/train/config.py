@@ -20,8 +20,10 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from jaxprefill.config import ConfigError
+from jaxprefill.lora import TARGETS
 
 DTYPES = ("float32", "bfloat16")
+LORA_OVERRIDES = ("max_position_embeddings", "rope")  # model.overrides an adapter file carries
 REMAT = ("none", "full", "dots")  # dots: keep matmul outputs, recompute elementwise ops
 
 
@@ -61,7 +63,10 @@ class DataSection:
     text_key: str = "text"            # JSONL field holding the document
     tokenizer: str = "byte"           # byte | model (the pretrained model's) | HF dir / .gguf / bundled
     seq_len: int = 256
-    packing: str = "concat_then_split"  # | first_fit | none (one document per row, padded)
+    # concat_then_split | first_fit | none (one document per row, truncated, padded) | document
+    # (one document per row; a longer one fills several rows: jaxprefill.data.pipeline). With
+    # none and document the model runs plain causal attention: no [S, S] segment mask.
+    packing: str = "concat_then_split"
     shuffle_seed: int = 0
     add_bos: bool = False
     add_eos: bool = True
@@ -70,7 +75,7 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("text", "jsonl", "array_record", "synthetic"))
-        _choice("data.packing", self.packing, ("concat_then_split", "first_fit", "none"))
+        _choice("data.packing", self.packing, ("concat_then_split", "first_fit", "none", "document"))
         _positive("data.seq_len", self.seq_len)
         if self.format != "synthetic" and not self.train:
             raise ConfigError("data.train: list at least one file or glob (or data.format=synthetic)")
@@ -108,6 +113,35 @@ class OptimSection:
         _positive("optim.grad_accum", self.grad_accum)
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ConfigError(f"optim.clip_norm must be positive or null, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    """Low-rank adapters (`jaxprefill.lora`): every weight named in `targets` (all layers) gets
+    W + alpha / rank * A @ B with A, B trainable and W frozen, dropout on the branch input while
+    training. Only A, B (and norm scales / biases when asked) are in the optimizer and the
+    checkpoints; the run ends by writing <output_dir>/adapter.safetensors."""
+
+    targets: tuple[str, ...] = ()     # Llama: q k v o gate up down; DeepSeek: q_a q_b q kv_a kv_b o gate up down
+    rank: int = 16
+    alpha: float = 32.0               # the update is scaled by alpha / rank
+    dropout: float = 0.0              # on the LoRA branch input, training only
+    train_norms: bool = False         # also train the RMSNorm scales (a few K parameters)
+    train_biases: bool = False        # also train the projection biases (q/k/v/o, MLP)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError(f"lora.targets: list at least one projection, e.g. [q, k, v, o]; "
+                              f"known names: {list(TARGETS)}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise ConfigError(f"lora.targets: unknown name(s) {unknown}; known names: {list(TARGETS)} "
+                              f"(which of them a model has depends on its family)")
+        _positive("lora.rank", self.rank)
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +216,7 @@ class TrainConfig:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
+    lora: LoRASection | None = None   # null: train every parameter
 
     def __post_init__(self) -> None:
         _positive("steps", self.steps)
@@ -191,6 +226,14 @@ class TrainConfig:
         if self.batch_size % self.optim.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of "
                               f"optim.grad_accum ({self.optim.grad_accum})")
+        if self.lora is not None:
+            if self.optim.name != "adamw":
+                raise ConfigError(f"optim.name: {self.optim.name!r} does not train LoRA factors; "
+                                  f"use adamw with lora")
+            extra = sorted(set(self.model.overrides) - set(LORA_OVERRIDES))
+            if self.model.pretrained and extra:
+                raise ConfigError(f"model.overrides: {extra} cannot change under lora (an adapter "
+                                  f"file carries only {list(LORA_OVERRIDES)})")
 
     # ---- constructors -------------------------------------------------------------------------
 

@@ -10,6 +10,10 @@
                                one (ids 0-255 = UTF-8 bytes, 256 EOS, 257 BOS), so the export
                                answers text prompts. A run without a tokenizer (synthetic tokens)
                                exports weights only.
+
+A LoRA run also exports its adapter alone (`export_adapter`): one small safetensors file in
+PEFT's tensor names and layouts plus JSON metadata (`jaxprefill.loading.adapter` describes the
+format), which `jp.load(base, adapter=file)` merges into the base while loading.
 """
 
 from __future__ import annotations
@@ -17,18 +21,25 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
+from typing import Any, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
+from flax import nnx
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from jaxprefill import lora
 from jaxprefill.config import MLA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, MLAConfig, ModelConfig
 from jaxprefill.data.tokenize import ByteTokenizer
+from jaxprefill.loading.adapter import METADATA_KEY, PREFIX
+from jaxprefill.loading.deepseek_weights import deepseek_to_hf_tensors, mla_hf_name_map
 from jaxprefill.loading.tokenizer import _byte_alphabet
+from jaxprefill.loading.weights import hf_name_map, to_hf, to_hf_tensors
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
               np.dtype(np.float16): "F16"}
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -244,13 +255,9 @@ def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None, ad
     or `ByteTokenizer` (written as an equivalent byte-level tokenizer.json; `add_bos` makes it
     prepend BOS like a run with data.add_bos), or None (weights only).
     """
-    from jaxprefill.loading.weights import to_hf_tensors
-
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    np_dtype = NP_DTYPES[dtype]
     os.makedirs(out_dir, exist_ok=True)
     if isinstance(model.config, MLAConfig):
-        from jaxprefill.loading.deepseek_weights import deepseek_to_hf_tensors
-
         hf, config = deepseek_to_hf_tensors(model), mla_hf_config_dict(model.config, dtype)
     else:
         hf, config = to_hf_tensors(model), hf_config_dict(model.config, dtype)
@@ -263,3 +270,72 @@ def export_hf(model, out_dir: str, *, dtype: str = "float32", tokenizer=None, ad
         json.dump(config, f, indent=2)
     write_tokenizer(out_dir, tokenizer, add_bos=add_bos)
     return out_dir
+
+
+# ---- LoRA adapters ------------------------------------------------------------------------------
+
+def config_overrides(cfg: ModelConfig | MLAConfig) -> dict[str, Any]:
+    """The config.json fields an adapter carries (`jaxprefill.loading.adapter.OVERRIDABLE`): the
+    trained context length and the whole RoPE setting (rope_scaling null for plain RoPE)."""
+    rope = _rope_hf(cfg.rope)
+    return {"max_position_embeddings": cfg.max_position_embeddings,
+            "rope_theta": rope["rope_theta"], "rope_scaling": rope.get("rope_scaling")}
+
+
+def adapter_metadata(cfg: ModelConfig | MLAConfig, section, base_model: str | None,
+                     step: int | None = None) -> dict[str, Any]:
+    """The adapter file's JSON metadata for a run with LoRA settings `section` on `base_model`."""
+    return {"format": 1, "kind": "lora", "base_model": base_model, "model_type": cfg.model_type,
+            "targets": list(section.targets), "rank": section.rank, "alpha": section.alpha,
+            "dropout": section.dropout, "train_norms": section.train_norms,
+            "train_biases": section.train_biases, "step": step,
+            "config_overrides": config_overrides(cfg)}
+
+
+def adapter_tensors(model, trained: Sequence[tuple] = ()) -> dict[str, np.ndarray]:
+    """PEFT-named float32 tensors of `model`'s adapters: lora_A [r, in] and lora_B [out, r] per
+    adapted HF weight, plus the whole HF tensor of each path in `trained` that is not a LoRA
+    factor (trained norm scales, biases).
+
+    Our W is [*in, *out]; HF's is [out, in] with `in`/`out` flattened, i.e. W_hf = W.reshape(in,
+    out).T for every adaptable weight. So A [*in, r] -> A_hf = A.reshape(in, r).T and
+    B [r, *out] -> B_hf = B.reshape(r, out).T, and B_hf @ A_hf = (A @ B)^T, our update in HF layout.
+    """
+    cfg = model.config
+    names = mla_hf_name_map(cfg) if isinstance(cfg, MLAConfig) else hf_name_map(cfg)
+    host = lambda x: np.asarray(jax.device_get(x), np.float32)  # noqa: E731
+    out: dict[str, np.ndarray] = {}
+    adapted = set()
+    for path, w in lora.lora_weights(model):
+        name, _, kind = names[path]
+        if kind not in ("in_heads", "out_heads", "transpose") or not name.endswith(".weight"):
+            raise ValueError(f"{name}: a {kind!r} tensor cannot carry a LoRA pair")
+        a, b = host(w.a[...]), host(w.b[...])
+        r = a.shape[-1]
+        module = name[:-len(".weight")]
+        out[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+        out[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+        adapted.add(path)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path in trained:
+        path = tuple(path)
+        if path[:-1] in adapted and path[-1] in ("a", "b"):
+            continue
+        name, hf_shape, kind = names[path]
+        out[PREFIX + name] = to_hf(kind, host(flat[path][...]), hf_shape)
+    return out
+
+
+def export_adapter(model, path: str, *, meta: dict[str, Any], trained: Sequence[tuple] = (),
+                   dtype: str = "float32") -> str:
+    """Write `model`'s adapters (a model with `jaxprefill.lora.LoRAWeight`s) to the safetensors
+    file `path` with `meta` as JSON metadata; replaced atomically (a temporary file renamed), so
+    an interrupted export leaves the previous file whole. Returns `path`."""
+    tensors = {k: v.astype(NP_DTYPES[dtype]) for k, v in adapter_tensors(model, trained).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_safetensors(tmp, tensors, {"format": "pt", METADATA_KEY: json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

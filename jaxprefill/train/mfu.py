@@ -9,6 +9,9 @@ Forward FLOPs per token = 2 * (matmul parameters) + causal attention
   (lm_head, or the tied embedding used as one). The embedding lookup is a gather: 0 FLOPs.
   attention: QK^T and PV, 2 * 2 * S * Hq * D per token per layer without a mask; causal halves
   it (a token attends to (S+1)/2 keys on average): 2 * (S + 1) * Hq * D per layer.
+With frozen weights (LoRA) the backward pass computes no weight gradients: the matmuls cost 2x
+their forward (forward + input gradients), attention still 3x; the small LoRA matmuls are not
+counted.
 """
 
 from __future__ import annotations
@@ -66,14 +69,18 @@ def matmul_params(cfg: ModelConfig | MLAConfig) -> int:
     return cfg.num_layers * per_layer + e * cfg.vocab_size  # + output projection
 
 
-def flops_per_token(cfg: ModelConfig | MLAConfig, seq_len: int, *, training: bool = True) -> float:
-    """Model FLOPs to process one token of a row of `seq_len` tokens (x3 when training)."""
+def flops_per_token(cfg: ModelConfig | MLAConfig, seq_len: int, *, training: bool = True,
+                    frozen_weights: bool = False) -> float:
+    """Model FLOPs to process one token of a row of `seq_len` tokens (x3 when training; the
+    matmuls x2 with `frozen_weights`)."""
     if isinstance(cfg, MLAConfig):  # QK^T over d_n + d_r, PV over d_v
         attn = (seq_len + 1) * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     else:
         attn = 2 * (seq_len + 1) * cfg.num_heads * cfg.head_dim
-    forward = 2 * matmul_params(cfg) + cfg.num_layers * attn
-    return 3.0 * forward if training else float(forward)
+    matmuls, attention = 2 * matmul_params(cfg), cfg.num_layers * attn
+    if not training:
+        return float(matmuls + attention)
+    return (2.0 if frozen_weights else 3.0) * matmuls + 3.0 * attention
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
@@ -87,8 +94,9 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig | MLAConfig, seq_len: int, n_devices: int,
-        peak: float | None) -> float | None:
+        peak: float | None, *, frozen_weights: bool = False) -> float | None:
     """Model FLOPs utilization in [0, 1], or None without a peak."""
     if not peak:
         return None
-    return tokens_per_s * flops_per_token(cfg, seq_len) / (n_devices * peak)
+    flops = flops_per_token(cfg, seq_len, frozen_weights=frozen_weights)
+    return tokens_per_s * flops / (n_devices * peak)

@@ -1,26 +1,41 @@
 """The model a run trains: from a config (from scratch) or from a checkpoint (continual pretraining).
 
 Llama-family configs build a `Llama`; DeepSeek-family configs (`model_type` deepseek_v2,
-deepseek_v3, kimi_k2: an `MLAConfig`) build a `DeepSeek` (MLA + MoE). Either way the result is split once into (graphdef, abstract Param state, params as a pure dict
-placed with the run's shardings); the training step never touches the NNX object graph again.
+deepseek_v3, kimi_k2: an `MLAConfig`) build a `DeepSeek` (MLA + MoE). Either way the result is
+split once into a graphdef and pure dicts of arrays placed with the run's shardings; the training
+step never touches the NNX object graph again.
+
+With a `lora:` section the targeted weights are wrapped in `jaxprefill.lora.LoRAWeight`s before
+the split, and the split has two parts: `params` (what trains: the LoRA factors, plus norm scales
+or biases when asked) and `frozen` (everything else, passed to the step as an input but never
+differentiated, updated or checkpointed). Without LoRA, `params` is every parameter and `frozen`
+is None.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxprefill import lora
 from jaxprefill.attention import AttentionSpec
 from jaxprefill.config import MLA_MODEL_TYPES, ConfigError, MLAConfig, ModelConfig, config_from_hf_dict
+from jaxprefill.loading import BUNDLED_MODELS
+from jaxprefill.loading.deepseek_weights import build_deepseek
+from jaxprefill.loading.gguf_reader import bundled_gguf_path, read_gguf
+from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
+from jaxprefill.loading.weights import build_model
 from jaxprefill.models import DeepSeek, Llama
 from jaxprefill.sharding import state_shardings
-from jaxprefill.train.config import ModelSection
+from jaxprefill.train.config import LoRASection, ModelSection
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -35,6 +50,9 @@ def config_class(d: dict) -> type:
 
 
 def model_class(cfg: AnyConfig) -> type:
+    if isinstance(cfg, MLAConfig) and cfg.has_indexer:
+        raise ConfigError("model: deepseek_v32 (DSA) cannot be trained from scratch here: its "
+                          "indexer learns from its own loss, which is not implemented")
     return DeepSeek if isinstance(cfg, MLAConfig) else Llama
 
 
@@ -42,9 +60,14 @@ def model_class(cfg: AnyConfig) -> type:
 class SplitModel:
     config: AnyConfig
     graphdef: Any
-    template: Any          # abstract nnx.State of the Params (ShapeDtypeStructs)
-    params: Any            # pure dict of arrays, placed with `shardings`
+    template: Any          # abstract nnx.State of the trainable Params (ShapeDtypeStructs)
+    params: Any            # pure dict of the trainable arrays, placed with `shardings`
     shardings: Any         # pure dict of NamedSharding, same tree as params
+    # LoRA runs only (else None): the frozen rest of the model, same three views
+    frozen_template: Any = None
+    frozen: Any = None
+    frozen_shardings: Any = None
+    lora: LoRASection | None = None
 
 
 def with_overrides(cfg: AnyConfig, overrides: dict) -> AnyConfig:
@@ -78,8 +101,6 @@ def model_config(section: ModelSection) -> AnyConfig:
         if not path.exists():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
             raise ConfigError(f"model.config: {section.config!r} is neither a file nor one of {known}")
-        import yaml
-
         with open(path) as f:
             d = yaml.safe_load(f)
         cfg = config_class(d).from_dict(d)
@@ -88,9 +109,6 @@ def model_config(section: ModelSection) -> AnyConfig:
 
 def pretrained_tensors(source: str) -> tuple[dict, Any]:
     """(HF config dict, HF-named tensor source) of a bundled model, HF directory or GGUF file."""
-    from jaxprefill.loading import BUNDLED_MODELS
-    from jaxprefill.loading.gguf_reader import bundled_gguf_path, read_gguf
-
     if source.lower() in BUNDLED_MODELS:
         path = bundled_gguf_path(source.lower())
     else:
@@ -99,52 +117,81 @@ def pretrained_tensors(source: str) -> tuple[dict, Any]:
             raise ConfigError(f"model.pretrained: {source!r} is neither a bundled model "
                               f"{BUNDLED_MODELS} nor an existing path")
     if path.is_dir():
-        import json
-
-        from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
-
         return json.loads((path / "config.json").read_text()), SafetensorsCheckpoint(path)
     contents = read_gguf(path)
     return contents.hf_config, contents.tensors
 
 
-def build(section: ModelSection, mesh: Mesh, seed: int) -> SplitModel:
-    """Create (scratch: random init inside jit, directly sharded) or load the model, then split."""
-    from jaxprefill.loading.weights import build_model
-
+def build(section: ModelSection, mesh: Mesh, seed: int, lora_section: LoRASection | None = None
+          ) -> SplitModel:
+    """Create (scratch: random init inside jit, directly sharded) or load the model, attach the
+    LoRA adapters when asked, then split."""
     dtype, param_dtype = DTYPES[section.dtype], DTYPES[section.param_dtype]
     spec = AttentionSpec(section.attention, differentiable=True)  # no kernels without gradients
+    filters = (nnx.Param,) if lora_section is None else (
+        lora.trainable_filter(lora_section.train_norms, lora_section.train_biases), nnx.Param)
+
     if section.pretrained:
         hf_config, tensors = pretrained_tensors(section.pretrained)
         cfg = with_overrides(config_from_hf_dict(hf_config), section.overrides)
-        if isinstance(cfg, MLAConfig):
-            from jaxprefill.loading.deepseek_weights import build_deepseek as build_model
-        model = build_model(cfg, tensors, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                            attention=spec, source=section.pretrained)
-        graphdef, state = nnx.split(model, nnx.Param)
-        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        shardings = nnx.to_pure_dict(state_shardings(template, mesh))
-        params = jax.device_put(nnx.to_pure_dict(state), shardings)
-        return SplitModel(cfg, graphdef, template, params, shardings)
+        load = build_deepseek if isinstance(cfg, MLAConfig) else build_model
+        model = load(cfg, tensors, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                     attention=spec, source=section.pretrained)
+        if lora_section is not None:
+            attach(model, lora_section, nnx.Rngs(seed))
+        graphdef, *states = nnx.split(model, *filters)
+        templates = [_abstract(s) for s in states]
+        check_trainable(templates[0], lora_section)
+        shardings = [nnx.to_pure_dict(state_shardings(t, mesh)) for t in templates]
+        arrays = [jax.device_put(nnx.to_pure_dict(s), sh) for s, sh in zip(states, shardings)]
+    else:
+        cfg = model_config(section)
 
-    cfg = model_config(section)
+        def create():
+            rngs = nnx.Rngs(seed)
+            model = model_class(cfg)(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                     attention=spec)
+            return model if lora_section is None else attach(model, lora_section, rngs)
 
-    def create():
-        return model_class(cfg)(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, attention=spec)
+        graphdef, *templates = nnx.split(nnx.eval_shape(create), *filters)
+        check_trainable(templates[0], lora_section)
+        shardings = [nnx.to_pure_dict(state_shardings(t, mesh)) for t in templates]
 
-    graphdef, template = nnx.split(nnx.eval_shape(create), nnx.Param)
-    shardings = nnx.to_pure_dict(state_shardings(template, mesh))
+        def init():
+            return [nnx.to_pure_dict(s) for s in nnx.split(create(), *filters)[1:]]
 
-    def init():
-        return nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+        # Random init inside jit with out_shardings: each device materializes only its own shards.
+        arrays = jax.jit(init, out_shardings=shardings)()
+    split = SplitModel(cfg, graphdef, templates[0], arrays[0], shardings[0], lora=lora_section)
+    if lora_section is not None:
+        split.frozen_template, split.frozen, split.frozen_shardings = templates[1], arrays[1], shardings[1]
+    return split
 
-    # Random init inside jit with out_shardings: each device materializes only its own shards.
-    params = jax.jit(init, out_shardings=shardings)()
-    return SplitModel(cfg, graphdef, template, params, shardings)
+
+def attach(model: Llama | DeepSeek, section: LoRASection, rngs: nnx.Rngs) -> Llama | DeepSeek:
+    return lora.attach(model, section.targets, rank=section.rank, alpha=section.alpha,
+                       dropout=section.dropout, rngs=rngs)
+
+
+def check_trainable(template: nnx.State, section: LoRASection | None) -> None:
+    """ConfigError when `lora.train_biases` finds no bias to train."""
+    if section is None or not section.train_biases:
+        return
+    if not any(lora.is_bias(p) for p, _ in nnx.to_flat_state(template)):
+        raise ConfigError("lora.train_biases: this model has no projection biases")
+
+
+def _abstract(state: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
 def merged(split: SplitModel, params: Any | None = None) -> Llama | DeepSeek:
-    """An NNX model over `params` (default: the split's), e.g. for export or generation."""
+    """An NNX model over `params` (default: the split's) and, under LoRA, the frozen base (with
+    its LoRAWeight modules: see `lora.merge` for plain weights), e.g. for export or generation."""
     state = jax.tree.map(lambda x: x, split.template)
     nnx.replace_by_pure_dict(state, split.params if params is None else params)
-    return nnx.merge(split.graphdef, state)
+    if split.frozen_template is None:
+        return nnx.merge(split.graphdef, state)
+    frozen = jax.tree.map(lambda x: x, split.frozen_template)
+    nnx.replace_by_pure_dict(frozen, split.frozen)
+    return nnx.merge(split.graphdef, state, frozen)

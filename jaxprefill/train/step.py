@@ -3,6 +3,10 @@
 Functional NNX: the model is split once (`graphdef`, Param state as a pure dict); inside the
 jitted step it is merged back, so the step traces once and nothing walks the object graph per
 call. Shapes: A grad-accumulation micro-steps, B rows per micro-step, S tokens, V vocab.
+
+LoRA runs split the model in two (train/model.py): `params` (the adapters) are differentiated and
+updated; `frozen` (the base) is a third input of the step, merged in but never differentiated.
+Their LoRA dropout draws from the state's RNG: one key per step, folded per micro-step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxprefill import lora
 from jaxprefill.models.layers import rope_cos_sin
 
 TrainState = dict[str, Any]  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
@@ -29,13 +34,19 @@ REMAT_POLICIES = {
 class StepOptions:
     remat: str = "none"
     packed: bool = True  # pass positions/segment ids to the model (False: plain causal rows)
+    dropout: bool = False  # the model has LoRA dropout: give it keys while training
 
 
-def merge(graphdef, template, params) -> nnx.Module:
-    """Model from a pure-dict params tree (`template` is the abstract Param state)."""
+def merge(graphdef, template, params, frozen_template=None, frozen=None) -> nnx.Module:
+    """Model from a pure-dict params tree (`template` is the abstract Param state), plus the
+    frozen part of a LoRA run's model when given."""
     state = jax.tree.map(lambda x: x, template)  # fresh Variables: never mutate the template
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    if frozen_template is None:
+        return nnx.merge(graphdef, state)
+    rest = jax.tree.map(lambda x: x, frozen_template)
+    nnx.replace_by_pure_dict(rest, frozen)
+    return nnx.merge(graphdef, state, rest)
 
 
 def hidden_states(model, tokens, positions, segment_ids, remat: str) -> jax.Array:
@@ -86,33 +97,40 @@ def token_losses(model, batch: dict[str, jax.Array], opts: StepOptions) -> tuple
 
 
 def make_train_step(graphdef, template, tx: optax.GradientTransformation, lr_fn: Callable,
-                    opts: StepOptions) -> Callable:
-    """step(state, batch) -> (state, metrics). batch arrays are int32 [A, B, S]; the loss is the
-    mean over every predicted token of all A micro-batches (so accumulation is exact)."""
+                    opts: StepOptions, frozen_template=None) -> Callable:
+    """step(state, batch, frozen=None) -> (state, metrics). batch arrays are int32 [A, B, S]; the
+    loss is the mean over every predicted token of all A micro-batches (so accumulation is
+    exact). `frozen`: the frozen params of a LoRA run (`frozen_template` their abstract state)."""
 
-    def micro(params, mb):
+    def micro(params, frozen, mb, key):
         def loss_sum(p):
-            return token_losses(merge(graphdef, template, p), mb, opts)
+            model = merge(graphdef, template, p, frozen_template, frozen)
+            if opts.dropout:
+                lora.set_dropout(model, key)
+            return token_losses(model, mb, opts)
         (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
         return total, count, grads
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
+    def step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None):
         params = state["params"]
-        if batch["tokens"].shape[0] == 1:
-            total, count, grads = micro(params, jax.tree.map(lambda x: x[0], batch))
+        rng, dropout_key = jax.random.split(state["rng"])
+        a = batch["tokens"].shape[0]
+        if a == 1:
+            total, count, grads = micro(params, frozen, jax.tree.map(lambda x: x[0], batch),
+                                        jax.random.fold_in(dropout_key, 0))
         else:
-            def body(carry, mb):
-                t, c, g = micro(params, mb)
+            def body(carry, xs):
+                mb, i = xs
+                t, c, g = micro(params, frozen, mb, jax.random.fold_in(dropout_key, i))
                 return jax.tree.map(jnp.add, carry, (t, c, g)), None
             zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                      jax.tree.map(jnp.zeros_like, params))
-            (total, count, grads), _ = jax.lax.scan(body, zeros, batch)
+            (total, count, grads), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(a)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         grad_norm = _norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        rng, _ = jax.random.split(state["rng"])  # reserved for stochastic layers; advanced per step
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
         metrics = {"loss": total / denom, "tokens": count, "grad_norm": grad_norm,
                    "lr": lr_fn(state["step"])}
@@ -126,10 +144,10 @@ def _norm(tree) -> jax.Array:
     return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
 
 
-def make_eval_step(graphdef, template, opts: StepOptions) -> Callable:
-    """eval(params, batch [B, S]) -> (summed nll, token count)."""
-    def evaluate(params, batch):
-        return token_losses(merge(graphdef, template, params), batch, opts)
+def make_eval_step(graphdef, template, opts: StepOptions, frozen_template=None) -> Callable:
+    """eval(params, batch [B, S], frozen=None) -> (summed nll, token count); no dropout."""
+    def evaluate(params, batch, frozen=None):
+        return token_losses(merge(graphdef, template, params, frozen_template, frozen), batch, opts)
     return evaluate
 
 

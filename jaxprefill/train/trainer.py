@@ -5,8 +5,9 @@
     result = trainer.fit()          # resumes from <output_dir>/checkpoints if there is one
 
 Output directory: config.yaml (the resolved config), metrics.jsonl, tensorboard/, checkpoints/,
-export/ (when checkpoint.export_at_end). Only process 0 writes logs; orbax coordinates saves
-across hosts itself.
+export/ (when checkpoint.export_at_end), adapter.safetensors (LoRA runs, at the end of every
+`fit` that is not preempted). Only process 0 writes logs; orbax coordinates saves across hosts
+itself.
 """
 
 from __future__ import annotations
@@ -21,18 +22,26 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import yaml
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxprefill import lora
 from jaxprefill.config import ConfigError
+from jaxprefill.loading.adapter import ADAPTER_FILE
 from jaxprefill.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
 from jaxprefill.train import mfu as mfu_lib
 from jaxprefill.train.checkpoint import Checkpointer, StopSignal, abstract_like
 from jaxprefill.train.config import MeshSection, TrainConfig, config_diff
+from jaxprefill.train.export import adapter_metadata, export_adapter, export_hf
 from jaxprefill.train.metrics import MetricsLog, ProgressLine
 from jaxprefill.train.model import SplitModel, build, merged
 from jaxprefill.train.optimizer import make_optimizer
 from jaxprefill.train.step import (StepOptions, init_state, make_eval_step, make_train_step,
                                    state_shardings)
+
+# data.packing modes whose rows hold one document (+ padding): plain causal attention suffices
+ONE_DOCUMENT_ROWS = ("none", "document")
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -78,9 +87,15 @@ class Trainer:
         self.say = log_fn or (lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True))
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.mesh = build_mesh(cfg.mesh)
-        packed = not (cfg.data.format == "synthetic" and not cfg.data.synthetic_docs)
-        self.model: SplitModel = build(cfg.model, self.mesh, cfg.seed)
+        packed = not ((cfg.data.format == "synthetic" and not cfg.data.synthetic_docs)
+                      or (cfg.data.format != "synthetic" and cfg.data.packing in ONE_DOCUMENT_ROWS))
+        self.model: SplitModel = build(cfg.model, self.mesh, cfg.seed, cfg.lora)
         mcfg = self.model.config
+        if cfg.lora is not None:
+            self.say(self._lora_summary())
+        if not packed and cfg.data.format != "synthetic":
+            self.say(f"data.packing={cfg.data.packing}: one document per row, plain causal "
+                     f"attention (no segment mask)")
         self.tokenizer, self.train_loader, self.val_source = self._data()
         if self.tokenizer is not None and self.tokenizer.vocab_size > mcfg.vocab_size:
             raise ConfigError(f"data.tokenizer has {self.tokenizer.vocab_size} ids but the model's "
@@ -103,14 +118,20 @@ class Trainer:
                                BATCH_RULES)
         self.batch_sharding = NamedSharding(self.mesh, spec)
         self.eval_sharding = NamedSharding(self.mesh, P(*spec[1:]))
-        opts = StepOptions(remat=cfg.model.remat, packed=packed)
-        step = make_train_step(self.model.graphdef, self.model.template, self.tx, self.lr_fn, opts)
-        self.step_fn = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+        opts = StepOptions(remat=cfg.model.remat, packed=packed,
+                           dropout=cfg.lora is not None and cfg.lora.dropout > 0)
+        frozen_t, frozen_sh = self.model.frozen_template, self.model.frozen_shardings
+        step = make_train_step(self.model.graphdef, self.model.template, self.tx, self.lr_fn, opts,
+                               frozen_t)
+        # the frozen base (LoRA runs) is an input of every step, never donated or updated
+        self.step_fn = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding, frozen_sh),
                                out_shardings=(self.shardings, replicated), donate_argnums=0)
-        self.eval_fn = jax.jit(make_eval_step(self.model.graphdef, self.model.template, opts),
-                               in_shardings=(self.shardings["params"], self.eval_sharding),
+        self.eval_fn = jax.jit(make_eval_step(self.model.graphdef, self.model.template, opts, frozen_t),
+                               in_shardings=(self.shardings["params"], self.eval_sharding, frozen_sh),
                                out_shardings=replicated)
-        self.flops_per_token = mfu_lib.flops_per_token(mcfg, cfg.data.seq_len)
+        self.frozen_weights = cfg.lora is not None  # no weight gradients for the base
+        self.flops_per_token = mfu_lib.flops_per_token(mcfg, cfg.data.seq_len,
+                                                       frozen_weights=self.frozen_weights)
         self.peak = mfu_lib.peak_flops()
 
         self.ckpt = (Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep=cfg.checkpoint.keep,
@@ -148,10 +169,27 @@ class Trainer:
         val = open_source(d.format, d.validation, d.text_key, key="data.validation") if d.validation else None
         return tokenizer, loader, val
 
+    def _lora_summary(self) -> str:
+        lo = self.cfg.lora
+        trained, frozen = _size(self.model.template), _size(self.model.frozen_template)
+        extra = [w for w, on in (("norm scales", lo.train_norms), ("biases", lo.train_biases)) if on]
+        return (f"lora: rank {lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g} on "
+                f"{', '.join(lo.targets)}{' + ' + ', '.join(extra) if extra else ''}: "
+                f"{trained:,} trainable parameters, {frozen:,} frozen "
+                f"({100 * trained / (trained + frozen):.2f}% trained)")
+
+    def model_meta(self) -> dict[str, Any]:
+        """The model description saved in checkpoints and compared on resume: the model config,
+        plus the LoRA settings of a LoRA run (they decide the checkpoint's shapes)."""
+        meta = self.model.config.to_dict()
+        if self.cfg.lora is not None:
+            meta["lora"] = dataclasses.asdict(self.cfg.lora)
+        return meta
+
     def _maybe_restore(self) -> int | None:
         """Resume from the newest checkpoint that restores (damaged ones are moved aside with a
         warning each; see checkpoint.py); None when there is none."""
-        model_config = self.model.config.to_dict()
+        model_config = self.model_meta()
         restored = None
         if self.ckpt is not None:
             restored = self.ckpt.restore_newest(abstract_like(self.state, self.shardings),
@@ -214,7 +252,7 @@ class Trainer:
             arrays = {k: jax.make_array_from_process_local_data(
                 self.eval_sharding, np.asarray(batch[k], np.int32), (self.micro_batch, d.seq_len))
                 for k in ("tokens", "positions", "segment_ids")}
-            t, c = jax.device_get(self.eval_fn(self.state["params"], arrays))
+            t, c = jax.device_get(self.eval_fn(self.state["params"], arrays, self.model.frozen))
             total, count = total + float(t), count + float(c)
         return total / count if count else None
 
@@ -225,7 +263,7 @@ class Trainer:
         step = self.step
         if step in self.ckpt.all_steps():
             return
-        meta = {"model": self.model.config.to_dict(), "config": self.cfg.to_dict()}
+        meta = {"model": self.model_meta(), "config": self.cfg.to_dict()}
         self.ckpt.save(step, self.state, self.train_loader.get_state(), meta)
 
     def fit(self, callback: Callable[["Trainer", int], None] | None = None) -> TrainResult:
@@ -254,7 +292,8 @@ class Trainer:
                 if i == len(records) - 1 and tok_s:
                     last["tokens_per_s"] = tok_s
                     m = mfu_lib.mfu(tok_s, self.model.config, cfg.data.seq_len,
-                                    jax.device_count(), self.peak)
+                                    jax.device_count(), self.peak,
+                                    frozen_weights=self.frozen_weights)
                     if m is not None:
                         last["mfu"] = m
                 self.metrics.write(last)
@@ -266,7 +305,7 @@ class Trainer:
         with StopSignal(cfg.checkpoint.save_on_sigterm) as stop:
             for step in range(start, cfg.steps):
                 batch = self._next_batch()
-                self.state, metrics = self.step_fn(self.state, batch)
+                self.state, metrics = self.step_fn(self.state, batch, self.model.frozen)
                 pending.append(metrics)
                 done = step + 1
                 if window["start"] is None:  # the first step includes compilation: time it apart
@@ -307,6 +346,10 @@ class Trainer:
             self.say(f"stop requested (SIGTERM): saved step {self.step}; rerun the same command to resume")
         else:
             val_loss = self._log_eval(self.step)
+            if cfg.lora is not None and self.is_main:
+                out = self.export_adapter(os.path.join(cfg.output_dir, ADAPTER_FILE),
+                                          cfg.checkpoint.export_dtype)
+                self.say(f"adapter written to {out}")
             if cfg.checkpoint.export_at_end and self.is_main:
                 out = self.export(os.path.join(cfg.output_dir, "export"), cfg.checkpoint.export_dtype,
                                   cfg.checkpoint.export_shard_mb)
@@ -359,14 +402,26 @@ class Trainer:
     # ---- outputs --------------------------------------------------------------------------------
 
     def nnx_model(self):
-        """The current parameters as an NNX `Llama` or `DeepSeek` (shares the arrays)."""
-        return merged(self.model, self.state["params"])
+        """The current parameters as an NNX `Llama` or `DeepSeek` (shares the arrays). A LoRA
+        run's adapters are merged into plain weights W + alpha / rank * A @ B."""
+        model = merged(self.model, self.state["params"])
+        return model if self.cfg.lora is None else lora.merge(model)
+
+    def export_adapter(self, path: str, dtype: str = "float32") -> str:
+        """Write the LoRA adapter (factors, trained norms / biases, config overrides) as one
+        safetensors file, which `jp.load(base, adapter=path)` applies; returns the path."""
+        if self.cfg.lora is None:
+            raise ConfigError("export_adapter: this run has no lora section (export() writes the "
+                              "whole model)")
+        meta = adapter_metadata(self.model.config, self.cfg.lora, self.cfg.model.pretrained,
+                                step=self.step)
+        return export_adapter(merged(self.model, self.state["params"]), path, meta=meta,
+                              trained=[p for p, _ in nnx.to_flat_state(self.model.template)],
+                              dtype=dtype)
 
     def export(self, out_dir: str, dtype: str = "float32", shard_mb: int | None = None) -> str:
-        """HF-style directory of the current parameters and the run's tokenizer, which
-        `jp.load(out_dir)` reads back (`shard_mb`: safetensors shard size)."""
-        from jaxprefill.train.export import export_hf
-
+        """HF-style directory of the current parameters (a LoRA run's merged into the base) and
+        the run's tokenizer, which `jp.load(out_dir)` reads back (`shard_mb`: shard size)."""
         if self.tokenizer is None:
             self.say(f"export: this run has no tokenizer (data.format={self.cfg.data.format}), so "
                      f"{out_dir} holds weights only; jp.load gives tokenizer None (token-id prompts only)")
@@ -378,6 +433,11 @@ class Trainer:
         if self.ckpt is not None:
             self.ckpt.close()
         self.metrics.close()
+
+
+def _size(tree: Any) -> int:
+    """Number of elements of every array (or ShapeDtypeStruct) in `tree`."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def train(cfg: TrainConfig, **kwargs) -> TrainResult:
