@@ -14,23 +14,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
+
+from jaxprefill.parallel import ContextParallel
 
 BUCKET = 64
 
 
 def sparse_graphdef(model, sparse):
     """The model's graphdef with AttentionSpec.sparse set (the model itself is left unchanged)."""
+    return spec_graphdef(model, "sparse prefill", sparse=sparse)
+
+
+def context_for(model, mesh: Mesh | None) -> ContextParallel | None:
+    """The ring attention a model runs with on ``mesh``: its own `AttentionSpec.context`, else
+    one over the mesh's `sequence` axis when that axis has more than one device, else None."""
+    current = getattr(getattr(model, "attention", None), "context", None)
+    if current is not None:
+        if mesh is not None and current.mesh != mesh:
+            raise ValueError("the model's ContextParallel mesh is not the mesh it runs on")
+        return current
+    if mesh is None or mesh.shape.get("sequence", 1) == 1:
+        return None
+    return ContextParallel(mesh)
+
+
+def context_graphdef(model, mesh: Mesh):
+    """The model's graphdef with :func:`context_for` as its `AttentionSpec.context` (the model
+    itself is left unchanged)."""
+    ring = context_for(model, mesh)
+    if ring is None or ring is model.attention.context:
+        return nnx.split(model)[0]
+    return spec_graphdef(model, "context parallelism", context=ring)
+
+
+def spec_graphdef(model, what: str, **fields):
+    """The model's graphdef with these AttentionSpec fields replaced."""
     if not hasattr(model, "attention"):
-        raise ValueError(f"{type(model).__name__} has no attention spec to make sparse")
+        raise ValueError(f"{type(model).__name__} has no attention spec for {what}")
     if type(model).__name__ not in ("Llama", "DeepSeek"):
-        raise NotImplementedError(f"sparse prefill is wired into Llama and DeepSeek models, "
+        raise NotImplementedError(f"{what} is wired into Llama and DeepSeek models, "
                                   f"not {type(model).__name__}")
-    dense = model.attention
+    before = model.attention
     try:
-        model.attention = dataclasses.replace(dense, sparse=sparse)
+        model.attention = dataclasses.replace(before, **fields)
         return nnx.split(model)[0]
     finally:
-        model.attention = dense
+        model.attention = before
 
 
 def encode_prompt(tokenizer, prompt, chat: bool) -> list[int]:

@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxprefill.decoding import context_graphdef
 from jaxprefill.models import Llama
 from jaxprefill.sharding import LOGICAL_RULES, batch_sharding, logical_to_spec, state_shardings
 
@@ -29,11 +30,14 @@ def make_forward(model: Llama, mesh: Mesh | None = None) -> Callable[..., jax.Ar
 
     Inputs: parameters as laid out by the mesh rules, tokens [B, S] with batch over
     (data, fsdp); output logits [B, S, V] with batch over (data, fsdp) and vocab over tensor.
+    A mesh with a `sequence` axis of n > 1 devices runs attention as ring attention over it
+    (`jaxprefill.parallel`; the prompt is padded to a multiple of 2n x 128 tokens inside).
     """
     graphdef, state = nnx.split(model)
     if mesh is None:
         return lambda tokens, positions=None, segment_ids=None: forward(
             graphdef, state, tokens, positions, segment_ids)
+    graphdef = context_graphdef(model, mesh)
     params = state_shardings(state, mesh)
     state = jax.device_put(state, params)  # no-op when loaded onto this mesh already
 

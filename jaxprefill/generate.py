@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxprefill.decoding import (BUCKET, Sampling, decode_step, encode_prompt, prefill_step,
-                                 round_up, sparse_graphdef)
+from jaxprefill.decoding import (BUCKET, Sampling, context_for, decode_step, encode_prompt,
+                                 prefill_step, round_up, spec_graphdef)
 from jaxprefill.models import KVCache, Llama
+from jaxprefill.sharding import state_shardings
 from jaxprefill.validate import check_prompts, check_sampling
 
 
@@ -66,7 +68,7 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
              max_new_tokens: int = 64, chat: bool = False, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] | None = None, eos_token_ids: Sequence[int] | None = None,
-             progress: bool = False, sparse=None) -> Generations:
+             progress: bool = False, sparse=None, mesh: Mesh | None = None) -> Generations:
     """Generate a completion for each prompt (one batch).
 
     Args:
@@ -81,6 +83,11 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
       eos_token_ids: default: the tokenizer's, else the config's.
       sparse: sparse prefill: a policy name ("flexprefill"), a YAML path, a dict, a
         `jaxprefill.sparse.Policy` or `SparseConfig` (see jaxprefill.sparse). Decode stays dense.
+      mesh: a device mesh (`jaxprefill.make_mesh`): parameters are laid out by its rules. A
+        `sequence` axis of n > 1 devices runs the prefill as ring attention over it
+        (`jaxprefill.parallel`) over the whole cache length (a multiple of 2n x 128 tokens),
+        and Llama-family models keep their cache split over that axis and decode against it
+        by flash-decoding (DeepSeek's paged latent cache stays whole: docs/context_parallel.md).
     Returns:
       Generations (a list of GenerationResult, with `.stats`).
     Raises:
@@ -111,18 +118,30 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
     prompt_len = round_up(int(lengths.max()), BUCKET)
     cache_len = min(round_up(prompt_len + max_new_tokens, BUCKET),
                     max(cfg.max_position_embeddings, prompt_len + max_new_tokens))
+    ring = context_for(model, mesh)
+    if ring is not None:
+        mesh = ring.mesh  # a model built with a context setting brings its mesh
+        # The prefill spans the whole cache, so each device's natural-order K/V shard is the
+        # cache shard it keeps for decoding (no data moves between the two).
+        cache_len = prompt_len = ring.padded_length(cache_len)
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, row in enumerate(ids):
         tokens[i, :len(row)] = row
 
     graphdef, state = nnx.split(model)
-    if sparse is not None:
-        graphdef = sparse_graphdef(model, sparse)
+    fields = {} if sparse is None else {"sparse": sparse}
+    if ring is not None and model.attention.context is None:
+        fields["context"] = ring
+    if fields:
+        graphdef = spec_graphdef(model, "generation", **fields)
     sampling = Sampling.make(batch, temperature, top_p, top_k, seed)
 
     t0 = time.perf_counter()
     cache_class = getattr(model, "cache_class", KVCache)  # DeepSeek: paged latent cache
     cache = cache_class.zeros(cfg, batch, cache_len, model.dtype)
+    if mesh is not None:
+        state = jax.device_put(state, state_shardings(state, mesh))
+        cache = jax.device_put(cache, cache_sharding(cache, mesh, ring, cfg))
     next_tok, cache = prefill_step(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache,
                                sampling)
     next_tok = np.asarray(next_tok)
@@ -158,6 +177,16 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
         results.append(GenerationResult(text, out[b], int(lengths[b]), finish[b] or "length"))
     results.stats = GenerationStats(int(lengths.sum()), sum(len(o) for o in out), t1 - t0, t2 - t1)
     return results
+
+
+def cache_sharding(cache, mesh: Mesh, ring, cfg):
+    """Shardings of a fresh cache on ``mesh``: a contiguous KVCache split over the ring axis
+    (batch and heads as the ring splits them); anything else replicated."""
+    if ring is None or not isinstance(cache, KVCache):
+        return jax.tree.map(lambda _: NamedSharding(mesh, P()), cache)
+    b = cache.k[0].shape[0]
+    spec = P(ring.batch_axes(b), ring.axis, ring.head_axis(cfg.num_heads, cfg.num_kv_heads), None)
+    return jax.tree.map(lambda _: NamedSharding(mesh, spec), cache)
 
 
 def _hits_stop(tokenizer, generated: list[int], stop: Sequence[str]) -> bool:

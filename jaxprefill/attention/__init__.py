@@ -1,5 +1,7 @@
-"""Attention dispatch: the single entry point every model uses (`attend`)."""
+"""Attention: `attend`, the single entry point every model uses; `attention_backend` says which
+implementation runs a call and why; sparse prefill enters through `attention.sparse`."""
 
-from jaxprefill.attention.dispatch import AttentionSpec, attend, build_mask, reference_attention
+from jaxprefill.attention.dispatch import (AttentionSpec, attend, attention_backend, build_mask,
+                                           reference_attention)
 
-__all__ = ["AttentionSpec", "attend", "build_mask", "reference_attention"]
+__all__ = ["AttentionSpec", "attend", "attention_backend", "build_mask", "reference_attention"]

@@ -25,6 +25,8 @@ Sparse prefill: `AttentionSpec(sparse=SparseConfig)` (jaxprefill.sparse): the at
 point `jaxprefill.attention.sparse` classifies each call once (whole prompt, chunk at a query
 offset, packed row) and runs the layer's policy; models pass `layer=i` (and `lengths` [B],
 valid tokens per right-padded row) and never branch on it.
+Context parallelism: `AttentionSpec(context=ContextParallel(mesh))` (jaxprefill.parallel)
+runs every call as ring attention over the mesh's `sequence` axis (:func:`context_attend`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pallas_kernels import SegmentIds, backends, block_sparse_attention
 from pallas_kernels.gpu import mosaic_common
 from pallas_kernels.layout import structured_layout
 from jaxprefill.attention.sparse import sparse_attend, sparse_call
+from jaxprefill.parallel import ContextParallel, ring
 from jaxprefill.sparse import SparseConfig
 
 IMPLS = ("auto", "reference", "xla", "cudnn", "block_sparse")
@@ -52,15 +55,21 @@ class AttentionSpec:
     sparse: a SparseConfig (anything `SparseConfig.parse` takes), or None: dense prefill.
     differentiable: the caller takes gradients (training): backends without a backward pass
       are skipped.
+    context: a `jaxprefill.parallel.ContextParallel` (ring attention over a mesh axis), or
+      None: attention runs where its inputs are (GSPMD decides).
     """
 
     impl: str = "auto"
     sparse: Any = None
     differentiable: bool = False
+    context: Any = None
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"unknown attention impl {self.impl!r}; choose one of {IMPLS}")
+        if self.context is not None and not isinstance(self.context, ContextParallel):
+            raise ValueError(f"AttentionSpec.context must be a ContextParallel or None, got "
+                             f"{type(self.context).__name__}")
         if self.sparse is not None:
             object.__setattr__(self, "sparse", SparseConfig.parse(self.sparse))
 
@@ -156,6 +165,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
+    if spec.context is not None:
+        return context_attend(q, k, v, spec, causal=causal, q_offset=q_offset,
+                              segment_ids=segment_ids, window=window, sm_scale=sm_scale,
+                              layer=layer, lengths=lengths)
     call = sparse_call(spec.sparse, layer, q, k, causal=causal, q_offset=q_offset,
                        segment_ids=segment_ids, window=window, lengths=lengths,
                        sm_scale=sm_scale)
@@ -188,6 +201,39 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=sm_scale,
                                            implementation=implementation)
     return out[..., :dv]
+
+
+def context_attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *,
+                   causal: bool, q_offset: jax.Array | None,
+                   segment_ids: tuple[jax.Array, jax.Array] | None, window: int | None,
+                   sm_scale: float, layer: int | None, lengths: jax.Array | None) -> jax.Array:
+    """attend() as ring attention (`spec.context`; see `jaxprefill.parallel.ring`).
+
+    Without q_offset: a prompt or packed rows in ring order (models permute their inputs),
+    dense or through the layer's sparse policy. With q_offset: queries against a cache view in
+    natural order (chunks over a cached prefix, decode), dense.
+    """
+    ctx = spec.context
+    if window is not None:
+        raise ValueError("context parallelism: sliding-window attention is not supported")
+    if spec.differentiable:
+        raise ValueError("context parallelism: the ring has no backward pass (training)")
+    if q_offset is not None:
+        if segment_ids is not None:
+            raise ValueError("context parallelism: segment ids with a q_offset are not supported")
+        if sparse_call(spec.sparse, layer, q, k, causal=causal, q_offset=q_offset,
+                       segment_ids=None, window=None, lengths=lengths,
+                       sm_scale=sm_scale) is not None:
+            raise ValueError("context parallelism: sparse prefill of chunks over a cached prefix "
+                             "is not supported (whole prompts and packed rows are)")
+        kernel = "auto" if spec.sparse is None else spec.sparse.kernel
+        return ring.chunk_attention(ctx, q, k, v, q_offset=q_offset, causal=causal,
+                                    sm_scale=sm_scale, kernel=kernel)
+    call = sparse_call(spec.sparse, layer, q, k, causal=causal, q_offset=None,
+                       segment_ids=segment_ids, window=None, lengths=lengths, sm_scale=sm_scale)
+    policy = None if call is None else spec.sparse.policy_for(layer)
+    return ring.prompt_attention(ctx, q, k, v, causal=causal, segment_ids=segment_ids,
+                                 sm_scale=sm_scale, policy=policy, call=call)
 
 
 def structured_block_sparse(q, k, v, causal, q_offset, segment_ids, sm_scale) -> jax.Array:

@@ -29,8 +29,8 @@ from flax import nnx, struct
 
 from jaxprefill.attention import AttentionSpec, attend
 from jaxprefill.config import MLAConfig
-from jaxprefill.models.layers import (RMSNorm, SwiGLU, apply_rope_pairs, param, rope_cos_sin_half,
-                                      rope_inv_freq)
+from jaxprefill.models.layers import (RMSNorm, SwiGLU, apply_rope_pairs, dense, param,
+                                      rope_cos_sin_half, rope_inv_freq)
 from jaxprefill.models.moe import MoE
 from pallas_kernels import mla_decode
 
@@ -104,19 +104,19 @@ class MLAttention(nnx.Module):
         """x [B, S, E] -> q_nope [B, S, H, d_n], q_pe [B, S, H, d_r] (roped)."""
         cfg, dt = self.cfg, x.dtype
         if cfg.q_lora_rank:
-            qa = x @ self.q_a[...].astype(dt)
+            qa = dense("...e,er->...r", x, self.q_a)
             if cfg.attention_bias:
                 qa = qa + self.q_a_bias[...].astype(dt)
-            q = jnp.einsum("bsr,rhd->bshd", self.q_a_norm(qa), self.q_b[...].astype(dt))
+            q = dense("bsr,rhd->bshd", self.q_a_norm(qa), self.q_b)
         else:
-            q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dt))
+            q = dense("bse,ehd->bshd", x, self.q)
         q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope_pairs(q_pe, cos, sin, interleaved=cfg.rope_interleave)
 
     def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """x [B, S, E] -> cache entries [B, S, d_c + d_r] = [RMSNorm(c) | roped k_pe]."""
         cfg, dt = self.cfg, x.dtype
-        kv = x @ self.kv_a[...].astype(dt)
+        kv = dense("...e,ec->...c", x, self.kv_a)
         if cfg.attention_bias:
             kv = kv + self.kv_a_bias[...].astype(dt)
         c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
@@ -125,16 +125,16 @@ class MLAttention(nnx.Module):
 
     def decompress(self, lat: jax.Array) -> tuple[jax.Array, jax.Array]:
         """latent [B, T, d_c + d_r] -> K [B, T, H, d_n + d_r], V [B, T, H, d_v]."""
-        cfg, dt = self.cfg, lat.dtype
+        cfg = self.cfg
         c, k_pe = lat[..., :cfg.kv_lora_rank], lat[..., cfg.kv_lora_rank:]
-        kv = jnp.einsum("btc,chd->bthd", c, self.kv_b[...].astype(dt))
+        kv = dense("btc,chd->bthd", c, self.kv_b)
         k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + (cfg.qk_rope_head_dim,))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
     def out_proj(self, o: jax.Array) -> jax.Array:
         """o [B, S, H, d_v] -> [B, S, E]."""
-        y = jnp.einsum("bshd,hde->bse", o, self.o[...].astype(o.dtype))
+        y = dense("bshd,hde->bse", o, self.o)
         return y + self.o_bias[...].astype(o.dtype) if self.cfg.attention_bias else y
 
     def absorb_query(self, q_nope: jax.Array) -> jax.Array:
@@ -170,6 +170,8 @@ class MLAttention(nnx.Module):
                        layer=layer, lengths=lengths)
             pages = None
             if cache is not None:
+                if spec.context is not None:  # lat is in ring order; the cache is natural
+                    lat = spec.context.natural(lat)
                 pages = write_latent(cache[0], cache[1], lat, jnp.zeros((x.shape[0],), jnp.int32))
             return self.out_proj(o), pages
         pages, table = cache
@@ -190,9 +192,10 @@ class MLAttention(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); mlp is MoE or dense SwiGLU."""
 
-    def __init__(self, cfg: MLAConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: MLAConfig, layer: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 attention: type = MLAttention):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.attn = MLAttention(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.attn = attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if cfg.is_moe_layer(layer):
             self.mlp = MoE(cfg, rngs=rngs, param_dtype=param_dtype)
@@ -215,6 +218,7 @@ class DeepSeek(nnx.Module):
     """
 
     cache_class = MLACache
+    attention_module = MLAttention  # DeepSeek-V3.2 (models/dsa.py) adds the indexer to it
 
     def __init__(self, cfg: MLAConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attention: AttentionSpec = AttentionSpec(),
@@ -225,7 +229,8 @@ class DeepSeek(nnx.Module):
         self.absorb = absorb
         self.decode_impl = decode_impl
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs, param_dtype=param_dtype)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs, param_dtype=param_dtype,
+                                      attention=self.attention_module)
                                 for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
@@ -250,8 +255,12 @@ class DeepSeek(nnx.Module):
                 cache_index: jax.Array | None = None, lengths: jax.Array | None = None
                 ) -> tuple[jax.Array, MLACache | None]:
         """Hidden states [B, S, E] after the final norm, and the updated cache (as `Llama`;
-        `lengths` [B] is read by sparse prefill only)."""
+        `lengths` [B] is read by sparse prefill only; context parallelism as in `Llama`)."""
         b, s = tokens.shape
+        ring = self.attention.context if cache_index is None else None
+        if ring is not None:
+            tokens, positions, segment_ids, lengths = ring.enter(tokens, positions, segment_ids,
+                                                                 lengths)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             if cache_index is not None:
@@ -269,6 +278,8 @@ class DeepSeek(nnx.Module):
                              decode_impl=self.decode_impl, layer=i, lengths=lengths)
             new_pages.append(pages)
         x = self.norm(x)
+        if ring is not None:
+            x = ring.exit(x, s)
         if cache is not None:
             cache = MLACache(tuple(new_pages), cache.page_table)
         return x, cache

@@ -18,7 +18,8 @@ from flax import nnx, struct
 
 from jaxprefill.attention import AttentionSpec, attend
 from jaxprefill.config import ModelConfig
-from jaxprefill.models.layers import RMSNorm, SwiGLU, apply_rope, param, rope_cos_sin, rope_inv_freq
+from jaxprefill.models.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, rope_cos_sin,
+                                      rope_inv_freq)
 
 
 @struct.dataclass
@@ -79,6 +80,8 @@ class Attention(nnx.Module):
             out = attend(q, k, v, causal=True, segment_ids=segs, window=self.cfg.sliding_window,
                          spec=spec, layer=layer, lengths=lengths)
             if cache is not None:
+                if spec.context is not None:  # k, v are in ring order; the cache is natural
+                    k, v = spec.context.natural(k), spec.context.natural(v)
                 start = jnp.zeros((x.shape[0],), jnp.int32)
                 cache = (write_rows(cache[0], k, start), write_rows(cache[1], v, start))
         else:  # continue rows: write this chunk at cache_index, attend over the whole cache
@@ -88,7 +91,7 @@ class Attention(nnx.Module):
             out = attend(q, k_cache.astype(dt), v_cache.astype(dt), causal=True, q_offset=cache_index,
                          window=self.cfg.sliding_window, spec=spec, layer=layer, lengths=lengths)
             cache = (k_cache, v_cache)
-        y = jnp.einsum("bshd,hde->bse", out, self.o[...].astype(x.dtype))
+        y = dense("bshd,hde->bse", out, self.o)
         if self.cfg.o_bias:
             y = y + self.o_bias[...].astype(x.dtype)
         return y, cache
@@ -96,9 +99,9 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """x [B, S, E] -> q [B, S, Hq, D], k, v [B, S, Hkv, D] (post-RoPE)."""
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("bse,ehd->bshd", x, self.q[...].astype(dt))
-        k = jnp.einsum("bse,ehd->bshd", x, self.k[...].astype(dt))
-        v = jnp.einsum("bse,ehd->bshd", x, self.v[...].astype(dt))
+        q = dense("bse,ehd->bshd", x, self.q)
+        k = dense("bse,ehd->bshd", x, self.k)
+        v = dense("bse,ehd->bshd", x, self.v)
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -161,8 +164,14 @@ class Llama(nnx.Module):
         those slot indices). With a cache and no `cache_index`, this is a fresh prefill: tokens
         fill slots 0..S-1 and attend only to each other (segment ids allowed). `lengths` [B]:
         valid tokens per right-padded row, read by sparse prefill estimation only.
+        With a context-parallel attention spec, a fresh prefill runs in ring order over a padded
+        length (`jaxprefill.parallel.context`); outputs and cache come back in natural order.
         """
         b, s = tokens.shape
+        ring = self.attention.context if cache_index is None else None
+        if ring is not None:
+            tokens, positions, segment_ids, lengths = ring.enter(tokens, positions, segment_ids,
+                                                                 lengths)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             if cache_index is not None:
@@ -183,6 +192,8 @@ class Llama(nnx.Module):
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         x = self.norm(x)
+        if ring is not None:
+            x = ring.exit(x, s)
         if cache is not None:
             cache = KVCache(tuple(new_k), tuple(new_v))
         return x, cache
