@@ -114,20 +114,23 @@ def test_engine_rejects_bad_requests(smol):
     assert [r.id for r in out] == ["ok"] and errors[0][0] == "big"
 
 
-def test_an_interrupted_run_gives_its_pages_back(smol):
+def test_an_interrupted_run_gives_its_pages_back():
     """An exception in the middle of a run (here from on_result; SIGTERM in a job is the same)
     frees the pages of the requests in flight, so the engine can be used again."""
-    model, tokenizer = smol
-    engine = Engine(model, tokenizer, EngineConfig(max_batch=3, prefill_tokens=64, page_size=16,
-                                                   num_pages=16, bucket=256, max_new_tokens=3,
-                                                   chat=False))
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=512, tie_word_embeddings=True)
+    engine = Engine(jp.Llama(cfg, rngs=nnx.Rngs(0)), None,
+                    EngineConfig(max_batch=3, prefill_tokens=64, page_size=16, num_pages=16,
+                                 bucket=256, max_new_tokens=3, chat=False))
     full = engine.allocator.num_free
 
     def stop(result):
         raise KeyboardInterrupt
 
-    prompts = token_prompts(tokenizer, [9, 20, 33])
-    reqs = [Request(id=str(i), prompt=p) for i, p in enumerate(prompts)]
+    rng = np.random.default_rng(0)
+    reqs = [Request(id=str(i), prompt=rng.integers(1, 97, n).tolist())
+            for i, n in enumerate([9, 20, 33])]
     with pytest.raises(KeyboardInterrupt):
         engine.run(reqs, stop)
     assert engine.allocator.num_free == full

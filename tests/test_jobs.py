@@ -48,7 +48,12 @@ def test_parse_line_errors():
                          ('{"id": 1, "prompt": 5}', "must be a string"),
                          ('{"id": 1, "messages": [{"role": "user"}]}', "messages"),
                          ('{"id": 1, "prompt": "x", "temprature": 1}', "unknown field"),
-                         ('{"id": 1, "prompt": "x", "max_new_tokens": "9"}', "wrong type")]:
+                         ('{"id": 1, "prompt": "x", "max_new_tokens": "9"}',
+                          "max_new_tokens must be an integer"),
+                         ('{"id": 1.5, "prompt": "x"}', "'id' must be a string or an integer"),
+                         ('{"id": true, "prompt": "x"}', "'id' must be a string or an integer"),
+                         ('{"id": 1, "prompt": "x", "temperature": -1}', "temperature must be"),
+                         ('{"id": 1, "prompt": "x", "stop": [1]}', "stop must be")]:
         with pytest.raises(ValueError, match=needle):
             parse_line(line, 7)
 

@@ -240,6 +240,27 @@ def _divert_stray_restore_errors() -> None:
 
     hook._jaxprefill_filter = True
     sys.unraisablehook = hook
+    # The same abandoned orbax tasks also reach asyncio's exception handler, which logs "Task
+    # exception was never retrieved" with the traceback when the task is collected.
+    logging.getLogger("asyncio").addFilter(_StrayTaskErrors())
+
+
+class _StrayTaskErrors(logging.Filter):
+    """Diverts asyncio's reports of a failed restore's abandoned orbax tasks to the stray log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "exception was never retrieved" not in text or f"{os.sep}orbax{os.sep}" not in text:
+            return True
+        if _stray_log:
+            try:
+                with open(_stray_log[-1], "a") as f:
+                    f.write("\n---- after the restore ----\n" + text + "\n")
+                    if record.exc_info:
+                        f.write("".join(traceback.format_exception(*record.exc_info)))
+            except OSError:  # a diagnostics file that cannot be written loses nothing else
+                pass
+        return False
 
 
 def _log_if_stray(unraisable) -> bool:
