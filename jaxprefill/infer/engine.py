@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from jaxprefill.decoding import Sampling, encode_prompt, sparse_graphdef
 from jaxprefill.generate import PromptTooLongError
 from jaxprefill.infer import steps
-from jaxprefill.mla import latent_cache, tpla_steps
+from jaxprefill.mla import dsa_cache, latent_cache, tpla_steps
 from jaxprefill.models import KVCache
 from jaxprefill.models.deepseek import MLACache
+from jaxprefill.models.dsa import DSACache
 from jaxprefill.infer.config import EngineConfig
 from jaxprefill.infer.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
 from jaxprefill.infer.scheduler import pack_rows
@@ -108,6 +109,8 @@ class Engine:
             self.steps, pool = steps, PagedKVCache
         elif cache_class is MLACache:  # DeepSeek / Kimi: paged latent cache, absorbed decode
             self.steps, pool = latent_cache, latent_cache.PagedLatentCache
+        elif cache_class is DSACache:  # DeepSeek-V3.2: latent + index-key pages, sparse MLA
+            self.steps, pool = dsa_cache, dsa_cache.PagedDSACache
         else:
             raise NotImplementedError(f"the engine has no paged cache for {cache_class.__name__} "
                                       f"({type(model).__name__}): use jp.generate")

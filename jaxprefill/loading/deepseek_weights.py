@@ -1,4 +1,5 @@
-"""HF-named DeepSeek-V2/V3/Kimi-K2 tensors -> our `DeepSeek` module (and back).
+"""HF-named DeepSeek-V2/V3/V3.2/Kimi-K2 tensors -> our `DeepSeek` module (and back; V3.2's
+indexer tensors `self_attn.indexer.{wq_b,wk,k_norm,weights_proj}` -> `DeepSeekV32`).
 
 Two checkpoint layouts of the routed experts are read, per layer, whichever is present:
   * hub layout (DeepSeek's own files and transformers' `save_pretrained`):
@@ -24,6 +25,7 @@ from jaxprefill.attention import AttentionSpec
 from jaxprefill.config import MLAConfig
 from jaxprefill.loading.weights import TensorSource, WeightError, to_hf, to_ours
 from jaxprefill.models.deepseek import DeepSeek
+from jaxprefill.models.dsa import DeepSeekV32
 from jaxprefill.sharding import place, state_shardings
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,13 @@ def mla_hf_name_map(cfg: MLAConfig) -> dict[tuple, tuple[str, tuple[int, ...], s
         if cfg.attention_bias:
             m[at + ("kv_a_bias",)] = (f"{a}.kv_a_proj_with_mqa.bias", (dc + dr,), "same")
             m[at + ("o_bias",)] = (f"{a}.o_proj.bias", (e,), "same")
+        if cfg.has_indexer:  # DeepSeek-V3.2's lightning indexer (models/dsa.py)
+            ix, hi, di = at + ("indexer",), cfg.index_n_heads, cfg.index_head_dim
+            m[ix + ("wq_b",)] = (f"{a}.indexer.wq_b.weight", (hi * di, cfg.q_lora_rank), "in_heads")
+            m[ix + ("wk",)] = (f"{a}.indexer.wk.weight", (di, e), "transpose")
+            m[ix + ("k_norm", "scale")] = (f"{a}.indexer.k_norm.weight", (di,), "same")
+            m[ix + ("k_norm", "bias")] = (f"{a}.indexer.k_norm.bias", (di,), "same")
+            m[ix + ("weights_proj",)] = (f"{a}.indexer.weights_proj.weight", (hi, e), "transpose")
         mlp = ours + ("mlp",)
         if cfg.is_moe_layer(i):
             n, f = cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -122,9 +131,10 @@ def build_deepseek(cfg: MLAConfig, tensors: TensorSource, *, dtype=jnp.float32,
                    attention: AttentionSpec = AttentionSpec(), source: str = "checkpoint",
                    **model_kwargs) -> DeepSeek:
     """A `DeepSeek` whose parameters come from HF-named `tensors`, placed on `mesh`."""
-    abstract = nnx.eval_shape(lambda: DeepSeek(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                               param_dtype=param_dtype, attention=attention,
-                                               **model_kwargs))
+    cls = DeepSeekV32 if cfg.has_indexer else DeepSeek
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                          param_dtype=param_dtype, attention=attention,
+                                          **model_kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh) if mesh is not None else None
     sharding_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}

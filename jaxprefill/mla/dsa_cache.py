@@ -1,0 +1,100 @@
+"""The engine's paged cache and steps for DeepSeek-V3.2 (MLA + the DSA indexer).
+
+As `latent_cache` (same page pool, allocator and page tables), with one more pool per layer:
+the indexer's keys [num_pages, page_size, index_head_dim] beside the latent pages
+[num_pages, page_size, d_c + d_r], under the same page ids, so a page table row addresses both.
+
+  * chunked prefill passes both pools with the chunk rows' page tables: the model writes the
+    chunk's latents and index keys at `cache_index`, scores the chunk's index queries against
+    every cached key (causal limit start + i) and attends over the selected latent rows;
+  * decode: the same for one token per slot (sparse MLA decode over the selected rows);
+  * packed prefill rows write into a contiguous view (`DSACache.zeros`; segment ids keep the
+    indexer within each prompt), copied to each token's own slot afterwards.
+The three steps have the signatures of `jaxprefill.infer.steps`', so the engine calls either
+set.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxprefill.decoding import Sampling, sample
+from jaxprefill.models.dsa import DSACache
+
+
+@struct.dataclass
+class PagedDSACache:
+    pages: tuple[jax.Array, ...]        # per layer [num_pages, page_size, d_c + d_r]
+    index_pages: tuple[jax.Array, ...]  # per layer [num_pages, page_size, index_head_dim]
+
+    @classmethod
+    def zeros(cls, cfg, num_pages: int, page_size: int, dtype) -> "PagedDSACache":
+        lat = (num_pages, page_size, cfg.latent_dim)
+        ik = (num_pages, page_size, cfg.index_head_dim)
+        return cls(tuple(jnp.zeros(lat, dtype) for _ in range(cfg.num_layers)),
+                   tuple(jnp.zeros(ik, dtype) for _ in range(cfg.num_layers)))
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages[0].shape[0]
+
+
+def _view(cache: PagedDSACache, page_table: jax.Array) -> DSACache:
+    return DSACache(cache.pages, cache.index_pages, page_table)
+
+
+def _sample(model, hidden, sampling: Sampling, steps):
+    return sample(model.logits(hidden), sampling.seeds, steps, sampling.temperature,
+                  sampling.top_p, sampling.top_k)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def prefill_packed(graphdef, state, cache: PagedDSACache, tokens, positions, segment_ids,
+                   slots, last_index, sampling: Sampling, steps):
+    """As steps.prefill_packed: tokens/positions/segment_ids/slots int32 [R, C]."""
+    model = nnx.merge(graphdef, state)
+    r, c = tokens.shape
+    view = DSACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
+    hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
+    flat_slots = slots.reshape(-1)
+
+    def scatter(pool, v):  # view row b owns pages b*P..: token t of row b is flat b*P*page + t
+        rows = v.reshape(r, -1, v.shape[-1])[:, :c].reshape(r * c, -1)
+        flat = pool.reshape(-1, pool.shape[-1])
+        return flat.at[flat_slots].set(rows.astype(pool.dtype), mode="drop").reshape(pool.shape)
+    cache = PagedDSACache(tuple(scatter(p, v) for p, v in zip(cache.pages, view.pages)),
+                          tuple(scatter(p, v) for p, v in zip(cache.index_pages,
+                                                              view.index_pages)))
+    last = hidden.reshape(r * c, -1)[last_index]
+    return _sample(model, last, sampling, steps), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def prefill_chunk(graphdef, state, cache: PagedDSACache, tokens, page_table, start, n_valid,
+                  sampling: Sampling, steps):
+    """As steps.prefill_chunk. Padding queries past n_valid write into positions the sequence
+    has not reached (overwritten before they are read; past every valid query's causal limit,
+    so the indexer never selects them) or the scratch page."""
+    model = nnx.merge(graphdef, state)
+    hidden, new = model.forward(tokens, cache=_view(cache, page_table), cache_index=start)
+    last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
+    return _sample(model, last, sampling, steps), PagedDSACache(new.pages, new.index_pages)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def decode(graphdef, state, cache: PagedDSACache, tokens, page_table, index,
+           sampling: Sampling, steps):
+    """As steps.decode: the indexer over the cached keys, sparse MLA over the selected rows."""
+    model = nnx.merge(graphdef, state)
+    hidden, new = model.forward(tokens[:, None], cache=_view(cache, page_table),
+                                cache_index=index)
+    return _sample(model, hidden[:, 0], sampling, steps), PagedDSACache(new.pages,
+                                                                          new.index_pages)
