@@ -208,7 +208,7 @@ def test_minference_columns_lower_density_match_reference_and_dispatch():
     np.testing.assert_allclose(got, np.asarray(want), atol=2e-5, rtol=2e-5)
     named = dispatch.AttentionSpec(sparse=dataclasses.replace(cfg, kernel="mosaic_gpu"))
     with pytest.raises(ValueError, match="impl='mosaic_gpu' cannot run this call"):
-        dispatch.attend(q, k, v, spec=named, layer=0)
+        jax.eval_shape(lambda a, b, c: dispatch.attend(a, b, c, spec=named, layer=0), q, k, v)
 
 
 @pytest.mark.gpu
