@@ -118,6 +118,13 @@ def decode_step(graphdef, state, token, index, cache, sampling, step):
     return sample(model.logits(hidden[:, 0]), *sampling.at_step(step)), cache
 
 
+def next_tokens(model, hidden: jax.Array, sampling: "Sampling", steps: jax.Array) -> jax.Array:
+    """The next token of each row from its last hidden state [N, E]: logits, then `sample`
+    with per-row settings (`steps` [N]: each row's decode step, for its PRNG key)."""
+    return sample(model.logits(hidden), sampling.seeds, steps, sampling.temperature,
+                  sampling.top_p, sampling.top_k)
+
+
 @struct.dataclass
 class Sampling:
     """Per-row sampling settings [B] (a pytree, so one jitted function serves all settings)."""

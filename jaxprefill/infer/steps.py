@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxprefill.decoding import Sampling, sample
+from jaxprefill.decoding import Sampling, next_tokens
 from jaxprefill.infer.paged_cache import PagedKVCache, gather_view, slot_ids, write_back
 from jaxprefill.models import KVCache
 
@@ -35,8 +35,7 @@ def prefill_packed(graphdef, state, cache: PagedKVCache, tokens, positions, segm
     hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
     cache = write_back(cache, view, jnp.broadcast_to(jnp.arange(c), (r, c)), slots)
     last = hidden.reshape(r * c, -1)[last_index]
-    return sample(model.logits(last), sampling.seeds, steps, sampling.temperature,
-                  sampling.top_p, sampling.top_k), cache
+    return next_tokens(model, last, sampling, steps), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -55,8 +54,7 @@ def prefill_chunk(graphdef, state, cache: PagedKVCache, tokens, page_table, star
     cache = write_back(cache, view, jnp.where(valid, pos, 0),
                        slot_ids(page_table, jnp.where(valid, pos, 0), valid, cache))
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-    return sample(model.logits(last), sampling.seeds, steps, sampling.temperature,
-                  sampling.top_p, sampling.top_k), cache
+    return next_tokens(model, last, sampling, steps), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -69,5 +67,4 @@ def decode(graphdef, state, cache: PagedKVCache, tokens, page_table, index, samp
     pos = index[:, None]
     ones = jnp.ones_like(pos, bool)
     cache = write_back(cache, view, pos, slot_ids(page_table, pos, ones, cache))
-    return sample(model.logits(hidden[:, 0]), sampling.seeds, steps, sampling.temperature,
-                  sampling.top_p, sampling.top_k), cache
+    return next_tokens(model, hidden[:, 0], sampling, steps), cache

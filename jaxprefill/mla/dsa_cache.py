@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprefill.decoding import Sampling, sample
+from jaxprefill.decoding import Sampling, next_tokens
+from jaxprefill.mla.latent_cache import scatter_rows
 from jaxprefill.models.dsa import DSACache
 
 
@@ -51,10 +52,6 @@ def _view(cache: PagedDSACache, page_table: jax.Array) -> DSACache:
     return DSACache(cache.pages, cache.index_pages, page_table)
 
 
-def _sample(model, hidden, sampling: Sampling, steps):
-    return sample(model.logits(hidden), sampling.seeds, steps, sampling.temperature,
-                  sampling.top_p, sampling.top_k)
-
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
 def prefill_packed(graphdef, state, cache: PagedDSACache, tokens, positions, segment_ids,
@@ -64,17 +61,11 @@ def prefill_packed(graphdef, state, cache: PagedDSACache, tokens, positions, seg
     r, c = tokens.shape
     view = DSACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
     hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
-    flat_slots = slots.reshape(-1)
-
-    def scatter(pool, v):  # view row b owns pages b*P..: token t of row b is flat b*P*page + t
-        rows = v.reshape(r, -1, v.shape[-1])[:, :c].reshape(r * c, -1)
-        flat = pool.reshape(-1, pool.shape[-1])
-        return flat.at[flat_slots].set(rows.astype(pool.dtype), mode="drop").reshape(pool.shape)
-    cache = PagedDSACache(tuple(scatter(p, v) for p, v in zip(cache.pages, view.pages)),
-                          tuple(scatter(p, v) for p, v in zip(cache.index_pages,
-                                                              view.index_pages)))
+    cache = PagedDSACache(
+        tuple(scatter_rows(p, v, slots) for p, v in zip(cache.pages, view.pages)),
+        tuple(scatter_rows(p, v, slots) for p, v in zip(cache.index_pages, view.index_pages)))
     last = hidden.reshape(r * c, -1)[last_index]
-    return _sample(model, last, sampling, steps), cache
+    return next_tokens(model, last, sampling, steps), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -86,7 +77,7 @@ def prefill_chunk(graphdef, state, cache: PagedDSACache, tokens, page_table, sta
     model = nnx.merge(graphdef, state)
     hidden, new = model.forward(tokens, cache=_view(cache, page_table), cache_index=start)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-    return _sample(model, last, sampling, steps), PagedDSACache(new.pages, new.index_pages)
+    return next_tokens(model, last, sampling, steps), PagedDSACache(new.pages, new.index_pages)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -96,5 +87,5 @@ def decode(graphdef, state, cache: PagedDSACache, tokens, page_table, index,
     model = nnx.merge(graphdef, state)
     hidden, new = model.forward(tokens[:, None], cache=_view(cache, page_table),
                                 cache_index=index)
-    return _sample(model, hidden[:, 0], sampling, steps), PagedDSACache(new.pages,
+    return next_tokens(model, hidden[:, 0], sampling, steps), PagedDSACache(new.pages,
                                                                           new.index_pages)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprefill.decoding import Sampling, sample
+from jaxprefill.decoding import Sampling, next_tokens
 from jaxprefill.models.deepseek import MLACache
 
 
@@ -50,9 +50,18 @@ def _mla_cache(cache: PagedLatentCache, page_table: jax.Array):
     return MLACache(cache.pages, page_table)
 
 
-def _sample(model, hidden, sampling: Sampling, steps):
-    return sample(model.logits(hidden), sampling.seeds, steps, sampling.temperature,
-                  sampling.top_p, sampling.top_k)
+
+def scatter_rows(pool: jax.Array, view: jax.Array, slots: jax.Array) -> jax.Array:
+    """Copy packed rows from a contiguous view into their pool slots.
+
+    view [R * P, page, w] (row b owns pages b*P..: token t of row b is flat b*P*page + t);
+    slots int32 [R, C] the pool slot of each row token (past the pool: dropped, padding);
+    pool [num_pages, page, w]. Returns the updated pool.
+    """
+    r, c = slots.shape
+    rows = view.reshape(r, -1, view.shape[-1])[:, :c].reshape(r * c, -1)
+    flat = pool.reshape(-1, pool.shape[-1])
+    return flat.at[slots.reshape(-1)].set(rows.astype(pool.dtype), mode="drop").reshape(pool.shape)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -63,15 +72,10 @@ def prefill_packed(graphdef, state, cache: PagedLatentCache, tokens, positions, 
     r, c = tokens.shape
     view = MLACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
     hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
-    flat_slots = slots.reshape(-1)
-
-    def scatter(pool, v):  # view row b owns pages b*P..: token t of row b is flat b*P*page + t
-        rows = v.reshape(r, -1, v.shape[-1])[:, :c].reshape(r * c, -1)
-        flat = pool.reshape(-1, pool.shape[-1])
-        return flat.at[flat_slots].set(rows.astype(pool.dtype), mode="drop").reshape(pool.shape)
-    cache = PagedLatentCache(tuple(scatter(p, v) for p, v in zip(cache.pages, view.pages)))
+    cache = PagedLatentCache(tuple(scatter_rows(p, v, slots) for p, v in zip(cache.pages,
+                                                                           view.pages)))
     last = hidden.reshape(r * c, -1)[last_index]
-    return _sample(model, last, sampling, steps), cache
+    return next_tokens(model, last, sampling, steps), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -85,7 +89,7 @@ def prefill_chunk(graphdef, state, cache: PagedLatentCache, tokens, page_table, 
     hidden, new = model.forward(tokens, cache=_mla_cache(cache, page_table), cache_index=start,
                                 lengths=n_valid)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-    return _sample(model, last, sampling, steps), PagedLatentCache(new.pages)
+    return next_tokens(model, last, sampling, steps), PagedLatentCache(new.pages)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
@@ -95,4 +99,4 @@ def decode(graphdef, state, cache: PagedLatentCache, tokens, page_table, index,
     model = nnx.merge(graphdef, state)
     hidden, new = model.forward(tokens[:, None], cache=_mla_cache(cache, page_table),
                                 cache_index=index)
-    return _sample(model, hidden[:, 0], sampling, steps), PagedLatentCache(new.pages)
+    return next_tokens(model, hidden[:, 0], sampling, steps), PagedLatentCache(new.pages)

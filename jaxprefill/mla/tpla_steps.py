@@ -23,7 +23,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.attention import attend
-from jaxprefill.decoding import Sampling, sample
+from jaxprefill.decoding import Sampling, next_tokens, sample
 from jaxprefill.mla.tpla import TPLAConfig, pack_latent, reparameterize, rope_pair_order
 from jaxprefill.mla.tpla_model import TPLACache, raw_latent, tpla_decode_step
 from jaxprefill.models.deepseek import gather_latent, write_latent
@@ -66,10 +66,6 @@ def unpack_latent(packed: jax.Array, cfg, g: int, tcfg: TPLAConfig) -> jax.Array
     return jnp.concatenate([lat, rope], axis=-1)
 
 
-def _sample(model, hidden, sampling: Sampling, steps):
-    return sample(model.logits(hidden), sampling.seeds, steps, sampling.temperature,
-                  sampling.top_p, sampling.top_k)
-
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, positions,
@@ -90,7 +86,7 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, 
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
                      cache_index=None, layer=i)
     last = model.norm(x).reshape(r * c, -1)[last_index]
-    return _sample(model, last, sampling, steps), PagedTPLACache(tuple(pages))
+    return next_tokens(model, last, sampling, steps), PagedTPLACache(tuple(pages))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
@@ -119,7 +115,7 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, p
         x = x + layer.mlp(layer.mlp_norm(x))
     hidden = model.norm(x)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-    return _sample(model, last, sampling, steps), PagedTPLACache(tuple(pages))
+    return next_tokens(model, last, sampling, steps), PagedTPLACache(tuple(pages))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
