@@ -1,4 +1,4 @@
-"""Test session settings: one persistent XLA compilation cache for the whole run.
+"""Test run settings: one persistent XLA compilation cache for the whole run.
 
 Many tests compile the same small programs (tiny models, the same kernels at the same shapes),
 in both pytest-xdist workers and in the subprocesses that simulate several devices. JAX's
