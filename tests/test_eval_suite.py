@@ -166,7 +166,8 @@ def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkey
     import argparse
 
     model, tok = tiny_model(), HashTokenizer()
-    monkeypatch.setattr(cli, "load_model", lambda name, dtype, adapter=None: (model, tok))
+    monkeypatch.setattr(cli, "load_model",
+                        lambda name, dtype, adapter=None, overrides=None: (model, tok))
     shapes = []
     real = suite.greedy_answers
 
@@ -209,7 +210,7 @@ def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkey
     assert "## Sparse minus dense" in (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 5000
 
-    info = {"model": "tiny", "adapter": None, "dtype": "float32"}
+    info = {"model": "tiny", "adapter": None, "overrides": {}, "dtype": "float32"}
     kw = dict(batch_size=4, max_new_tokens=3, stats_prompts=2, stats_rows=8,
               log=lambda m: None, progress_stream=io.StringIO())
     shapes.clear()
@@ -227,6 +228,9 @@ def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkey
     assert same(third) == same(answers)  # greedy answers of the same prompts in the same shape
     with pytest.raises(InputError, match="dtype"):
         suite.run(model, tok, configs, plan, out, {**info, "dtype": "bfloat16"}, **kw)
+    with pytest.raises(InputError, match="overrides"):
+        suite.run(model, tok, configs, plan, out, {**info, "overrides": {"rope_theta": 1e6}},
+                  **kw)
     other = {"dense": None, "streaming": SparseConfig.parse("flexprefill")}
     with pytest.raises(InputError, match="streaming"):
         suite.run(model, tok, other, plan, out, info, **kw)
@@ -292,13 +296,22 @@ def test_cli_configs_depths_and_adapter_hook(monkeypatch):
     with pytest.raises(InputError, match="--adapter"):
         cli.load_model("m", "float32", adapter="lora/")
 
-    def load(source, *, dtype="float32", adapter=None):
-        seen.update(source=source, dtype=dtype, adapter=adapter)
+    def load(source, *, dtype="float32", adapter=None, overrides=None):
+        seen.update(source=source, dtype=dtype, adapter=adapter, overrides=overrides)
         return "model", HashTokenizer()
 
     monkeypatch.setattr(jp, "load", load)
     assert cli.load_model("m", "bfloat16", adapter="lora/")[0] == "model"
-    assert seen == {"source": "m", "dtype": "bfloat16", "adapter": "lora/"}
+    assert seen == {"source": "m", "dtype": "bfloat16", "adapter": "lora/", "overrides": None}
+    rope = cli.parse_overrides(["max_position_embeddings=32768",
+                                "rope_scaling={rope_type: yarn, factor: 4.0}"])
+    assert rope == {"max_position_embeddings": 32768,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    cli.load_model("m", "float32", overrides=rope)
+    assert seen["overrides"] == rope
+    for bad in ("rope_theta", "=3", "rope_scaling={a: [1"):
+        with pytest.raises(InputError, match="--override"):
+            cli.parse_overrides([bad])
 
 
 def test_analyze_command_tiny_model(tmp_path, monkeypatch, capsys):
@@ -307,8 +320,8 @@ def test_analyze_command_tiny_model(tmp_path, monkeypatch, capsys):
     import argparse
 
     model = tiny_model(num_layers=2)
-    monkeypatch.setattr(cli, "load_model", lambda name, dtype, adapter=None: (model,
-                                                                              HashTokenizer()))
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype, adapter=None, overrides=None:
+                        (model, HashTokenizer()))
     (tmp_path / "streaming.yaml").write_text(
         "policy: streaming\nmin_length: 64\nkernel: xla\n"
         "params: {block_size: 16, sink: 16, local: 32}\n")

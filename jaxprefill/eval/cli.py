@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 import jaxprefill as jp
 from jaxprefill.eval import haystack as hay
@@ -85,6 +86,10 @@ def _common(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="bundled model name, HF directory or .gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--override", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="model config.json fields changed after loading (jp.load(overrides=...)), "
+                        "the value parsed as YAML, e.g. max_position_embeddings=32768 "
+                        "'rope_scaling={rope_type: yarn, factor: 4.0}'")
     p.add_argument("--sparse", "--policies", dest="sparse", nargs="+",
                    help="sparse configs: policy names, YAML files or name:key=value,... "
                         "(dense is always the baseline)")
@@ -143,10 +148,28 @@ def depth_list(values: list[float]) -> list[float]:
     return sorted(set(values))
 
 
-def load_model(model: str, dtype: str, adapter: str | None = None):
-    """jp.load(model, dtype=...), passing ``adapter`` when given. jp.load's signature decides:
-    a jp.load without an ``adapter`` parameter makes --adapter an error, not a silent no-op."""
+def parse_overrides(items: list[str]) -> dict:
+    """{key: value} of ``--override KEY=VALUE`` items, each value parsed as YAML."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--override {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise InputError(f"--override {item!r}: the value is not YAML ({e.problem})") from None
+    return out
+
+
+def load_model(model: str, dtype: str, adapter: str | None = None,
+               overrides: dict | None = None):
+    """jp.load(model, dtype=..., overrides=...), passing ``adapter`` when given. jp.load's
+    signature decides: a jp.load without an ``adapter`` parameter makes --adapter an error, not
+    a silent no-op."""
     kwargs = {"dtype": dtype}
+    if overrides:
+        kwargs["overrides"] = overrides
     if adapter is not None:
         if "adapter" not in inspect.signature(jp.load).parameters:
             raise InputError("--adapter: this jaxprefill's jp.load() takes no adapter argument")
@@ -168,17 +191,20 @@ def run_eval(args: argparse.Namespace) -> int:
     plan = suite.EvalPlan(tuple(args.tasks), tuple(args.lengths),
                           tuple(depth_list(args.depths)), args.samples, args.split,
                           args.haystack)
-    model, tok = load_model(args.model, args.dtype, args.adapter)
+    overrides = parse_overrides(args.overrides)
+    model, tok = load_model(args.model, args.dtype, args.adapter, overrides)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     answers, stats = suite.run(
         model, tok, cfgs, plan, args.out_dir,
-        {"model": args.model, "adapter": args.adapter, "dtype": args.dtype},
+        {"model": args.model, "adapter": args.adapter, "overrides": overrides,
+         "dtype": args.dtype},
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         stats_prompts=args.stats_prompts, stats_rows=args.stats_rows, log=log)
-    meta = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype,
+    meta = {"model": args.model, "adapter": args.adapter, "overrides": overrides,
+            "dtype": args.dtype, "max_position_embeddings": model.config.max_position_embeddings,
             "split": plan.split, "tasks": list(plan.tasks), "lengths": list(plan.lengths),
             "depths": list(plan.depths), "samples": plan.samples, "haystack": plan.haystack,
             "configs": list(cfgs), "device": jax.devices()[0].device_kind}
@@ -192,7 +218,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     cfgs = {k: v for k, v in configs(args.sparse).items() if v is not None}
     if not cfgs:
         raise InputError("--sparse: analyze needs at least one sparse config")
-    model, tok = load_model(args.model, args.dtype)
+    model, tok = load_model(args.model, args.dtype, overrides=parse_overrides(args.overrides))
     if not 0 <= args.layer < model.config.num_layers:
         raise InputError(f"--layer must be in [0, {model.config.num_layers}), got {args.layer}")
     if not 0 <= args.head < model.config.num_heads:

@@ -119,6 +119,9 @@ def markdown(acc: list[dict], paired: list[dict], stats: list[dict], meta: dict,
            f"depths {meta['depths']}; haystack {meta['haystack']}; dtype {meta['dtype']}; "
            f"device {meta.get('device', '?')}." + (f" Longest prompt per length (tokens, chat "
                                                    f"template included): {sizes}." if sizes else "")
+           + (f" Adapter {meta['adapter']}." if meta.get("adapter") else "")
+           + (f" Config overrides {json.dumps(meta['overrides'], sort_keys=True)}."
+              if meta.get("overrides") else "")
            + " Cells: correct/n accuracy [95% Wilson interval]; `all` pools tasks or lengths.",
            "", "## Accuracy", ""]
     out += _pivot(acc, lengths, lambda r: f"{r['correct']}/{r['n']} {r['accuracy']:.2f} "

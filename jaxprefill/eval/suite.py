@@ -132,7 +132,7 @@ class Store:
         path = self.dir / RUN
         old = json.loads(path.read_text()) if path.exists() else None
         if old is not None:
-            for key in ("model", "adapter", "dtype", "split", "max_new_tokens", "haystack_asset"):
+            for key in ("model", "adapter", "overrides", "dtype", "split", "max_new_tokens", "haystack_asset"):
                 if old.get(key) != info.get(key):
                     raise InputError(
                         f"{path}: this directory holds answers for {key}={old.get(key)!r}, this "
