@@ -32,6 +32,7 @@ from typing import Callable
 import jaxprefill as jp
 from jaxprefill.config import ConfigError
 from jaxprefill.eval.cli import register as register_eval
+from jaxprefill.eval.perplexity_cli import register as register_perplexity
 from jaxprefill.infer.cli import register as register_infer
 from jaxprefill.loading.weights import WeightError
 from jaxprefill.sparse import SparseConfig
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_infer(sub)
     register_train(sub)
     register_eval(sub)
+    register_perplexity(sub)
     for command in sub.choices.values():  # `jaxprefill infer --debug ...` works too
         # SUPPRESS: a subcommand's default must not reset a --debug given before the command
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -6,6 +6,8 @@
   same samples, Wilson and paired intervals (:mod:`~jaxprefill.eval.stats`).
 * `jaxprefill analyze` and the attention statistics (:mod:`~jaxprefill.eval.runner`,
   :mod:`~jaxprefill.eval.metrics`): density, attention recall, output error, pictures.
+* `jaxprefill perplexity` (:mod:`~jaxprefill.eval.perplexity`,
+  :mod:`~jaxprefill.eval.perplexity_cli`): held-out perplexity against the context length.
 """
 
 from jaxprefill.eval.haystack import test_documents
