@@ -23,7 +23,8 @@ that runs the call):
     reference    the float32 references below (last_query_sums, mass_cut; small inputs only)
 
 Kernel shapes: last_query_sums takes R >= 16 last queries, R a power of two; pooled_block_scores
-square cells of r <= 64 rows, r a power of two; mass_cut rows of at most ``MAX_COLUMNS`` entries.
+square cells of r rows, r a power of two ("auto" sends cells above 64 rows to XLA); mass_cut rows
+of at most ``MAX_COLUMNS`` entries.
 A named kernel backend runs every op whose shapes it takes and the XLA path runs the others
 (:func:`estimation_backend`); the kernel entry points below are strict.
 ``interpret=True`` runs a kernel in interpret mode on any device (tests). The TPU kernels in
@@ -73,13 +74,20 @@ def _kernel_shapes(max_columns: int):
     def refusal(call: EstimationCall) -> str | None:
         if call.op == "last_query_sums" and not (call.rows >= 16 and _pow2(call.rows)):
             return f"its tile takes R >= 16 last queries, a power of two (got {call.rows})"
-        if call.op == "pooled_block_scores" and not (call.cell and call.cell <= 64
-                                                     and _pow2(call.cell)):
-            return f"it takes square cells of <= 64 rows, a power of two (got {call.cell})"
+        if call.op == "pooled_block_scores" and not (call.cell and _pow2(call.cell)):
+            return f"it takes square cells, r a power of two (got {call.cell})"
         if call.op == "mass_cut" and call.columns > max_columns:
             return f"rows of {call.columns} entries exceed its {max_columns}"
         return None
     return refusal
+
+
+def _large_cells(call: EstimationCall) -> str | None:
+    # One tile holds whole cells: cells above 64 rows leave a tile one or two cells wide, and the
+    # XLA estimator has been the path for them since the kernel was introduced.
+    if call.op == "pooled_block_scores" and call.cell and call.cell > 64:
+        return f"cells of {call.cell} rows (> 64) are estimated by XLA"
+    return None
 
 
 def _reference_refusal(call: EstimationCall) -> str | None:
@@ -89,9 +97,10 @@ def _reference_refusal(call: EstimationCall) -> str | None:
 
 
 BACKENDS = (
-    backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_triton.MAX_COLUMNS)),
+    backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_triton.MAX_COLUMNS),
+                     prefer_not=_large_cells),
     backends.Backend("mosaic_tpu", ("tpu",), _kernel_shapes(mass_cut_tpu.MAX_COLUMNS),
-                     auto=False, auto_note="opt-in: verified in TPU interpret mode only"),
+                     prefer_not=_large_cells, auto=False, auto_note="opt-in: verified in TPU interpret mode only"),
     backends.Backend("xla"),
     backends.Backend("reference", (), _reference_refusal, auto=False,
                      auto_note="tests only (float32, materializes the scores)"),

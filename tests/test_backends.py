@@ -77,6 +77,10 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
     assert estimation.estimation_backend("last_query_sums", rows=100) == "xla"  # not 2^k
     assert estimation.estimation_backend("pooled_block_scores", cell=8) == "triton"
     assert estimation.estimation_backend("pooled_block_scores", cell=None) == "xla"
+    # cells of 128 rows: the kernel takes them (named, strict), "auto" leaves them to XLA
+    assert estimation.estimation_backend("pooled_block_scores", cell=128) == "xla"
+    assert estimation.estimation_backend("pooled_block_scores", cell=128, impl="triton",
+                                         strict=True) == "triton"
     assert estimation.estimation_backend("mass_cut", columns=1 << 20) == "xla"
     # a named kernel runs the ops whose shapes it takes; the others run on XLA, unless strict
     assert estimation.estimation_backend("last_query_sums", rows=100, impl="triton") == "xla"
