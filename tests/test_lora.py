@@ -388,3 +388,20 @@ def test_bundled_name_over_the_real_gguf(tmp_path, monkeypatch):
     assert (cfg.rope.type, cfg.rope.factor, cfg.rope.original_max_position_embeddings) == ("yarn", 4.0, 8192)
     delta = np.asarray(model.layers[7].attn.q[...]) - np.asarray(base.layers[7].attn.q[...])
     np.testing.assert_allclose(delta.reshape(576, 576), 0.01 * (b @ a).T, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_shipped_32k_adapter():
+    """The committed asset: `jp.load("smollm2-135m-32k")` on a plain install gives the 32K YaRN
+    model, an adapter of the bundled GGUF under 25 MB, that still answers like the instruct
+    model."""
+    path = adapter_lib.ASSET_DIR / "smollm2-135m-32k.safetensors"
+    assert path.is_file() and path.stat().st_size < 25_000_000
+    model, tok = jp.load("smollm2-135m-32k")
+    cfg = model.config
+    assert cfg.max_position_embeddings == 32768
+    assert (cfg.rope.type, cfg.rope.factor, cfg.rope.original_max_position_embeddings) == (
+        "yarn", 4.0, 8192)
+    out = jp.generate(model, tok, ["What is the capital of France?"], max_new_tokens=12,
+                      chat=True)
+    assert "Paris" in out[0].text
