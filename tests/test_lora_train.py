@@ -156,3 +156,30 @@ def test_adapter_loads_over_the_base_and_matches_the_merged_export(reference, ba
     assert exported.config == cfg and tok2 is not None
     np.testing.assert_array_equal(logits(exported, TOKENS), want)  # float32 export: bit for bit
     assert os.path.getsize(out / "adapter.safetensors") * 10 < os.path.getsize(tmp_path / "hf" / "model.safetensors")
+
+
+def test_init_from_an_adapter(corpus, base, reference, tmp_path):  # noqa: F811
+    """lora.init_from: a new run starts equal to jp.load(base, adapter=...) (factors and trained
+    norms taken over, the optimizer fresh) and trains on from there; an adapter of another rank,
+    context or target set is refused with one line."""
+    trainer, _, out, _ = reference
+    adapted, _ = jp.load(base, adapter=out)
+    want = logits(adapted, TOKENS)
+    cfg = twin_cfg(corpus, base, tmp_path / "next", f"lora.init_from={out}", "steps=2")
+    second = Trainer(cfg, log_fn=lambda m: None)
+    try:
+        got = logits(second.nnx_model(), TOKENS)
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+        assert second.fit().step == 2
+        assert not np.array_equal(logits(second.nnx_model(), TOKENS), got)  # it trains on
+    finally:
+        second.close()
+    for overrides, message in (
+            (["lora.rank=2"], "rank 4 and alpha 8, this run rank 2"),
+            (["model.overrides.max_position_embeddings=512"], "max_position_embeddings"),
+            (["lora.targets=[q, k]"], "also adapts"),
+            ([f"lora.init_from={tmp_path}/missing.safetensors"], "missing.safetensors")):
+        with pytest.raises(jp.ConfigError, match=message) as e:
+            Trainer(twin_cfg(corpus, base, tmp_path / "bad", f"lora.init_from={out}",
+                             *overrides), log_fn=lambda m: None)
+        assert "\n" not in str(e.value)

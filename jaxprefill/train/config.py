@@ -128,6 +128,10 @@ class LoRASection:
     dropout: float = 0.0              # on the LoRA branch input, training only
     train_norms: bool = False         # also train the RMSNorm scales (a few K parameters)
     train_biases: bool = False        # also train the projection biases (q/k/v/o, MLP)
+    # Start from a trained adapter (file, run directory or bundled adapter name) instead of
+    # B = 0: same targets, rank and alpha; the optimizer starts fresh. A checkpoint of this run,
+    # when there is one, still wins (resume).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if not self.targets:

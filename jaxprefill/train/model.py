@@ -32,7 +32,9 @@ from jaxprefill.loading import BUNDLED_MODELS
 from jaxprefill.loading.deepseek_weights import build_deepseek
 from jaxprefill.loading.gguf_reader import bundled_gguf_path, read_gguf
 from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
-from jaxprefill.loading.weights import build_model
+from jaxprefill.loading.adapter import apply_config_overrides, read_adapter
+from jaxprefill.loading.deepseek_weights import mla_hf_name_map
+from jaxprefill.loading.weights import WeightError, build_model, hf_name_map, to_ours
 from jaxprefill.models import DeepSeek, Llama
 from jaxprefill.sharding import state_shardings
 from jaxprefill.train.config import LoRASection, ModelSection
@@ -139,12 +141,17 @@ def build(section: ModelSection, mesh: Mesh, seed: int, lora_section: LoRASectio
                      attention=spec, source=section.pretrained)
         if lora_section is not None:
             attach(model, lora_section, nnx.Rngs(seed))
+            if lora_section.init_from:
+                load_adapter_factors(model, lora_section, cfg, hf_config)
         graphdef, *states = nnx.split(model, *filters)
         templates = [_abstract(s) for s in states]
         check_trainable(templates[0], lora_section)
         shardings = [nnx.to_pure_dict(state_shardings(t, mesh)) for t in templates]
         arrays = [jax.device_put(nnx.to_pure_dict(s), sh) for s, sh in zip(states, shardings)]
     else:
+        if lora_section is not None and lora_section.init_from:
+            raise ConfigError("lora.init_from: starting from an adapter needs model.pretrained "
+                              "(the base the adapter was trained on)")
         cfg = model_config(section)
 
         def create():
@@ -171,6 +178,53 @@ def build(section: ModelSection, mesh: Mesh, seed: int, lora_section: LoRASectio
 def attach(model: Llama | DeepSeek, section: LoRASection, rngs: nnx.Rngs) -> Llama | DeepSeek:
     return lora.attach(model, section.targets, rank=section.rank, alpha=section.alpha,
                        dropout=section.dropout, rngs=rngs)
+
+
+def load_adapter_factors(model: Llama | DeepSeek, section: LoRASection,
+                         cfg: ModelConfig | MLAConfig, base_hf_config: dict) -> None:
+    """Set the attached LoRA factors (and any whole tensors the adapter replaces, e.g. trained
+    norm scales) from the adapter ``section.init_from``, so that the model starts equal to
+    ``jp.load(base, adapter=section.init_from)``. The adapter must carry exactly the run's
+    targets with its rank and alpha, and have been trained with the run's context (RoPE and
+    max_position_embeddings); anything else is a ConfigError naming the difference.
+    base_hf_config: the base model's config.json dict (the adapter's overrides apply to it)."""
+    where = f"lora.init_from {section.init_from}"
+    try:
+        ad = read_adapter(section.init_from)
+    except (FileNotFoundError, WeightError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    rank, alpha = int(ad.meta["rank"]), float(ad.meta["alpha"])
+    if (rank, alpha) != (section.rank, float(section.alpha)):
+        raise ConfigError(f"{where}: the adapter has rank {rank} and alpha {alpha:g}, this run "
+                          f"rank {section.rank} and alpha {section.alpha:g}")
+    trained = config_from_hf_dict(apply_config_overrides(base_hf_config, ad.config_overrides,
+                                                         where))
+    for field in ("max_position_embeddings", "rope"):
+        if getattr(trained, field) != getattr(cfg, field):
+            raise ConfigError(f"{where}: the adapter was trained with {field} "
+                              f"{getattr(trained, field)}, this run has {getattr(cfg, field)} "
+                              f"(set model.overrides to match)")
+    names = mla_hf_name_map(cfg) if isinstance(cfg, MLAConfig) else hf_name_map(cfg)
+    pairs = dict(ad.pairs)
+    for path, w in lora.lora_weights(model):
+        name = names[path][0]
+        if name not in pairs:
+            raise ConfigError(f"{where}: no LoRA pair for {name} (the adapter adapts "
+                              f"{len(ad.pairs)} weights; are lora.targets the same?)")
+        a_hf, b_hf = pairs.pop(name)  # A [r, in], B [out, r]
+        w.a[...] = jnp.asarray(a_hf.T.reshape(w.a.shape), w.a.dtype)
+        w.b[...] = jnp.asarray(b_hf.T.reshape(w.b.shape), w.b.dtype)
+    if pairs:
+        raise ConfigError(f"{where}: the adapter also adapts {sorted(pairs)[0]} (and "
+                          f"{len(pairs) - 1} more), which lora.targets does not")
+    by_name = {n: (path, shape, kind) for path, (n, shape, kind) in names.items()}
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for name, value in ad.replace.items():
+        if name not in by_name:
+            raise ConfigError(f"{where}: the adapter replaces {name}, which this model lacks")
+        path, _, kind = by_name[name]
+        param = flat[path]
+        param[...] = jnp.asarray(to_ours(kind, value, param.shape), param.dtype)
 
 
 def check_trainable(template: nnx.State, section: LoRASection | None) -> None:
