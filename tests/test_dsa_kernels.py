@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dsa_ops
+from pallas_kernels import backends, dsa_ops
 from pallas_kernels._dsa_common import INVALID, kth_key_xla, kth_select, order_key, topk_keys
 from pallas_kernels.dsa_reference import (allowed, index_scores_reference, index_topk_reference,
                                           query_positions, select_topk, sparse_mla_reference)
@@ -26,6 +26,7 @@ from pallas_kernels.gpu.dsa_index_triton import index_keys_triton, segment_topk_
 from pallas_kernels.gpu.sparse_mla_triton import sparse_mla_triton
 from pallas_kernels.tpu.dsa_index_tpu import index_keys_tpu, kth_key_tpu
 from pallas_kernels.tpu.sparse_mla_tpu import sparse_mla_tpu
+from scripts.checks import check_dsa_gpu
 
 KERNEL_OPTS = {  # kernel backends in interpret mode, tiles small enough to cross several
     "xla": dict(chunk=8),
@@ -156,6 +157,24 @@ def test_segment_topk_kernels_on_negative_and_invalid_keys():
     assert np.all(np.asarray(got_cols)[0] == -1) and np.sum(np.asarray(got_cols)[1] >= 0) == n_valid
 
 
+def test_fp8_triton_exact_on_the_gpu_checks_power_of_two_scale_inputs():
+    # the GPU check's FP8 inputs: every per-row scale amax / 448 a power of two (varying per
+    # row), so the FP8 scores equal the unquantized float32 scores exactly and the FP8 kernel
+    # must select what the float32 reference selects; at V3.2's index heads, k = 37 (not a
+    # power of two), rows shorter than k (offset 0) and longer (offset 36)
+    q, w, k = check_dsa_gpu.fp8_exact_inputs(7, 2, 24, 60, 64, 128, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(check_dsa_gpu.fp8_scores(q, w, k)),
+                                  np.asarray(index_scores_reference(q, w, k)))
+    off = jnp.asarray([0, 36], jnp.int32)
+    got = run(lambda q, w, k: dsa_ops.index_topk(q, w, k, 37, q_offset=off, fp8=True,
+                                                 impl="triton", **KERNEL_OPTS["triton"]),
+              q, w, k)
+    np.testing.assert_array_equal(got, np.asarray(index_topk_reference(q, w, k, 37,
+                                                                       q_offset=off)))
+    n = (got >= 0).sum(-1)
+    assert n.min() < 37 and n.max() == 37
+
+
 def sparse_problem(seed, b=2, s=5, h=6, dc=32, dr=8, n=90, k=20, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     ql = jnp.asarray(rng.standard_normal((b, s, h, dc)), dtype)
@@ -279,6 +298,38 @@ def test_triton_kernels_lower_for_cuda(dtype):
         assert "sparse_mla_triton" in jax.jit(smla).trace(
             sds((1, 4, 128, 512), dtype), sds((1, 4, 128, 64), dtype), sds((4096, 576), dtype),
             sds((1, 4, 2048), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+
+
+ODD_K_CASES = [("odd_k_tournament", 1, 40, 9000, None, 1000, {}),  # 8K segments at k = 1000
+               ("odd_k_short_fp8", 1, 5, 77, None, 2048, dict(fp8=True, segments=True))]
+
+
+@pytest.mark.parametrize("case", check_dsa_gpu.INDEX_CASES + ODD_K_CASES, ids=lambda c: c[0])
+def test_triton_index_topk_lowers_for_cuda_at_the_gpu_check_shapes(case, monkeypatch):
+    # the whole triton index_topk (chunk loop, score kernel, segment top-k tournament) lowered
+    # for CUDA as on a GPU: the Triton lowering refuses any in-kernel array whose size is not a
+    # power of two (interpret mode does not), e.g. k = min(topk, T) = 257 for rows shorter
+    # than k; at the GPU check's shapes and at ks that are not powers of two
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    _, b, s, t, _, topk, opts = case
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    seg = (sds((b, s), i32), sds((b, t), i32)) if opts.get("segments") else None
+
+    def fn(q, w, k, off, seg):
+        return dsa_ops.index_topk(q, w, k, topk, q_offset=off, segment_ids=seg,
+                                  fp8=opts.get("fp8", False), impl="triton")
+
+    text = jax.jit(fn).trace(sds((b, s, 64, 128), jnp.bfloat16), sds((b, s, 64), jnp.float32),
+                             sds((b, t, 128), jnp.bfloat16), sds((b,), i32), seg).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "dsa_index_scores_triton" in text and "dsa_segment_topk_triton" in text
+
+
+def test_triton_score_kernel_refuses_a_block_q_not_a_power_of_two():
+    q, w, k, off = index_problem(10)
+    with pytest.raises(ValueError, match="block_q must be a power of two"):
+        dsa_ops.index_topk(q, w, k, 4, impl="triton", interpret=True, config={"block_q": 3})
 
 
 def test_tpu_kernels_lower_for_tpu(monkeypatch):

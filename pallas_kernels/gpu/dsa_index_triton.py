@@ -118,6 +118,8 @@ def index_keys_triton(q: jax.Array, w: jax.Array, k: jax.Array, q_pos: jax.Array
     t = k.shape[1]
     hp, dp = _pow2(hi), max(16, _pow2(d))
     bq = block_q or scores_block_q(hp, r)
+    if bq < 1 or bq != _pow2(bq):  # Triton arrays must have power-of-two sizes
+        raise ValueError(f"block_q must be a power of two, got {block_q}")
     if block_k < 16 or block_k != _pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     rp = -(-r // bq) * bq
@@ -196,10 +198,13 @@ def _segment_topk_kernel(key_ref, cols_ref, okey_ref, ocol_ref, *, k: int, n_seg
     dest = jnp.where(sel, pos, k)
     plgpu.store(okey_ref.at[rows, dest], key, mask=sel)
     plgpu.store(ocol_ref.at[rows, dest], cols, mask=sel)
-    slot = lax.broadcasted_iota(jnp.int32, (r, k), 1)
-    empty = slot >= n_sel[:, None]  # rows with fewer than k valid entries
-    plgpu.store(okey_ref.at[:, pl.ds(0, k)], jnp.full((r, k), INVALID, jnp.int32), mask=empty)
-    plgpu.store(ocol_ref.at[:, pl.ds(0, k)], jnp.full((r, k), -1, jnp.int32), mask=empty)
+    # every slot past a row's selection gets the padding (rows with fewer than k valid
+    # entries); over the whole padded width kp: Triton arrays must have power-of-two sizes,
+    # k need not, and the wrapper drops the columns from k on. Disjoint from the scatter.
+    kp = okey_ref.shape[1]
+    empty = lax.broadcasted_iota(jnp.int32, (r, kp), 1) >= n_sel[:, None]
+    plgpu.store(okey_ref, jnp.full((r, kp), INVALID, jnp.int32), mask=empty)
+    plgpu.store(ocol_ref, jnp.full((r, kp), -1, jnp.int32), mask=empty)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "n_seg", "num_warps", "interpret"))

@@ -6,9 +6,13 @@ Index top-k (`pallas_kernels.dsa_ops.index_topk`, Triton kernels) at V3.2's inde
 heads x 128): with small integer inputs every score is exact in float32 whatever the summation
 order, so the kernels must select exactly what the XLA path (`lax.top_k` on the GPU) selects,
 index for index, including the tie rule (lower index first): odd lengths, ragged query offsets,
-rows longer than one 8K register tile (the segment tournament), packed segments, FP8 rounding,
-decode (one query per sequence, key splits). With normal bf16 inputs the selection must be a
-top-k of the float32 reference scores up to rounding.
+rows shorter than k (k not a power of two), rows longer than one 8K register tile (the segment
+tournament), packed segments, FP8, decode (one query per sequence, key splits). FP8 keeps
+scores exact only if the per-row scales (amax / 448) are powers of two: its integer inputs put
+amax = 7 * 2^e in every row (`fp8_exact_inputs`), so the FP8 scores equal the unquantized ones
+(checked: the XLA path selects the same with and without FP8). With normal inputs the selection
+must be a top-k of the float32 reference scores up to rounding: bf16, and FP8 against the
+reference scores of the same FP8-rounded operands.
 
 Sparse MLA (`sparse_mla`, Triton) at DeepSeek dims (H 128, Dc 512, Dr 64, k 2048) in bf16 with
 poisoned outputs, against the float32 reference on the GPU: prefill (one query per program),
@@ -31,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import dsa_ops
-from pallas_kernels.dsa_reference import (allowed, index_scores_reference, query_positions,
+from pallas_kernels.dsa_reference import (allowed, canonical, fp8_index_inputs,
+                                          index_scores_reference, query_positions,
                                           sparse_mla_reference)
 
 TAU = 192 ** -0.5 * (0.1 * np.log(40.0) + 1) ** 2  # DeepSeek-V3's softmax scale
 
-# name, B, S, T, offsets (None: T - S per row), topk, options
+# name, B, S, T, offsets (None: T - S per row), topk, options; case j draws with seed 200 + j
 INDEX_CASES = [
     ("index_int_odd_ragged", 2, 300, 4099, (3799, 17), 2048, {}),
     ("index_int_short_rows", 2, 257, 257, (0, 0), 2048, {}),  # every row shorter than k
@@ -45,6 +50,7 @@ INDEX_CASES = [
     ("index_int_fp8", 2, 300, 5000, None, 2048, dict(fp8=True)),
     ("index_int_decode", 64, 1, 32768, None, 2048, {}),
 ]
+RANDOM_CASES = ["index_bf16_random", "index_fp8_random"]
 SPARSE_CASES = [  # name, B, S, H, N (latent rows), K, num_splits
     ("sparse_prefill_h128", 1, 256, 128, 60000, 2048, None),
     ("sparse_decode_h128", 64, 1, 128, 64 * 8192, 2048, None),
@@ -64,15 +70,49 @@ def index_inputs(seed, b, s, t, hi, d, integer, dtype):
     return q, w, k
 
 
+def fp8_exact_inputs(seed, b, s, t, hi, d, dtype):
+    """Integer-valued inputs whose FP8 (per-row e4m3) scores are exact: every q and k row is
+    2^e (e in -2..2, per row) times integers in -2..2 with one entry +-7, so its scale
+    amax / 448 = 2^(e - 6) is a power of two and its e4m3 values are the integers times 64.
+    The dots are 4096 n with |n| <= 4 (d - 1) + 49 (< 2^11 at d = 128: exact in TF32 too), every
+    product with the scales and every partial head sum exact in float32: the FP8 scores equal
+    the unquantized float32 scores, whatever the summation order. With scales amax / 448 that
+    are not powers of two (plain integers in -2..2: 1/224) each head's term is rounded, and
+    the many exact ties of integer inputs fall either way with the summation order."""
+    rng = np.random.default_rng(seed)
+
+    def rows(shape):
+        x = rng.integers(-2, 3, shape)
+        peak = rng.integers(0, shape[-1], shape[:-1])
+        np.put_along_axis(x, peak[..., None], 7 * rng.choice([-1, 1], shape[:-1])[..., None], -1)
+        return jnp.asarray(x * 2.0 ** rng.integers(-2, 3, shape[:-1])[..., None], dtype)
+
+    w = jnp.asarray(rng.integers(-2, 3, (b, s, hi)), jnp.float32)
+    return rows((b, s, hi, d)), w, rows((b, t, d))
+
+
+def fp8_scores(q, w, k):
+    """float32 [B, S, T]: the reference scores of the FP8-rounded operands (what every backend
+    computes with fp8=True, up to summation order)."""
+    q8, w8, k8, k_scale = fp8_index_inputs(q, w, k)
+    return canonical(index_scores_reference(q8, w8, k8) * k_scale[:, None, :])
+
+
 def run_index_case(i, name, b, s, t, offsets, topk, opts, smoke):
     hi, d = (SMOKE_INDEX["hi"], SMOKE_INDEX["d"]) if smoke else (64, 128)
-    if smoke:
-        b, s, t, topk = SMOKE_INDEX["b"], min(s, SMOKE_INDEX["s"]), SMOKE_INDEX["t"], \
-            SMOKE_INDEX["topk"]
+    if smoke:  # toy sizes; rows shorter than k stay so (k not a power of two)
+        short = t < topk
+        b, topk = SMOKE_INDEX["b"], SMOKE_INDEX["topk"]
+        t = topk - 3 if short else SMOKE_INDEX["t"]
+        s = min(s, SMOKE_INDEX["s"], t)
         offsets = None if offsets is None else tuple(min(o, t - s) for o in offsets)
-    q, w, k = index_inputs(200 + i, b, s, t, hi, d, True, jnp.bfloat16)
+    fp8 = opts.get("fp8", False)
+    if fp8:
+        q, w, k = fp8_exact_inputs(200 + i, b, s, t, hi, d, jnp.bfloat16)
+    else:
+        q, w, k = index_inputs(200 + i, b, s, t, hi, d, True, jnp.bfloat16)
     off = jnp.asarray([t - s] * b if offsets is None else offsets, jnp.int32)
-    kw = dict(q_offset=off, fp8=opts.get("fp8", False))
+    kw = dict(q_offset=off, fp8=fp8)
     if opts.get("segments"):
         cut = np.random.default_rng(i).integers(1, t, (b, 1))
         seg = jnp.asarray((np.arange(t)[None] >= cut).astype(np.int32))
@@ -83,17 +123,25 @@ def run_index_case(i, name, b, s, t, offsets, topk, opts, smoke):
     want = jax.jit(lambda q, w, k: dsa_ops.index_topk(q, w, k, topk, impl="xla", **kw))(q, w, k)
     got, want = np.asarray(got), np.asarray(want)
     mismatch = float(np.mean(np.any(got != want, axis=-1)))
-    return mismatch == 0.0, dict(rows_differing=mismatch, selected=int((got >= 0).sum()))
+    info = dict(rows_differing=mismatch, selected=int((got >= 0).sum()))
+    if fp8:  # the inputs' premise: FP8 scores exact, so FP8 selects what float32 selects
+        plain = jax.jit(lambda q, w, k: dsa_ops.index_topk(
+            q, w, k, topk, impl="xla", **dict(kw, fp8=False)))(q, w, k)
+        info["fp8_equals_unquantized"] = bool(np.array_equal(want, np.asarray(plain)))
+        return mismatch == 0.0 and info["fp8_equals_unquantized"], info
+    return mismatch == 0.0, info
 
 
-def run_index_random(smoke):
-    """Normal bf16 inputs: each selection is a top-k of the float32 reference scores."""
+def run_index_random(smoke, fp8):
+    """Normal inputs: each selection is a top-k of the float32 reference scores (FP8: of the
+    FP8-rounded operands' scores) up to rounding."""
     b, s, t, hi, d, topk = (2, 37, 300, 8, 32, 20) if smoke else (1, 128, 8192, 64, 128, 2048)
-    q, w, k = index_inputs(300, b, s, t, hi, d, False, jnp.bfloat16)
+    q, w, k = index_inputs(301 if fp8 else 300, b, s, t, hi, d, False, jnp.bfloat16)
     off = jnp.asarray([t - s] * b, jnp.int32)
     extra = dict(interpret=True, chunk=16, config=dict(block_k=16)) if smoke else {}
-    idx = np.asarray(dsa_ops.index_topk(q, w, k, topk, q_offset=off, impl="triton", **extra))
-    scores = np.asarray(index_scores_reference(q, w, k))
+    idx = np.asarray(dsa_ops.index_topk(q, w, k, topk, q_offset=off, fp8=fp8, impl="triton",
+                                        **extra))
+    scores = np.asarray(fp8_scores(q, w, k) if fp8 else index_scores_reference(q, w, k))
     ok_mask = np.asarray(allowed(query_positions(b, s, off), t))
     worst = 0.0
     for bb in range(b):
@@ -149,18 +197,21 @@ def main() -> int:
                     help="toy sizes, kernels in interpret mode (a CPU run of the script)")
     args = ap.parse_args()
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
-    todo = [("index", c) for c in INDEX_CASES] + [("index_random", ("index_bf16_random",))] + \
-        [("sparse", c) for c in SPARSE_CASES]
-    todo = [(kind, c) for kind, c in todo if args.only is None or args.only in c[0]]
+    # (kind, seed index, case): seeds follow the full list, so --only draws the same inputs
+    todo = [("index", j, c) for j, c in enumerate(INDEX_CASES)] + \
+        [("index_random", 0, (RANDOM_CASES[0],))] + \
+        [("sparse", len(INDEX_CASES) + 1 + j, c) for j, c in enumerate(SPARSE_CASES)] + \
+        [("index_random", 0, (name,)) for name in RANDOM_CASES[1:]]
+    todo = [t for t in todo if args.only is None or args.only in t[2][0]]
     if not todo:
         ap.error(f"--only {args.only!r} matches no case")
     results, ok_all = [], True
-    for i, (kind, case) in enumerate(todo):
+    for kind, i, case in todo:
         try:
             if kind == "index":
                 ok, info = run_index_case(i, *case, smoke=args.smoke)
             elif kind == "index_random":
-                ok, info = run_index_random(args.smoke)
+                ok, info = run_index_random(args.smoke, fp8="fp8" in case[0])
             else:
                 ok, info = run_sparse_case(i, *case, smoke=args.smoke)
         except Exception:  # noqa: BLE001 - report and continue with the other cases
