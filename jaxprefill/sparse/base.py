@@ -58,6 +58,7 @@ from pallas_kernels.layout import block_mask_to_layout_arrays
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
 from jaxprefill.sparse.prefill import KINDS, Prefill, layout_for
+from jaxprefill.sparse.recall_guard import guard_heads
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -191,9 +192,23 @@ class Policy:
     heads: str = "q"
     max_nnz: int | None = None
     estimation: Estimation = Estimation()
+    # Recall guard (jaxprefill.sparse.recall_guard): heads whose exact attention recall on
+    # recall_probes query-block rows is below recall_target get their dense causal rows.
+    recall_target: float | None = None
+    recall_probes: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "estimation", Estimation.parse(self.estimation))
+        if self.recall_target is not None:
+            if not 0 < self.recall_target <= 1:
+                raise ValueError(f"{self.name}: recall_target must be in (0, 1], got "
+                                 f"{self.recall_target}")
+            if self.recall_probes < 1:
+                raise ValueError(f"{self.name}: recall_probes must be >= 1, got "
+                                 f"{self.recall_probes}")
+            if self.max_nnz is not None:
+                raise ValueError(f"{self.name}: recall_target needs max_nnz unset (a capped "
+                                 f"list cannot hold a dense head's rows)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"{self.name}: block_size must be a power of two >= 16, "
                              f"got {self.block_size}")
@@ -253,7 +268,7 @@ class Policy:
     def layout(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
                min_length: int) -> BlockSparseLayout:
         """select + finish over geo's rows (policies with extra layout parts override this)."""
-        return self.finish(self.select(q, k, geo, layer), geo, min_length)
+        return self.finish(self.select(q, k, geo, layer), geo, min_length, q, k)
 
     def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
                    lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:
@@ -280,11 +295,18 @@ class Policy:
                                       impl=call.kernel, **self.kernel_options(k.shape[1]))
 
     # ------------------------------------------------------------------------------- shared
-    def finish(self, mask: jax.Array, geo: Geometry, min_length: int) -> BlockSparseLayout:
+    def finish(self, mask: jax.Array, geo: Geometry, min_length: int,
+               q: jax.Array | None = None, k: jax.Array | None = None) -> BlockSparseLayout:
         """Applies the shared rules (module docstring) to mask [B, H, nq, n] and converts it to
-        a layout [B, H', nq, cap]. Every rule is row-local, so a row window gets its rows."""
+        a layout [B, H', nq, cap]. Every rule is row-local, so a row window gets its rows,
+        except the recall guard (``recall_target``, needs q and k), which decides per head
+        from probe rows of the window."""
         causal, forced = geo.causal(), geo.forced()
         mask = (mask | forced) & causal
+        if self.recall_target is not None:
+            if q is None or k is None:
+                raise ValueError(f"{self.name}: the recall guard needs q and k in finish()")
+            mask = guard_heads(mask, causal, q, k, geo, self.recall_target, self.recall_probes)
         if min_length > 0:
             short = (geo.lengths < min_length)[:, None, None, None]
             mask = jnp.where(short, causal, mask)

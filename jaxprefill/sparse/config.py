@@ -16,7 +16,9 @@ wins; a rule without ``range`` matches every layer; ``range: [start, stop)``, st
 ``estimation`` (how every policy's estimation runs: an implementation name, auto | xla | triton
 | mosaic_tpu | reference, or a mapping with ``impl``, ``interpret``, ``selection``: see
 :class:`jaxprefill.sparse.Estimation`), ``kernel`` (the block-sparse implementation: auto | xla
-| reference | triton | mosaic_gpu | mosaic_tpu; a named one that cannot run a call raises).
+| reference | triton | mosaic_gpu | mosaic_tpu; a named one that cannot run a call raises), ``recall_target`` /
+``recall_probes`` (the recall guard of every policy: heads whose exact attention recall on probe
+rows is below the target run dense; :mod:`jaxprefill.sparse.recall_guard`).
 Layers no rule matches are dense. Unknown keys raise, naming them.
 """
 
@@ -33,7 +35,7 @@ from jaxprefill.sparse import registry
 from jaxprefill.sparse.base import Policy
 
 _TOP_KEYS = {"policy", "params", "layers", "min_length", "block_size", "heads", "estimation",
-             "kernel"}
+             "kernel", "recall_target", "recall_probes"}
 _RULE_KEYS = {"range", "policy", "params"}
 
 
@@ -113,8 +115,8 @@ class SparseConfig:
             raise ValueError(f"unknown sparse config key(s) {bad}; known: {sorted(_TOP_KEYS)}")
         if ("policy" in data) == ("layers" in data):
             raise ValueError("a sparse config needs exactly one of 'policy' or 'layers'")
-        common = {k: data[k] for k in ("block_size", "heads", "estimation")
-                  if data.get(k) is not None}
+        common = {k: data[k] for k in ("block_size", "heads", "estimation", "recall_target",
+                                       "recall_probes") if data.get(k) is not None}
         raw = data["layers"] if "layers" in data else [
             {"policy": data["policy"], "params": data.get("params") or {}}]
         rules = []

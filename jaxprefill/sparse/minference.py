@@ -138,7 +138,7 @@ class MInference(Policy):
         """Layout of :meth:`Policy.layout` plus, with ``columns``, the vertical lines as layout
         columns (columns inside listed blocks or after a query block's last query dropped)."""
         mask, cols = self.select_with_columns(q, k, geo, layer, columns=self.columns)
-        layout = self.finish(mask, geo, min_length)
+        layout = self.finish(mask, geo, min_length, q, k)
         if cols is None:
             return layout
         if layout.num_heads != geo.Hq:  # heads="kv": union of the group's columns
@@ -161,7 +161,7 @@ class MInference(Policy):
         """bool [B, H, n, n]: blocks of the layout with every column rounded up to its block."""
         geo = make_geometry(q, k, self.block_size, lengths, self.estimation)
         mask = self.select_with_columns(q, k, geo, layer, columns=False)[0]
-        return self.finish(mask, geo, min_length).to_block_mask()
+        return self.finish(mask, geo, min_length, q, k).to_block_mask()
 
     def vertical_slash(self, q, k, geo: Geometry, kv: np.ndarray, ks: np.ndarray,
                        columns: bool = False) -> tuple[jax.Array, jax.Array | None]:

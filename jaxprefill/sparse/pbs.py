@@ -66,6 +66,8 @@ class PBS(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.recall_target is not None:
+            raise ValueError("pbs: no recall guard (its blocks are blocks of permuted keys)")
         if self.segment < self.block_size or self.segment % self.block_size:
             raise ValueError(f"pbs: segment {self.segment} must be a positive multiple of "
                              f"block_size {self.block_size}")
