@@ -512,9 +512,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + " ".join(f"{k}={v}" for k, v in BUDGETS.items())
                         + "; 'none' for no limit); whole groups are sampled to fit")
     p.add_argument("--val-docs", type=int, default=6)
-    p.add_argument("--synthetic-frac", type=float, default=0.2,
+    # Retrieval over the whole extended window: rows of 16K-30K tokens with facts at uniform
+    # depth put a fact anywhere from 0 to ~30K tokens before its question (rows of 2K-30K
+    # left few facts more than 20K tokens back, and a 32K model trained on them could not
+    # retrieve from there).
+    p.add_argument("--synthetic-frac", type=float, default=0.3,
                    help="share of the train rows that are synthetic retrieval rows, in [0, 1)")
-    p.add_argument("--synthetic-min-tokens", type=int, default=2048)
+    p.add_argument("--synthetic-min-tokens", type=int, default=16384)
     p.add_argument("--synthetic-max-tokens", type=int, default=30720,
                    help="at most this many tokens a row, so a 32K training row holds one")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
