@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,16 @@ def llama3_8b_shapes(layers: int, tiny: bool) -> jp.ModelConfig:
                           intermediate_size=14336, num_layers=layers, num_heads=32,
                           num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
                           rms_norm_eps=1e-5)
+
+
+def engine_config(width: int, bucket: int, sparse: Any) -> EngineConfig:
+    """The engine of these benchmarks: one request of up to ``bucket`` tokens, one new token;
+    prefill rows of ``width`` tokens (the chunk, or the whole prompt for the row path); cache
+    views rounded up to ``bucket`` tokens, so each configuration compiles once."""
+    pages = -(-(bucket + 64) // 64) + 2
+    return EngineConfig(max_batch=1, prefill_tokens=width, prefill_rows=1, page_size=64,
+                        num_pages=pages, max_seq_len=bucket + 64, max_new_tokens=1,
+                        bucket=bucket, chat=False, sparse=sparse)
 
 
 def ttft(engine: Engine, prompt: list[int], reps: int) -> tuple[float, list[float]]:
@@ -83,15 +94,11 @@ def main() -> None:
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
               "rows": []}
-    pages = -(-(args.seq + 64) // 64) + 2
     for path in args.paths:
         width = args.chunk if path == "chunked" else args.seq
         dense_s = None
         for name in args.policies:
-            config = EngineConfig(max_batch=1, prefill_tokens=width, prefill_rows=1, page_size=64,
-                                  num_pages=pages, max_seq_len=args.seq + 64, max_new_tokens=1,
-                                  bucket=args.seq, chat=False, sparse=POLICIES[name])
-            engine = Engine(model, None, config)
+            engine = Engine(model, None, engine_config(width, args.seq, POLICIES[name]))
             t = time.perf_counter()
             med, times = ttft(engine, prompt, args.reps)
             row = {"path": path, "policy": name, "ttft_s": med, "ttft_per_layer_ms":

@@ -1,0 +1,100 @@
+"""scripts.benchmarks.bench_sparse_stages_gpu on the CPU: a tiny model through the engine and
+the per-stage timings (XLA paths), the JSON rows it writes, the dense fallbacks it reports, and
+a policy with its own attend (pbs) on a row the engine runs as a plain prompt."""
+
+import json
+import math
+
+import numpy as np
+from flax import nnx
+
+import jaxprefill as jp
+from jaxprefill.sparse import SparseConfig
+from scripts.benchmarks import bench_sparse_stages_gpu as stages
+from scripts.benchmarks.bench_sparse_ttft_gpu import llama3_8b_shapes
+
+ROW_FIELDS = {"policy", "path", "ttft_ms", "sparse_over_dense", "est_ms", "kernel_ms", "attn_ms",
+              "dense_ms", "rest_ms", "outside_ms", "predicted_ms", "actual_over_predicted",
+              "density", "kernel_backends", "est_backends", "fallback", "est_over_dense",
+              "est_over_dense_max_32k", "chunks"}
+CALL_FIELDS = {"start", "valid", "est_ms", "kernel_ms", "attn_ms", "dense_ms", "rest_ms",
+               "density", "est_over_dense", "fallback"}
+
+
+def test_tiny_run_writes_every_field(tmp_path):
+    argv = ["--tiny", "--seq", "512", "--chunk", "128", "--layers", "1", "--reps", "1",
+            "--policies", "dense", "streaming", "xattention", "--out", str(tmp_path)]
+    assert stages.main(argv) == 0
+    result = json.loads((tmp_path / "bench_sparse_stages_gpu.json").read_text())
+    rows = result["rows"]
+    assert [(r["path"], r["policy"]) for r in rows] == [
+        (p, n) for p in ("chunked", "row") for n in ("dense", "streaming", "xattention")]
+    for r in rows:
+        assert "error" not in r, r
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert len(r["chunks"]) == (4 if r["path"] == "chunked" else 1)
+        assert [c["start"] for c in r["chunks"]] == ([0, 128, 256, 384] if r["path"] == "chunked"
+                                                     else [0])
+        for c in r["chunks"]:
+            assert CALL_FIELDS <= set(c), CALL_FIELDS - set(c)
+            assert 0 < c["density"] <= 1 and c["dense_ms"] > 0 and c["rest_ms"] > 0
+        assert 0 < r["density"] <= 1
+        assert math.isfinite(r["actual_over_predicted"])  # (no sign: CPU timings are noisy)
+        assert math.isfinite(r["sparse_over_dense"]) and r["kernel_backends"]
+        assert r["fallback"] == []  # every call of this run is sparse (min_length 128)
+        if r["policy"] == "dense":
+            assert r["density"] == 1 and r["est_ms"] == 0 and r["est_backends"] == {}
+            assert r["actual_over_predicted"] == 1  # the anchor defines outside_ms
+            assert r["outside_ms"] == result["header"]["outside_ms"][r["path"]]
+        else:
+            assert r["est_ms"] > 0
+    by = {(r["path"], r["policy"]): r for r in rows}
+    # streaming (sink 64 + local 128 at 512 tokens) skips blocks; xattention asks the resolver
+    assert by["row", "streaming"]["density"] < 0.9
+    assert by["row", "streaming"]["est_backends"] == {}
+    assert set(by["row", "xattention"]["est_backends"].values()) == {"xla"}
+    assert result["header"]["cudnn_ms"] is None and result["header"]["cudnn_note"]
+    single = by["row", "dense"]["engine_stats"].get("single_rows", 0) > 0
+    assert result["header"]["row_kind"] == ("prompt" if single else "packed")
+    table = (tmp_path / "bench_sparse_stages_gpu.md").read_text()
+    assert table.count("\n| chunked |") == 3 and table.count("\n| row |") == 3
+
+
+def tiny_bench(tmp_path, path: str) -> stages.Bench:
+    args = stages.parse(["--tiny", "--seq", "256", "--chunk", "128", "--layers", "1",
+                         "--paths", path, "--out", str(tmp_path)])
+    model = jp.Llama(llama3_8b_shapes(1, True), rngs=nnx.Rngs(0))
+    return stages.Bench(args, model, np.random.default_rng(0).integers(1, 512, 256).tolist(), 0)
+
+
+PBS = SparseConfig.parse({"policy": "pbs", "min_length": 128, "block_size": 64})
+
+
+def test_dense_fallback_is_reported(tmp_path):
+    """pbs takes whole prompts only: the engine's chunks stay dense, and say why."""
+    bench = tiny_bench(tmp_path, "chunked")
+    calls = bench.group("chunked", PBS, 0, "pbs")
+    assert len(calls) == 2
+    for call, base in zip(calls, bench.path_base("chunked")):
+        assert call["density"] == 1 and call["est_ms"] == 0
+        assert "pbs takes prompt calls, not chunk" in call["fallback"]
+        assert call["kernel_ms"] == base["dense_ms"]
+
+
+def test_a_policy_with_its_own_attend_on_a_prompt_row(tmp_path):
+    """A row the engine runs as a plain prompt forward reaches pbs's own attend ([K'; K])."""
+    bench = tiny_bench(tmp_path, "row")
+    bench.engine_ran("row", {"packed_rows": 1, "single_rows": 1})
+    (call,) = bench.group("row", PBS, 0, "pbs")
+    assert call["fallback"] == "" and 0 < call["density"] <= 1 and call["est_ms"] > 0
+    assert "own attend" in call["kernel_backend"]
+    assert call["est_backends"]  # its last-block sums ask the resolver
+    (c,) = bench.path_calls("row")
+    assert c.seg is None and c.off is None and int(c.lens[0]) == 256
+
+
+def test_ordinary_mistakes_are_one_line(tmp_path, capsys):
+    argv = ["--tiny", "--seq", "128", "--chunk", "128", "--layers", "1", "--out", str(tmp_path)]
+    assert stages.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--chunk 128 >= the prompt's 128 tokens" in err
