@@ -52,9 +52,17 @@ def run(model, prompts, sparse, max_new=5):
 
 
 def count_layout_calls(monkeypatch) -> dict:
-    """Counts (at trace time) the chunk / packed sparse layouts the engine builds."""
-    calls = {"chunk": 0, "packed": 0}
+    """Counts (at trace time) the chunk / packed sparse layouts the engine builds, and the
+    whole-prompt ("prompt") calls of rows holding one prompt each (steps.prefill_single)."""
+    calls = {"chunk": 0, "packed": 0, "prompt": 0}
     chunk, packed = sparse_rows.chunk_layout, sparse_rows.packed_layout
+    classify = dispatch.sparse_call
+
+    def sparse_call(*a, **kw):
+        call = classify(*a, **kw)
+        calls["prompt"] += call is not None and call.kind == "prompt"
+        return call
+    monkeypatch.setattr(dispatch, "sparse_call", sparse_call)
 
     def count(name, fn):
         def wrapped(*a, **kw):
@@ -73,7 +81,7 @@ def test_sparse_engine_paths(model, prompts, monkeypatch):
     policy (prepacked rows: prompts >= min_length alone in a row get the policy too)."""
     calls = count_layout_calls(monkeypatch)
     wide, _ = run(model, prompts, streaming(local=1024))
-    assert calls["chunk"] > 0 and calls["packed"] > 0  # the sparse paths really ran
+    assert calls["chunk"] > 0 and calls["packed"] + calls["prompt"] > 0  # sparse really ran
     dense, _ = run(model, prompts, None)
     assert wide == dense
     narrow, engine = run(model, prompts, streaming(local=32))

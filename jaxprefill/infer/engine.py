@@ -16,8 +16,10 @@ Models: Llama family (paged per-head K/V, paged_cache.py + steps.py) and MLA mod
 latent cache and absorbed decode, jaxprefill/mla/latent_cache.py; TPLA decode on a `tensor`
 axis with `EngineConfig.tpla`, jaxprefill/mla/tpla_steps.py). Sparse prefill
 (`EngineConfig.sparse`) applies per chunk and to prompts alone in a packed row
-(jaxprefill/attention/sparse.py). Several devices:
-`EngineConfig.data_parallel` (data_parallel.py).
+(jaxprefill/attention/sparse.py). A prefill step whose rows hold one prompt each runs as a plain
+causal prompt forward (steps.prefill_single: no segment mask, the policies' whole-prompt
+layouts); a step that packs two prompts into a row runs with segment ids (steps.prefill_packed).
+Several devices: `EngineConfig.data_parallel` (data_parallel.py).
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ class Engine:
         self.allocator = PageAllocator(config.num_pages)
         eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.eos = set(eos or cfg.eos_token_ids)
-        self.stats = {"prefill_calls": 0, "decode_calls": 0, "packed_rows": 0, "chunk_rows": 0}
+        # packed_rows: rows of whole prompts; single_rows: those of them prefilled as a plain
+        # causal prompt forward (no row of their step held two prompts: steps.prefill_single)
+        self.stats = {"prefill_calls": 0, "decode_calls": 0, "packed_rows": 0, "single_rows": 0,
+                      "chunk_rows": 0}
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -265,13 +270,24 @@ class Engine:
                 seqs.append(s)
                 col += ln
         sampling, step = self._sampling(seqs, n)
-        nxt, self.cache = self.steps.prefill_packed(
-            self.graphdef, self.state, self.cache, *map(jnp.asarray, (tokens, positions, segments,
-                                                                      slots, last)),
-            sampling, step)
+        # One prompt per row (long prompts, prompts >= the sparse min_length): a causal prompt
+        # forward without segment ids (dense attention runs its mask-free causal kernel, sparse
+        # policies their whole-prompt layout). Caches without that step (MLA) stay packed.
+        single = all(len(row) == 1 for row in rows) and hasattr(self.steps, "prefill_single")
+        if single:
+            lengths = np.ones(r, np.int32)  # unused rows: one (padding) token, as chunks do
+            lengths[:len(rows)] = [len(row[0].ids) for row in rows]
+            nxt, self.cache = self.steps.prefill_single(
+                self.graphdef, self.state, self.cache,
+                *map(jnp.asarray, (tokens, lengths, slots, last)), sampling, step)
+        else:
+            nxt, self.cache = self.steps.prefill_packed(
+                self.graphdef, self.state, self.cache,
+                *map(jnp.asarray, (tokens, positions, segments, slots, last)), sampling, step)
         yield
         self.stats["prefill_calls"] += 1
         self.stats["packed_rows"] += len(rows)
+        self.stats["single_rows"] += len(rows) if single else 0
         self._finish_prefill(seqs, np.asarray(nxt), [len(s.ids) for s in seqs])
 
     def _run_chunks(self, seqs: list[_Seq]) -> Iterator[None]:

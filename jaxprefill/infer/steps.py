@@ -1,10 +1,16 @@
-"""The engine's three jitted steps, pure functions of (graphdef, state, paged cache, batch).
+"""The engine's jitted steps, pure functions of (graphdef, state, paged cache, batch).
 
   prefill_packed: rows of several whole prompts (segment ids, restarted positions), fresh.
+  prefill_single: rows of at most one whole prompt each (from token 0, right padding), fresh:
+                  a plain causal prompt forward (no segment ids, `lengths`), so attention takes
+                  the mask-free causal kernel and sparse policies the whole-prompt ("prompt")
+                  layout. The engine runs it when no row of a prefill batch packs two prompts.
   prefill_chunk:  rows holding one chunk of one prompt each, attending to its cached prefix
                   (queries start at key index `start`: the dispatch's q_offset).
   decode:         one token per slot.
 Each writes the new K/V into the paged cache and samples a next token per finishing sequence.
+`packed_forward` / `single_forward` are the two fresh prefills up to the last hidden states
+(the jitted steps add sampling; tests compare their logits).
 """
 
 from __future__ import annotations
@@ -20,21 +26,58 @@ from jaxprefill.infer.paged_cache import PagedKVCache, gather_view, slot_ids, wr
 from jaxprefill.models import KVCache
 
 
+def packed_forward(model, cache: PagedKVCache, tokens, positions, segment_ids, slots,
+                   last_index) -> tuple[jax.Array, PagedKVCache]:
+    """Packed rows -> (hidden [N, E] of the tokens at flat indices last_index [N], cache).
+
+    tokens/positions/segment_ids/slots int32 [R, C]; segment id 0 = padding. slots: flat cache
+    slot of each token (out of range for padding: the write drops it).
+    """
+    return _fresh_forward(model, cache, tokens, slots, last_index, positions=positions,
+                          segment_ids=segment_ids)
+
+
+def single_forward(model, cache: PagedKVCache, tokens, lengths, slots,
+                   last_index) -> tuple[jax.Array, PagedKVCache]:
+    """Rows of at most one prompt each -> (hidden [N, E] at flat indices last_index [N], cache).
+
+    tokens/slots int32 [R, C]: row r holds one prompt in tokens 0..lengths[r]-1 (right padding;
+    an unused row has length 1 and all its slots out of range). lengths int32 [R] is what a
+    causal prompt forward takes (`model.forward(tokens, lengths=...)`): positions 0..C-1, no
+    segment ids. Padding keys come after every real query, so the causal mask alone keeps them
+    out: the result equals `packed_forward` with one segment per row.
+    """
+    return _fresh_forward(model, cache, tokens, slots, last_index, lengths=lengths)
+
+
+def _fresh_forward(model, cache: PagedKVCache, tokens, slots, last_index,
+                   **forward) -> tuple[jax.Array, PagedKVCache]:
+    """A fresh prefill of rows [R, C] into a contiguous view, written to the pages at `slots`."""
+    r, c = tokens.shape
+    view = KVCache.zeros(model.config, r, c, cache.k[0].dtype)
+    hidden, view = model.forward(tokens, cache=view, **forward)
+    cache = write_back(cache, view, jnp.broadcast_to(jnp.arange(c), (r, c)), slots)
+    return hidden.reshape(r * c, -1)[last_index], cache
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
 def prefill_packed(graphdef, state, cache: PagedKVCache, tokens, positions, segment_ids, slots,
                    last_index, sampling: Sampling, steps):
-    """tokens/positions/segment_ids/slots int32 [R, C]; segment id 0 = padding.
-
-    slots: flat cache slot of each token (out of range for padding). last_index [N]: flat index
-    (r * C + c) of the last prompt token of each sequence finishing here (N static; padding
-    entries are ignored by the caller). Returns (next tokens [N], cache).
-    """
+    """tokens/positions/segment_ids/slots int32 [R, C] (`packed_forward`). last_index [N]: flat
+    index (r * C + c) of the last prompt token of each sequence finishing here (N static;
+    padding entries are ignored by the caller). Returns (next tokens [N], cache)."""
     model = nnx.merge(graphdef, state)
-    r, c = tokens.shape
-    view = KVCache.zeros(model.config, r, c, cache.k[0].dtype)
-    hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
-    cache = write_back(cache, view, jnp.broadcast_to(jnp.arange(c), (r, c)), slots)
-    last = hidden.reshape(r * c, -1)[last_index]
+    last, cache = packed_forward(model, cache, tokens, positions, segment_ids, slots, last_index)
+    return next_tokens(model, last, sampling, steps), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))
+def prefill_single(graphdef, state, cache: PagedKVCache, tokens, lengths, slots, last_index,
+                   sampling: Sampling, steps):
+    """As `prefill_packed` for rows of at most one prompt each (`single_forward`): tokens/slots
+    [R, C], lengths [R], last_index [N]. Returns (next tokens [N], cache)."""
+    model = nnx.merge(graphdef, state)
+    last, cache = single_forward(model, cache, tokens, lengths, slots, last_index)
     return next_tokens(model, last, sampling, steps), cache
 
 

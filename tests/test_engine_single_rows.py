@@ -1,0 +1,152 @@
+"""Engine prefill rows holding one prompt each: a plain causal prompt forward
+(`steps.prefill_single`) that equals the packed step (`steps.prefill_packed`), dense and sparse."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprefill as jp
+from jaxprefill.attention import AttentionSpec, dispatch
+from jaxprefill.decoding import sparse_graphdef
+from jaxprefill.infer import Engine, EngineConfig, steps
+from jaxprefill.infer.paged_cache import PagedKVCache
+
+LENGTHS = [61, 40, 50]  # ragged, one prompt per row (40 < min_length: dense); a fourth unused
+WIDTH, ROWS, PAGE, PAGES = 64, 4, 16, 24
+POLICIES = {
+    "dense": None,
+    "streaming": {"min_length": 48, "policy": "streaming",
+                  "params": {"block_size": 16, "sink": 16, "local": 16}},
+    "xattention": {"min_length": 48, "policy": "xattention",
+                   "params": {"block_size": 16, "threshold": 0.6, "stride": 4}},
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=512, eos_token_ids=(0,))
+    m = jp.Llama(cfg, rngs=nnx.Rngs(0), attention=AttentionSpec(impl="xla"))
+    # larger weights than the 0.02 init: peaked attention, so the mask changes the output
+    for _, p in nnx.to_flat_state(nnx.state(m, nnx.Param)):
+        if p[...].ndim >= 2:
+            p[...] = p[...] * 6.0
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(2)
+    return [rng.integers(1, 97, n).tolist() for n in LENGTHS]
+
+
+def batch(prompts):
+    """The engine's arrays for rows of one prompt each: tokens, positions, segment ids, slots
+    [R, C], lengths [R], last_index [R] (row r's prompt on pages 1 + 4r ..)."""
+    tokens = np.zeros((ROWS, WIDTH), np.int32)
+    positions = np.zeros((ROWS, WIDTH), np.int32)
+    segments = np.zeros((ROWS, WIDTH), np.int32)
+    slots = np.full((ROWS, WIDTH), PAGES * PAGE, np.int32)  # out of range: dropped
+    lengths = np.ones(ROWS, np.int32)
+    last = np.zeros(ROWS, np.int32)
+    for r, ids in enumerate(prompts):
+        n = len(ids)
+        tokens[r, :n], positions[r, :n], segments[r, :n] = ids, np.arange(n), 1
+        slots[r, :n] = (1 + 4 * r) * PAGE + np.arange(n)
+        lengths[r], last[r] = n, r * WIDTH + n - 1
+    return tuple(jnp.asarray(a) for a in (tokens, positions, segments, slots, lengths, last))
+
+
+def record_calls(monkeypatch) -> dict:
+    """Records (at trace time) whether dense calls are mask-free and which sparse kind runs."""
+    seen = {"simple": [], "kind": []}
+    backend, classify = dispatch.attention_backend, dispatch.sparse_call
+
+    def attention_backend(*a, simple, **kw):
+        seen["simple"].append(simple)
+        return backend(*a, simple=simple, **kw)
+
+    def sparse_call(*a, **kw):
+        call = classify(*a, **kw)
+        seen["kind"].append(None if call is None else call.kind)
+        return call
+    monkeypatch.setattr(dispatch, "attention_backend", attention_backend)
+    monkeypatch.setattr(dispatch, "sparse_call", sparse_call)
+    return seen
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_single_rows_equal_packed_rows(model, prompts, policy, monkeypatch):
+    """Same last-token logits (float32, 1e-5), greedy tokens and cache pages from the causal
+    prompt forward as from the packed rows with one segment each; the prompt forward runs
+    mask-free (dense) or the policy's "prompt" layout (sparse), the packed one the segments."""
+    sparse = POLICIES[policy]
+    graphdef = sparse_graphdef(model, sparse) if sparse else nnx.graphdef(model)
+    state = nnx.state(model)
+    tokens, positions, segments, slots, lengths, last = batch(prompts)
+    cache = PagedKVCache.zeros(model.config, PAGES, PAGE, jnp.float32)
+
+    def logits_and_cache(fn, graphdef, *args):
+        def run(state, cache, *args):
+            m = nnx.merge(graphdef, state)
+            hidden, new = fn(m, cache, *args)
+            return m.logits(hidden), new
+        return jax.jit(run)(state, cache, *args)
+
+    seen = record_calls(monkeypatch)
+    packed, packed_cache = logits_and_cache(steps.packed_forward, graphdef, tokens, positions,
+                                            segments, slots, last)
+    packed_seen = {k: list(v) for k, v in seen.items()}
+    for calls in seen.values():
+        calls.clear()
+    single, single_cache = logits_and_cache(steps.single_forward, graphdef, tokens, lengths,
+                                            slots, last)
+    n = len(prompts)
+    np.testing.assert_allclose(np.asarray(single[:n]), np.asarray(packed[:n]), atol=1e-5,
+                               rtol=1e-5)
+    assert (np.asarray(single[:n]).argmax(-1) == np.asarray(packed[:n]).argmax(-1)).all()
+    for a, b in zip(single_cache.k + single_cache.v, packed_cache.k + packed_cache.v):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(single_cache.k[-1])).sum() > 0  # the pages were written
+    if sparse is None:
+        assert seen["simple"] == [True] * 2 and packed_seen["simple"] == [False] * 2
+    else:
+        assert seen["kind"] == ["prompt"] * 2 and packed_seen["kind"] == ["packed"] * 2
+        dense, _ = logits_and_cache(steps.single_forward, nnx.graphdef(model), tokens, lengths,
+                                    slots, last)
+        # the policy really is sparse here: it changed the logits
+        assert np.abs(np.asarray(dense[:n]) - np.asarray(single[:n])).max() > 1e-3
+
+
+def packed_only(engine: Engine) -> Engine:
+    """The engine with its steps module minus prefill_single: every fresh row runs packed."""
+    s = engine.steps
+    engine.steps = types.SimpleNamespace(prefill_packed=s.prefill_packed,
+                                         prefill_chunk=s.prefill_chunk, decode=s.decode)
+    return engine
+
+
+@pytest.mark.parametrize("policy", ["dense", "streaming"])
+def test_engine_single_rows_generate_as_packed(model, prompts, policy):
+    """Through the engine: rows of one prompt take prefill_single and complete exactly as the
+    packed step does (greedy, 4 new tokens); a step that packs two prompts into a row stays
+    on the packed step."""
+    config = EngineConfig(max_batch=4, prefill_tokens=WIDTH, prefill_rows=ROWS, page_size=PAGE,
+                          num_pages=PAGES, max_new_tokens=4, bucket=128, chat=False,
+                          sparse=POLICIES[policy])
+    fast = Engine(model, None, config)
+    got = [r.tokens for r in fast.generate(prompts)]
+    assert fast.stats["single_rows"] == fast.stats["packed_rows"] == len(prompts)
+    slow = packed_only(Engine(model, None, config))
+    want = [r.tokens for r in slow.generate(prompts)]
+    assert slow.stats["single_rows"] == 0 and slow.stats["packed_rows"] == len(prompts)
+    assert got == want and all(len(t) == 4 for t in got)
+    if policy == "dense":  # rows [61] and [20, 9]: the whole step runs packed
+        mixed = Engine(model, None, config)
+        mixed.generate([prompts[0], prompts[1][:9], prompts[2][:20]])
+        assert mixed.stats["packed_rows"] == 2 and mixed.stats["single_rows"] == 0
