@@ -9,8 +9,9 @@ the first token's sampling. Two engine prefill paths:
   * chunked: `--chunk`-token chunks (SARATHI) against the cached prefix (q_offset); the cache
     view is one bucket of `--seq` tokens, so each configuration compiles once;
   * row: the prompt alone in one prefill row of `--seq` tokens (the prepacked path).
-Per path: dense (the anchor, the engine's own dense path: block-sparse kernel over the causal
-structure) and each sparse policy (streaming, minference, flexprefill), in the same process.
+Per path: dense (the anchor, the engine's own dense path: the block-sparse kernel over the
+causal structure on chunks, the mask-free prompt kernel on a row holding one prompt) and each
+sparse policy (streaming, minference, flexprefill), in the same process.
 TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse / dense TTFT.
 """
 
