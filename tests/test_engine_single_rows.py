@@ -14,6 +14,7 @@ from jaxprefill.attention import AttentionSpec, dispatch
 from jaxprefill.decoding import sparse_graphdef
 from jaxprefill.infer import Engine, EngineConfig, steps
 from jaxprefill.infer.paged_cache import PagedKVCache
+from test_engine_sparse import peaked_tiny_llama
 
 LENGTHS = [61, 40, 50]  # ragged, one prompt per row (40 < min_length: dense); a fourth unused
 WIDTH, ROWS, PAGE, PAGES = 64, 4, 16, 24
@@ -28,15 +29,7 @@ POLICIES = {
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                         max_position_embeddings=512, eos_token_ids=(0,))
-    m = jp.Llama(cfg, rngs=nnx.Rngs(0), attention=AttentionSpec(impl="xla"))
-    # larger weights than the 0.02 init: peaked attention, so the mask changes the output
-    for _, p in nnx.to_flat_state(nnx.state(m, nnx.Param)):
-        if p[...].ndim >= 2:
-            p[...] = p[...] * 6.0
-    return m
+    return peaked_tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,22 @@ def streaming(local: int) -> dict:
             "params": {"block_size": 16, "sink": 16, "local": local}}
 
 
-@pytest.fixture(scope="module")
-def model():
+def peaked_tiny_llama():
+    """A tiny Llama whose attention is peaked (weights x6 over the 0.02 init), so a sparse
+    mask changes its output."""
     cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                          max_position_embeddings=512, eos_token_ids=(0,))
     m = jp.Llama(cfg, rngs=nnx.Rngs(0), attention=AttentionSpec(impl="xla"))
-    # larger weights than the 0.02 init: peaked attention, so the mask changes the output
     for _, p in nnx.to_flat_state(nnx.state(m, nnx.Param)):
         if p[...].ndim >= 2:
             p[...] = p[...] * 6.0
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peaked_tiny_llama()
 
 
 @pytest.fixture(scope="module")
