@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxprefill as jp
-from jaxprefill.attention import AttentionSpec, dispatch
+from jaxprefill.attention import dispatch
 from jaxprefill.decoding import sparse_graphdef
 from jaxprefill.infer import Engine, EngineConfig, steps
 from jaxprefill.infer.paged_cache import PagedKVCache
