@@ -195,8 +195,13 @@ def test_estimate_paths_and_refusals():
     q, k, v = qkv(s=32)
     with pytest.raises(ValueError, match="sliding-window"):
         attend(q, k, v, window=8, spec=spec)
-    with pytest.raises(ValueError, match="backward"):
-        attend(q, k, v, spec=dataclasses.replace(spec, differentiable=True))
+    with pytest.raises(ValueError, match="'triton', which has no backward pass"):
+        attend(q, k, v, spec=AttentionSpec(context=ContextParallel(mesh, block=16,
+                                                                   kernel="triton"),
+                                           differentiable=True))
+    with pytest.raises(ValueError, match="gradients through chunks over a cached prefix"):
+        attend(q, k, v, q_offset=jnp.zeros((1,), jnp.int32),
+               spec=dataclasses.replace(spec, differentiable=True))
     with pytest.raises(ValueError, match="chunks over a cached prefix"):
         attend(q, k, v, q_offset=jnp.zeros((1,), jnp.int32), layer=0,
                spec=dataclasses.replace(spec, sparse=sparse.SparseConfig.from_dict(

@@ -212,15 +212,22 @@ def context_attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec
     Without q_offset: a prompt or packed rows in ring order (models permute their inputs),
     dense or through the layer's sparse policy. With q_offset: queries against a cache view in
     natural order (chunks over a cached prefix, decode), dense.
+
+    ``spec.differentiable`` (training through the ring; prompts and packed rows, not chunks at a
+    q_offset): every step runs a kernel with a backward pass, "xla" or "reference"
+    (`jaxprefill.parallel.backward`). `ContextParallel.kernel` "auto" resolves to the sparse
+    config's kernel when that names one, else to "xla"; a Pallas kernel named there raises
+    ValueError.
     """
     ctx = spec.context
     if window is not None:
         raise ValueError("context parallelism: sliding-window attention is not supported")
-    if spec.differentiable:
-        raise ValueError("context parallelism: the ring has no backward pass (training)")
     if q_offset is not None:
         if segment_ids is not None:
             raise ValueError("context parallelism: segment ids with a q_offset are not supported")
+        if spec.differentiable:
+            raise ValueError("context parallelism: gradients through chunks over a cached prefix "
+                             "(q_offset) are not supported (whole prompts and packed rows are)")
         if sparse_call(spec.sparse, layer, q, k, causal=causal, q_offset=q_offset,
                        segment_ids=None, window=None, lengths=lengths,
                        sm_scale=sm_scale) is not None:
@@ -228,12 +235,14 @@ def context_attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec
                              "is not supported (whole prompts and packed rows are)")
         kernel = "auto" if spec.sparse is None else spec.sparse.kernel
         return ring.chunk_attention(ctx, q, k, v, q_offset=q_offset, causal=causal,
-                                    sm_scale=sm_scale, kernel=kernel)
+                                    sm_scale=sm_scale, kernel=kernel,
+                                    differentiable=spec.differentiable)
     call = sparse_call(spec.sparse, layer, q, k, causal=causal, q_offset=None,
                        segment_ids=segment_ids, window=None, lengths=lengths, sm_scale=sm_scale)
     policy = None if call is None else spec.sparse.policy_for(layer)
     return ring.prompt_attention(ctx, q, k, v, causal=causal, segment_ids=segment_ids,
-                                 sm_scale=sm_scale, policy=policy, call=call)
+                                 sm_scale=sm_scale, policy=policy, call=call,
+                                 differentiable=spec.differentiable)
 
 
 def structured_block_sparse(q, k, v, causal, q_offset, segment_ids, sm_scale) -> jax.Array:

@@ -9,6 +9,7 @@ ring.py      pass-KV / pass-Q ring attention and flash-decoding over the block-s
              the online-softmax (lse) combine
 rows.py      sparse policies on the ring: each device's layout rows, each step's part
 plan.py      the pass-KV / pass-Q cost rule
+backward.py  gradients through the ring (training): the differentiable step kernels
 Design, memory and time model: docs/context_parallel.md.
 """
 

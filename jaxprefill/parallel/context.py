@@ -54,6 +54,8 @@ class ContextParallel:
       policy's ``block_size`` must divide the chunk.
     kernel: the block-sparse implementation of every step ("auto" or a name of
       `pallas_kernels.block_sparse_attention`; "auto" takes the sparse config's kernel).
+      Differentiable calls (training) need "xla" or "reference"; there "auto" with no sparse
+      kernel named runs "xla" (:mod:`jaxprefill.parallel.backward`).
     interpret: run Pallas kernels in interpret mode (True or a `pltpu.InterpretParams`).
     skip_empty: sparse layouts: a ring step whose visiting shard holds no listed block runs no
       kernel (a `lax.cond`; results are the same either way).

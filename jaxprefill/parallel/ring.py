@@ -21,6 +21,9 @@ hide behind it (the scheduler overlaps the two: they do not depend on each other
   outputs return by one all-to-all), chosen by :mod:`jaxprefill.parallel.plan`; or, when the
   queries do not split evenly (decode: one query), flash-decoding: every device attends the
   (replicated) queries to its own cache shard and the partials combine across the axis.
+
+Both take ``differentiable=True`` for training: the steps then run a kernel with a backward pass
+(:mod:`jaxprefill.parallel.backward`); ppermute, scan, cond and the combine differentiate as is.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention
 from pallas_kernels.layout import block_mask_to_layout_arrays, structured_layout
-from jaxprefill.parallel import plan, rows as rowlib, zigzag
+from jaxprefill.parallel import backward, plan, rows as rowlib, zigzag
 from jaxprefill.parallel.context import ContextParallel, shard_map
 from jaxprefill.sparse import Policy, Prefill
 
@@ -88,11 +91,16 @@ def merge_stack(o: jax.Array, l: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- one step
 def _step(q, k, v, layout: BlockSparseLayout, *, causal: bool, q_offset, sm_scale: float,
-          segs, impl: str, interpret: Any, options: dict, skip: bool):
+          segs, impl: str, interpret: Any, options: dict, skip: bool,
+          differentiable: bool = False):
     """(out [B, Sq, Hq, Dv] in q's dtype, lse float32 [B, Hq, Sq]) of one (query, key) shard
-    pair; with ``skip``, a layout that lists nothing runs no kernel."""
+    pair; with ``skip``, a layout that lists nothing runs no kernel. ``differentiable``: the
+    caller takes gradients (the "xla" kernel then runs with :func:`backward.xla_step`'s rule)."""
 
     def compute(_):
+        if differentiable and impl == "xla":
+            return backward.xla_step(q, k, v, layout, causal=causal, sm_scale=sm_scale,
+                                     q_offset=q_offset, segment_ids=segs, options=options)
         return block_sparse_attention(q, k, v, layout, causal=causal, sm_scale=sm_scale,
                                       q_offset=q_offset, segment_ids=segs, return_lse=True,
                                       impl=impl, interpret=interpret, **options)
@@ -194,7 +202,7 @@ def prompt_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Ar
                      causal: bool = True,
                      segment_ids: tuple[jax.Array, jax.Array] | None = None,
                      sm_scale: float | None = None, policy: Policy | None = None,
-                     call: Prefill | None = None) -> jax.Array:
+                     call: Prefill | None = None, differentiable: bool = False) -> jax.Array:
     """Ring attention (pass-KV) of a prompt in ring order (module docstring).
 
     Args:
@@ -203,6 +211,9 @@ def prompt_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Ar
       segment_ids: (q_seg, kv_seg) int32 [B, S] in ring order (packed rows), or None.
       policy, call: the sparse policy and its classified call (kind "prompt" or "packed"),
         or None for dense attention.
+      differentiable: the caller takes gradients: the kernel must be one of
+        `backward.DIFFERENTIABLE` (ValueError otherwise; `ContextParallel.kernel` "auto" with no
+        sparse kernel named runs "xla").
     Returns:
       [B, S, Hq, Dv] in q's dtype, in ring order, sharded like q.
     """
@@ -229,6 +240,8 @@ def prompt_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Ar
                                                          segment_ids=None)
     options = {} if policy is None else policy.kernel_options(s)
     impl, axis = _kernel_name(ctx, call), ctx.axis
+    if differentiable:
+        impl = backward.differentiable_kernel(ctx.kernel, "auto" if call is None else call.kernel)
     has_seg, has_len = segment_ids is not None, lengths is not None
     table = zigzag.chunk_table(n, zig)
     # Dense zigzag steps are never empty; everything else may be (a cond skips the kernel).
@@ -262,7 +275,7 @@ def prompt_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Ar
             segs = None if q_seg is None else SegmentIds(q_seg, seg_s)
             return _step(q, k_s, v_s, layout, causal=causal and own, q_offset=None,
                          sm_scale=sm_scale, segs=segs, impl=impl, interpret=ctx.interpret,
-                         options=options, skip=skip)
+                         options=options, skip=skip, differentiable=differentiable)
 
         out, _ = ring_steps(axis, n, (k, v, kv_seg), visit, merge_fold, empty_partial(q, v),
                             group=ctx.merge_every)
@@ -327,7 +340,7 @@ def virtual_ring(q: jax.Array, k: jax.Array, v: jax.Array, n: int, *, block: int
 # ----------------------------------------------------------------------------- chunks
 def chunk_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Array, *,
                     q_offset: jax.Array, causal: bool = True, sm_scale: float | None = None,
-                    kernel: str = "auto") -> jax.Array:
+                    kernel: str = "auto", differentiable: bool = False) -> jax.Array:
     """Queries at ``q_offset`` against a cache view, both in natural order (module docstring).
 
     Args:
@@ -335,6 +348,8 @@ def chunk_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Arr
       k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]: the cache view, Sk a multiple of the ring length
         (its slots split contiguously over the axis).
       q_offset: int32 [B] or scalar.
+      kernel: the step kernel when ``ctx.kernel`` is "auto".
+      differentiable: the caller takes gradients (as in :func:`prompt_attention`).
     Returns:
       [B, Sq, Hq, Dv] in q's dtype.
     """
@@ -350,8 +365,10 @@ def chunk_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Arr
     schedule = schedule_for(ctx, sq, sk, hq, hkv, q.dtype.itemsize)
     sk_l = sk // n
     impl = ctx.kernel if ctx.kernel != "auto" else kernel
+    if differentiable:
+        impl = backward.differentiable_kernel(ctx.kernel, kernel)
     step_kw = dict(sm_scale=sm_scale, segs=None, impl=impl, interpret=ctx.interpret, options={},
-                   skip=ctx.skip_empty)
+                   skip=ctx.skip_empty, differentiable=differentiable)
 
     def shard_layout(rel, sq_l, heads):
         bq = ctx.block if sq_l >= ctx.block else 16 if sq_l < 64 else 64

@@ -150,13 +150,16 @@ class LoRASection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Mesh axis sizes; `data: -1` takes every device not used by fsdp x tensor x expert.
-    `expert` shards MoE expert weights (logical axis "expert"); the batch is split over it too."""
+    """Mesh axis sizes; `data: -1` takes every device not used by fsdp x tensor x sequence x
+    expert. `expert` shards MoE expert weights (logical axis "expert"); the batch is split over it
+    too. `sequence` > 1 splits each row's tokens over that many devices and runs attention as ring
+    attention (context parallelism, docs/context_parallel.md) on the differentiable XLA kernel."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    sequence: int = 1
 
     def __post_init__(self) -> None:
         if self.data != -1:
@@ -164,6 +167,7 @@ class MeshSection:
         _positive("mesh.fsdp", self.fsdp)
         _positive("mesh.tensor", self.tensor)
         _positive("mesh.expert", self.expert)
+        _positive("mesh.sequence", self.sequence)
 
 
 @dataclasses.dataclass(frozen=True)

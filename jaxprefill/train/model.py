@@ -36,6 +36,7 @@ from jaxprefill.loading.adapter import apply_config_overrides, read_adapter
 from jaxprefill.loading.deepseek_weights import mla_hf_name_map
 from jaxprefill.loading.weights import WeightError, build_model, hf_name_map, to_ours
 from jaxprefill.models import DeepSeek, Llama
+from jaxprefill.parallel import ContextParallel
 from jaxprefill.sharding import state_shardings
 from jaxprefill.train.config import LoRASection, ModelSection
 
@@ -124,12 +125,14 @@ def pretrained_tensors(source: str) -> tuple[dict, Any]:
     return contents.hf_config, contents.tensors
 
 
-def build(section: ModelSection, mesh: Mesh, seed: int, lora_section: LoRASection | None = None
-          ) -> SplitModel:
+def build(section: ModelSection, mesh: Mesh, seed: int, lora_section: LoRASection | None = None,
+          context: ContextParallel | None = None) -> SplitModel:
     """Create (scratch: random init inside jit, directly sharded) or load the model, attach the
-    LoRA adapters when asked, then split."""
+    LoRA adapters when asked, then split. ``context``: ring attention over the mesh's `sequence`
+    axis (its kernel must have a backward pass: `jaxprefill.parallel.backward`), or None."""
     dtype, param_dtype = DTYPES[section.dtype], DTYPES[section.param_dtype]
-    spec = AttentionSpec(section.attention, differentiable=True)  # no kernels without gradients
+    # differentiable: no kernels without gradients
+    spec = AttentionSpec(section.attention, differentiable=True, context=context)
     filters = (nnx.Param,) if lora_section is None else (
         lora.trainable_filter(lora_section.train_norms, lora_section.train_biases), nnx.Param)
 

@@ -55,6 +55,9 @@ def hidden_states(model, tokens, positions, segment_ids, remat: str) -> jax.Arra
     if remat == "none":
         return model.forward(tokens, positions, segment_ids)[0]
     b, s = tokens.shape
+    ring = model.attention.context  # context parallelism: ring order in, natural order out
+    if ring is not None:
+        tokens, positions, segment_ids, _ = ring.enter(tokens, positions, segment_ids, None)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if hasattr(model, "rope_tables"):  # DeepSeek: per-pair tables of the decoupled RoPE part
@@ -72,7 +75,8 @@ def hidden_states(model, tokens, positions, segment_ids, remat: str) -> jax.Arra
             return y
 
         x = jax.checkpoint(block, policy=REMAT_POLICIES[remat])(state, x, cos, sin, segment_ids)
-    return model.norm(x)
+    x = model.norm(x)
+    return x if ring is None else ring.exit(x, s)
 
 
 def token_losses(model, batch: dict[str, jax.Array], opts: StepOptions) -> tuple[jax.Array, jax.Array]:

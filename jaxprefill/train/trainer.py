@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxprefill import lora
 from jaxprefill.config import ConfigError
 from jaxprefill.loading.adapter import ADAPTER_FILE
+from jaxprefill.parallel import ContextParallel
 from jaxprefill.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
 from jaxprefill.train import mfu as mfu_lib
 from jaxprefill.train.checkpoint import Checkpointer, StopSignal, abstract_like
@@ -65,13 +66,28 @@ def build_mesh(m: MeshSection):
     """The run's mesh. `data: -1` fills all devices; a smaller explicit mesh uses the first
     devices (one host only: debugging, or comparing against fewer devices)."""
     n = jax.device_count()
-    data = m.data if m.data != -1 else n // (m.fsdp * m.tensor * m.expert)
-    used = data * m.fsdp * m.tensor * m.expert
+    data = m.data if m.data != -1 else n // (m.fsdp * m.tensor * m.expert * m.sequence)
+    used = data * m.fsdp * m.tensor * m.expert * m.sequence
     if data < 1 or used > n or (used < n and (m.data == -1 or jax.process_count() > 1)):
         raise ConfigError(f"mesh: data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} x "
-                          f"expert={m.expert} does not fit the {n} devices")
+                          f"expert={m.expert} x sequence={m.sequence} does not fit the {n} "
+                          f"devices")
     return make_mesh(data=data, fsdp=m.fsdp, tensor=m.tensor, expert=m.expert,
-                     devices=jax.devices()[:used])
+                     sequence=m.sequence, devices=jax.devices()[:used])
+
+
+def ring_context(mesh: jax.sharding.Mesh, seq_len: int) -> ContextParallel | None:
+    """Ring attention over the mesh's `sequence` axis when it has n > 1 devices, else None.
+
+    Training runs the differentiable "xla" kernel. The ring pads a row to a multiple of
+    2n x block tokens; the block is the smallest power of two (8..128) that makes 2n chunks of
+    ``seq_len``, so a seq_len that is a multiple of 2n x 8 runs with no padding."""
+    n = int(mesh.shape["sequence"])
+    if n == 1:
+        return None
+    chunk = -(-seq_len // (2 * n))
+    block = min(128, max(8, 1 << (chunk - 1).bit_length()))
+    return ContextParallel(mesh, block=block, kernel="xla")
 
 
 # Batch rows are split over the expert axis too: its devices hold different experts but must not
@@ -89,7 +105,8 @@ class Trainer:
         self.mesh = build_mesh(cfg.mesh)
         packed = not ((cfg.data.format == "synthetic" and not cfg.data.synthetic_docs)
                       or (cfg.data.format != "synthetic" and cfg.data.packing in ONE_DOCUMENT_ROWS))
-        self.model: SplitModel = build(cfg.model, self.mesh, cfg.seed, cfg.lora)
+        self.model: SplitModel = build(cfg.model, self.mesh, cfg.seed, cfg.lora,
+                                       context=ring_context(self.mesh, cfg.data.seq_len))
         mcfg = self.model.config
         if cfg.lora is not None:
             self.say(self._lora_summary())
@@ -114,8 +131,9 @@ class Trainer:
 
         a = cfg.optim.grad_accum
         self.micro_batch = cfg.batch_size // a
-        spec = logical_to_spec((None, "batch", None), (a, self.micro_batch, cfg.data.seq_len), self.mesh,
-                               BATCH_RULES)
+        # tokens over `sequence` (context parallelism; the model permutes them into ring order)
+        spec = logical_to_spec((None, "batch", "length"), (a, self.micro_batch, cfg.data.seq_len),
+                               self.mesh, {**BATCH_RULES, "length": "sequence"})
         self.batch_sharding = NamedSharding(self.mesh, spec)
         self.eval_sharding = NamedSharding(self.mesh, P(*spec[1:]))
         opts = StepOptions(remat=cfg.model.remat, packed=packed,
