@@ -340,3 +340,14 @@ def test_analyze_command_tiny_model(tmp_path, monkeypatch, capsys):
     args.layer = 5
     with pytest.raises(InputError, match="--layer"):
         args.func(args)
+
+
+def test_runs_from_before_overrides_existed_resume(tmp_path):
+    """A run.json written without an "overrides" entry is the same run as overrides {}; a run
+    with real overrides is another one."""
+    info = {"model": "m", "adapter": None, "dtype": "float32", "split": "dev",
+            "max_new_tokens": None, "haystack_asset": "x", "configs": {"dense": "0"}}
+    (tmp_path / suite.RUN).write_text(json.dumps(info))
+    suite.Store(tmp_path, {**info, "overrides": {}}, log=lambda m: None)
+    with pytest.raises(InputError, match="overrides"):
+        suite.Store(tmp_path, {**info, "overrides": {"rope_theta": 1e6}}, log=lambda m: None)

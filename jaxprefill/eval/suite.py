@@ -133,6 +133,9 @@ class Store:
         old = json.loads(path.read_text()) if path.exists() else None
         if old is not None:
             for key in ("model", "adapter", "overrides", "dtype", "split", "max_new_tokens", "haystack_asset"):
+                # runs written before --override existed carry no "overrides": the same as {}
+                if key == "overrides" and not old.get(key) and not info.get(key):
+                    continue
                 if old.get(key) != info.get(key):
                     raise InputError(
                         f"{path}: this directory holds answers for {key}={old.get(key)!r}, this "
