@@ -19,7 +19,11 @@ axis with `EngineConfig.tpla`, jaxprefill/mla/tpla_steps.py). Sparse prefill
 (jaxprefill/attention/sparse.py). A prefill step whose rows hold one prompt each runs as a plain
 causal prompt forward (steps.prefill_single: no segment mask, the policies' whole-prompt
 layouts); a step that packs two prompts into a row runs with segment ids (steps.prefill_packed).
-Several devices: `EngineConfig.data_parallel` (data_parallel.py).
+Several devices: `EngineConfig.data_parallel` (data_parallel.py), or `Engine(..., mesh=)` with a
+`sequence` axis of n > 1 devices: those single-prompt prefill steps run as ring attention over it
+(jaxprefill/parallel, docs/context_parallel.md); every other step runs on replicated data and the
+paged cache is whole on every device. A ring engine prefills each prompt whole in one row (no
+chunked prefill): a prompt longer than `prefill_tokens` is refused.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxprefill.decoding import Sampling, encode_prompt, sparse_graphdef
-from jaxprefill.generate import PromptTooLongError
+from jaxprefill.decoding import Sampling, context_for, encode_prompt, spec_graphdef
+from jaxprefill.generate import PromptTooLongError, cache_sharding
 from jaxprefill.infer import steps
 from jaxprefill.mla import dsa_cache, latent_cache, tpla_steps
 from jaxprefill.models import KVCache
@@ -45,6 +50,9 @@ from jaxprefill.models.dsa import DSACache
 from jaxprefill.infer.config import EngineConfig
 from jaxprefill.infer.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
 from jaxprefill.infer.scheduler import pack_rows
+from jaxprefill.parallel import ContextParallel
+from jaxprefill.parallel.rows import check_policy
+from jaxprefill.sharding import state_shardings
 from jaxprefill.validate import check_id, check_prompt, check_prompt_list, check_sampling
 
 
@@ -98,11 +106,19 @@ class _Seq:
 
 
 class Engine:
-    """`Engine(model, tokenizer, config).generate(prompts)`; `run(requests, on_result)` streams."""
+    """`Engine(model, tokenizer, config).generate(prompts)`; `run(requests, on_result)` streams.
 
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    mesh: None (one device), or a `jp.make_mesh(sequence=n, ...)` mesh or a `ContextParallel`
+      whose ring has n > 1 devices (a model built with a context setting brings its own): the
+      parameters are laid out on the mesh by its rules, the paged cache is replicated on it, and
+      prefill steps whose rows hold one prompt each run ring attention (`self.ring`).
+    """
+
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(),
+                 mesh: Mesh | ContextParallel | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.config
+        self.ring = engine_ring(model, config, mesh)
         check_sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                        top_p=config.top_p, top_k=config.top_k, seed=config.seed,
                        where="engine config")
@@ -119,23 +135,36 @@ class Engine:
         if config.tpla is not None and cache_class is not MLACache:
             raise ValueError(f"tpla decode needs an MLA model, not {type(model).__name__}")
         self.max_seq_len = config.max_seq_len or cfg.max_position_embeddings
-        if config.sparse is not None:  # the same weights, an AttentionSpec with the policy
-            self.graphdef = sparse_graphdef(model, config.sparse)
+        # The same weights, an AttentionSpec with the policy and without any ring (the model's
+        # own context setting runs in ring_graphdef only)
+        fields = {} if config.sparse is None else {"sparse": config.sparse}
+        if getattr(getattr(model, "attention", None), "context", None) is not None:
+            fields["context"] = None
+        if fields:
+            self.graphdef = spec_graphdef(model, "the batch engine", **fields)
+        if self.ring is not None:  # prefill_single through the ring
+            self.ring_graphdef = spec_graphdef(model, "context parallelism",
+                                               **{**fields, "context": self.ring})
         if config.tpla is not None:  # folded weights, latent pool sharded over `tensor`
             model, self.steps, self.cache = tpla_steps.setup(
                 model, dict(config.tpla), config.num_pages, config.page_size)
         else:
             self.cache = pool.zeros(cfg, config.num_pages, config.page_size, model.dtype)
         graphdef, self.state = nnx.split(model)
-        if config.sparse is None:
+        if not fields:
             self.graphdef = graphdef
+        if self.ring is not None:  # laid out as jp.generate does; the paged cache replicated
+            self.state = jax.device_put(self.state, state_shardings(self.state, self.ring.mesh))
+            self.cache = jax.device_put(self.cache,
+                                        cache_sharding(self.cache, self.ring.mesh, None, cfg))
         self.allocator = PageAllocator(config.num_pages)
         eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.eos = set(eos or cfg.eos_token_ids)
         # packed_rows: rows of whole prompts; single_rows: those of them prefilled as a plain
-        # causal prompt forward (no row of their step held two prompts: steps.prefill_single)
+        # causal prompt forward (no row of their step held two prompts: steps.prefill_single);
+        # ring_rows: those of them prefilled through the ring (a mesh with a sequence axis)
         self.stats = {"prefill_calls": 0, "decode_calls": 0, "packed_rows": 0, "single_rows": 0,
-                      "chunk_rows": 0}
+                      "chunk_rows": 0, "ring_rows": 0}
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -157,6 +186,11 @@ class Engine:
         if not ids:
             raise ValueError(f"{where}: empty prompt after tokenization")
         max_new = req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens
+        if self.ring is not None and len(ids) > c.prefill_tokens:
+            raise PromptTooLongError(
+                f"request {req.id!r}: prompt has {len(ids)} tokens, more than prefill_tokens="
+                f"{c.prefill_tokens}; an engine with context parallelism prefills each prompt "
+                f"whole in one row (no chunked prefill): raise prefill_tokens")
         if len(ids) + max_new > self.max_seq_len:
             raise PromptTooLongError(
                 f"request {req.id!r}: prompt has {len(ids)} tokens; with max_new_tokens={max_new} "
@@ -277,8 +311,9 @@ class Engine:
         if single:
             lengths = np.ones(r, np.int32)  # unused rows: one (padding) token, as chunks do
             lengths[:len(rows)] = [len(row[0].ids) for row in rows]
+            graphdef = self.graphdef if self.ring is None else self.ring_graphdef
             nxt, self.cache = self.steps.prefill_single(
-                self.graphdef, self.state, self.cache,
+                graphdef, self.state, self.cache,
                 *map(jnp.asarray, (tokens, lengths, slots, last)), sampling, step)
         else:
             nxt, self.cache = self.steps.prefill_packed(
@@ -288,6 +323,7 @@ class Engine:
         self.stats["prefill_calls"] += 1
         self.stats["packed_rows"] += len(rows)
         self.stats["single_rows"] += len(rows) if single else 0
+        self.stats["ring_rows"] += len(rows) if single and self.ring is not None else 0
         self._finish_prefill(seqs, np.asarray(nxt), [len(s.ids) for s in seqs])
 
     def _run_chunks(self, seqs: list[_Seq]) -> Iterator[None]:
@@ -391,6 +427,42 @@ class Engine:
         n_after = max(len(s.out) - 1, 0)
         return Result(s.req.id, text, s.out, len(s.ids), s.finish or "length",
                       t_first - s.t_submit, n_after / max(now - t_first, 1e-9) if n_after else 0.0)
+
+
+def engine_ring(model, config: EngineConfig,
+                mesh: Mesh | ContextParallel | None) -> ContextParallel | None:
+    """The ring an engine's single-prompt prefill steps run on (None: no ring). Raises
+    ValueError (TypeError for a mesh of the wrong type), one line, for a mesh the engine cannot
+    use."""
+    if mesh is not None and not isinstance(mesh, (Mesh, ContextParallel)):
+        raise TypeError(f"engine mesh: expected a jax.sharding.Mesh (jp.make_mesh) or a "
+                        f"ContextParallel, got {type(mesh).__name__}")
+    ring = mesh if isinstance(mesh, ContextParallel) else context_for(model, mesh)
+    if ring is None or ring.n == 1:
+        if mesh is not None:
+            raise ValueError("engine mesh: the engine uses a mesh for ring prefill only, and this "
+                             "one has 1 device on its sequence axis (several devices running "
+                             "replicas: EngineConfig.data_parallel)")
+        return None
+    if getattr(model, "cache_class", KVCache) is not KVCache or config.tpla is not None:
+        raise ValueError(f"engine mesh: ring prefill in the engine runs Llama-family models "
+                         f"(paged per-head K/V), not {type(model).__name__}"
+                         f"{' with tpla' if config.tpla is not None else ''}; "
+                         f"jp.generate(mesh=) prefills DeepSeek models on the ring")
+    if config.data_parallel > 1:
+        raise ValueError("engine mesh: ring prefill with data_parallel > 1 is not supported "
+                         "(each replica would need its own ring)")
+    if config.sparse is not None:
+        for rule in config.sparse.rules:
+            if rule.policy.name == "dense":
+                continue
+            check_policy(rule.policy, tensor_split=ring.head_axis(
+                model.config.num_heads, model.config.num_kv_heads) is not None)
+            if ring.block % rule.policy.block_size:
+                raise ValueError(f"engine mesh: the sparse policy's block_size "
+                                 f"({rule.policy.block_size}, policy {rule.policy.name!r}) must "
+                                 f"divide ContextParallel.block ({ring.block})")
+    return ring
 
 
 def generate_in_order(run: Callable, prompts: Iterable, progress: bool) -> list[Result]:

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.decoding import Sampling, next_tokens
 from jaxprefill.infer.paged_cache import PagedKVCache, gather_view, slot_ids, write_back
@@ -45,7 +46,9 @@ def single_forward(model, cache: PagedKVCache, tokens, lengths, slots,
     an unused row has length 1 and all its slots out of range). lengths int32 [R] is what a
     causal prompt forward takes (`model.forward(tokens, lengths=...)`): positions 0..C-1, no
     segment ids. Padding keys come after every real query, so the causal mask alone keeps them
-    out: the result equals `packed_forward` with one segment per row.
+    out: the result equals `packed_forward` with one segment per row. With a context setting
+    (`AttentionSpec.context`) the forward runs ring attention over its padded length
+    (`ContextParallel.padded_length(C)`); the paged cache stays replicated on the ring's mesh.
     """
     return _fresh_forward(model, cache, tokens, slots, last_index, lengths=lengths)
 
@@ -54,9 +57,14 @@ def _fresh_forward(model, cache: PagedKVCache, tokens, slots, last_index,
                    **forward) -> tuple[jax.Array, PagedKVCache]:
     """A fresh prefill of rows [R, C] into a contiguous view, written to the pages at `slots`."""
     r, c = tokens.shape
-    view = KVCache.zeros(model.config, r, c, cache.k[0].dtype)
+    ring = getattr(model.attention, "context", None)
+    # a ring prefill writes its padded length (natural order); the first c slots are the row's
+    width = c if ring is None else ring.padded_length(c)
+    view = KVCache.zeros(model.config, r, width, cache.k[0].dtype)
     hidden, view = model.forward(tokens, cache=view, **forward)
     cache = write_back(cache, view, jnp.broadcast_to(jnp.arange(c), (r, c)), slots)
+    if ring is not None:  # whole on every device, as the engine's other steps read it
+        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(ring.mesh, P()))
     return hidden.reshape(r * c, -1)[last_index], cache
 
 
