@@ -21,8 +21,9 @@ import jaxprefill as jp
 from jaxprefill import sparse
 from jaxprefill.attention import AttentionSpec
 from jaxprefill.parallel import ContextParallel, prompt_attention, zigzag
+from tests import context_parallel_cases as cases
 
-S, LENGTHS, N, BLOCK = 200, (200, 150), 4, 32
+S, LENGTHS, N, BLOCK = cases.S, cases.LENGTHS, 4, 32
 # streaming: sink + local window, a layout with listed and unlisted blocks on every shard pair
 STREAMING = {"policy": "streaming", "params": dict(block_size=16, sink=16, local=32),
              "min_length": 0}
@@ -60,20 +61,13 @@ def prompt_inputs(vocab: int) -> dict:
 
 
 def packed_inputs(vocab: int) -> dict:
-    """Row 0: three documents and padding; row 1: one document. Targets stay in a document."""
-    rng = np.random.default_rng(1)
-    seg = np.zeros((2, S), np.int32)
-    seg[0, :70], seg[0, 70:150], seg[0, 150:180] = 1, 2, 3
-    seg[1, :170] = 1
-    pos = np.zeros((2, S), np.int32)
-    for b in range(2):
-        for s_id in np.unique(seg[b][seg[b] > 0]):
-            idx = np.nonzero(seg[b] == s_id)[0]
-            pos[b, idx] = np.arange(len(idx))
-    tokens = rng.integers(0, vocab, size=(2, S)).astype(np.int32)
+    """The forward cases' packed rows (row 0: three documents and padding; row 1: one
+    document); a token's target is the next token of the same document."""
+    rows = cases.packed_inputs(vocab)
+    seg = np.asarray(rows["segment_ids"])
     targets = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
-    return dict(tokens=jnp.asarray(tokens), positions=jnp.asarray(pos),
-                segment_ids=jnp.asarray(seg), targets=jnp.asarray(targets))
+    return dict(tokens=rows["tokens"], positions=rows["positions"],
+                segment_ids=rows["segment_ids"], targets=jnp.asarray(targets))
 
 
 def model_cases() -> dict:
