@@ -6,28 +6,17 @@ of a tiny Llama w.r.t. its parameters with ring attention (sequence = 4) equals 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from fake_devices import run_result
+
 TOL = 1e-5  # float32, relative to the largest magnitude of each gradient
 
 
 @pytest.fixture(scope="module")
 def res() -> dict:
-    flags = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.context_parallel_grad_cases"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return run_result(["-m", "tests.context_parallel_grad_cases"], devices=4)
 
 
 @pytest.mark.parametrize("case", ["dense", "packed_dense", "streaming"])

@@ -4,11 +4,9 @@ Runs in a subprocess: the device count is fixed when JAX initializes, and the re
 uses 1 device.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
+
+from fake_devices import run_result
 
 SCRIPT = textwrap.dedent(r"""
     import json, sys
@@ -45,13 +43,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_meshes_match_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    res = json.loads(line[len("RESULT"):])
+    res = run_result(["-c", SCRIPT], devices=8, fast_compile=False)
 
     dt = res['{"data": 2, "tensor": 4}']
     assert dt["err"] < 1e-5

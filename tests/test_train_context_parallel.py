@@ -8,12 +8,10 @@ Runs in a subprocess: the device count is fixed when JAX initializes.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+
+from fake_devices import run_result
 
 SCRIPT = r"""
 import json, sys
@@ -48,13 +46,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_ring_training_matches_single_device(tmp_path):
-    flags = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[6:])
+    res = run_result(["-c", SCRIPT, str(tmp_path)], devices=4)
     single = res["single"]
     assert len(single["losses"]) == 3 and single["ring"] is None, single["losses"]
     for name in ("ring", "ring_remat"):

@@ -9,12 +9,10 @@ same seed; losses and parameters (and Adam's moments' shardings) are compared.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+
+from fake_devices import run_result
 
 SCRIPT = r"""
 import json, sys
@@ -55,14 +53,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_expert_parallel_step_matches_single_device(tmp_path):
-    # Low XLA/LLVM optimization: compiles faster; every mesh runs with the same flags.
-    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[6:])
+    res = run_result(["-c", SCRIPT, str(tmp_path)], devices=8)
     single = res["single"]
     assert single["n_devices"] == 1
     assert single["moved_experts"] >= 4  # the step trains several experts, not a no-op

@@ -7,12 +7,10 @@ same seed; losses and parameters must agree to float32 rounding.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
+
+from fake_devices import run_result
 
 SHARDED = r"""
 import json, sys
@@ -46,14 +44,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_sharded_steps_match_single_device(tmp_path):
-    # Low XLA/LLVM optimization: compiles 3x faster; every mesh runs with the same flags.
-    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[6:])
+    res = run_result(["-c", SHARDED, str(tmp_path)], devices=8)
     single = res["single"]
     assert single["n_devices"] == 1
     assert res["fsdp"]["embed_spec"] == ["None", "fsdp"]          # [V, E]: E over fsdp
