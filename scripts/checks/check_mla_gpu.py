@@ -1,6 +1,6 @@
 """GPU equivalence check of the MLA decode Pallas kernels (run on the H100).
 
-    python -m scripts.checks.check_mla_gpu [--out DIR] [--impls triton mosaic_gpu] [--only TEXT]
+    python -m scripts.checks.check_mla_gpu [--out DIR] [--impls triton mosaic_gpu] [--only TEXT ...]
 
 ``--impls``: ``triton`` (the Pallas Triton kernel, its tiling knobs per case) and ``mosaic_gpu``
 (the Pallas Mosaic GPU kernel, Hopper; ``mosaic`` and ``pallas_mosaic`` are accepted for it,
@@ -143,12 +143,13 @@ def main() -> int:
     ap.add_argument("--impls", nargs="+", default=["triton"], choices=sorted(KERNELS),
                     type=canonical,
                     help="triton and/or mosaic_gpu (also spelled mosaic)")
-    ap.add_argument("--only", default=None, help="run only cases whose name has this text")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only cases whose name has one of these texts")
     args = ap.parse_args()
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
     results, ok_all = [], True
     todo = [(kernel, case) for impl in args.impls for kernel, cases in [KERNELS[impl]]
-            for case in cases if args.only is None or args.only in case[0]]
+            for case in cases if args.only is None or any(t in case[0] for t in args.only)]
     if not todo:
         ap.error(f"--only {args.only!r} matches no case of {args.impls}")
     for i, (kernel, (name, b, h, dc, dr, lengths, max_len, dtype, kw)) in enumerate(todo):
