@@ -211,6 +211,10 @@ def test_synthetic_rows_answer_right_after_the_question_and_avoid_eval_wordings(
         assert all(f in text for f in meta["facts"]) and text.count("real text line") == 200
         last = meta["questions"][-1]
         assert text.rstrip().endswith(last["answer"])  # the answer follows its question
+        # each answer span is " " + the answer, right after its own question
+        assert [text[a:e] for a, e in meta["answer_spans"]] == \
+            [" " + q["answer"] for q in meta["questions"]]
+        assert meta["answer_spans"][-1][1] == len(text)
         body = text[:text.rindex(meta["questions"][0]["question"])]
         for q in meta["questions"]:  # every answer is stated in the facts before it
             for part in q["answer"].replace('"', "").split(", "):
@@ -316,6 +320,13 @@ def test_build_on_a_fake_tree(tmp_path, count):
     assert len(synth) == round(0.25 / 0.75 * (len(rows["train"]) - len(synth))) >= 1
     assert all(r["tokens"] <= 900 for r in synth)
     assert all(r["base"] not in {v["id"] for v in rows["validation"]} for r in synth)
+    # synthetic training rows carry their answers' characters as loss spans; real rows none
+    by_id = {r["id"]: r for r in rows["train"]}
+    for r in synth:
+        spans = by_id[r["id"]]["loss_spans"]
+        assert [by_id[r["id"]]["text"][a:e] for a, e in spans] == \
+            [" " + q["answer"] for q in r["questions"]]
+    assert not any("loss_spans" in r for r in rows["train"] if r["source"] != "synthetic")
     for name in ("train.jsonl", "validation.jsonl"):
         digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
         assert m["outputs"][name]["sha256"] == digest

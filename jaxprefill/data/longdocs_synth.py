@@ -128,7 +128,9 @@ def retrieval_row(lines: list[str], rng: random.Random,
                   family: str | None = None) -> tuple[str, dict]:
     """``lines`` of real text with facts inserted at random line boundaries (uniform depth)
     and 1-2 questions with answers appended; returns (text, meta). ``meta``: family, format,
-    facts, questions with answers and the depth (0..1) of the facts each relies on."""
+    facts, questions with answers and the depth (0..1) of the facts each relies on, and
+    ``answer_spans``: the [start, end) characters of each answer in the text, its leading
+    space included (the word boundary a tokenizer splits at; see ``data.span_weight``)."""
     family = family or rng.choice(FAMILIES)
     facts, questions = _family(family, rng)
     slots = sorted(rng.randint(0, len(lines)) for _ in facts)
@@ -144,12 +146,16 @@ def retrieval_row(lines: list[str], rng: random.Random,
             out.append(lines[i])
     asked = rng.sample(questions, min(len(questions), rng.randint(1, 2)))
     fmt = rng.choice(_FORMATS)
-    qa = "\n\n".join(fmt.format(q=q.text, a=q.answer) for q in asked)
-    text = "\n".join(out).rstrip() + "\n\n" + qa
+    text = "\n".join(out).rstrip()
+    spans = []
+    for q in asked:
+        text += "\n\n" + fmt.format(q=q.text, a=q.answer)  # every format ends in " {a}"
+        spans.append([len(text) - len(q.answer) - 1, len(text)])
     total = max(len(out) - 1, 1)
     meta = {"family": family, "format": fmt.split("{")[0].strip(),
             "facts": [f.sentence for f in facts],
             "questions": [{"question": q.text, "answer": q.answer,
                            "depths": [round(where[i] / total, 4) for i in q.facts]}
-                          for q in asked]}
+                          for q in asked],
+            "answer_spans": spans}
     return text, meta

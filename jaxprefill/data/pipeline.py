@@ -24,6 +24,12 @@ Packing modes:
   With none and document a row holds one document followed by padding, so the model needs no
   segment mask (plain causal attention; the trainer passes no segment ids to the model).
 Segment ids start at 1 within each row; 0 marks padding. Positions restart at 0 per document.
+
+Loss weights (`span_weight`, packings none and document): documents come as (text, spans) and
+rows get "loss_weights" float32 [seq_len]: `span_weight` for the tokens of the spans, 1 for
+the others (0 on padding). The text is tokenized piece by piece, cut at the span ends, so a
+span should start and end where the tokenizer splits words anyway (before a space, at a line
+break) to get the tokens the whole text would give.
 """
 
 from __future__ import annotations
@@ -37,25 +43,50 @@ from jaxprefill.data.tokenize import TextTokenizer
 PACKINGS = ("concat_then_split", "first_fit", "none", "document")
 
 
-def tokenize_fn(tokenizer: TextTokenizer, *, add_bos: bool, add_eos: bool, max_len: int | None):
-    """doc str -> {"tokens": int32 [n]} (or None for an empty document, which grain drops)."""
+def encode_spans(tokenizer: TextTokenizer, text: str, spans, weight: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [n] of `text` and their loss weights float32 [n]: `weight` inside the character
+    `spans` (sorted, disjoint), 1 elsewhere; the pieces between span ends are encoded apart."""
+    ids, weights, at = [], [], 0
+    for a, b in list(spans) + [(len(text), len(text))]:
+        for piece, w in ((text[at:a], 1.0), (text[a:b], weight)):
+            if piece:
+                t = np.asarray(tokenizer.encode(piece), np.int32)
+                ids.append(t)
+                weights.append(np.full((len(t),), w, np.float32))
+        at = b
+    if not ids:
+        return np.zeros((0,), np.int32), np.zeros((0,), np.float32)
+    return np.concatenate(ids), np.concatenate(weights)
+
+
+def tokenize_fn(tokenizer: TextTokenizer, *, add_bos: bool, add_eos: bool, max_len: int | None,
+                span_weight: float | None = None):
+    """doc -> {"tokens": int32 [n]} (or None for an empty document, which grain drops). With
+    `span_weight` a doc is (text, spans) and the output also has "loss_weights" float32 [n]."""
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     eos = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
 
-    def fn(text: str):
-        ids = tokenizer.encode(text)
+    def fn(doc):
+        if span_weight is None:
+            ids, weights = tokenizer.encode(doc), None
+        else:
+            text, spans = doc if isinstance(doc, tuple) else (doc, [])
+            ids, weights = encode_spans(tokenizer, text, spans, span_weight)
         if len(ids) == 0:
             return None
         ids = np.concatenate([np.asarray(bos, np.int32), ids, np.asarray(eos, np.int32)])
-        if max_len is not None:
-            ids = ids[:max_len]
-        return {"tokens": ids.astype(np.int32)}
+        out = {"tokens": ids[:max_len].astype(np.int32)}
+        if weights is not None:
+            ones = lambda k: np.ones((len(k),), np.float32)  # noqa: E731
+            out["loss_weights"] = np.concatenate([ones(bos), weights, ones(eos)])[:max_len]
+        return out
 
     return fn
 
 
 def pad_row(seq_len: int):
-    """{"tokens": [n]} -> one padded row (packing "none")."""
+    """{"tokens": [n]} -> one padded row (packing "none"); "loss_weights" (if any) follow."""
     def fn(x):
         ids = x["tokens"][:seq_len]
         n = len(ids)
@@ -63,6 +94,9 @@ def pad_row(seq_len: int):
         out["tokens"][:n] = ids
         out["positions"][:n] = np.arange(n)
         out["segment_ids"][:n] = 1
+        if "loss_weights" in x:
+            out["loss_weights"] = np.zeros((seq_len,), np.float32)
+            out["loss_weights"][:n] = x["loss_weights"][:seq_len]
         return out
     return fn
 
@@ -85,8 +119,12 @@ class DocumentRows:
         if 2 * rest >= s:  # half a row or more of new tokens: one more row, ending at the end
             starts.append(len(ids) - s)
         ones, pos = np.ones((s,), np.int32), np.arange(s, dtype=np.int32)
-        return [{"tokens": ids[i:i + s].astype(np.int32), "positions": pos, "segment_ids": ones}
+        rows = [{"tokens": ids[i:i + s].astype(np.int32), "positions": pos, "segment_ids": ones}
                 for i in starts]
+        if "loss_weights" in x:
+            for row, i in zip(rows, starts):
+                row["loss_weights"] = x["loss_weights"][i:i + s]
+        return rows
 
 
 def rename(x: dict) -> dict:
@@ -98,16 +136,20 @@ def rename(x: dict) -> dict:
 def make_dataset(source, tokenizer: TextTokenizer, *, seq_len: int, batch_size: int,
                  packing: str = "concat_then_split", seed: int = 0, shuffle: bool = True,
                  repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
-                 add_bos: bool = False, add_eos: bool = True, workers: int = 0):
-    """A grain IterDataset of batches {"tokens", "positions", "segment_ids"} int32 [batch, seq_len].
+                 add_bos: bool = False, add_eos: bool = True, workers: int = 0,
+                 span_weight: float | None = None):
+    """A grain IterDataset of batches {"tokens", "positions", "segment_ids"} int32 [batch, seq_len]
+    (+ "loss_weights" float32 with `span_weight`: module docstring).
 
-    `source` is any random-access sequence of strings (`jaxprefill.data.sources`). `batch_size`
-    is this host's share of the global batch.
+    `source` is any random-access sequence of strings (`jaxprefill.data.sources`), or of (text,
+    spans) with `span_weight`. `batch_size` is this host's share of the global batch.
     """
     import grain
 
     if packing not in PACKINGS:
         raise ValueError(f"data.packing: {packing!r} is not one of {PACKINGS}")
+    if span_weight is not None and packing not in ("none", "document"):
+        raise ValueError(f"loss weights need data.packing none or document, got {packing!r}")
     ds = grain.MapDataset.source(source)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
@@ -118,7 +160,8 @@ def make_dataset(source, tokenizer: TextTokenizer, *, seq_len: int, batch_size: 
     if repeat:
         ds = ds.repeat(None)
     max_len = None if packing in ("concat_then_split", "document") else seq_len
-    ds = ds.map(tokenize_fn(tokenizer, add_bos=add_bos, add_eos=add_eos, max_len=max_len))
+    ds = ds.map(tokenize_fn(tokenizer, add_bos=add_bos, add_eos=add_eos, max_len=max_len,
+                            span_weight=span_weight))
     # One reader thread keeps this cheap and the order trivially deterministic; tokenization is
     # fast next to a training step, and `workers` moves the pipeline to other processes.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=16))

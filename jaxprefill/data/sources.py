@@ -5,6 +5,8 @@ Formats:
   * text: every file is one document.
   * jsonl: every line is a JSON object; the document is its `text_key` field. Lines are indexed
     once (byte offsets), then read lazily, so a large corpus costs 8 bytes a line in memory.
+    With `spans_key`, `src[i]` is `(text, spans)`: the record's `[[start, end], ...]` character
+    ranges of the text (sorted, disjoint; none when the field is absent), for weighted losses.
   * array_record: every record is one UTF-8 document (what `scripts/tools/build_corpus.py` writes).
 """
 
@@ -44,9 +46,10 @@ class TextFiles:
 
 
 class JsonlFiles:
-    def __init__(self, files: Sequence[str], text_key: str = "text"):
+    def __init__(self, files: Sequence[str], text_key: str = "text", spans_key: str | None = None):
         self.files = list(files)
         self.text_key = text_key
+        self.spans_key = spans_key
         file_ids, offsets = [], []
         for fid, path in enumerate(self.files):
             pos = 0
@@ -62,15 +65,33 @@ class JsonlFiles:
     def __len__(self) -> int:
         return len(self._offset)
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int) -> str | tuple[str, list[tuple[int, int]]]:
         path = self.files[int(self._file[i])]
         with open(path, "rb") as f:
             f.seek(int(self._offset[i]))
             record = json.loads(f.readline())
+        where = f"{path}: line at byte {int(self._offset[i])}"
         if not isinstance(record, dict) or self.text_key not in record:
-            raise KeyError(f"{path}: line at byte {int(self._offset[i])} has no {self.text_key!r} "
-                           f"field (set data.text_key)")
-        return str(record[self.text_key])
+            raise KeyError(f"{where} has no {self.text_key!r} field (set data.text_key)")
+        text = str(record[self.text_key])
+        if self.spans_key is None:
+            return text
+        return text, _spans(record.get(self.spans_key, []), len(text), f"{where}: {self.spans_key}")
+
+
+def _spans(raw, n: int, where: str) -> list[tuple[int, int]]:
+    """[[start, end], ...] -> sorted disjoint (start, end) character ranges within [0, n]."""
+    try:
+        spans = [(int(a), int(b)) for a, b in raw]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a list of [start, end] pairs of integers") from None
+    last = 0
+    for a, b in spans:
+        if not last <= a < b <= n:
+            raise ValueError(f"{where}: span [{a}, {b}] is not sorted, disjoint and inside the "
+                             f"text's {n} characters")
+        last = b
+    return spans
 
 
 class ArrayRecordFiles:
@@ -87,13 +108,17 @@ class ArrayRecordFiles:
         return record.decode("utf-8", errors="replace") if isinstance(record, bytes) else str(record)
 
 
-def open_source(fmt: str, patterns: Sequence[str], text_key: str = "text", key: str = "data.train"):
-    """A document source of `fmt` ("text", "jsonl", "array_record") over the files of `patterns`."""
+def open_source(fmt: str, patterns: Sequence[str], text_key: str = "text", key: str = "data.train",
+                spans_key: str | None = None):
+    """A document source of `fmt` ("text", "jsonl", "array_record") over the files of `patterns`;
+    `spans_key` (jsonl only): documents come as (text, spans) (see JsonlFiles)."""
     files = expand(patterns, key)
+    if spans_key is not None and fmt != "jsonl":
+        raise ValueError(f"{key}: loss spans need data.format=jsonl, got {fmt!r}")
     if fmt == "text":
         return TextFiles(files)
     if fmt == "jsonl":
-        return JsonlFiles(files, text_key)
+        return JsonlFiles(files, text_key, spans_key)
     if fmt == "array_record":
         return ArrayRecordFiles(files)
     raise ValueError(f"data.format: unknown format {fmt!r}")

@@ -72,11 +72,23 @@ class DataSection:
     add_eos: bool = True
     workers: int = 0                  # grain multiprocessing workers (0: in-process)
     synthetic_docs: bool = False      # synthetic only: random document boundaries (packed rows)
+    # Loss weight of the tokens inside a JSONL row's `loss_spans` ([[start, end], ...] character
+    # ranges of `text`, e.g. the answers of the data builder's retrieval rows); other tokens
+    # weigh 1. 1.0 ignores the spans. Training rows only (validation stays unweighted); jsonl
+    # with packing none or document.
+    span_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("text", "jsonl", "array_record", "synthetic"))
         _choice("data.packing", self.packing, ("concat_then_split", "first_fit", "none", "document"))
         _positive("data.seq_len", self.seq_len)
+        if not self.span_weight > 0:
+            raise ConfigError(f"data.span_weight must be positive, got {self.span_weight}")
+        if self.span_weight != 1.0 and (self.format != "jsonl"
+                                        or self.packing not in ("none", "document")):
+            raise ConfigError(f"data.span_weight={self.span_weight:g} needs data.format=jsonl "
+                              f"and data.packing none or document (got {self.format}, "
+                              f"{self.packing})")
         if self.format != "synthetic" and not self.train:
             raise ConfigError("data.train: list at least one file or glob (or data.format=synthetic)")
         if self.workers < 0:

@@ -83,7 +83,9 @@ def token_losses(model, batch: dict[str, jax.Array], opts: StepOptions) -> tuple
     """Next-token cross-entropy summed over the batch, and the number of predicted tokens.
 
     Token t predicts token t+1 only inside its own document (equal, non-zero segment ids), so no
-    loss crosses a document boundary or touches padding. batch arrays are int32 [B, S].
+    loss crosses a document boundary or touches padding. batch arrays are int32 [B, S]; with
+    "loss_weights" (float32 [B, S], the weight of predicting each token) the sum and the count
+    are weighted (the count is then the sum of the weights).
     """
     tokens, segs = batch["tokens"], batch["segment_ids"]
     if opts.packed:
@@ -97,7 +99,10 @@ def token_losses(model, batch: dict[str, jax.Array], opts: StepOptions) -> tuple
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(mask, logz - target_logit, 0.0)
-    return nll.sum(), mask.sum().astype(jnp.float32)
+    if "loss_weights" not in batch:
+        return nll.sum(), mask.sum().astype(jnp.float32)
+    w = jnp.where(mask, jnp.roll(batch["loss_weights"], -1, axis=1), 0.0)
+    return (nll * w).sum(), w.sum()
 
 
 def make_train_step(graphdef, template, tx: optax.GradientTransformation, lr_fn: Callable,

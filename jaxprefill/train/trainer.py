@@ -179,11 +179,13 @@ class Trainer:
         from jaxprefill.data import make_loader, make_tokenizer, open_source
 
         tokenizer = make_tokenizer(d.tokenizer, cfg.model.pretrained)
-        source = open_source(d.format, d.train, d.text_key, key="data.train")
+        weighted = d.span_weight != 1.0
+        source = open_source(d.format, d.train, d.text_key, key="data.train",
+                             spans_key="loss_spans" if weighted else None)
         loader = make_loader(source, tokenizer, seq_len=d.seq_len, batch_size=local_batch,
                              packing=d.packing, seed=d.shuffle_seed, shard_index=host,
                              shard_count=hosts, add_bos=d.add_bos, add_eos=d.add_eos,
-                             workers=d.workers)
+                             workers=d.workers, span_weight=d.span_weight if weighted else None)
         val = open_source(d.format, d.validation, d.text_key, key="data.validation") if d.validation else None
         return tokenizer, loader, val
 
@@ -244,8 +246,10 @@ class Trainer:
         local = next(self.train_loader)
         a = self.cfg.optim.grad_accum
         out = {}
-        for k in ("tokens", "positions", "segment_ids"):
-            x = np.asarray(local[k], np.int32)
+        for k in ("tokens", "positions", "segment_ids", "loss_weights"):
+            if k not in local:  # loss_weights: only with data.span_weight
+                continue
+            x = np.asarray(local[k], np.float32 if k == "loss_weights" else np.int32)
             x = x.reshape(a, x.shape[0] // a, x.shape[1])
             shape = (a, self.micro_batch, x.shape[2])
             out[k] = jax.make_array_from_process_local_data(self.batch_sharding, x, shape)

@@ -5,7 +5,7 @@
     python -m scripts.tools.build_longctx_data --out /tmp/l --sources stdlib man --synthetic-frac 0
 
 Writes ``train.jsonl`` and ``validation.jsonl`` (one ``{"id", "source", "text"}`` document a
-line) and ``manifest.json`` (sources, per-document token counts, totals, exclusions, Python
+line; synthetic rows also ``"loss_spans"``, their answers' characters) and ``manifest.json`` (sources, per-document token counts, totals, exclusions, Python
 version, sha256 of each output) into ``--out``; every file goes through a temporary file and
 a rename, so an interrupted build leaves the previous files or none.
 
@@ -379,8 +379,14 @@ def write_atomic(files: dict[Path, bytes]) -> None:
 
 
 def jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps({"id": r["id"], "source": r["source"], "text": r["text"]},
-                              ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    """One {"id", "source", "text"} line per row, plus "loss_spans" (the answers' characters)
+    for synthetic rows (the trainer weighs them with data.span_weight)."""
+    def line(r: dict) -> dict:
+        out = {"id": r["id"], "source": r["source"], "text": r["text"]}
+        if "answer_spans" in r:
+            out["loss_spans"] = r["answer_spans"]
+        return out
+    return "".join(json.dumps(line(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
 def reach(tokens: list[int]) -> dict[str, int]:
