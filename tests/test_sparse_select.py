@@ -85,3 +85,24 @@ def test_prefix_count_and_sort_key_order():
                         np.float32([0.0, -np.inf, np.inf, 1e-40, -1e-40])])
     k = np.asarray(select.sort_key(jnp.asarray(v)))
     np.testing.assert_array_equal(np.argsort(k, kind="stable"), np.argsort(v, kind="stable"))
+
+
+@pytest.mark.parametrize("s,cap", [(300, 40), (2100, 1000), (64, 64)])
+def test_minference_column_positions_equal_the_sort_reference(s, cap):
+    from jaxprefill.sparse.minference import ascending_positions
+
+    rng = np.random.default_rng(s + cap)
+    sel = np.zeros((2, 3, s), bool)
+    for row in np.ndindex(2, 3):
+        sel[row][rng.choice(s, rng.integers(0, cap + 1), replace=False)] = True
+    sel[0, 0] = False  # no column: all -1
+    sel[1, 2] = False
+    sel[1, 2, -cap:] = True  # full: the last positions
+    fast = jax.jit(lambda m: ascending_positions(m, cap, Estimation()))(sel)
+    ref = jax.jit(lambda m: ascending_positions(m, cap, Estimation(selection="sort")))(sel)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(ref))
+    want = np.full((2, 3, cap), -1)
+    for row in np.ndindex(2, 3):
+        p = np.flatnonzero(sel[row])
+        want[row][:len(p)] = p
+    np.testing.assert_array_equal(np.asarray(fast), want)

@@ -32,6 +32,7 @@ import numpy as np
 
 from pallas_kernels import BlockSparseLayout, with_columns
 from jaxprefill.sparse import estimators as est
+from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy, make_geometry
 from jaxprefill.sparse.streaming import streaming_blocks
 
@@ -178,13 +179,22 @@ class MInference(Policy):
         diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)
         on = (kv > 0)[None, :, None, None]
         if columns:
-            # Selected positions in ascending order: top_k of -position over the selection.
-            n_cols = max(1, min(int(kv.max()), geo.S))
-            key = jnp.where(sel_v, -jnp.arange(geo.S, dtype=jnp.int32), -(2**30))
-            val, _ = jax.lax.top_k(key, n_cols)
-            return diag & on, jnp.where(val > -(2**30), -val, -1).astype(jnp.int32)
+            return diag & on, ascending_positions(sel_v, max(1, min(int(kv.max()), geo.S)),
+                                                  geo.estimation)
         col_blocks = est.block_sum(sel_v.astype(jnp.int32), geo) > 0  # [B, Hq, n]
         return (diag | col_blocks[:, :, None, :]) & on, None
+
+
+def ascending_positions(sel: jax.Array, cap: int, how) -> jax.Array:
+    """bool [..., S] -> int32 [..., cap]: the selected positions in ascending order, -1 after
+    the last (a row has at most ``cap``). By prefix count and scatter (no sort over S); the
+    sort-based reference (``Estimation(selection="sort")``) takes top_k of -position."""
+    if how.sort:
+        key = jnp.where(sel, -jnp.arange(sel.shape[-1], dtype=jnp.int32), -(2**30))
+        val, _ = jax.lax.top_k(key, cap)
+        return jnp.where(val > -(2**30), -val, -1).astype(jnp.int32)
+    pos, cnt = select.mask_to_lists(sel, cap)
+    return jnp.where(jnp.arange(cap) < cnt[..., None], pos, -1)
 
 
 def block_topk(q: jax.Array, k: jax.Array, geo: Geometry, kb: np.ndarray) -> jax.Array:
