@@ -13,8 +13,9 @@ Errors are handled once, in `run_command`:
 
 USER_ERRORS: InputError / InputTypeError (jaxprefill.validate: a bad argument, prompt or dtype),
 ConfigError (a model or run config that cannot be used), WeightError (a missing, mis-shaped,
-truncated or damaged weight file), PromptTooLongError, and the OSErrors of a path that cannot be
-used (not found, a directory where a file was expected or the reverse, no permission). A plain
+truncated or damaged weight file), DataError (a training document that cannot be used),
+PromptTooLongError, and the OSErrors of a path that cannot be used (not found, a directory
+where a file was expected or the reverse, no permission). A plain
 ValueError or TypeError is not among them: numpy and JAX raise those for bugs too, and one line
 would hide where. Values parsed from the command line by library code that raises plain
 ValueError (sparse policy specs, for one) go through `validate.as_input_error`, which names the
@@ -31,6 +32,7 @@ from typing import Callable
 
 import jaxprefill as jp
 from jaxprefill.config import ConfigError
+from jaxprefill.data.sources import DataError
 from jaxprefill.eval.cli import register as register_eval
 from jaxprefill.eval.perplexity_cli import register as register_perplexity
 from jaxprefill.infer.cli import register as register_infer
@@ -40,7 +42,7 @@ from jaxprefill.train.cli import register as register_train
 from jaxprefill.validate import InputError, as_input_error, check_sampling
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    InputError, ConfigError, WeightError, jp.PromptTooLongError,
+    InputError, ConfigError, WeightError, DataError, jp.PromptTooLongError,
     FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
 EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130

@@ -9,7 +9,7 @@ import pytest
 
 from jaxprefill.data import (ByteTokenizer, SyntheticLoader, build_corpus, make_loader,
                              make_tokenizer, open_source)
-from jaxprefill.data.sources import expand
+from jaxprefill.data.sources import DataError, expand
 
 # Distinct documents of varied length (some longer than a row) so packing has work to do.
 DOCS = [f"doc{i:03d}:" + "abcdefghij"[i % 10] * (5 + (i * 7) % 40) for i in range(60)]
@@ -127,7 +127,7 @@ def test_sources_text_jsonl_array_record(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n')
     js = open_source("jsonl", [str(tmp_path / "x.jsonl")], text_key="body")
     assert (len(js), js[0], js[1]) == (2, "one", "two")
-    with pytest.raises(KeyError, match="text_key"):
+    with pytest.raises(DataError, match="text_key"):
         open_source("jsonl", [str(tmp_path / "x.jsonl")])[0]
     with pytest.raises(FileNotFoundError, match=r"data\.validation.*nothing-\*"):
         expand([str(tmp_path / "nothing-*")], "data.validation")

@@ -5,6 +5,7 @@ run uses it end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -191,3 +192,20 @@ def test_answer_spans_keep_the_bundled_tokenizers_tokens():
         ids, w = encode_spans(tok, text, meta["answer_spans"], W)
         np.testing.assert_array_equal(ids, tok.encode(text))
         assert (w == W).sum() >= len(meta["answer_spans"])
+
+
+def test_a_bad_span_in_training_data_is_one_error_line(tmp_path, capsys):
+    from jaxprefill.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": "hello world " * 30, "loss_spans": [[4, 9000]]})
+                           + "\n" for _ in range(4)))
+    status = main(["train", "--config", RECIPE, f"output_dir={tmp_path / 'run'}",
+                   f"data.train=[{bad}]", "data.validation=[]", "data.packing=document",
+                   "data.span_weight=5", "steps=2", "log.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert re.fullmatch(rf"error: {re.escape(str(bad))}: line at byte \d+: loss_spans: span "
+                        r"\[4, 9000\] is not sorted, disjoint and inside the text's 360 "
+                        r"characters", err[-1]), err[-1]
+    assert not any("Traceback" in line for line in err)

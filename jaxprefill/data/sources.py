@@ -20,6 +20,11 @@ from typing import Sequence
 import numpy as np
 
 
+class DataError(ValueError):
+    """A document that cannot be used (a JSONL line without its text field, bad loss spans):
+    the message names the file, the line's byte offset and the field."""
+
+
 def expand(patterns: Sequence[str], key: str) -> list[str]:
     """Sorted files matching the glob `patterns`; an error naming `key` if one matches nothing."""
     files: list[str] = []
@@ -72,7 +77,7 @@ class JsonlFiles:
             record = json.loads(f.readline())
         where = f"{path}: line at byte {int(self._offset[i])}"
         if not isinstance(record, dict) or self.text_key not in record:
-            raise KeyError(f"{where} has no {self.text_key!r} field (set data.text_key)")
+            raise DataError(f"{where} has no {self.text_key!r} field (set data.text_key)")
         text = str(record[self.text_key])
         if self.spans_key is None:
             return text
@@ -84,11 +89,11 @@ def _spans(raw, n: int, where: str) -> list[tuple[int, int]]:
     try:
         spans = [(int(a), int(b)) for a, b in raw]
     except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a list of [start, end] pairs of integers") from None
+        raise DataError(f"{where} must be a list of [start, end] pairs of integers") from None
     last = 0
     for a, b in spans:
         if not last <= a < b <= n:
-            raise ValueError(f"{where}: span [{a}, {b}] is not sorted, disjoint and inside the "
+            raise DataError(f"{where}: span [{a}, {b}] is not sorted, disjoint and inside the "
                              f"text's {n} characters")
         last = b
     return spans
