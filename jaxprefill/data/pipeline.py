@@ -77,9 +77,9 @@ def tokenize_fn(tokenizer: TextTokenizer, *, add_bos: bool, add_eos: bool, max_l
             return None
         ids = np.concatenate([np.asarray(bos, np.int32), ids, np.asarray(eos, np.int32)])
         out = {"tokens": ids[:max_len].astype(np.int32)}
-        if weights is not None:
-            ones = lambda k: np.ones((len(k),), np.float32)  # noqa: E731
-            out["loss_weights"] = np.concatenate([ones(bos), weights, ones(eos)])[:max_len]
+        if weights is not None:  # BOS and EOS weigh 1
+            out["loss_weights"] = np.concatenate([np.ones(len(bos), np.float32), weights,
+                                                  np.ones(len(eos), np.float32)])[:max_len]
         return out
 
     return fn
