@@ -98,3 +98,15 @@ def test_ordinary_mistakes_are_one_line(tmp_path, capsys):
     assert stages.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--chunk 128 >= the prompt's 128 tokens" in err
+
+
+def test_chunk_estimation_profile_runs_tiny(tmp_path, monkeypatch):
+    from scripts.benchmarks import profile_chunk_estimation_gpu as profile
+
+    monkeypatch.setattr("sys.argv", ["profile", "--tiny", "--out", str(tmp_path)])
+    assert profile.main() == 0
+    ms = json.loads((tmp_path / "profile_chunk_estimation.json").read_text())["ms"]
+    assert set(ms) == {"last_q_sums", "topk_vertical", "topk_slash", "column_positions",
+                       "diagonal_blocks", "finish", "with_columns", "chunk_layout_minference",
+                       "chunk_layout_flexprefill", "chunk_layout_xattention", "dense_chunk"}
+    assert all(v > 0 for v in ms.values())
