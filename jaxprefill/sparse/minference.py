@@ -34,6 +34,7 @@ from pallas_kernels import BlockSparseLayout, with_columns
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy, make_geometry
+from jaxprefill.sparse.estimation import Estimation
 from jaxprefill.sparse.streaming import streaming_blocks
 
 PATTERNS = ("vs", "bs", "a")
@@ -185,7 +186,7 @@ class MInference(Policy):
         return (diag | col_blocks[:, :, None, :]) & on, None
 
 
-def ascending_positions(sel: jax.Array, cap: int, how) -> jax.Array:
+def ascending_positions(sel: jax.Array, cap: int, how: Estimation) -> jax.Array:
     """bool [..., S] -> int32 [..., cap]: the selected positions in ascending order, -1 after
     the last (a row has at most ``cap``). By prefix count and scatter (no sort over S); the
     sort-based reference (``Estimation(selection="sort")``) takes top_k of -position."""

@@ -27,9 +27,10 @@ def probe_rows(geo, probes: int) -> jax.Array:
     """int32 [B, probes]: local rows (0..nq-1) of the computed window to probe.
 
     The last row holding a valid query first (it sees the most keys), then rows spaced evenly
-    from the window's start up to (not including) that last row. In a row window (chunked prefill) the first row is skipped when
-    there are others: a chunk that starts inside a block leaves zeros (uncached prefix queries)
-    at the start of that row. Rows repeat when the window has fewer valid rows than probes.
+    from the window's start up to (not including) that last row. In a row window (chunked
+    prefill) the first row is skipped when there are others: a chunk that starts inside a
+    block leaves zeros (uncached prefix queries) at the start of that row. Rows repeat when the
+    window has fewer valid rows than probes.
     """
     first = jnp.zeros_like(geo.lengths) if geo.row0 is None else geo.row0
     last = jnp.clip(geo.row_blocks() - 1 - first, 0, geo.nq - 1)  # [B] local last valid row
