@@ -110,3 +110,18 @@ def test_chunk_estimation_profile_runs_tiny(tmp_path, monkeypatch):
                        "diagonal_blocks", "finish", "with_columns", "chunk_layout_minference",
                        "chunk_layout_flexprefill", "chunk_layout_xattention", "dense_chunk"}
     assert all(v > 0 for v in ms.values())
+
+
+def test_ttft_policies_take_eval_specs():
+    """bench_sparse_ttft_gpu --policies: its own names keep their parameters; other names,
+    name:key=value and YAML specs parse as `jaxprefill eval --sparse` does; a bad one is refused."""
+    import pytest
+    from jaxprefill.validate import InputError
+    from scripts.benchmarks.bench_sparse_ttft_gpu import POLICIES, policy_config
+
+    assert policy_config("flexprefill") is POLICIES["flexprefill"]
+    cfg = policy_config("flexprefill:gamma=0.8")
+    assert isinstance(cfg, SparseConfig) and cfg.rules[0].policy.gamma == 0.8
+    assert isinstance(policy_config("proxyattn"), SparseConfig)
+    with pytest.raises(InputError):
+        policy_config("flexprefill:gamma")

@@ -1,17 +1,22 @@
 """Time to first token of one long prompt through the batch engine: sparse prefill vs dense.
 
   python -m scripts.benchmarks.bench_sparse_ttft_gpu --layers 2 --seq 32768 --out $OUT
+  python -m scripts.benchmarks.bench_sparse_ttft_gpu --model smollm2-135m-32k --seq 32768 \
+      --policies dense minference configs/sparse/x.yaml "flexprefill:gamma=0.9" --out $OUT
 
-Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256) with
+Default model: Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256) with
 random bf16 weights and `--layers` decoder layers (a few: compile time; report TTFT per layer
-too). One request of `--seq` random tokens, max_new_tokens=1, so TTFT is the whole prefill plus
+too). `--model` (a `jp.load` source, `--adapter` too) times a real model instead, all its
+layers, in bf16, on a real prompt (the eval's test-split NIAH prompt of up to `--seq` tokens
+over prose). One request of `--seq` random tokens, max_new_tokens=1, so TTFT is the whole prefill plus
 the first token's sampling. Two engine prefill paths:
   * chunked: `--chunk`-token chunks (SARATHI) against the cached prefix (q_offset); the cache
     view is one bucket of `--seq` tokens, so each configuration compiles once;
   * row: the prompt alone in one prefill row of `--seq` tokens (the prepacked path).
 Per path: dense (the anchor, the engine's own dense path: the block-sparse kernel over the
 causal structure on chunks, the mask-free prompt kernel on a row holding one prompt) and each
-sparse policy (streaming, minference, flexprefill), in the same process.
+sparse policy (`--policies`: the names below with this benchmark's parameters, or any
+`jaxprefill eval --sparse` spec: policy name, YAML file, name:key=value,...), in one process.
 TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse / dense TTFT.
 """
 
@@ -41,6 +46,15 @@ POLICIES = {
                     "params": {"gamma": 0.95, "tau": 0.1}},
     "xattention": {"policy": "xattention", "min_length": 1024, "params": {}},  # stride 16, 0.9
 }
+
+
+def policy_config(name: str) -> Any:
+    """This benchmark's parameters for the names in POLICIES; otherwise a `jaxprefill eval
+    --sparse` spec (policy name with paper defaults, YAML file, name:key=value,...)."""
+    if name in POLICIES:
+        return POLICIES[name]
+    from jaxprefill.eval.cli import parse_spec
+    return parse_spec(name)[1]
 
 
 def llama3_8b_shapes(layers: int, tiny: bool) -> jp.ModelConfig:
@@ -83,15 +97,33 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=["chunked", "row"])
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
     p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    p.add_argument("--model", help="a jp.load source (bundled name, directory, .gguf) instead "
+                   "of random Llama-3-8B shapes; --layers is then ignored")
+    p.add_argument("--adapter", help="with --model: an adapter applied while loading")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    cfg = llama3_8b_shapes(args.layers, args.tiny)
+    policies = {name: policy_config(name) for name in args.policies}  # bad specs fail first
     t0 = time.perf_counter()
-    model = jp.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-    prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, args.seq).tolist()
-    print(f"model init {time.perf_counter() - t0:.1f}s; {jax.devices()[0].device_kind}", flush=True)
+    if args.model:
+        model, tok = jp.load(args.model, adapter=args.adapter, dtype=dtype)
+        cfg = model.config
+        # a real prompt (data-dependent policies see real structure): the eval's test-split
+        # NIAH prompt of --seq tokens over the prose haystack, needle at mid depth
+        from jaxprefill.eval.tasks import make_sample
+        sample = make_sample(tok, "niah_single", args.seq, 0.5, seed=0, split="test",
+                             haystack="prose")
+        prompt = tok.encode_prompt(sample.messages, chat=True)
+        args.layers = cfg.num_layers
+        what = f"{args.model}{' + ' + args.adapter if args.adapter else ''} (real weights, bf16)"
+    else:
+        cfg = llama3_8b_shapes(args.layers, args.tiny)
+        model = jp.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+        what = f"{args.layers} layers of Llama-3-8B shapes (random bf16)"
+        prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, args.seq).tolist()
+    print(f"prompt {len(prompt)} tokens; model init {time.perf_counter() - t0:.1f}s; "
+          f"{jax.devices()[0].device_kind}", flush=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
               "rows": []}
@@ -99,7 +131,7 @@ def main() -> None:
         width = args.chunk if path == "chunked" else args.seq
         dense_s = None
         for name in args.policies:
-            engine = Engine(model, None, engine_config(width, args.seq, POLICIES[name]))
+            engine = Engine(model, None, engine_config(width, args.seq, policies[name]))
             t = time.perf_counter()
             med, times = ttft(engine, prompt, args.reps)
             row = {"path": path, "policy": name, "ttft_s": med, "ttft_per_layer_ms":
@@ -112,8 +144,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (args.out / "bench_sparse_ttft_gpu.json").write_text(json.dumps(result, indent=2))
             del engine
-    lines = [f"device: {result['device']}, jax {result['jax']}, {args.layers} layers of "
-             f"Llama-3-8B shapes (random bf16), prompt {args.seq} tokens",
+    lines = [f"device: {result['device']}, jax {result['jax']}, {what}, prompt {args.seq} tokens",
              "", "| path | policy | TTFT ms | per layer ms | sparse / dense |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = "anchor" if r["policy"] == "dense" else (
