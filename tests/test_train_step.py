@@ -199,3 +199,25 @@ def test_hf_config_round_trip(name):
 
 def test_crc32c_known_value():
     assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+
+
+def test_remat_applies_a_sparse_policy_per_layer():
+    """The remat path calls every layer with the arguments `forward` gives it: a policy on
+    layer 1 only changes the hidden states the same way with and without remat."""
+    from jaxprefill import sparse
+    from jaxprefill.train.step import hidden_states
+
+    cfg = CFG.replace(max_position_embeddings=512)
+    policy = sparse.SparseConfig.parse(
+        {"min_length": 64, "layers": [{"range": [1, None], "policy": "streaming",
+                                       "params": {"block_size": 32, "sink": 32, "local": 32}}]})
+    tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, cfg.vocab_size)
+    out = {}
+    for name, spec in (("dense", jp.AttentionSpec("xla")),
+                       ("sparse", jp.AttentionSpec("xla", sparse=policy))):
+        model = jp.Llama(cfg, rngs=nnx.Rngs(0), attention=spec)
+        for remat in ("none", "full"):
+            out[name, remat] = np.asarray(hidden_states(model, tokens, None, None, remat))
+    np.testing.assert_allclose(out["sparse", "full"], out["sparse", "none"], atol=1e-5)
+    np.testing.assert_allclose(out["dense", "full"], out["dense", "none"], atol=1e-5)
+    assert np.abs(out["sparse", "none"] - out["dense", "none"]).max() > 1e-3

@@ -250,6 +250,11 @@ class DeepSeek(nnx.Module):
         inv_freq, scale = self.rope
         return rope_cos_sin_half(positions, jnp.asarray(inv_freq), scale)
 
+    def block_kwargs(self, i: int) -> dict:
+        """Layer i's call arguments besides inputs, cache and lengths (the training step's
+        remat path calls the layers with them too)."""
+        return {"absorb": self.absorb, "decode_impl": self.decode_impl, "layer": i}
+
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
                 segment_ids: jax.Array | None = None, cache: MLACache | None = None,
                 cache_index: jax.Array | None = None, lengths: jax.Array | None = None
@@ -274,8 +279,8 @@ class DeepSeek(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.pages[i], cache.page_table)
             x, pages = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
-                             cache=layer_cache, cache_index=cache_index, absorb=self.absorb,
-                             decode_impl=self.decode_impl, layer=i, lengths=lengths)
+                             cache=layer_cache, cache_index=cache_index, lengths=lengths,
+                             **self.block_kwargs(i))
             new_pages.append(pages)
         x = self.norm(x)
         if ring is not None:

@@ -248,6 +248,11 @@ class DeepSeekV32(DeepSeek):
         super().__init__(cfg, rngs=rngs, **kwargs)
         self.dsa = dsa
 
+    def block_kwargs(self, i: int) -> dict:
+        """Layer i's call arguments besides inputs and cache (no sparse prefill policy: the
+        indexer selects)."""
+        return {"decode_impl": self.decode_impl, "dsa": self.dsa}
+
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
                 segment_ids: jax.Array | None = None, cache: DSACache | None = None,
                 cache_index: jax.Array | None = None, lengths: jax.Array | None = None
@@ -275,8 +280,7 @@ class DeepSeekV32(DeepSeek):
             layer_cache = None if cache is None else (cache.pages[i], cache.index_pages[i],
                                                       cache.page_table)
             x, new = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
-                           cache=layer_cache, cache_index=cache_index,
-                           decode_impl=self.decode_impl, dsa=self.dsa)
+                           cache=layer_cache, cache_index=cache_index, **self.block_kwargs(i))
             if new is not None:
                 pages.append(new[0])
                 ipages.append(new[1])

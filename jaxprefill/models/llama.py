@@ -153,6 +153,11 @@ class Llama(nnx.Module):
         hidden, _ = self.forward(tokens, positions, segment_ids)
         return self.logits(hidden)
 
+    def block_kwargs(self, i: int) -> dict:
+        """Layer i's call arguments besides inputs, cache and lengths (the training step's
+        remat path calls the layers with them too)."""
+        return {"layer": i}
+
     def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
                 cache_index: jax.Array | None = None,
@@ -186,8 +191,8 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, layer_cache = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
-                                   cache=layer_cache, cache_index=cache_index, layer=i,
-                                   lengths=lengths)
+                                   cache=layer_cache, cache_index=cache_index,
+                                   lengths=lengths, **self.block_kwargs(i))
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

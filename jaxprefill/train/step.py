@@ -66,12 +66,13 @@ def hidden_states(model, tokens, positions, segment_ids, remat: str) -> jax.Arra
         inv_freq, scale = model.rope
         cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         graphdef, state = nnx.split(layer)
 
-        def block(state, x, cos, sin, segment_ids, graphdef=graphdef):
+        def block(state, x, cos, sin, segment_ids, graphdef=graphdef, i=i):
             y, _ = nnx.merge(graphdef, state)(x, cos, sin, spec=model.attention,
-                                              segment_ids=segment_ids, cache=None, cache_index=None)
+                                              segment_ids=segment_ids, cache=None,
+                                              cache_index=None, **model.block_kwargs(i))
             return y
 
         x = jax.checkpoint(block, policy=REMAT_POLICIES[remat])(state, x, cos, sin, segment_ids)
