@@ -143,3 +143,30 @@ def test_engine_single_rows_generate_as_packed(model, prompts, policy):
         mixed = Engine(model, None, config)
         mixed.generate([prompts[0], prompts[1][:9], prompts[2][:20]])
         assert mixed.stats["packed_rows"] == 2 and mixed.stats["single_rows"] == 0
+
+
+def test_the_first_request_compiles_the_program_later_ones_run(model, prompts, caplog):
+    """The engine's cache starts committed to the model's device, as the step outputs that
+    replace it are: the second request compiles nothing (an uncommitted first cache made the
+    first step a program of its own, compiled again on the second request). Weights placed
+    on the device, as `jp.load` places them."""
+    import logging
+
+    from jaxprefill.infer import Request
+
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+
+    cfg = EngineConfig(max_batch=1, prefill_tokens=80, prefill_rows=1, page_size=PAGE,
+                       num_pages=PAGES + 3, max_seq_len=96, max_new_tokens=1, bucket=80,
+                       chat=False)  # shapes no other test compiles
+    engine = Engine(model, None, cfg)
+    compiles = []
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for i in range(3):
+            caplog.clear()
+            engine.generate([Request(id=str(i), prompt=prompts[0], max_new_tokens=1)])
+            compiles.append(sum("jit(prefill_single)" in r.getMessage() and
+                                r.getMessage().startswith("Compiling") for r in caplog.records))
+    assert engine.stats["single_rows"] == 3
+    assert compiles == [1, 0, 0], compiles

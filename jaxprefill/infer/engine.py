@@ -153,6 +153,11 @@ class Engine:
         graphdef, self.state = nnx.split(model)
         if not fields:
             self.graphdef = graphdef
+        home = {d for leaf in jax.tree.leaves(self.state) for d in leaf.devices()}
+        if self.ring is None and config.tpla is None and len(home) == 1:
+            # Committed, as the step outputs that replace it are: an uncommitted first cache
+            # would make the first step compile a program of its own (a second compile).
+            self.cache = jax.device_put(self.cache, home.pop())
         if self.ring is not None:  # laid out as jp.generate does; the paged cache replicated
             self.state = jax.device_put(self.state, state_shardings(self.state, self.ring.mesh))
             self.cache = jax.device_put(self.cache,
