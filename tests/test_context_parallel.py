@@ -206,3 +206,28 @@ def test_estimate_paths_and_refusals():
         attend(q, k, v, q_offset=jnp.zeros((1,), jnp.int32), layer=0,
                spec=dataclasses.replace(spec, sparse=sparse.SparseConfig.from_dict(
                    {"policy": "streaming", "params": {"block_size": 16}, "min_length": 0})))
+
+
+@pytest.mark.parametrize("n,zig", [(1, True), (2, False), (4, True), (8, True), (8, False)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_step_layout_is_the_block_mask_layout(n, zig, causal):
+    """Without segments a step's layout is built from counts alone (the listed key blocks are
+    a prefix of the visiting shard's); it equals the mask-and-sort construction for every
+    (device, visiting device) pair, pad entries included."""
+    from pallas_kernels.layout import block_mask_to_layout_arrays
+    from jaxprefill.parallel import rows as rowlib
+
+    c, block = 96, 32  # three blocks per chunk
+    table = jnp.asarray(zigzag.chunk_table(n, zig))
+    for i in range(n):
+        for j in range(n):
+            got = ring.dense_step_layout(table[i], table[j], c=c, block=block, heads=3, batch=2,
+                                         causal=causal, q_seg=None, kv_seg=None)
+            gq = rowlib.visiting_blocks(table[i], c, block)
+            gk = rowlib.visiting_blocks(table[j], c, block)
+            mask = jnp.broadcast_to((gk[None, :] <= gq[:, None]) | (not causal),
+                                    (2, 3, gq.shape[0], gk.shape[0]))
+            idx, cnt = block_mask_to_layout_arrays(mask, gk.shape[0])
+            np.testing.assert_array_equal(got.kv_idx, idx)
+            np.testing.assert_array_equal(got.kv_cnt, cnt)
+            assert got.num_kv_blocks == gk.shape[0]

@@ -121,20 +121,45 @@ def dense_step_layout(mine: jax.Array, theirs: jax.Array, *, c: int, block: int,
     """Layout [B, heads, m*cb, m*cb] of dense attention from the local query chunks ``mine`` to
     a shard holding chunks ``theirs``: key blocks at or before each query block (global block
     numbers; causal), blocks whose segment id ranges meet (packed rows)."""
+    if q_seg is None:
+        return _prefix_layout(mine, theirs, c=c, block=block, heads=heads, batch=batch,
+                              causal=causal)
     gq = rowlib.visiting_blocks(mine, c, block)
     gk = rowlib.visiting_blocks(theirs, c, block)
     mask = jnp.ones((batch, gq.shape[0], gk.shape[0]), bool)
     if causal:
         mask &= (gk[None, :] <= gq[:, None])[None]
-    if q_seg is not None:
-        qlo, qhi = rowlib.block_range(q_seg, block)
-        klo, khi = rowlib.block_range(kv_seg, block)
-        mask &= jnp.maximum(qlo[:, :, None], klo[:, None, :]) <= jnp.minimum(qhi[:, :, None],
-                                                                             khi[:, None, :])
+    qlo, qhi = rowlib.block_range(q_seg, block)
+    klo, khi = rowlib.block_range(kv_seg, block)
+    mask &= jnp.maximum(qlo[:, :, None], klo[:, None, :]) <= jnp.minimum(qhi[:, :, None],
+                                                                         khi[:, None, :])
     kv_idx, kv_cnt = block_mask_to_layout_arrays(mask[:, None], gk.shape[0])  # one head
     kv_idx = jnp.broadcast_to(kv_idx, (batch, heads) + kv_idx.shape[2:])
     kv_cnt = jnp.broadcast_to(kv_cnt, (batch, heads) + kv_cnt.shape[2:])
     return BlockSparseLayout(kv_idx, kv_cnt, block, block, gk.shape[0])
+
+
+def _prefix_layout(mine: jax.Array, theirs: jax.Array, *, c: int, block: int, heads: int,
+                   batch: int, causal: bool) -> BlockSparseLayout:
+    """:func:`dense_step_layout` without segments. A shard's chunks are in ascending global
+    order (``zigzag.chunk_table``), so the key blocks at or before a query block are a prefix
+    of the shard's blocks, and their count (a sum over the shard's few chunks) is the whole
+    layout: a step's layout, built at run time from traced device and step indices, takes a
+    couple of elementwise kernels instead of a mask and a sort. Same arrays as
+    ``block_mask_to_layout_arrays``: entries past the count repeat the last listed block (0
+    when none)."""
+    cb = c // block
+    nk = theirs.shape[0] * cb
+    gq = rowlib.visiting_blocks(mine, c, block)  # [m*cb] global query blocks
+    if causal:  # key blocks theirs[t]*cb + u, u < cb, at or before gq
+        cnt = sum(jnp.clip(gq - theirs[t] * cb + 1, 0, cb) for t in range(theirs.shape[0]))
+        cnt = cnt.astype(jnp.int32)
+    else:
+        cnt = jnp.full(gq.shape, nk, jnp.int32)
+    idx = jnp.minimum(jnp.arange(nk, dtype=jnp.int32)[None, :], jnp.maximum(cnt - 1, 0)[:, None])
+    kv_idx = jnp.broadcast_to(idx, (batch, heads) + idx.shape)
+    kv_cnt = jnp.broadcast_to(cnt, (batch, heads) + cnt.shape)
+    return BlockSparseLayout(kv_idx, kv_cnt, block, block, nk)
 
 
 def ring_steps(axis: str | None, n: int, shard: Any, visit, fold, acc: Any, group: int = 1,
