@@ -101,6 +101,15 @@ def test_virtual_ring_equals_attention(n, zig, causal, group):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
 
 
+def test_virtual_ring_on_the_tpu_kernel_reads_shards_in_place():
+    """The Pallas TPU kernel (interpret mode) on the virtual ring: visiting shards are blocks
+    of the whole K/V and the own step is causal at the device's query offset."""
+    q, k, v = qkv(s=512, d=128)
+    ref = attend(q, k, v, causal=True, spec=AttentionSpec(impl="reference"))
+    out = ring.virtual_ring(q, k, v, 2, block=128, zig=True, impl="mosaic_tpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
 def test_sparse_steps_cover_the_rows_and_empty_steps_are_skipped():
     """Each device's rows of a streaming layout, cut into ring steps: the steps' blocks are the
     rows' blocks (none lost or added), steps beyond the window and the sink list nothing, and

@@ -324,7 +324,10 @@ def virtual_ring(q: jax.Array, k: jax.Array, v: jax.Array, n: int, *, block: int
     """Dense ring attention of n *virtual* devices on one device: every (device, step) kernel
     call of :func:`prompt_attention` and its combine, one after another (what splitting costs,
     without a network; GPU checks and benchmarks). Devices run in a ``lax.map``, their steps as
-    :func:`ring_steps` groups them (``merge_every``), with shards sliced instead of sent.
+    :func:`ring_steps` groups them (``merge_every``). A visiting shard is read in place: the
+    step's layout lists its blocks of the whole ring-order K/V (a device of a real ring
+    attends to the buffer the transfer filled; a sliced copy per step would add traffic that
+    no real ring has).
 
     q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv] in natural order (``ordered``: in
     ring order, as a model's activations are), S a multiple of the ring's chunks x block.
@@ -349,9 +352,13 @@ def virtual_ring(q: jax.Array, k: jax.Array, v: jax.Array, n: int, *, block: int
             own = isinstance(step, int) and step == 0
             layout = dense_step_layout(table[i], table[j], c=c, block=block, heads=k.shape[2],
                                        batch=b, causal=causal, q_seg=None, kv_seg=None)
-            return _step(q_i, shard(kr, j), shard(vr, j), layout, causal=causal and own,
-                         q_offset=None, sm_scale=sm_scale, segs=None, impl=impl,
-                         interpret=interpret, options={}, skip=False)
+            layout = dataclasses.replace(layout, kv_idx=layout.kv_idx + j * (local // block),
+                                         num_kv_blocks=s // block)
+            # own step: local query r sits at key index i * local + r of the whole K/V
+            q_offset = jnp.full((b,), i * local, jnp.int32) if own else None
+            return _step(q_i, kr, vr, layout, causal=causal and own, q_offset=q_offset,
+                         sm_scale=sm_scale, segs=None, impl=impl, interpret=interpret,
+                         options={}, skip=False)
 
         acc = ring_steps(None, n, None, visit, merge_fold, empty_partial(q_i, v),
                          group=merge_every, send=lambda x: x)
