@@ -4,12 +4,13 @@
   python -m scripts.benchmarks.bench_sparse_ttft_gpu --model smollm2-135m-32k --seq 32768 \
       --policies dense minference configs/sparse/x.yaml "flexprefill:gamma=0.9" --out $OUT
 
-Default model: Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256) with
-random bf16 weights and `--layers` decoder layers (a few: compile time; report TTFT per layer
-too). `--model` (a `jp.load` source, `--adapter` too) times a real model instead, all its
-layers, in bf16, on a real prompt (the eval's test-split NIAH prompt of up to `--seq` tokens
-over prose). One request of `--seq` random tokens, max_new_tokens=1, so TTFT is the whole prefill plus
-the first token's sampling. Two engine prefill paths:
+Default model: Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab
+128256) with random bf16 weights and `--layers` decoder layers (a few: compile time; report
+TTFT per layer too), on a prompt of `--seq` random tokens. `--model` (a `jp.load` source,
+`--adapter` too) times a real model instead, all its layers, in bf16, on a real prompt: the
+eval's test-split NIAH prompt of up to `--seq` tokens over prose. One request,
+max_new_tokens=1, so TTFT is the whole prefill plus the first token's sampling. Two engine
+prefill paths:
   * chunked: `--chunk`-token chunks (SARATHI) against the cached prefix (q_offset); the cache
     view is one bucket of `--seq` tokens, so each configuration compiles once;
   * row: the prompt alone in one prefill row of `--seq` tokens (the prepacked path).
@@ -17,7 +18,8 @@ Per path: dense (the anchor, the engine's own dense path: the block-sparse kerne
 causal structure on chunks, the mask-free prompt kernel on a row holding one prompt) and each
 sparse policy (`--policies`: the names below with this benchmark's parameters, or any
 `jaxprefill eval --sparse` spec: policy name, YAML file, name:key=value,...), in one process.
-TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse / dense TTFT.
+TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse /
+dense TTFT.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (args.out / "bench_sparse_ttft_gpu.json").write_text(json.dumps(result, indent=2))
             del engine
-    lines = [f"device: {result['device']}, jax {result['jax']}, {what}, prompt {args.seq} tokens",
+    lines = [f"device: {result['device']}, jax {result['jax']}, {what}, prompt {len(prompt)} "
+             "tokens",
              "", "| path | policy | TTFT ms | per layer ms | sparse / dense |", "|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = "anchor" if r["policy"] == "dense" else (
