@@ -107,8 +107,10 @@ def test_chunk_estimation_profile_runs_tiny(tmp_path, monkeypatch):
     assert profile.main() == 0
     ms = json.loads((tmp_path / "profile_chunk_estimation.json").read_text())["ms"]
     assert set(ms) == {"last_q_sums", "topk_vertical", "topk_slash", "column_positions",
-                       "diagonal_blocks", "finish", "with_columns", "chunk_layout_minference",
-                       "chunk_layout_flexprefill", "chunk_layout_xattention", "dense_chunk"}
+                       "diagonal_blocks", "finish", "with_columns", "dense_chunk"} | {
+                          f"chunk_layout_{p}_{keys}" for p in ("minference", "flexprefill",
+                                                               "xattention")
+                          for keys in ("view", "bucket")}
     assert all(v > 0 for v in ms.values())
 
 

@@ -22,6 +22,7 @@ B, SK, SQ, D, BLOCK = 2, 512, 192, 16, 64
 Q_LENGTHS = (187, 101)  # valid queries of each row's chunk (odd: padded last block)
 ALIGNED = (192, 64)  # q_offset per row, on block boundaries (the engine's case)
 UNALIGNED = (200, 37)  # chunks starting inside a block: union of two rows per chunk block
+EARLY = (64, 0)  # chunks ending by key 256 = SK / 2: estimated over the first 256 keys only
 
 # Static configurations: (heads, Hq, Hkv, max_nnz, min_length). C1: per query head, GQA 3, no
 # cap. C2: per KV head (group union), GQA 4, a cap of 3 blocks, row 1 (165 tokens) below
@@ -112,8 +113,9 @@ def test_row_layout_equals_whole_prefix_rows(name, params, config, tmp_path):
         return (reference_layout(policy, q, k, offset, lengths, min_length),
                 prefill.chunk_layout(policy, q, k, offset, lengths, min_length, 0))
 
-    for offsets in (ALIGNED, UNALIGNED):
+    for offsets in (ALIGNED, UNALIGNED, EARLY):
         want, got = both(q, k, jnp.asarray(offsets, jnp.int32))
+        assert got.num_kv_blocks == want.num_kv_blocks == SK // BLOCK
         assert got.num_q_blocks == want.num_q_blocks == -(-SQ // BLOCK)
         np.testing.assert_array_equal(np.asarray(got.to_block_mask()),
                                       np.asarray(want.to_block_mask()), err_msg=str(offsets))

@@ -1,6 +1,7 @@
 """How a policy's estimation runs: :class:`Estimation`, a field of every policy (static, so
 part of the jit key): which implementation runs the estimation kernels, in interpret mode or
-not, and whether selections use threshold searches or the sort-based references."""
+not, whether selections use threshold searches or the sort-based references, and over how many
+keys a chunk of a chunked prefill estimates."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from pallas_kernels import estimation
 
 SELECTIONS = ("threshold", "sort")
+CHUNK_KEYS = ("bucket", "view")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +24,16 @@ class Estimation:
     interpret: run the Pallas kernels in interpret mode (tests on CPUs).
     selection: "threshold" (bit searches, :mod:`jaxprefill.sparse.select`) or "sort" (the
       sort-based references, same result: A/B measurement).
+    chunk_keys: the keys a chunk of a chunked prefill estimates over. "bucket": the first
+      power-of-two extent that holds the chunk's end (at most half the cache view, else the
+      view), picked at run time, so a chunk early in a long view pays for its own prefix, not
+      for the whole view; "view": the whole cache view (one program, no branches). Same layout.
     """
 
     impl: str = "auto"
     interpret: bool = False
     selection: str = "threshold"
+    chunk_keys: str = "bucket"
 
     def __post_init__(self) -> None:
         if self.impl not in estimation.IMPLS:
@@ -35,6 +42,9 @@ class Estimation:
         if self.selection not in SELECTIONS:
             raise ValueError(f"estimation selection must be one of {SELECTIONS}, got "
                              f"{self.selection!r}")
+        if self.chunk_keys not in CHUNK_KEYS:
+            raise ValueError(f"estimation chunk_keys must be one of {CHUNK_KEYS}, got "
+                             f"{self.chunk_keys!r}")
 
     @classmethod
     def parse(cls, value: Any) -> "Estimation":
@@ -48,9 +58,10 @@ class Estimation:
         items = dict(value) if isinstance(value, (dict, tuple, list)) else None
         if items is None:
             raise TypeError(f"estimation must be a name or a mapping, got {type(value).__name__}")
-        bad = sorted(set(items) - {f.name for f in dataclasses.fields(cls)})
+        known = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(items) - set(known))
         if bad:
-            raise ValueError(f"unknown estimation key(s) {bad}; known: impl, interpret, selection")
+            raise ValueError(f"unknown estimation key(s) {bad}; known: {', '.join(known)}")
         return cls(**items)
 
     def backend(self, op: str, **sizes: int) -> str:
@@ -64,4 +75,4 @@ class Estimation:
         return self.selection == "sort"
 
 
-__all__ = ["Estimation", "SELECTIONS"]
+__all__ = ["CHUNK_KEYS", "Estimation", "SELECTIONS"]

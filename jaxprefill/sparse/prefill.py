@@ -101,10 +101,72 @@ def chunk_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
     Policies with a row path (``policy.rows_exact``) estimate only the query-block rows the chunk
     touches (:func:`chunk_rows_layout`); the others build the whole truncated prompt's layout
     and keep the chunk's rows (:func:`whole_prefix_layout`). Both give the same layout.
+
+    Keys past the chunk's end are never listed, so the estimation only needs the view's first
+    ``max(ends)`` keys. With ``policy.estimation.chunk_keys == "bucket"`` (the default) it runs
+    on the first of :func:`key_extents` that holds them, picked at run time by ``lax.switch``
+    (only the taken branch runs), and the layout is widened back to the view's key blocks: an
+    early chunk of a long view estimates over its own prefix, not the whole view.
     """
-    if getattr(policy, "rows_exact", False):
-        return chunk_rows_layout(policy, q, k, q_offset, q_lengths, min_length, layer)
-    return whole_prefix_layout(policy, q, k, q_offset, q_lengths, min_length, layer)
+    build = chunk_rows_layout if getattr(policy, "rows_exact", False) else whole_prefix_layout
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
+    how = getattr(policy, "estimation", None)
+    bucketed = how is None or getattr(how, "chunk_keys", "bucket") == "bucket"
+    extents = key_extents(sq, sk, policy.block_size) if bucketed else (sk,)
+    if len(extents) == 1:
+        return build(policy, q, k, q_offset, q_lengths, min_length, layer)
+    if q_lengths is None:
+        q_lengths = jnp.full((b,), sq, jnp.int32)
+    q_lengths = jnp.asarray(q_lengths, jnp.int32)
+
+    def over(e: int):
+        return lambda q, k, o, n: build(policy, q, k[:, :e], o, n, min_length, layer)
+
+    shapes = [jax.eval_shape(over(e), q, k, q_offset, q_lengths) for e in extents]
+    nnz = max(s.max_nnz for s in shapes)
+    cols = max(s.max_cols for s in shapes)
+    nk = -(-sk // policy.block_size)
+    branches = [lambda *a, e=e: widen(over(e)(*a), nk, nnz, cols) for e in extents]
+    if build is chunk_rows_layout:  # windows may reach past the extent: those rows are padding
+        need = jnp.max(chunk_ends(q, q_offset, q_lengths))
+    else:  # the whole-prefix path places all sq queries, padding ones too
+        need = jnp.max(q_offset) + sq
+    which = jnp.searchsorted(jnp.asarray(extents[:-1], jnp.int32), need)  # first extent >= need
+    return jax.lax.switch(which, branches, q, k, q_offset, q_lengths)
+
+
+def key_extents(sq: int, sk: int, block: int) -> tuple[int, ...]:
+    """Static key extents a chunk of ``sq`` queries in a view of ``sk`` keys may estimate over:
+    ``block * 2**i`` from the first that holds ``sq`` while at most ``sk / 2`` (a smaller
+    extent saves at least half the keys; views sized to the prompt, as the engine's default
+    bucket makes them, get no extra branch), then ``sk``."""
+    e = block
+    while e < sq:
+        e *= 2
+    out = []
+    while 2 * e <= sk:
+        out.append(e)
+        e *= 2
+    return (*out, sk)
+
+
+def widen(layout: BlockSparseLayout, nk: int, nnz: int, cols: int) -> BlockSparseLayout:
+    """``layout`` over the first key blocks of a view of ``nk`` blocks, with its block lists
+    padded to ``nnz`` entries and its column lists to ``cols`` (repeating the last entry, as
+    the kernels expect past the count)."""
+    def pad(a: jax.Array, width: int) -> jax.Array:
+        extra = width - a.shape[-1]
+        if extra == 0:
+            return a
+        mode = "edge" if a.shape[-1] else "constant"
+        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)], mode=mode)
+
+    out = BlockSparseLayout(pad(layout.kv_idx, nnz), layout.kv_cnt, layout.block_q,
+                            layout.block_k, nk)
+    if layout.col_idx is None:
+        return out
+    return dataclasses.replace(out, col_idx=pad(layout.col_idx, cols), col_cnt=layout.col_cnt)
 
 
 def chunk_ends(q: jax.Array, q_offset: jax.Array, q_lengths: jax.Array | None) -> jax.Array:

@@ -3,8 +3,9 @@
     python -m scripts.benchmarks.profile_chunk_estimation_gpu --seq 131072 --chunk 16384 [--out DIR]
     python -m scripts.benchmarks.profile_chunk_estimation_gpu --tiny     # CPU smoke run
 
-The engine's chunked prefill estimates each chunk's rows against the whole cache view (static
-shapes: every chunk sees ``--seq`` keys, the future ones masked by ``lengths``). This script
+The engine's chunked prefill estimates each chunk's rows against a cache view of static shape
+(``--seq`` keys, the future ones masked by ``lengths``); the stages below see the whole view,
+the whole call is timed over both key extents (``Estimation.chunk_keys``). This script
 builds that call for the chunk at ``--at`` (default: the second chunk, the one whose dense
 attention is cheapest relative to a fixed estimation cost) with Llama-3-8B heads (Hq 32, Hkv 8,
 D 128, bf16, batch 1, structured synthetic q/k) and times, each as its own jitted program:
@@ -16,7 +17,9 @@ D 128, bf16, batch 1, structured synthetic q/k) and times, each as its own jitte
   diagonal_blocks  slash offsets -> the block mask
   finish           the shared rules + block mask -> block lists
   with_columns     the columns per query block
-  chunk_layout     the whole call, as the engine runs it (also for flexprefill, xattention)
+  chunk_layout     the whole call, as the engine runs it (also for flexprefill, xattention),
+                   over the whole view (_view) and over the keys up to the chunk's end rounded
+                   to a power-of-two extent (_bucket, the default)
   dense_chunk      the chunk's dense causal attention (the 5% bar is of this)
 
 Median of ``--reps`` calls after a warm-up (``scripts.common.timing.time_ms``); each line also
@@ -84,9 +87,10 @@ def stages(q, k, v, at: int, chunk: int, reps: int) -> dict[str, float]:
         "with_columns": time_ms(add_cols, layout, cols, reps=reps).ms,
     }
     for name in ("minference", "flexprefill", "xattention"):
-        p = sparse.get(name)
-        whole = jax.jit(lambda q, k, o, n, p=p: chunk_layout(p, q, k, o, n, 1024))
-        rows[f"chunk_layout_{name}"] = time_ms(whole, qc, k, off, lens, reps=reps).ms
+        for keys in ("view", "bucket"):
+            p = sparse.get(name, estimation={"chunk_keys": keys})
+            whole = jax.jit(lambda q, k, o, n, p=p: chunk_layout(p, q, k, o, n, 1024))
+            rows[f"chunk_layout_{name}_{keys}"] = time_ms(whole, qc, k, off, lens, reps=reps).ms
     # the engine's dense chunk: the chunk's queries at `at` against the keys up to its end
     kc = jax.lax.slice_in_dim(k, 0, at + chunk, axis=1)
     vc = jax.lax.slice_in_dim(v, 0, at + chunk, axis=1)
@@ -122,7 +126,7 @@ def main() -> int:
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: chunk [{at}, "
           f"{at + args.chunk}) of a {args.seq}-key view", flush=True)
     for name, ms in rows.items():
-        print(f"{name:28s} {ms:9.3f} ms  {ms / dense:7.1%} of the dense chunk", flush=True)
+        print(f"{name:32s} {ms:9.3f} ms  {ms / dense:7.1%} of the dense chunk", flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "profile_chunk_estimation.json").write_text(json.dumps(
