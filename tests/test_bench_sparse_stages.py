@@ -127,3 +127,23 @@ def test_ttft_policies_take_eval_specs():
     assert isinstance(policy_config("proxyattn"), SparseConfig)
     with pytest.raises(InputError):
         policy_config("flexprefill:gamma")
+
+
+def test_ttft_stats_report_density_and_recall(tmp_path, monkeypatch):
+    """bench_sparse_ttft_gpu --stats: each sparse policy gets the density and recall of its
+    layouts on the timed prompt; a static policy that drops blocks shows density < 1."""
+    from scripts.benchmarks import bench_sparse_ttft_gpu as ttft
+
+    spec = str(tmp_path / "stream.yaml")
+    (tmp_path / "stream.yaml").write_text("policy: streaming\nmin_length: 0\nblock_size: 16\n"
+                                          "params: {sink: 16, local: 32}\n")
+    monkeypatch.setattr("sys.argv", ["ttft", "--tiny", "--layers", "1", "--seq", "256",
+                                     "--chunk", "128", "--reps", "1", "--paths", "row",
+                                     "--policies", "dense", spec, "--stats", "--out",
+                                     str(tmp_path)])
+    ttft.main()
+    out = json.loads((tmp_path / "bench_sparse_ttft_gpu.json").read_text())
+    (row,) = out["stats"]
+    assert row["policy"] == spec and row["length"] == 256
+    assert 0.1 < row["density"] < 0.6 and 0.0 < row["recall"] <= 1.0
+    assert f"| row | {spec} |" in (tmp_path / "bench_sparse_ttft_gpu.md").read_text()

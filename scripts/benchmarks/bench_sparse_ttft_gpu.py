@@ -19,7 +19,9 @@ causal structure on chunks, the mask-free prompt kernel on a row holding one pro
 sparse policy (`--policies`: the names below with this benchmark's parameters, or any
 `jaxprefill eval --sparse` spec: policy name, YAML file, name:key=value,...), in one process.
 TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse /
-dense TTFT.
+dense TTFT. `--stats` adds, per sparse policy, the density of its layouts on the same prompt
+(listed causal blocks, mean over layers and heads) and the attention recall of sampled query
+rows (`jaxprefill.eval.runner.attention_stats`), so a ratio can be read against the work kept.
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ def engine_config(width: int, bucket: int, sparse: Any) -> EngineConfig:
                         bucket=bucket, chat=False, sparse=sparse)
 
 
+def policy_stats(model, prompt: list[int], policies: dict[str, Any]) -> list[dict]:
+    """Density and recall of each sparse policy on the prompt (mean over layers and heads)."""
+    from jaxprefill.eval.runner import attention_stats
+    from jaxprefill.sparse import SparseConfig
+    configs = {name: SparseConfig.parse(cfg) for name, cfg in policies.items() if cfg is not None}
+    rows = attention_stats(model, np.asarray([prompt], np.int32), configs, rows=64)
+    return [{k: r[k] for k in ("policy", "length", "density", "recall", "min_head_recall",
+                               "output_error")} for r in rows]
+
+
 def ttft(engine: Engine, prompt: list[int], reps: int) -> tuple[float, list[float]]:
     """Median TTFT (s) over reps, after one warm-up run."""
     times = []
@@ -102,6 +114,8 @@ def main() -> None:
     p.add_argument("--model", help="a jp.load source (bundled name, directory, .gguf) instead "
                    "of random Llama-3-8B shapes; --layers is then ignored")
     p.add_argument("--adapter", help="with --model: an adapter applied while loading")
+    p.add_argument("--stats", action="store_true", help="density and attention recall of each "
+                   "sparse policy on the prompt (one dense forward per policy, after the timings)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,14 +160,21 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (args.out / "bench_sparse_ttft_gpu.json").write_text(json.dumps(result, indent=2))
             del engine
+    if args.stats:
+        result["stats"] = policy_stats(model, prompt, policies)
+        (args.out / "bench_sparse_ttft_gpu.json").write_text(json.dumps(result, indent=2))
+    stats = {r["policy"]: r for r in result.get("stats", [])}
     lines = [f"device: {result['device']}, jax {result['jax']}, {what}, prompt {len(prompt)} "
              "tokens",
-             "", "| path | policy | TTFT ms | per layer ms | sparse / dense |", "|---|---|---|---|---|"]
+             "", "| path | policy | TTFT ms | per layer ms | sparse / dense | density | recall |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = "anchor" if r["policy"] == "dense" else (
             f"{r['ratio_vs_dense']:.2f}" if r["ratio_vs_dense"] else "-")
+        st = stats.get(r["policy"])
+        dens, rec = (f"{st['density']:.3f}", f"{st['recall']:.4f}") if st else ("-", "-")
         lines.append(f"| {r['path']} | {r['policy']} | {r['ttft_s'] * 1e3:.1f} | "
-                     f"{r['ttft_per_layer_ms']:.1f} | {ratio} |")
+                     f"{r['ttft_per_layer_ms']:.1f} | {ratio} | {dens} | {rec} |")
     (args.out / "bench_sparse_ttft_gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
