@@ -6,6 +6,7 @@ Sizes are small (512 keys, block 64): XLA compile time dominates, so each policy
 the reference and the row path once (one jit) and runs it for aligned and unaligned offsets.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -167,3 +168,39 @@ def test_chunk_attention_equals_whole_prefix_path():
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid],
                                atol=1e-6, rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("name,params,config", CASES,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)])
+def test_prompt_layout_over_bucketed_extent_equals_full(name, params, config, tmp_path):
+    """A whole prompt in a wider row: the layout built over the first power-of-two extent that
+    holds the longest row (widened back: diagonal-only rows past it) equals the policy's layout
+    over the whole row, for extents below, at and above half the row."""
+    policy = make_policy(name, params, config, tmp_path)
+    _, hq, hkv, _, min_length = config
+    rng = np.random.default_rng(3)
+    s = 4 * SK  # 32 key blocks: rows below the extent have blocks to drop
+    q = jnp.asarray(2.0 * rng.standard_normal((B, s, hq, D)), jnp.float32)
+    k = jnp.asarray(2.0 * rng.standard_normal((B, s, hkv, D)), jnp.float32)
+    full = dataclasses.replace(policy, estimation=sparse.Estimation(extent="full"))
+
+    @jax.jit
+    def both(lengths):
+        return (full.build(q, k, layer=0, lengths=lengths, min_length=min_length),
+                prefill.prompt_layout(policy, q, k, lengths, min_length, 0))
+
+    for lengths in ((900, 401), (250, 33), (1700, 101)):  # extents 1024, 256, the whole row
+        want, got = both(jnp.asarray(lengths, jnp.int32))
+        assert got.num_q_blocks == want.num_q_blocks and got.num_kv_blocks == want.num_kv_blocks
+        np.testing.assert_array_equal(np.asarray(got.to_block_mask()),
+                                      np.asarray(want.to_block_mask()), err_msg=str(lengths))
+        if want.col_idx is not None:
+            np.testing.assert_array_equal(np.asarray(got.column_mask(s)),
+                                          np.asarray(want.column_mask(s)), err_msg=str(lengths))
+
+
+def test_key_extents():
+    assert prefill.key_extents(64, 512, 64) == (64, 128, 256, 512)
+    assert prefill.key_extents(192, 512, 64) == (256, 512)
+    assert prefill.key_extents(16384, 131072, 128) == (16384, 32768, 65536, 131072)
+    assert prefill.key_extents(300, 512, 64) == (512,)  # nothing at most half the keys

@@ -11,7 +11,7 @@ from typing import Any
 from pallas_kernels import estimation
 
 SELECTIONS = ("threshold", "sort")
-CHUNK_KEYS = ("bucket", "view")
+EXTENTS = ("bucket", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,16 +24,17 @@ class Estimation:
     interpret: run the Pallas kernels in interpret mode (tests on CPUs).
     selection: "threshold" (bit searches, :mod:`jaxprefill.sparse.select`) or "sort" (the
       sort-based references, same result: A/B measurement).
-    chunk_keys: the keys a chunk of a chunked prefill estimates over. "bucket": the first
-      power-of-two extent that holds the chunk's end (at most half the cache view, else the
-      view), picked at run time, so a chunk early in a long view pays for its own prefix, not
-      for the whole view; "view": the whole cache view (one program, no branches). Same layout.
+    extent: the keys a prefill call estimates over. "bucket": the first power-of-two extent
+      that holds every valid key of the call (a chunk: up to its end; a prompt: the longest
+      row), at most half the call's keys, else all of them, picked at run time, so an early
+      chunk of a long cache view or a short prompt in a wide row pays for its own length;
+      "full": the call's whole key axis (one program, no branches). Same layout.
     """
 
     impl: str = "auto"
     interpret: bool = False
     selection: str = "threshold"
-    chunk_keys: str = "bucket"
+    extent: str = "bucket"
 
     def __post_init__(self) -> None:
         if self.impl not in estimation.IMPLS:
@@ -42,9 +43,8 @@ class Estimation:
         if self.selection not in SELECTIONS:
             raise ValueError(f"estimation selection must be one of {SELECTIONS}, got "
                              f"{self.selection!r}")
-        if self.chunk_keys not in CHUNK_KEYS:
-            raise ValueError(f"estimation chunk_keys must be one of {CHUNK_KEYS}, got "
-                             f"{self.chunk_keys!r}")
+        if self.extent not in EXTENTS:
+            raise ValueError(f"estimation extent must be one of {EXTENTS}, got {self.extent!r}")
 
     @classmethod
     def parse(cls, value: Any) -> "Estimation":
@@ -75,4 +75,4 @@ class Estimation:
         return self.selection == "sort"
 
 
-__all__ = ["CHUNK_KEYS", "Estimation", "SELECTIONS"]
+__all__ = ["EXTENTS", "Estimation", "SELECTIONS"]

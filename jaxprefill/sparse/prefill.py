@@ -32,6 +32,7 @@ Functions here take the policy as an argument (anything with ``build``, ``build_
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -76,8 +77,7 @@ class Prefill:
 def layout_for(policy: Any, q: jax.Array, k: jax.Array, call: Prefill) -> BlockSparseLayout:
     """The policy's layout for ``call``: q [B, Sq, Hq, D], k [B, Sk, Hkv, D]."""
     if call.kind == "prompt":
-        return policy.build(q, k, layer=call.layer, lengths=call.lengths,
-                            min_length=call.min_length)
+        return prompt_layout(policy, q, k, call.lengths, call.min_length, call.layer)
     if call.kind == "chunk":
         return chunk_layout(policy, q, k, call.q_offset, call.lengths, call.min_length,
                             call.layer)
@@ -103,46 +103,67 @@ def chunk_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
     and keep the chunk's rows (:func:`whole_prefix_layout`). Both give the same layout.
 
     Keys past the chunk's end are never listed, so the estimation only needs the view's first
-    ``max(ends)`` keys. With ``policy.estimation.chunk_keys == "bucket"`` (the default) it runs
-    on the first of :func:`key_extents` that holds them, picked at run time by ``lax.switch``
-    (only the taken branch runs), and the layout is widened back to the view's key blocks: an
-    early chunk of a long view estimates over its own prefix, not the whole view.
+    ``max(ends)`` keys: with ``policy.estimation.extent == "bucket"`` (the default) it runs on
+    the first of :func:`key_extents` that holds them (:func:`by_extent`), so an early chunk of
+    a long view estimates over its own prefix, not the whole view.
     """
     build = chunk_rows_layout if getattr(policy, "rows_exact", False) else whole_prefix_layout
     b, sq = q.shape[:2]
     sk = k.shape[1]
-    how = getattr(policy, "estimation", None)
-    bucketed = how is None or getattr(how, "chunk_keys", "bucket") == "bucket"
-    extents = key_extents(sq, sk, policy.block_size) if bucketed else (sk,)
+    extents = key_extents(max(sq, sk // 8), sk, policy.block_size) if bucketed(policy) else (sk,)
     if len(extents) == 1:
         return build(policy, q, k, q_offset, q_lengths, min_length, layer)
     if q_lengths is None:
         q_lengths = jnp.full((b,), sq, jnp.int32)
     q_lengths = jnp.asarray(q_lengths, jnp.int32)
-
-    def over(e: int):
-        return lambda q, k, o, n: build(policy, q, k[:, :e], o, n, min_length, layer)
-
-    shapes = [jax.eval_shape(over(e), q, k, q_offset, q_lengths) for e in extents]
-    nnz = max(s.max_nnz for s in shapes)
-    cols = max(s.max_cols for s in shapes)
-    nk = -(-sk // policy.block_size)
-    branches = [lambda *a, e=e: widen(over(e)(*a), nk, nnz, cols) for e in extents]
     if build is chunk_rows_layout:  # windows may reach past the extent: those rows are padding
         need = jnp.max(chunk_ends(q, q_offset, q_lengths))
     else:  # the whole-prefix path places all sq queries, padding ones too
         need = jnp.max(q_offset) + sq
-    which = jnp.searchsorted(jnp.asarray(extents[:-1], jnp.int32), need)  # first extent >= need
-    return jax.lax.switch(which, branches, q, k, q_offset, q_lengths)
+
+    def build_at(e: int, q, k, o, n):
+        return build(policy, q, k[:, :e], o, n, min_length, layer)
+
+    return by_extent(build_at, extents, need, -(-sk // policy.block_size), None,
+                     q, k, q_offset, q_lengths)
 
 
-def key_extents(sq: int, sk: int, block: int) -> tuple[int, ...]:
-    """Static key extents a chunk of ``sq`` queries in a view of ``sk`` keys may estimate over:
-    ``block * 2**i`` from the first that holds ``sq`` while at most ``sk / 2`` (a smaller
-    extent saves at least half the keys; views sized to the prompt, as the engine's default
-    bucket makes them, get no extra branch), then ``sk``."""
+def prompt_layout(policy, q: jax.Array, k: jax.Array, lengths: jax.Array | None,
+                  min_length: int, layer: int = 0) -> BlockSparseLayout:
+    """Layout [B, H, n, nnz] of a whole causal prompt: ``policy.build``.
+
+    Rows are right-padded to S; with ``policy.estimation.extent == "bucket"`` (the default)
+    the layout is built over the first of :func:`key_extents` (from S / 8) that holds the
+    longest row (:func:`by_extent`), and the query blocks past it get the diagonal-only rows
+    that padding blocks get anyway: a prompt in a wider row estimates over its own length.
+    """
+    s = q.shape[1]
+    extents = key_extents(s // 8, s, policy.block_size) if bucketed(policy) else (s,)
+    if lengths is None or len(extents) == 1:
+        return policy.build(q, k, layer=layer, lengths=lengths, min_length=min_length)
+    lengths = jnp.asarray(lengths, jnp.int32)
+
+    def build_at(e: int, q, k, n):
+        return policy.build(q[:, :e], k[:, :e], layer=layer, lengths=jnp.minimum(n, e),
+                            min_length=min_length)
+
+    n = -(-s // policy.block_size)
+    return by_extent(build_at, extents, jnp.max(lengths), n, n, q, k, lengths)
+
+
+def bucketed(policy) -> bool:
+    """Whether the policy's estimation runs over bucketed key extents (``Estimation.extent``)."""
+    how = getattr(policy, "estimation", None)
+    return getattr(how, "extent", "bucket") == "bucket"
+
+
+def key_extents(lo: int, sk: int, block: int) -> tuple[int, ...]:
+    """Static key extents an estimation over ``sk`` keys may run on: ``block * 2**i`` from the
+    first that holds ``lo`` tokens while at most ``sk / 2`` (a smaller extent saves at least
+    half the keys; calls sized to their content, as the engine's default bucket makes chunk
+    views, get no extra branch), then ``sk``. At most four branches for ``lo >= sk / 8``."""
     e = block
-    while e < sq:
+    while e < lo:
         e *= 2
     out = []
     while 2 * e <= sk:
@@ -151,10 +172,25 @@ def key_extents(sq: int, sk: int, block: int) -> tuple[int, ...]:
     return (*out, sk)
 
 
-def widen(layout: BlockSparseLayout, nk: int, nnz: int, cols: int) -> BlockSparseLayout:
-    """``layout`` over the first key blocks of a view of ``nk`` blocks, with its block lists
-    padded to ``nnz`` entries and its column lists to ``cols`` (repeating the last entry, as
-    the kernels expect past the count)."""
+def by_extent(build_at, extents: tuple[int, ...], need: jax.Array, nk: int, rows: int | None,
+              *args) -> BlockSparseLayout:
+    """``build_at(e, *args)`` (a layout over the first e keys) for the first extent >= need,
+    picked at run time by ``lax.switch`` (only the taken branch runs; each is compiled), then
+    widened to ``nk`` key blocks (and ``rows`` query blocks when set) with common list lengths."""
+    shapes = [jax.eval_shape(functools.partial(build_at, e), *args) for e in extents]
+    nnz = max(s.max_nnz for s in shapes)
+    cols = max(s.max_cols for s in shapes)
+    branches = [lambda *a, e=e: widen(build_at(e, *a), nk, nnz, cols, rows) for e in extents]
+    which = jnp.searchsorted(jnp.asarray(extents[:-1], jnp.int32), need)  # first extent >= need
+    return jax.lax.switch(which, branches, *args)
+
+
+def widen(layout: BlockSparseLayout, nk: int, nnz: int, cols: int,
+          rows: int | None = None) -> BlockSparseLayout:
+    """``layout`` over the first key blocks of ``nk``, with its block lists padded to ``nnz``
+    entries and its column lists to ``cols`` (repeating the last entry, as the kernels expect
+    past the count); with ``rows``, query blocks appended up to ``rows``, each listing only its
+    diagonal block (the rule for query blocks in the padding)."""
     def pad(a: jax.Array, width: int) -> jax.Array:
         extra = width - a.shape[-1]
         if extra == 0:
@@ -162,11 +198,24 @@ def widen(layout: BlockSparseLayout, nk: int, nnz: int, cols: int) -> BlockSpars
         mode = "edge" if a.shape[-1] else "constant"
         return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)], mode=mode)
 
-    out = BlockSparseLayout(pad(layout.kv_idx, nnz), layout.kv_cnt, layout.block_q,
-                            layout.block_k, nk)
-    if layout.col_idx is None:
+    kv_idx, kv_cnt = pad(layout.kv_idx, nnz), layout.kv_cnt
+    col_idx, col_cnt = layout.col_idx, layout.col_cnt
+    if col_idx is not None:
+        col_idx = pad(col_idx, cols)
+    extra = 0 if rows is None else rows - layout.num_q_blocks
+    if extra > 0:
+        b, h = kv_cnt.shape[:2]
+        diag = jnp.arange(layout.num_q_blocks, rows, dtype=jnp.int32)
+        kv_idx = jnp.concatenate(
+            [kv_idx, jnp.broadcast_to(diag[:, None], (b, h, extra, nnz))], axis=2)
+        kv_cnt = jnp.concatenate([kv_cnt, jnp.ones((b, h, extra), jnp.int32)], axis=2)
+        if col_idx is not None:
+            col_idx = jnp.pad(col_idx, ((0, 0), (0, 0), (0, extra), (0, 0)))
+            col_cnt = jnp.pad(col_cnt, ((0, 0), (0, 0), (0, extra)))
+    out = BlockSparseLayout(kv_idx, kv_cnt, layout.block_q, layout.block_k, nk)
+    if col_idx is None:
         return out
-    return dataclasses.replace(out, col_idx=pad(layout.col_idx, cols), col_cnt=layout.col_cnt)
+    return dataclasses.replace(out, col_idx=col_idx, col_cnt=col_cnt)
 
 
 def chunk_ends(q: jax.Array, q_offset: jax.Array, q_lengths: jax.Array | None) -> jax.Array:

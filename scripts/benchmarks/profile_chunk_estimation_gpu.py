@@ -5,7 +5,7 @@
 
 The engine's chunked prefill estimates each chunk's rows against a cache view of static shape
 (``--seq`` keys, the future ones masked by ``lengths``); the stages below see the whole view,
-the whole call is timed over both key extents (``Estimation.chunk_keys``). This script
+the whole call is timed over both key extents (``Estimation.extent``). This script
 builds that call for the chunk at ``--at`` (default: the second chunk, the one whose dense
 attention is cheapest relative to a fixed estimation cost) with Llama-3-8B heads (Hq 32, Hkv 8,
 D 128, bf16, batch 1, structured synthetic q/k) and times, each as its own jitted program:
@@ -18,7 +18,7 @@ D 128, bf16, batch 1, structured synthetic q/k) and times, each as its own jitte
   finish           the shared rules + block mask -> block lists
   with_columns     the columns per query block
   chunk_layout     the whole call, as the engine runs it (also for flexprefill, xattention),
-                   over the whole view (_view) and over the keys up to the chunk's end rounded
+                   over the whole view (_full) and over the keys up to the chunk's end rounded
                    to a power-of-two extent (_bucket, the default)
   dense_chunk      the chunk's dense causal attention (the 5% bar is of this)
 
@@ -87,8 +87,8 @@ def stages(q, k, v, at: int, chunk: int, reps: int) -> dict[str, float]:
         "with_columns": time_ms(add_cols, layout, cols, reps=reps).ms,
     }
     for name in ("minference", "flexprefill", "xattention"):
-        for keys in ("view", "bucket"):
-            p = sparse.get(name, estimation={"chunk_keys": keys})
+        for keys in ("full", "bucket"):
+            p = sparse.get(name, estimation={"extent": keys})
             whole = jax.jit(lambda q, k, o, n, p=p: chunk_layout(p, q, k, o, n, 1024))
             rows[f"chunk_layout_{name}_{keys}"] = time_ms(whole, qc, k, off, lens, reps=reps).ms
     # the engine's dense chunk: the chunk's queries at `at` against the keys up to its end
