@@ -198,3 +198,16 @@ def test_yaml_head_config_is_relative_to_the_yaml(tmp_path, monkeypatch):
         policy = sparse.SparseConfig.parse(str(tmp_path / name)).policy_for(3)
         assert policy.head_config == str(tmp_path / "heads.json")
         assert policy.dense_heads(1, 2) == (0,)
+
+
+def test_with_estimation_changes_every_layer_policy():
+    cfg = sparse.SparseConfig.from_dict({"min_length": 2048, "estimation": "xla", "layers": [
+        {"range": [0, 2], "policy": "dense"},
+        {"policy": "xattention", "params": {"threshold": 0.8}}]})
+    out = cfg.with_estimation(extent="bucket")
+    assert out.min_length == 2048 and out.policy_for(0) is None
+    pol = out.policy_for(5)
+    assert pol.threshold == 0.8 and pol.estimation == sparse.Estimation("xla", extent="bucket")
+    assert cfg.policy_for(5).estimation.extent == "full"  # the original is unchanged
+    with pytest.raises(ValueError, match="extent"):
+        cfg.with_estimation(extent="half")

@@ -79,7 +79,9 @@ def make_policy(name, params, config, tmp_path):
         path = tmp_path / "heads.json"
         path.write_text(json.dumps({"layers": {"0": [pats[h % 3] for h in range(hq)]}}))
         params["head_config"] = str(path)
-    return sparse.get(name, block_size=BLOCK, heads=heads, max_nnz=max_nnz, **params)
+    # estimation over bucketed key extents (an EARLY chunk takes a smaller extent than the view)
+    return sparse.get(name, block_size=BLOCK, heads=heads, max_nnz=max_nnz,
+                      estimation={"extent": "bucket"}, **params)
 
 
 def inputs(hq, hkv, seed=0):

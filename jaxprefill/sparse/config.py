@@ -72,6 +72,14 @@ class SparseConfig:
                 return None if rule.policy.name == "dense" else rule.policy
         return None
 
+    def with_estimation(self, **changes: Any) -> "SparseConfig":
+        """This config with the given :class:`jaxprefill.sparse.Estimation` fields changed in
+        every layer's policy (e.g. ``extent="bucket"``)."""
+        rules = tuple(dataclasses.replace(r, policy=dataclasses.replace(
+            r.policy, estimation=dataclasses.replace(r.policy.estimation, **changes)))
+            for r in self.rules)
+        return dataclasses.replace(self, rules=rules)
+
     def describe(self) -> str:
         parts = [f"[{r.start},{'' if r.stop is None else r.stop}) {r.policy.name}"
                  for r in self.rules]

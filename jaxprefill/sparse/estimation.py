@@ -11,7 +11,7 @@ from typing import Any
 from pallas_kernels import estimation
 
 SELECTIONS = ("threshold", "sort")
-EXTENTS = ("bucket", "full")
+EXTENTS = ("full", "bucket")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,17 +24,19 @@ class Estimation:
     interpret: run the Pallas kernels in interpret mode (tests on CPUs).
     selection: "threshold" (bit searches, :mod:`jaxprefill.sparse.select`) or "sort" (the
       sort-based references, same result: A/B measurement).
-    extent: the keys a prefill call estimates over. "bucket": the first power-of-two extent
-      that holds every valid key of the call (a chunk: up to its end; a prompt: the longest
-      row), at most half the call's keys, else all of them, picked at run time, so an early
-      chunk of a long cache view or a short prompt in a wide row pays for its own length;
-      "full": the call's whole key axis (one program, no branches). Same layout.
+    extent: the keys a prefill call estimates over. "full" (default): the call's whole key
+      axis. "bucket": the first power-of-two extent that holds every valid key of the call (a
+      chunk: up to its end; a prompt: the longest row), at most half the call's keys, else all
+      of them, picked at run time, so an early chunk of a long cache view or a short prompt in
+      a wide row pays for its own length; the same layout, for up to four compiled branches
+      (worth it where calls are wider than their content, e.g. an engine bucket of the whole
+      max_seq_len: one program for every chunk).
     """
 
     impl: str = "auto"
     interpret: bool = False
     selection: str = "threshold"
-    extent: str = "bucket"
+    extent: str = "full"
 
     def __post_init__(self) -> None:
         if self.impl not in estimation.IMPLS:

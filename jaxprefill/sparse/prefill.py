@@ -103,7 +103,7 @@ def chunk_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
     and keep the chunk's rows (:func:`whole_prefix_layout`). Both give the same layout.
 
     Keys past the chunk's end are never listed, so the estimation only needs the view's first
-    ``max(ends)`` keys: with ``policy.estimation.extent == "bucket"`` (the default) it runs on
+    ``max(ends)`` keys: with ``policy.estimation.extent == "bucket"`` it runs on
     the first of :func:`key_extents` that holds them (:func:`by_extent`), so an early chunk of
     a long view estimates over its own prefix, not the whole view.
     """
@@ -132,8 +132,7 @@ def prompt_layout(policy, q: jax.Array, k: jax.Array, lengths: jax.Array | None,
                   min_length: int, layer: int = 0) -> BlockSparseLayout:
     """Layout [B, H, n, nnz] of a whole causal prompt: ``policy.build``.
 
-    Rows are right-padded to S; with ``policy.estimation.extent == "bucket"`` (the default)
-    the layout is built over the first of :func:`key_extents` (from S / 8) that holds the
+    Rows are right-padded to S; with ``policy.estimation.extent == "bucket"`` the layout is built over the first of :func:`key_extents` (from S / 8) that holds the
     longest row (:func:`by_extent`), and the query blocks past it get the diagonal-only rows
     that padding blocks get anyway: a prompt in a wider row estimates over its own length.
     """
@@ -154,7 +153,7 @@ def prompt_layout(policy, q: jax.Array, k: jax.Array, lengths: jax.Array | None,
 def bucketed(policy) -> bool:
     """Whether the policy's estimation runs over bucketed key extents (``Estimation.extent``)."""
     how = getattr(policy, "estimation", None)
-    return getattr(how, "extent", "bucket") == "bucket"
+    return getattr(how, "extent", "full") == "bucket"
 
 
 def key_extents(lo: int, sk: int, block: int) -> tuple[int, ...]:

@@ -7,7 +7,9 @@ Model: Llama-3-8B shapes, random weights, `--layers` layers, `--seq` random toke
 bench_sparse_ttft_gpu); or `--model NAME|PATH` / `--gguf PATH` (e.g. the bundled
 `smollm2-135m-32k`, all its layers) with a real `jaxprefill eval` prompt of about `--seq` tokens
 (`--task`). `--tiny`: a tiny float32 model, one sample per stage (CPU smoke run). Engine paths:
-chunked (`--chunk`-token chunks against the cached prefix) and row (the prompt alone in one
+chunked (`--chunk`-token chunks against the cached prefix; the cache view is one bucket of
+the whole prompt, and sparse policies estimate over `--extent`, default bucket: each chunk up
+to its end, see Estimation.extent) and row (the prompt alone in one
 prefill row: a "packed" call with segment ids, or a "prompt" call where the engine has
 steps.prefill_single; header row_kind, read from the engine's stats). `--policies`: names
 (bench_sparse_ttft_gpu's settings where it has them) or YAML files; dense runs first, the
@@ -418,6 +420,14 @@ def policy_spec(name: str, tiny: bool) -> Any:
     return POLICIES.get(name, name)
 
 
+def path_spec(spec: Any, path: str, extent: str) -> Any:
+    """The chunked path's cache view is one bucket of the whole prompt: its sparse policies
+    estimate over ``extent`` (Estimation.extent; "bucket": each chunk up to its end)."""
+    if spec is None or path != "chunked":
+        return spec
+    return SparseConfig.parse(spec).with_estimation(extent=extent)
+
+
 def load(args: argparse.Namespace) -> tuple[Any, list[int], str]:
     """(model, prompt token ids, description)."""
     source = args.model or args.gguf
@@ -453,6 +463,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", default=["chunked", "row"], choices=["chunked", "row"])
     p.add_argument("--policies", nargs="+", default=list(POLICIES),
                    help="policy names or YAML files (dense is added first)")
+    p.add_argument("--extent", choices=["bucket", "full"], default="bucket",
+                   help="chunked path: Estimation.extent of every sparse policy")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="compute dtype (default bfloat16; float32 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test)")
@@ -514,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                              "engine prefills it as one row (lower --chunk, or --paths row)")
         bucket = buckets(len(ids), args.chunk)
         configs = {name: {p: engine_config(args.chunk if p == "chunked" else bucket[p], bucket[p],
-                                           policy_spec(name, args.tiny)) for p in args.paths}
+                                           path_spec(policy_spec(name, args.tiny), p, args.extent))
+                          for p in args.paths}
                    for name in args.policies}
     except (ValueError, OSError) as e:  # bad flags, configs or model paths: one line
         print(f"{NAME}: {e}", file=sys.stderr)

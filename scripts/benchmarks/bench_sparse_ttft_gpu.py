@@ -12,7 +12,9 @@ eval's test-split NIAH prompt of up to `--seq` tokens over prose. One request,
 max_new_tokens=1, so TTFT is the whole prefill plus the first token's sampling. Two engine
 prefill paths:
   * chunked: `--chunk`-token chunks (SARATHI) against the cached prefix (q_offset); the cache
-    view is one bucket of `--seq` tokens, so each configuration compiles once;
+    view is one bucket of `--seq` tokens, so each configuration compiles once, and sparse
+    policies estimate over bucketed key extents (`--extent`, default bucket: the setting for
+    such an engine; `full` scans the whole view in every chunk);
   * row: the prompt alone in one prefill row of `--seq` tokens (the prepacked path).
 Per path: dense (the anchor, the engine's own dense path: the block-sparse kernel over the
 causal structure on chunks, the mask-free prompt kernel on a row holding one prompt) and each
@@ -40,6 +42,7 @@ from flax import nnx
 
 import jaxprefill as jp
 from jaxprefill.infer import Engine, EngineConfig, Request
+from jaxprefill.sparse import SparseConfig
 
 POLICIES = {
     "dense": None,
@@ -85,7 +88,6 @@ def engine_config(width: int, bucket: int, sparse: Any) -> EngineConfig:
 def policy_stats(model, prompt: list[int], policies: dict[str, Any]) -> list[dict]:
     """Density and recall of each sparse policy on the prompt (mean over layers and heads)."""
     from jaxprefill.eval.runner import attention_stats
-    from jaxprefill.sparse import SparseConfig
     configs = {name: SparseConfig.parse(cfg) for name, cfg in policies.items() if cfg is not None}
     rows = attention_stats(model, np.asarray([prompt], np.int32), configs, rows=64)
     return [{k: r[k] for k in ("policy", "length", "density", "recall", "min_head_recall",
@@ -114,6 +116,8 @@ def main() -> None:
     p.add_argument("--model", help="a jp.load source (bundled name, directory, .gguf) instead "
                    "of random Llama-3-8B shapes; --layers is then ignored")
     p.add_argument("--adapter", help="with --model: an adapter applied while loading")
+    p.add_argument("--extent", choices=["bucket", "full"], default="bucket",
+                   help="chunked path: Estimation.extent of every sparse policy")
     p.add_argument("--stats", action="store_true", help="density and attention recall of each "
                    "sparse policy on the prompt (one dense forward per policy, after the timings)")
     p.add_argument("--out", type=Path, required=True)
@@ -147,7 +151,10 @@ def main() -> None:
         width = args.chunk if path == "chunked" else args.seq
         dense_s = None
         for name in args.policies:
-            engine = Engine(model, None, engine_config(width, args.seq, policies[name]))
+            sparse = policies[name]
+            if sparse is not None and path == "chunked":
+                sparse = SparseConfig.parse(sparse).with_estimation(extent=args.extent)
+            engine = Engine(model, None, engine_config(width, args.seq, sparse))
             t = time.perf_counter()
             med, times = ttft(engine, prompt, args.reps)
             row = {"path": path, "policy": name, "ttft_s": med, "ttft_per_layer_ms":
