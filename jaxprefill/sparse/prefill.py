@@ -103,9 +103,9 @@ def chunk_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
     and keep the chunk's rows (:func:`whole_prefix_layout`). Both give the same layout.
 
     Keys past the chunk's end are never listed, so the estimation only needs the view's first
-    ``max(ends)`` keys: with ``policy.estimation.extent == "bucket"`` it runs on
-    the first of :func:`key_extents` that holds them (:func:`by_extent`), so an early chunk of
-    a long view estimates over its own prefix, not the whole view.
+    ``max(ends)`` keys: with ``policy.estimation.extent == "bucket"`` it runs on the first of
+    :func:`key_extents` that holds them (:func:`by_extent`), so an early chunk of a long view
+    estimates over its own prefix, not the whole view.
     """
     build = chunk_rows_layout if getattr(policy, "rows_exact", False) else whole_prefix_layout
     b, sq = q.shape[:2]
@@ -132,9 +132,10 @@ def prompt_layout(policy, q: jax.Array, k: jax.Array, lengths: jax.Array | None,
                   min_length: int, layer: int = 0) -> BlockSparseLayout:
     """Layout [B, H, n, nnz] of a whole causal prompt: ``policy.build``.
 
-    Rows are right-padded to S; with ``policy.estimation.extent == "bucket"`` the layout is built over the first of :func:`key_extents` (from S / 8) that holds the
-    longest row (:func:`by_extent`), and the query blocks past it get the diagonal-only rows
-    that padding blocks get anyway: a prompt in a wider row estimates over its own length.
+    Rows are right-padded to S; with ``policy.estimation.extent == "bucket"`` the layout is
+    built over the first of :func:`key_extents` (from S / 8) that holds the longest row
+    (:func:`by_extent`), and the query blocks past it get the diagonal-only rows that padding
+    blocks get anyway: a prompt in a wider row estimates over its own length.
     """
     s = q.shape[1]
     extents = key_extents(s // 8, s, policy.block_size) if bucketed(policy) else (s,)
@@ -149,6 +150,8 @@ def prompt_layout(policy, q: jax.Array, k: jax.Array, lengths: jax.Array | None,
     n = -(-s // policy.block_size)
     return by_extent(build_at, extents, jnp.max(lengths), n, n, q, k, lengths)
 
+
+# ------------------------------------------------------------------------ key extents
 
 def bucketed(policy) -> bool:
     """Whether the policy's estimation runs over bucketed key extents (``Estimation.extent``)."""
