@@ -14,7 +14,7 @@ wins; a rule without ``range`` matches every layer; ``range: [start, stop)``, st
 ``min_length`` (rows shorter than this, and whole prefills shorter than this, are dense),
 ``block_size`` (overrides every policy's block size), ``heads`` ("q" | "kv", likewise),
 ``estimation`` (how every policy's estimation runs: an implementation name, auto | xla | triton
-| mosaic_tpu | reference, or a mapping with ``impl``, ``interpret``, ``selection``: see
+| mosaic_tpu | reference, or a mapping with ``impl``, ``interpret``, ``selection``, ``extent``: see
 :class:`jaxprefill.sparse.Estimation`), ``kernel`` (the block-sparse implementation: auto | xla
 | reference | triton | mosaic_gpu | mosaic_tpu; a named one that cannot run a call raises), ``recall_target`` /
 ``recall_probes`` (the recall guard of every policy: heads whose exact attention recall on probe
