@@ -52,8 +52,8 @@ def test_kernel_cut_equals_reference(shape, ties, backend):
     assert int(out[(0,) * (len(shape) - 1)]) == 0xFFFFFFFF
     # The reference is the XLA search of select.cumulative_keep (uint32 keys, 32 bits).
     key = select.sort_key(s)
-    xla = select._search(lambda u: base + jnp.sum(jnp.where(key > u[..., None], s, 0.0), -1)
-                         < goal, shape[:-1])
+    xla = select._search(lambda u: base[..., None] + jnp.sum(
+        jnp.where(select.above(key, u), s[..., None, :], 0.0), -1) < goal[..., None], shape[:-1])
     np.testing.assert_array_equal(np.asarray(ref), np.asarray(xla))
 
 

@@ -106,3 +106,33 @@ def test_minference_column_positions_equal_the_sort_reference(s, cap):
         p = np.flatnonzero(sel[row])
         want[row][:len(p)] = p
     np.testing.assert_array_equal(np.asarray(fast), want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 8])
+def test_radix_search_equals_binary_search(bits):
+    """The cut search fixes RADIX_BITS bits per pass; any digit width gives the bit-by-bit
+    answer: per row the smallest key with fewer than `count` entries above it (ties, rows
+    where no key qualifies: 0xFFFFFFFF)."""
+    rng = np.random.default_rng(bits)
+    x = jnp.asarray(np.round(rng.standard_normal((4, 6, 50)), 1), jnp.float32)  # many ties
+    key = select.sort_key(x)
+    count = jnp.asarray(rng.integers(0, 52, (4, 6)), jnp.int32)  # 0: never holds
+    count = count.at[0, 0].set(0)
+
+    def cond(u):
+        return jnp.sum(select.above(key, u), axis=-1) < count[..., None]
+
+    want = select._search(cond, (4, 6), bits=1)
+    got = select._search(cond, (4, 6), bits=bits)
+    default = select._search(cond, (4, 6))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(default), np.asarray(want))
+    # the answer is the smallest qualifying key: fewer than count above it, not above its
+    # predecessor (or it is 0)
+    never = np.asarray(count) == 0
+    assert never.any() and (np.asarray(want)[never] == 0xFFFFFFFF).all()
+    n_above = np.sum(np.asarray(key)[..., None, :] > np.asarray(want)[..., None, None], -1)[..., 0]
+    assert (n_above < np.asarray(count))[~never].all()
+    prev = np.asarray(want).astype(np.int64) - 1
+    n_prev = np.sum(np.asarray(key)[..., :].astype(np.int64) > prev[..., None], -1)
+    assert ((np.asarray(want) == 0) | (n_prev >= np.asarray(count))).all()

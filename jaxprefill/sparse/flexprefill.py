@@ -103,17 +103,18 @@ def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
         return keep[..., pshape[-1]:] & valid
     key, pkey = select.sort_key(s), select.sort_key(pv)
 
-    def prefix_above(u):  # prefix mass with value strictly above u [B, H]
-        return jnp.sum(jnp.where(pkey > u[..., None], pmass, 0.0), axis=-1)
+    def prefix_above(u):  # prefix mass with value strictly above u [B, H, C]
+        return jnp.sum(jnp.where(select.above(pkey, u), pmass[..., None, :], 0.0), axis=-1)
 
-    def cond(u):  # mass strictly above u < goal (as select.cumulative_keep)
-        above = jnp.sum(jnp.where(valid & (key > u[..., None]), s, 0.0), axis=-1)
-        return above + prefix_above(u) < goal
+    def cond(u):  # mass strictly above u < goal (as select.cumulative_keep); u [B, H, C]
+        hit = valid[..., None, :] & select.above(key, u)
+        mass = jnp.sum(jnp.where(hit, s[..., None, :], 0.0), axis=-1)
+        return mass + prefix_above(u) < goal[..., None]
 
     cut = select._search(cond, s.shape[:-1])
     gt = valid & (key > cut[..., None])
     eq = valid & (key == cut[..., None])
-    before = jnp.sum(jnp.where(gt, s, 0.0), axis=-1) + prefix_above(cut)
+    before = jnp.sum(jnp.where(gt, s, 0.0), axis=-1) + prefix_above(cut[..., None])[..., 0]
     # earlier entries tied at the cut: the prefix's ties, then the scores' own
     ties = jnp.sum(jnp.where(pkey == cut[..., None], pcount, 0.0), axis=-1)
     rank = (select.prefix_count(eq) - 1).astype(jnp.float32) + ties[..., None]
