@@ -12,7 +12,8 @@ the whole prompt, and sparse policies estimate over `--extent`, default bucket: 
 to its end, see Estimation.extent) and row (the prompt alone in one
 prefill row: a "packed" call with segment ids, or a "prompt" call where the engine has
 steps.prefill_single; header row_kind, read from the engine's stats). `--policies`: names
-(bench_sparse_ttft_gpu's settings where it has them) or YAML files; dense runs first, the
+(bench_sparse_ttft_gpu's settings where it has them), YAML files or `name:key=value,...`
+specs (as `jaxprefill eval --sparse`); dense runs first, the
 anchor. Per path and policy:
 1. ttft_ms: Engine TTFT, median of `--reps` runs after a warm-up (bench_sparse_ttft_gpu.ttft).
 2. Stages on one layer's q/k/v (`--layer`, default the middle one; a dense forward of the
@@ -82,7 +83,8 @@ from jaxprefill.sparse.prefill import layout_for
 from pallas_kernels import BlockSparseLayout, block_sparse_attention, block_sparse_backend
 from pallas_kernels import estimation as pk_estimation
 from pallas_kernels.layout import structured_layout
-from scripts.benchmarks.bench_sparse_ttft_gpu import POLICIES, engine_config, llama3_8b_shapes, ttft
+from scripts.benchmarks.bench_sparse_ttft_gpu import (POLICIES, engine_config, llama3_8b_shapes,
+                                                      policy_config, ttft)
 from scripts.common.timing import time_ms
 
 NAME = "bench_sparse_stages_gpu"
@@ -417,7 +419,7 @@ def policy_spec(name: str, tiny: bool) -> Any:
         return None if name == "dense" else name
     if tiny:
         return {"policy": name, **TINY, "params": TINY_PARAMS.get(name, {})}
-    return POLICIES.get(name, name)
+    return policy_config(name)
 
 
 def path_spec(spec: Any, path: str, extent: str) -> Any:
@@ -462,7 +464,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-ms", type=float, default=20.0, help="time_ms sample length")
     p.add_argument("--paths", nargs="+", default=["chunked", "row"], choices=["chunked", "row"])
     p.add_argument("--policies", nargs="+", default=list(POLICIES),
-                   help="policy names or YAML files (dense is added first)")
+                   help="policy names, YAML files or name:key=value specs (dense is added first)")
     p.add_argument("--extent", choices=["bucket", "full"], default="bucket",
                    help="chunked path: Estimation.extent of every sparse policy")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
