@@ -75,8 +75,8 @@ def _search(cond, shape, bits: int = RADIX_BITS) -> jax.Array:
     2^bits - 1 candidates "this digit, all lower bits set" at once (cond takes uint32
     candidates [*shape, C] and returns bool [*shape, C]; one fused reduction reads the data
     once for all C). The digit is the number of candidates where cond is still false. Same
-    answer as a bit-by-bit binary search in 4x fewer dependent passes, which is what small
-    arrays pay for (each pass is a kernel launch).
+    answer as a bit-by-bit binary search (bits=1) in 32 / bits dependent passes instead of
+    32, which is what small arrays pay for (each pass is a kernel launch).
     """
     digits = jnp.arange((1 << bits) - 1, dtype=jnp.uint32)
 

@@ -21,8 +21,8 @@ causal structure on chunks, the mask-free prompt kernel on a row holding one pro
 sparse policy (`--policies`: the names below with this benchmark's parameters, or any
 `jaxprefill eval --sparse` spec: policy name, YAML file, name:key=value,...), in one process.
 TTFT: median of `--reps` runs after a warm-up run (compilation excluded). Ratios are sparse /
-dense TTFT. `--stats` adds, per sparse policy, the density of its layouts on the same prompt
-(listed causal blocks, mean over layers and heads) and the attention recall of sampled query
+dense TTFT. `--stats` adds, per sparse policy, the density of its whole-prompt layouts (the
+row path's) on the same prompt (listed causal blocks, mean over layers and heads) and the attention recall of sampled query
 rows (`jaxprefill.eval.runner.attention_stats`), so a ratio can be read against the work kept.
 """
 
@@ -178,7 +178,7 @@ def main() -> None:
     for r in result["rows"]:
         ratio = "anchor" if r["policy"] == "dense" else (
             f"{r['ratio_vs_dense']:.2f}" if r["ratio_vs_dense"] else "-")
-        st = stats.get(r["policy"])
+        st = stats.get(r["policy"]) if r["path"] == "row" else None  # whole-prompt layouts
         dens, rec = (f"{st['density']:.3f}", f"{st['recall']:.4f}") if st else ("-", "-")
         lines.append(f"| {r['path']} | {r['policy']} | {r['ttft_s'] * 1e3:.1f} | "
                      f"{r['ttft_per_layer_ms']:.1f} | {ratio} | {dens} | {rec} |")
