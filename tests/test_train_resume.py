@@ -382,3 +382,30 @@ def test_export_answers_text_prompts(corpus, source, tmp_path):  # noqa: F811
     assert tokenizer.decode(tokenizer.encode(text) + [ByteTokenizer.eos_id]) == text
     outs = jp.generate(model, tokenizer, ["hi"], max_new_tokens=2)
     assert len(outs) == 1 and isinstance(outs[0].text, str) and outs.stats.generated_tokens >= 1
+
+
+def test_stray_restore_reports_are_diverted(tmp_path, monkeypatch):
+    """asyncio's "... exception was never retrieved" reports of a failed restore's leftovers
+    (a Task naming orbax, or a bare Future holding tensorstore's read error) go to the damaged
+    checkpoint's .txt file; other asyncio reports pass through."""
+
+    from jaxprefill.train import checkpoint as ck
+
+    log = tmp_path / "12.txt"
+    monkeypatch.setattr(ck, "_stray_log", [str(log)])
+    filt = ck._StrayTaskErrors()
+
+    def record(msg, exc=None):
+        info = (type(exc), exc, None) if exc is not None else None
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, info)
+
+    err = ValueError('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database at local file "x"')
+    future = record("Future exception was never retrieved\nfuture: <Future finished "
+                    f"exception={err!r}>", err)
+    task = record("Task exception was never retrieved\nfuture: <Task finished coro=<f() "
+                  f"done, defined at {os.sep}site{os.sep}orbax{os.sep}a.py:1>>")
+    other = record("Future exception was never retrieved", KeyError("unrelated"))
+    assert filt.filter(future) is False and filt.filter(task) is False
+    assert filt.filter(other) is True
+    text = log.read_text()
+    assert text.count("---- after the restore ----") == 2 and "OCDBT" in text

@@ -240,8 +240,8 @@ def _divert_stray_restore_errors() -> None:
 
     hook._jaxprefill_filter = True
     sys.unraisablehook = hook
-    # The same abandoned orbax tasks also reach asyncio's exception handler, which logs "Task
-    # exception was never retrieved" with the traceback when the task is collected.
+    # The same abandoned orbax tasks (and their futures) also reach asyncio's exception handler,
+    # which logs "Task / Future exception was never retrieved" when one is collected.
     logging.getLogger("asyncio").addFilter(_StrayTaskErrors())
 
 
@@ -250,7 +250,13 @@ class _StrayTaskErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if "exception was never retrieved" not in text or f"{os.sep}orbax{os.sep}" not in text:
+        if "exception was never retrieved" not in text:
+            return True
+        # A Task's repr names its orbax coroutine; a bare Future's does not, but its exception
+        # is tensorstore's read error (or its traceback runs through orbax).
+        trace = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
+        if not any(mark in text + trace for mark in (f"{os.sep}orbax{os.sep}", "OCDBT",
+                                                     "tensorstore")):
             return True
         if _stray_log:
             try:
