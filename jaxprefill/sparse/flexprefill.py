@@ -147,7 +147,7 @@ class FlexPrefill(Policy):
         def budget(x):
             return jnp.clip(mass_count(x, tok_ok, self.gamma, how=geo.estimation) // bsz + 1, lo, hi)
 
-        n_v, n_s = budget(vert), budget(slash)  # [B, Hq] blocks
+        n_v, n_s = budget(jnp.stack([vert, slash]))  # [B, Hq] blocks each, one search
 
         # Pattern test: estimated vs true block distribution of the last query block.
         blk_ok = jnp.arange(geo.n)[None, :] < nb  # [B, n]
@@ -163,10 +163,10 @@ class FlexPrefill(Policy):
         n_v = jnp.where(query_aware, lo, n_v)
         n_s = jnp.where(query_aware, lo, n_s)
 
-        vert_blocks = est.topk_mask(est.block_sum(vert, geo), blk_ok[:, None], n_v,
-                                      how=geo.estimation)  # [B,Hq,n]
-        band = est.block_sum(slash, geo)  # [B, Hq, n] by block-diagonal band
-        sel_band = est.topk_mask(band, blk_ok[:, None], n_s, how=geo.estimation)
+        # key blocks by vertical mass and block-diagonal bands by slash mass, [B, Hq, n] each
+        vert_blocks, sel_band = est.topk_mask(
+            jnp.stack([est.block_sum(vert, geo), est.block_sum(slash, geo)]),
+            blk_ok[None, :, None], jnp.stack([n_v, n_s]), how=geo.estimation)
         sel_diag = sel_band | jnp.pad(sel_band, ((0, 0), (0, 0), (1, 0)))[..., :geo.n]
         vs = vert_blocks[:, :, None, :] | est.diagonal_blocks(sel_diag, geo)
 

@@ -175,8 +175,11 @@ class MInference(Policy):
         valid = tok < geo.lengths[:, None, None]  # key j / offset o exists in the row
         vert = jnp.where(tok < self.force_vertical, jnp.inf, vert)
         slash = jnp.where(tok < self.force_slash, jnp.inf, slash)
-        sel_v = est.topk_mask(vert, valid, jnp.asarray(kv)[None, :], how=geo.estimation)  # [B, Hq, S] columns
-        sel_s = est.topk_mask(slash, valid, jnp.asarray(ks)[None, :], how=geo.estimation)  # [B, Hq, S] offsets
+        # columns and diagonal offsets [B, Hq, S] each, in one search (one pass per step)
+        counts = jnp.broadcast_to(jnp.stack([jnp.asarray(kv), jnp.asarray(ks)])[:, None, :],
+                                  (2, geo.B, geo.Hq))
+        sel_v, sel_s = est.topk_mask(jnp.stack([vert, slash]), valid[None], counts,
+                                     how=geo.estimation)
         diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)
         on = (kv > 0)[None, :, None, None]
         if columns:
