@@ -176,8 +176,7 @@ class MInference(Policy):
         vert = jnp.where(tok < self.force_vertical, jnp.inf, vert)
         slash = jnp.where(tok < self.force_slash, jnp.inf, slash)
         # columns and diagonal offsets [B, Hq, S] each, in one search (one pass per step)
-        counts = jnp.broadcast_to(jnp.stack([jnp.asarray(kv), jnp.asarray(ks)])[:, None, :],
-                                  (2, geo.B, geo.Hq))
+        counts = jnp.stack([jnp.asarray(kv), jnp.asarray(ks)])[:, None, :]  # [2, 1, Hq]
         sel_v, sel_s = est.topk_mask(jnp.stack([vert, slash]), valid[None], counts,
                                      how=geo.estimation)
         diag = est.diagonal_blocks(est.slash_offsets_to_blocks(sel_s, geo), geo)

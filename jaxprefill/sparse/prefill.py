@@ -187,23 +187,26 @@ def by_extent(build_at, extents: tuple[int, ...], need: jax.Array, nk: int, rows
     return jax.lax.switch(which, branches, *args)
 
 
+def pad_lists(a: jax.Array, width: int) -> jax.Array:
+    """Index lists a [..., m] padded to [..., width] by repeating each list's last entry (what
+    the kernels expect past a row's count; zeros for empty lists)."""
+    extra = width - a.shape[-1]
+    if extra == 0:
+        return a
+    mode = "edge" if a.shape[-1] else "constant"
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)], mode=mode)
+
+
 def widen(layout: BlockSparseLayout, nk: int, nnz: int, cols: int,
           rows: int | None = None) -> BlockSparseLayout:
     """``layout`` over the first key blocks of ``nk``, with its block lists padded to ``nnz``
     entries and its column lists to ``cols`` (repeating the last entry, as the kernels expect
     past the count); with ``rows``, query blocks appended up to ``rows``, each listing only its
     diagonal block (the rule for query blocks in the padding)."""
-    def pad(a: jax.Array, width: int) -> jax.Array:
-        extra = width - a.shape[-1]
-        if extra == 0:
-            return a
-        mode = "edge" if a.shape[-1] else "constant"
-        return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)], mode=mode)
-
-    kv_idx, kv_cnt = pad(layout.kv_idx, nnz), layout.kv_cnt
+    kv_idx, kv_cnt = pad_lists(layout.kv_idx, nnz), layout.kv_cnt
     col_idx, col_cnt = layout.col_idx, layout.col_cnt
     if col_idx is not None:
-        col_idx = pad(col_idx, cols)
+        col_idx = pad_lists(col_idx, cols)
     extra = 0 if rows is None else rows - layout.num_q_blocks
     if extra > 0:
         b, h = kv_cnt.shape[:2]
@@ -274,8 +277,7 @@ def chunk_rows_layout(policy, q: jax.Array, k: jax.Array, q_offset: jax.Array,
     nnz = min(rows.num_kv_blocks, 2 * rows.max_nnz)  # take_rows' list length (a union of 2)
 
     def aligned(rows: BlockSparseLayout) -> BlockSparseLayout:
-        pad = ((0, 0), (0, 0), (0, 0), (0, nnz - rows.max_nnz))  # repeat the last entry
-        out = BlockSparseLayout(jnp.pad(rows.kv_idx[:, :, :nq], pad, mode="edge"),
+        out = BlockSparseLayout(pad_lists(rows.kv_idx[:, :, :nq], nnz),
                                 rows.kv_cnt[:, :, :nq], blk, blk, rows.num_kv_blocks)
         if rows.col_idx is None:
             return out
@@ -348,8 +350,7 @@ def packed_layout(policy, q: jax.Array, k: jax.Array, seg: jax.Array, min_length
     n = sparse.num_kv_blocks
     dense = structured_layout(s, s, b, 1, block_q=blk, block_k=blk, causal=True, q_offset=None,
                               segment_ids=(seg, seg))
-    pad = n - sparse.max_nnz  # the policy may cap its lists: pad with the last entry
-    idx = jnp.pad(sparse.kv_idx, [(0, 0)] * 3 + [(0, pad)], mode="edge") if pad else sparse.kv_idx
+    idx = pad_lists(sparse.kv_idx, n)  # the policy may cap its lists
     pick = single[:, None, None]
     kv_idx = jnp.where(pick[..., None], idx, dense.kv_idx)
     kv_cnt = jnp.where(pick, sparse.kv_cnt, dense.kv_cnt)

@@ -84,7 +84,7 @@ from pallas_kernels import BlockSparseLayout, block_sparse_attention, block_spar
 from pallas_kernels import estimation as pk_estimation
 from pallas_kernels.layout import structured_layout
 from scripts.benchmarks.bench_sparse_ttft_gpu import (POLICIES, engine_config, llama3_8b_shapes,
-                                                      policy_config, ttft)
+                                                      path_spec, policy_config, ttft)
 from scripts.common.timing import time_ms
 
 NAME = "bench_sparse_stages_gpu"
@@ -420,14 +420,6 @@ def policy_spec(name: str, tiny: bool) -> Any:
     if tiny:
         return {"policy": name, **TINY, "params": TINY_PARAMS.get(name, {})}
     return policy_config(name)
-
-
-def path_spec(spec: Any, path: str, extent: str) -> Any:
-    """The chunked path's cache view is one bucket of the whole prompt: its sparse policies
-    estimate over ``extent`` (Estimation.extent; "bucket": each chunk up to its end)."""
-    if spec is None or path != "chunked":
-        return spec
-    return SparseConfig.parse(spec).with_estimation(extent=extent)
 
 
 def load(args: argparse.Namespace) -> tuple[Any, list[int], str]:

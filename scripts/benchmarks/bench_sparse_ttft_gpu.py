@@ -85,6 +85,14 @@ def engine_config(width: int, bucket: int, sparse: Any) -> EngineConfig:
                         bucket=bucket, chat=False, sparse=sparse)
 
 
+def path_spec(spec: Any, path: str, extent: str) -> Any:
+    """The chunked path's cache view is one bucket of the whole prompt: its sparse policies
+    estimate over ``extent`` (Estimation.extent; "bucket": each chunk up to its end)."""
+    if spec is None or path != "chunked":
+        return spec
+    return SparseConfig.parse(spec).with_estimation(extent=extent)
+
+
 def policy_stats(model, prompt: list[int], policies: dict[str, Any]) -> list[dict]:
     """Density and recall of each sparse policy on the prompt (mean over layers and heads)."""
     from jaxprefill.eval.runner import attention_stats
@@ -151,9 +159,7 @@ def main() -> None:
         width = args.chunk if path == "chunked" else args.seq
         dense_s = None
         for name in args.policies:
-            sparse = policies[name]
-            if sparse is not None and path == "chunked":
-                sparse = SparseConfig.parse(sparse).with_estimation(extent=args.extent)
+            sparse = path_spec(policies[name], path, args.extent)
             engine = Engine(model, None, engine_config(width, args.seq, sparse))
             t = time.perf_counter()
             med, times = ttft(engine, prompt, args.reps)
