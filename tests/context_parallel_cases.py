@@ -184,20 +184,22 @@ def collectives(text: str) -> dict:
 
 def memory_case() -> dict:
     """Per-device temporary memory of ring attention alone (one prompt of 2048) at 2, 4 and 8
-    devices, and of the unsplit block-sparse attention on one device."""
+    devices, with two steps per merge pass ("2") and with the default ("default"), and of the
+    unsplit block-sparse attention on one device ("1")."""
     b, s, hq, hkv, d = 1, 2048, 4, 2, 32
     q = jax.ShapeDtypeStruct((b, s, hq, d), jnp.float32)
     kv = jax.ShapeDtypeStruct((b, s, hkv, d), jnp.float32)
-    temp = {}
+    temp: dict = {"2": {}, "default": {}}
     for n in (2, 4, 8):
         mesh = mesh_of(sequence=n)
         sh = NamedSharding(mesh, P(None, "sequence", None, None))
-        ctx = ContextParallel(mesh, block=32)
-        fn = jax.jit(lambda q, k, v: prompt_attention(ctx, q, k, v), in_shardings=(sh, sh, sh),
-                     out_shardings=sh)
-        temp[n] = fn.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+        for label, ctx in (("2", ContextParallel(mesh, block=32, merge_every=2)),
+                           ("default", ContextParallel(mesh, block=32))):
+            fn = jax.jit(lambda q, k, v, ctx=ctx: prompt_attention(ctx, q, k, v),
+                         in_shardings=(sh, sh, sh), out_shardings=sh)
+            temp[label][n] = fn.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
     one = jax.jit(lambda q, k, v: attend(q, k, v, spec=AttentionSpec(impl="block_sparse")))
-    temp[1] = one.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+    temp["1"] = one.lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
     return temp
 
 

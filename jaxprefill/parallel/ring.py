@@ -320,7 +320,7 @@ def prompt_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Ar
 def virtual_ring(q: jax.Array, k: jax.Array, v: jax.Array, n: int, *, block: int = 128,
                  zig: bool = True, causal: bool = True, sm_scale: float | None = None,
                  impl: str = "auto", interpret: Any = False, ordered: bool = False,
-                 merge_every: int = 2) -> jax.Array:
+                 merge_every: int = 8) -> jax.Array:
     """Dense ring attention of n *virtual* devices on one device: every (device, step) kernel
     call of :func:`prompt_attention` and its combine, one after another (what splitting costs,
     without a network; GPU checks and benchmarks). Devices run in a ``lax.map``, their steps as

@@ -21,7 +21,7 @@ Bench mode: 128K tokens, B 1, 32 query heads, 8 KV heads, head dim 128, bf16. Th
 kernel over the dense causal layout (what ``attend`` runs) against the virtual ring of n shards
 on inputs already in ring order (a model permutes its tokens once, not Q/K/V), per n and per
 ``merge_every`` (steps whose partial outputs join the float32 accumulator in one pass); ratio
-= ring / unsplit, bar ``--bar`` (1.05), judged on the first ``--merge-every`` (2, the
+= ring / unsplit, bar ``--bar`` (1.05), judged on the first ``--merge-every`` (8, the
 library's default; the others are printed for comparison). Also one merge at the per-step
 size times n^2 (the combine's share at merge_every 1) and cuDNN as an anchor. Timings:
 ``scripts.common.timing.time_ms``.
@@ -207,9 +207,9 @@ def main() -> int:
     ap.add_argument("--bench-impl", default="auto", help="kernel of the bench mode")
     ap.add_argument("--seq", type=int, default=131072)
     ap.add_argument("--shards", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--merge-every", type=int, nargs="+", default=[2, 1, 4],
+    ap.add_argument("--merge-every", type=int, nargs="+", default=[8, 2, 4],
                     help="bench: ContextParallel.merge_every values (steps per merge pass); "
-                         "the first (default 2, the library's) is judged against --bar")
+                         "the first (default 8, the library's) is judged against --bar")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bar", type=float, default=1.05)
     ap.add_argument("--smoke", action="store_true",
