@@ -161,3 +161,24 @@ def test_pbs_last_block_exact_covers_tau_of_each_heads_mass(qkv, heads):
             covered = (p * plus[b, h, start:length, :length]).sum() / p.sum()
             assert covered >= tau - 1e-6, (b, h, covered)
     assert (plus != base).any(), "last_block_exact added nothing on these inputs"
+
+
+def test_pbs_dense_tail_attends_every_earlier_key_and_matches_the_reference(qkv):
+    """n_last: the query blocks holding each row's last n_last queries read every earlier key
+    (permuted or not); the other rows keep n_last=0's selection; the output equals the float64
+    reference on the mapped mask."""
+    q, k, v = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    plain = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6), q, k, lengths)
+    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6, n_last=100)
+    tail = full_keep(policy, q, k, lengths)
+    out = np.asarray(jax.jit(lambda a, b, c, l: policy.attend(a, b, c, prompt_call(a, l)))(
+        q, k, v, lengths))
+    ref = ref_attention(q, k, v, tail)
+    for b, length in enumerate(LENGTHS):
+        first = (length - 100) // BLOCK * BLOCK  # first query of the tail's first block
+        i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+        assert tail[b, :, first:length, :length].all(axis=0)[(j <= i)[first:]].all()
+        np.testing.assert_array_equal(tail[b, :, :first], plain[b, :, :first])
+        assert (tail[b, :, first:length] != plain[b, :, first:length]).any()
+        np.testing.assert_allclose(out[b, :length], ref[b, :length], atol=3e-5, rtol=3e-5)

@@ -168,6 +168,31 @@ def test_proxyattn_last_block_exact_adds_the_heads_own_selection(qkv):
             assert plus[b, h, last, int(blocks.argmax())], (b, h)
 
 
+@pytest.mark.parametrize("name", ["minference", "flexprefill", "xattention", "proxyattn",
+                                  "oracle_topk"])
+def test_dense_tail_of_every_policy(name, qkv):
+    """n_last (a field of every policy): the rows holding each row's last n_last queries list
+    every causal block, the other rows are the method's own layout (n_last 0)."""
+    q, k, _ = qkv
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    params = POLICIES[name][0]
+    _, plain = build(make(name, params), q, k, lengths)
+    _, tail = build(make(name, params, n_last=100), q, k, lengths)
+    for b, length in enumerate(LENGTHS):
+        allowed, nb = causal_valid(tail.shape[-1], length)
+        first = (length - 100) // BLOCK  # 100 queries span 2 blocks (640) or 3 (421)
+        np.testing.assert_array_equal(tail[b][:, :first], plain[b][:, :first])
+        np.testing.assert_array_equal(tail[b][:, first:nb],
+                                      np.broadcast_to(allowed[first:nb], tail[b][:, first:nb].shape))
+        np.testing.assert_array_equal(tail[b][:, nb:], plain[b][:, nb:])  # padding rows
+        assert (tail[b] != plain[b]).any()  # not vacuous: the method dropped tail blocks
+
+
+def test_dense_tail_is_checked():
+    with pytest.raises(ValueError, match="n_last must be an integer >= 0"):
+        make("xattention", {}, n_last=-1)
+
+
 def test_streaming_dense_tail_is_trianglemix_from_layer_0(qkv):
     """streaming's n_last makes the rows holding each row's last n_last queries dense causal and
     leaves the others; with every layer streaming it equals trianglemix(start_layer=0)."""

@@ -42,6 +42,7 @@ CASES = [
     ("trianglemix", {"start_layer": 0, "n_init": 8, "n_local": 128, "n_last": 64}, C2),
     ("blasst", {}, C1),
     ("xattention", {"threshold": 0.6, "stride": 8}, C1),
+    ("xattention", {"threshold": 0.6, "stride": 8, "n_last": 40}, C2),  # each chunk's tail
     ("flexprefill", {"gamma": 0.9, "tau": 0.0, "min_budget": 64}, C1),  # vertical-slash heads
     ("flexprefill", {"gamma": 0.7, "tau": 1.0, "min_budget": 64}, C2),  # query-aware heads
     ("minference", {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16}, C3),

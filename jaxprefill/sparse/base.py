@@ -7,6 +7,11 @@ applies the rules every policy shares, so no policy can forget them:
 
 * the sink block (key block 0) and the diagonal block are always listed (the diagonal holds
   each query's own key, the sink holds the attention sinks every head uses);
+* the query blocks holding a row's last ``n_last`` queries list every causal block (a dense
+  tail, as TriangleMix's: the last token's output gives the first generated token, so it
+  sees the whole prompt at every layer; a needle the estimate ranks low in the question's
+  block-pooled scores is still read where the answer is made). In chunked prefill the tail is
+  each chunk's last queries (a chunk does not know whether it ends the prompt);
 * only causal blocks are listed (key block <= query block);
 * batch rows have their own lengths (``lengths [B]``, right padding): the estimators read only a
   row's valid tokens, so a row gets the same layout in any batch; query blocks that lie wholly in
@@ -126,6 +131,14 @@ class Geometry:
         j = jnp.arange(self.n)
         return (j == 0) | (j == i)
 
+    def tail_rows(self, n_last: int) -> jax.Array:
+        """bool [B, nq]: the computed query-block rows holding one of each row's last
+        ``n_last`` queries (none for 0)."""
+        if n_last <= 0:
+            return jnp.zeros((self.B, self.nq), bool)
+        first = (self.lengths - n_last) // self.block  # [B] block of the tail's first query
+        return self.query_rows() >= first[:, None]
+
     def diagonal(self) -> jax.Array:
         """bool [1 or B, 1, nq, n]: the diagonal block of each computed row."""
         return self.query_rows()[:, None, :, None] == jnp.arange(self.n)
@@ -180,6 +193,8 @@ class Policy:
       heads: "q" one list per query head (the papers), "kv" one per KV head (group union).
       max_nnz: static cap on blocks per list; None = no cap (n blocks).
       estimation: how the estimation runs (:class:`Estimation`; a name or a dict in configs).
+      n_last: the query blocks holding each row's last n_last queries are dense (module
+        docstring); 0 (default; trianglemix: 128) gives the method's own layout.
     """
 
     name: ClassVar[str] = "base"
@@ -196,9 +211,13 @@ class Policy:
     # recall_probes query-block rows is below recall_target get their dense causal rows.
     recall_target: float | None = None
     recall_probes: int = 2
+    n_last: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "estimation", Estimation.parse(self.estimation))
+        if not isinstance(self.n_last, int) or self.n_last < 0:
+            raise ValueError(f"{self.name}: n_last must be an integer >= 0 (queries), got "
+                             f"{self.n_last!r}")
         if self.recall_target is not None:
             if not 0 < self.recall_target <= 1:
                 raise ValueError(f"{self.name}: recall_target must be in (0, 1], got "
@@ -302,7 +321,7 @@ class Policy:
         except the recall guard (``recall_target``, needs q and k), which decides per head
         from probe rows of the window."""
         causal, forced = geo.causal(), geo.forced()
-        mask = (mask | forced) & causal
+        mask = (mask | forced | geo.tail_rows(self.n_last)[:, None, :, None]) & causal
         if self.recall_target is not None:
             if q is None or k is None:
                 raise ValueError(f"{self.name}: the recall guard needs q and k in finish()")

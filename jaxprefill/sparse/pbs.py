@@ -133,6 +133,7 @@ class PBS(Policy):
         keep = est.cumulative_keep(prob, offb, self.tau, forced=sink & offb, how=geo.estimation)
         if self.last_block_exact:
             keep = keep | self._last_block_selection(vert, perm, off, sink, geo)
+        keep = keep | (geo.tail_rows(self.n_last)[:, None, :, None] & offb)  # dense tail
         if min_length > 0:  # short rows: dense causal, all from the original keys
             short = (geo.lengths < min_length)[:, None, None, None]
             keep = keep & ~short

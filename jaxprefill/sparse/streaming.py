@@ -14,8 +14,9 @@ DuoAttention finds those heads by training a gate per head; ``scripts/tools/sear
 instead ranks heads training-free (attention mass outside the window, mass on the needle, or
 the answer's deviation from dense when a head streams: see that script).
 
-``n_last`` > 0 adds TriangleMix's dense query tail: the query blocks holding each row's last
-``n_last`` queries attend to every earlier key (the generating tokens see the whole prompt).
+``n_last`` > 0 (a field of every policy) adds TriangleMix's dense query tail: the query blocks
+holding each row's last ``n_last`` queries attend to every earlier key (the generating tokens
+see the whole prompt).
 """
 
 from __future__ import annotations
@@ -38,13 +39,6 @@ def streaming_blocks(geo: Geometry, sink: int, local: int) -> jax.Array:
     i = geo.query_rows()[:, :, None]
     j = jnp.arange(geo.n)[None, None, :]
     return (j < sink_b) | ((j <= i) & (j > i - local_b))
-
-
-def dense_tail(geo: Geometry, n_last: int) -> jax.Array:
-    """bool [B, nq]: the computed query-block rows holding one of each row's last n_last
-    queries."""
-    first = (geo.lengths - n_last) // geo.block  # [B] block of the tail's first query
-    return geo.query_rows() >= first[:, None]
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,7 +72,6 @@ class Streaming(Policy):
     sink: int = 64
     local: int = 256
     head_config: str | None = None
-    n_last: int = 0
 
     def dense_heads(self, layer: int, hkv: int) -> tuple[int, ...]:
         """The KV heads of ``layer`` that keep full causal attention."""
@@ -96,8 +89,6 @@ class Streaming(Policy):
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         m = jnp.broadcast_to(streaming_blocks(geo, self.sink, self.local)[:, None],
                              (geo.B, geo.Hkv, geo.nq, geo.n))
-        if self.n_last > 0:
-            m = m | (dense_tail(geo, self.n_last)[:, None, :, None] & geo.causal())
         dense = self.dense_heads(layer, geo.Hkv)
         if not dense:
             return m

@@ -2,8 +2,9 @@
 
 Layers < start_layer: dense. Layers >= start_layer: "triangle": every query block attends the
 sink (n_init tokens) and a local window (n_local tokens) only, except the query blocks holding
-the row's last n_last queries, which attend densely (the answer is produced there). Static
-pattern: no estimation. One list per KV head.
+the row's last n_last queries, which attend densely (the answer is produced there; the shared
+dense tail of every policy, ``Policy.n_last``). Static pattern: no estimation. One list per KV
+head.
 
 Defaults (README, Llama-3.1-8B, 32 layers): start_layer 16, n_init 8, n_local 512, n_last 128.
 Block 128; sink and local windows round up to whole blocks.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse.base import Geometry, Policy
-from jaxprefill.sparse.streaming import dense_tail, streaming_blocks
+from jaxprefill.sparse.streaming import streaming_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +31,13 @@ class TriangleMix(Policy):
     start_layer: int = 16
     n_init: int = 8
     n_local: int = 512
-    n_last: int = 128
+    n_last: int = 128  # the dense tail (Policy.finish applies it)
 
     def layer_key(self, layer: int) -> int:
         return min(layer, self.start_layer)
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
-        full = jnp.ones((geo.B, geo.Hkv, geo.nq, geo.n), bool)
         if layer < self.start_layer:
-            return full
+            return jnp.ones((geo.B, geo.Hkv, geo.nq, geo.n), bool)
         tri = streaming_blocks(geo, self.n_init, self.n_local)[:, None]  # [1 or B, 1, nq, n]
-        return jnp.where(dense_tail(geo, self.n_last)[:, None, :, None], full, tri)
+        return jnp.broadcast_to(tri, (geo.B, geo.Hkv, geo.nq, geo.n))
