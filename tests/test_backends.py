@@ -139,6 +139,31 @@ def test_attention_backends_on_gpus(device, hopper):
         pick(bf16(256, 128), 128, simple=False, impl="block_sparse", differentiable=True)
 
 
+def test_long_calls_off_gpus_run_in_bounded_memory(device, monkeypatch):
+    """Off GPUs XLA materializes the float32 scores: past XLA_SCORES_LIMIT "auto" takes the
+    block-sparse kernel (O(S) memory), with the same output."""
+    import jax
+
+    device("cpu")
+    long = jax.ShapeDtypeStruct((8, 8192, 9, 64), jnp.bfloat16)  # 19.3 GB of scores
+    assert dispatch.attention_backend(long, 64, simple=True) == "block_sparse"
+    assert dispatch.attention_backend(long, 64, simple=False) == "block_sparse"
+    chunk = jax.ShapeDtypeStruct((1, 256, 9, 64), jnp.bfloat16)
+    assert dispatch.attention_backend(chunk, 64, simple=False, sk=262144) == "block_sparse"
+    assert dispatch.attention_backend(chunk, 64, simple=False, sk=4096) == "xla"
+    decode = jax.ShapeDtypeStruct((64, 1, 9, 64), jnp.bfloat16)
+    assert dispatch.attention_backend(decode, 64, simple=False, sk=1 << 22) == "xla"
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 200, h, 32)), jnp.float32)
+               for h in (4, 2, 2))
+    want = dispatch.attend(q, k, v)
+    monkeypatch.setattr(dispatch, "XLA_SCORES_LIMIT", 1024)
+    assert dispatch.attention_backend(q, 32, simple=True) == "block_sparse"
+    got = dispatch.attend(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
 def test_attention_backends_off_gpus(device):
     device("cpu")
     q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)

@@ -18,7 +18,10 @@ block-sparse kernel first for masked ones; reasons are logged at debug level):
     also MLA's Dqk=192 / Dv=128 (the Mosaic kernel takes them natively) and float32 prefills on
     Hopper with head dims <= 128 (three-TF32 Triton dots in O(S) memory, where XLA materializes
     the scores). Needs 64+ queries; no sliding windows; no gradients.
-  * "xla": `jax.nn.dot_product_attention` on XLA; anywhere: what CPUs and TPUs run.
+  * "xla": `jax.nn.dot_product_attention` on XLA; anywhere: what CPUs and TPUs run, while its
+    float32 scores [B, Hq, Sq, Sk] (which it materializes) take at most `XLA_SCORES_LIMIT`
+    bytes; longer calls there run "block_sparse" (O(S) memory: a loop over key blocks on
+    CPUs, the Mosaic kernel on TPUs), so a long prompt is slow rather than out of memory.
   * "reference": float32 einsum with a materialized [B, Sq, Sk] mask; only when named.
 `AttentionSpec(differentiable=True)` (training) skips backends without gradients.
 Sparse prefill: `AttentionSpec(sparse=SparseConfig)` (jaxprefill.sparse): the attention entry
@@ -83,6 +86,17 @@ class AttentionCall:
     simple: bool  # no q_offset, no segment ids, Sq == Sk: no mask array needed
     window: int | None
     differentiable: bool
+    sk: int | None = None  # keys per row (None: Sq)
+
+    def scores_bytes(self) -> int:
+        """Bytes of the float32 scores [B, Hq, Sq, Sk] a materializing backend holds."""
+        b, sq, hq, _ = self.q.shape
+        return 4 * b * hq * sq * (sq if self.sk is None else self.sk)
+
+
+# Off GPUs, XLA's attention materializes its float32 scores; a call whose scores would exceed
+# this runs the block-sparse kernel instead (a 32K-token row of 9 heads needs 38.7 GB of them).
+XLA_SCORES_LIMIT = 1 << 30
 
 
 def _cudnn_refusal(call: AttentionCall) -> str | None:
@@ -111,10 +125,13 @@ def _block_sparse_refusal(call: AttentionCall) -> str | None:
 
 
 def _block_sparse_not_preferred(call: AttentionCall) -> str | None:
-    if backends.platform() != "gpu":
-        return "off GPUs XLA's fused attention is the fast path"
     if call.q.shape[1] < 64:
         return f"{call.q.shape[1]} queries: decode and short chunks run faster on XLA"
+    if backends.platform() != "gpu":
+        if call.scores_bytes() > XLA_SCORES_LIMIT:
+            return None  # XLA would materialize more than the limit: O(S) memory here
+        return (f"off GPUs XLA's fused attention is the fast path while its scores fit "
+                f"{XLA_SCORES_LIMIT >> 20} MiB (this call: {call.scores_bytes() >> 20} MiB)")
     wide = max(call.q.shape[-1], call.dv) > 128
     if call.q.dtype == jnp.float32 and (wide or not mosaic_common.is_hopper()):
         return "float32: the kernel's float32 tiles fit Hopper with head dims <= 128 only"
@@ -135,9 +152,11 @@ BACKENDS_MASKED = (_BLOCK_SPARSE, _CUDNN, _XLA, _REFERENCE)
 
 
 def attention_backend(q: jax.Array, dv: int, *, simple: bool, window: int | None = None,
-                      impl: str = "auto", differentiable: bool = False) -> str:
-    """The backend `attend` runs for q [B, Sq, Hq, D] and value head dim ``dv``."""
-    call = AttentionCall(q, dv, simple, window, differentiable)
+                      impl: str = "auto", differentiable: bool = False,
+                      sk: int | None = None) -> str:
+    """The backend `attend` runs for q [B, Sq, Hq, D], value head dim ``dv`` and ``sk`` keys
+    per row (default Sq)."""
+    call = AttentionCall(q, dv, simple, window, differentiable, sk)
     order = BACKENDS_SIMPLE if simple else BACKENDS_MASKED
     return backends.resolve("attend", order, impl, call)
 
@@ -177,7 +196,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     simple = q_offset is None and segment_ids is None and q.shape[1] == k.shape[1]
     dv = v.shape[-1]
     implementation = attention_backend(q, dv, simple=simple, window=window, impl=spec.impl,
-                                       differentiable=spec.differentiable)
+                                       differentiable=spec.differentiable, sk=k.shape[1])
     if implementation == "reference":
         mask = build_mask(q.shape[1], k.shape[1], q.shape[0], causal, q_offset, segment_ids, window)
         return reference_attention(q, k, v, mask, sm_scale)
