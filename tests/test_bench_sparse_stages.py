@@ -147,3 +147,17 @@ def test_ttft_stats_report_density_and_recall(tmp_path, monkeypatch):
     assert row["policy"] == spec and row["length"] == 256
     assert 0.1 < row["density"] < 0.6 and 0.0 < row["recall"] <= 1.0
     assert f"| row | {spec} |" in (tmp_path / "bench_sparse_ttft_gpu.md").read_text()
+
+
+def test_threshold_search_bench_runs_tiny(tmp_path):
+    from jaxprefill.sparse import select
+    from scripts.benchmarks import bench_threshold_search_gpu as bench
+
+    before = select.RADIX_BITS
+    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    assert select.RADIX_BITS == before  # the library's width is restored
+    rows = json.loads((tmp_path / "bench_threshold_search.json").read_text())["results"]
+    assert [r["shape"] for r in rows] == list(bench.TINY)
+    for r in rows:
+        assert all(r[f"topk_equal_b{b}"] for b in bench.WIDTHS)
+        assert all(r[f"topk_ms_b{b}"] > 0 and r[f"mass_ms_b{b}"] > 0 for b in bench.WIDTHS)

@@ -67,7 +67,7 @@ def above(key: jax.Array, u: jax.Array) -> jax.Array:
     return key[..., None, :] > u[..., :, None]
 
 
-def _search(cond, shape, bits: int = RADIX_BITS) -> jax.Array:
+def _search(cond, shape, bits: int | None = None) -> jax.Array:
     """uint32 [shape]: per row the smallest U with cond(U) true (cond monotone false -> true
     in U; rows where it never holds get 0xFFFFFFFF).
 
@@ -78,6 +78,9 @@ def _search(cond, shape, bits: int = RADIX_BITS) -> jax.Array:
     answer as a bit-by-bit binary search (bits=1) in 32 / bits dependent passes instead of
     32, which is what small arrays pay for (each pass is a kernel launch).
     """
+    bits = RADIX_BITS if bits is None else bits  # read at trace time (benchmarks vary it)
+    if 32 % bits:
+        raise ValueError(f"radix search: bits must divide 32, got {bits}")
     digits = jnp.arange((1 << bits) - 1, dtype=jnp.uint32)
 
     def body(i, ans):

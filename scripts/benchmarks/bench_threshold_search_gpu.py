@@ -1,0 +1,100 @@
+"""Times the estimators' threshold searches per digit width, beside the sort they replace.
+
+    python -m scripts.benchmarks.bench_threshold_search_gpu --out DIR     # GPU
+    python -m scripts.benchmarks.bench_threshold_search_gpu --tiny --out DIR   # CPU smoke run
+
+`jaxprefill.sparse.select` finds a per-row cut by a radix search that fixes ``RADIX_BITS`` bits
+per dependent pass (32 / bits passes of 2^bits - 1 candidate cuts each). Wide digits mean few
+passes (what short rows pay for: a kernel launch each) but 2^bits - 1 comparisons per entry
+and pass (what long rows pay for). Per shape and width this prints the median ms of
+``topk_mask`` (count cut: MInference's vertical / slash top-k) and ``mass_count`` (mass cut:
+FlexPrefill's budget), and the sort-based reference (``jax.lax.top_k``); every variant's mask
+is checked against the reference (exit 1 on a mismatch).
+
+Shapes (Llama-3-8B heads, batch 1): one row of 128K keys per head [1, 32, 131072] (a chunk's
+vertical sums over the cache view), the same for 32K keys, two stacked searches [1, 32, 2,
+131072] (MInference's vertical and slash together), and block rows [1, 32, 128, 1024] (a
+chunk's 128 query blocks over 1024 key blocks). Timings: ``scripts.common.timing.time_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprefill.sparse import select
+from scripts.common.timing import time_ms
+
+SHAPES = {"keys128k": (1, 32, 131072), "keys32k": (1, 32, 32768),
+          "stacked128k": (1, 32, 2, 131072), "blockrows": (1, 32, 128, 1024)}
+TINY = {"keys": (1, 4, 2048), "blockrows": (1, 4, 16, 64)}
+WIDTHS = (1, 2, 4, 8)
+
+
+def reference_topk(scores: jax.Array, count: int) -> jax.Array:
+    """bool mask of the `count` largest entries per row by a sort (ties: lowest index)."""
+    _, idx = jax.lax.top_k(scores, count)
+    rows = jnp.zeros(scores.shape, bool)
+    return jnp.put_along_axis(rows, idx, True, axis=-1, inplace=False)
+
+
+def run(shapes: dict, reps: int) -> tuple[list, bool]:
+    results, ok = [], True
+    for label, shape in shapes.items():
+        m = shape[-1]
+        scores = jax.random.uniform(jax.random.key(0), shape, jnp.float32)
+        probs = scores / scores.sum(-1, keepdims=True)
+        valid = jnp.ones(shape, bool)
+        count = max(1, m // 128)  # ~MInference's 1000 of 128K
+        want = jax.jit(lambda s: reference_topk(s, count))(scores)
+        row = dict(shape=label, dims=list(shape),
+                   sort_ms=time_ms(jax.jit(lambda s: reference_topk(s, count)), scores,
+                                   reps=reps).ms)
+        for bits in WIDTHS:
+            select.RADIX_BITS = bits  # read when the search is traced
+            topk = jax.jit(lambda s: select.topk_mask(s, valid, count))
+            mass = jax.jit(lambda p: select.mass_count(p, valid, 0.9))
+            same = bool(jnp.array_equal(topk(scores), want))
+            ok &= same
+            row[f"topk_ms_b{bits}"] = time_ms(topk, scores, reps=reps).ms
+            row[f"mass_ms_b{bits}"] = time_ms(mass, probs, reps=reps).ms
+            row[f"topk_equal_b{bits}"] = same
+        results.append(row)
+        cells = "  ".join(f"b{b}: {row[f'topk_ms_b{b}']:.3f} / {row[f'mass_ms_b{b}']:.3f}"
+                          for b in WIDTHS)
+        print(f"{label:12s} {str(shape):20s} sort {row['sort_ms']:.3f} ms | topk / mass ms "
+              f"{cells}", flush=True)
+    return results, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes")
+    args = ap.parse_args(argv)
+    default_bits = select.RADIX_BITS
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; library RADIX_BITS "
+          f"{default_bits}", flush=True)
+    try:
+        results, ok = run(TINY if args.tiny else SHAPES, 2 if args.tiny else args.reps)
+    finally:
+        select.RADIX_BITS = default_bits
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_threshold_search.json").write_text(json.dumps(dict(
+        device=jax.devices()[0].device_kind, jax=jax.__version__, radix_bits=default_bits,
+        results=results), indent=1))
+    if not ok:
+        print("MISMATCH: a search's top-k differs from the sort", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
