@@ -276,7 +276,7 @@ def run(model, tokenizer, configs: dict[str, SparseConfig | None], plan: EvalPla
             build(ps)  # tokenize once; a changed prompt (other tokenizer / assets) is redone
         progress.total += sum(not done(n, ps) for n in configs for ps in group) - before
         padded = -(-targets[length] // PAD) * PAD
-        rows = batch_size or default_batch_size(padded)
+        rows = batch_size or min(default_batch_size(padded), len(group))  # one shape a length
         log(f"length {length}: {len(group)} prompts built in {time.perf_counter() - t0:.1f}s, "
             f"padded to {padded} tokens, {rows} rows per batch")
         for name, cfg in configs.items():
