@@ -194,7 +194,8 @@ class Policy:
       max_nnz: static cap on blocks per list; None = no cap (n blocks).
       estimation: how the estimation runs (:class:`Estimation`; a name or a dict in configs).
       n_last: the query blocks holding each row's last n_last queries are dense (module
-        docstring); 0 (default; trianglemix: 128) gives the method's own layout.
+        docstring; a ``max_nnz`` cap applies to them like to any row); 0 (default;
+        trianglemix: 128) gives the method's own layout.
     """
 
     name: ClassVar[str] = "base"
