@@ -128,9 +128,11 @@ def test_report_tables_pair_configs_on_the_same_prompts(tmp_path):
     long = records("dense", [1, 0, 0, 0], length=1024) + records("flex", [0, 0, 0, 0], length=1024)
     answers = dense + sparse + long
     stats = [{"config": "flex", "length": 512, "density": 0.5, "recall": 0.9,
-              "min_head_recall": 0.7, "output_error": 0.1},
+              "min_head_recall": 0.7, "output_error": 0.1, "last_recall": 0.8,
+              "min_last_recall": 0.5},
              {"config": "flex", "length": 512, "density": 0.7, "recall": 0.95,
-              "min_head_recall": 0.8, "output_error": 0.05}]
+              "min_head_recall": 0.8, "output_error": 0.05, "last_recall": 1.0,
+              "min_last_recall": 1.0}]
     meta = {"model": "m", "split": "test", "tasks": ["passkey"], "lengths": [512, 1024],
             "depths": [0.5], "samples": 10, "haystack": "mixed", "dtype": "float32",
             "configs": ["dense", "flex"]}
@@ -146,11 +148,12 @@ def test_report_tables_pair_configs_on_the_same_prompts(tmp_path):
     assert pair[("all", "all")]["n"] == 14 and pair[("all", "all")]["only_b"] == 3
     assert summary["attention"] == [{"config": "flex", "length": 512, "prompts": 2,
                                      "density": 0.6, "recall": 0.925, "min_head_recall": 0.7,
-                                     "output_error": pytest.approx(0.075)}]
+                                     "output_error": pytest.approx(0.075),
+                                     "last_recall": pytest.approx(0.9), "min_last_recall": 0.5}]
     md = (tmp_path / "report.md").read_text()
     assert "| dense | passkey | 8/10 0.80 [0.49, 0.94] | 1/4 0.25 [0.05, 0.70] |" in md
     assert "| flex | passkey | -0.10 [" in md and "(+1/-2, p=1)" in md
-    assert "| flex | 512 | 2 | 0.600 | 0.9250 | 0.7000 | 0.0750 |" in md
+    assert "| flex | 512 | 2 | 0.600 | 0.9250 | 0.7000 | 0.0750 | 0.9000 | 0.5000 |" in md
     assert json.loads((tmp_path / "summary.json").read_text())["paired_method"].startswith(
         "Newcombe")
     assert (tmp_path / "accuracy.png").stat().st_size > 5000
@@ -263,10 +266,36 @@ def test_chunked_layer_stats_match_the_all_layers_capture(monkeypatch):
     for chunk in (1, 2):  # chunk 2: the last chunk is padded with a copy
         got = runner.prompt_attention_stats(model, tokens, lens, configs, rows=8, chunk=chunk,
                                             log=lambda m: None)
-        for m in ("density", "recall", "min_head_recall", "output_error"):
+        for m in ("density", "recall", "min_head_recall", "output_error", "last_recall",
+                  "min_last_recall"):
             np.testing.assert_allclose(got["streaming"][m], want["streaming"][m], rtol=1e-5,
                                        err_msg=f"{m} chunk {chunk}")
     assert want["streaming"]["recall"].max() < 1.0
+
+
+def test_last_query_recall_is_the_generating_tokens_and_a_dense_tail_makes_it_exact():
+    """last_recall: the recall of each prompt's last query, per layer and head, against a
+    direct computation at that row; with n_last the last query reads every key (recall 1)."""
+    model = tiny_model(num_layers=2)
+    rng = np.random.default_rng(5)
+    lens = np.array([250, 203])
+    tokens = np.zeros((2, 256), np.int32)
+    for i, n in enumerate(lens):
+        tokens[i, :n] = rng.integers(1, 97, n)
+    tail = SparseConfig.parse({"policy": "streaming", "min_length": 0,
+                               "params": {"sink": 16, "local": 32, "block_size": 16,
+                                          "n_last": 1}})
+    got = runner.layer_head_stats(model, tokens, lens, {"streaming": STREAMING, "tail": tail},
+                                  rows=8, log=lambda m: None)
+    from jaxprefill.eval.probe import layer_qkv
+    policy = STREAMING.policy_for(0)
+    for layer, q, k, v in layer_qkv(model, jnp.asarray(tokens)):
+        mask = policy.block_mask(q, k, layer=layer, lengths=jnp.asarray(lens, jnp.int32))
+        want, _ = metrics.row_recall_error(q, k, v, mask, (lens - 1)[:, None], policy.block_size)
+        np.testing.assert_allclose(got["streaming"]["last_recall"][layer], want, rtol=1e-5)
+    assert got["streaming"]["last_recall"].max() < 1.0  # the window drops far keys
+    np.testing.assert_allclose(got["tail"]["last_recall"], 1.0, rtol=1e-6)
+    assert got["tail"]["recall"].min() < 1.0  # only the tail is dense
 
 
 # ------------------------------------------------------------------------------ command line

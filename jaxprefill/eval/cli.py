@@ -226,7 +226,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     tokens = prompt_tokens(tok, args.length)
     rows = attention_stats(model, tokens, cfgs, rows=args.rows,
                            log=lambda m: print(m, file=sys.stderr))
-    cols = ["policy", "length", "density", "recall", "min_head_recall", "output_error"]
+    cols = ["policy", "length", "density", "recall", "min_head_recall", "output_error",
+            "last_recall", "min_last_recall"]
     table = markdown_table(rows, cols)
     print(table)
     if args.out_dir:

@@ -3,7 +3,8 @@ attention statistics; written as ``report.md``, ``summary.json`` and ``accuracy.
 
 Input rows are the answer records of :mod:`jaxprefill.eval.suite` (``config``, ``task``,
 ``length``, ``prompt_id``, ``correct``, ``score``) and its stats records (``config``,
-``length``, ``density``, ``recall``, ``min_head_recall``, ``output_error``).
+``length``, ``density``, ``recall``, ``min_head_recall``, ``output_error``, ``last_recall``,
+``min_last_recall``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def paired_rows(records: list[dict], baseline: str = "dense") -> list[dict]:
 
 
 def stats_rows(records: list[dict]) -> list[dict]:
-    """Mean density / recall / output error and the lowest head recall per (config, length)."""
+    """Mean density / recall / output error / last-query recall and the lowest head and
+    last-query recalls per (config, length)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["config"], r["length"]), []).append(r)
@@ -74,7 +76,9 @@ def stats_rows(records: list[dict]) -> list[dict]:
              "density": float(np.mean([r["density"] for r in rs])),
              "recall": float(np.mean([r["recall"] for r in rs])),
              "min_head_recall": float(np.min([r["min_head_recall"] for r in rs])),
-             "output_error": float(np.mean([r["output_error"] for r in rs]))}
+             "output_error": float(np.mean([r["output_error"] for r in rs])),
+             "last_recall": float(np.mean([r["last_recall"] for r in rs])),
+             "min_last_recall": float(np.min([r["min_last_recall"] for r in rs]))}
             for (c, n), rs in groups.items()]
 
 
@@ -137,12 +141,14 @@ def markdown(acc: list[dict], paired: list[dict], stats: list[dict], meta: dict,
         out += ["", "## Density and attention recall", "",
                 "Over all layers and heads of the sampled prompts, from the dense forward's "
                 "q/k/v; recall = dense attention mass kept, exact on sampled query rows; min "
-                "head = the lowest (layer, head, prompt) recall.", "",
+                "head = the lowest (layer, head, prompt) recall; last query = the recall of "
+                "each prompt's last token, whose output makes the first generated token.", "",
                 "| config | length | prompts | density | recall | min head recall | "
-                "output error |", "|---|---|---|---|---|---|---|"]
+                "output error | last-query recall | min last-query recall |",
+                "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['config']} | {r['length']} | {r['prompts']} | {r['density']:.3f} | "
-                f"{r['recall']:.4f} | {r['min_head_recall']:.4f} | {r['output_error']:.4f} |"
-                for r in stats]
+                f"{r['recall']:.4f} | {r['min_head_recall']:.4f} | {r['output_error']:.4f} | "
+                f"{r['last_recall']:.4f} | {r['min_last_recall']:.4f} |" for r in stats]
     return "\n".join(out) + "\n"
 
 

@@ -29,7 +29,8 @@ from jaxprefill.eval.tasks import make_sample
 from jaxprefill.models import KVCache
 from jaxprefill.sparse import SparseConfig
 
-_METRICS = ("density", "recall", "output_error")
+_METRICS = ("density", "recall", "output_error", "last_recall")
+_ONES = ("density", "recall", "last_recall")  # what a dense layer counts as
 
 
 def prompt_tokens(tokenizer, length: int, seed: int = 0, task: str = "passkey") -> np.ndarray:
@@ -41,7 +42,8 @@ def prompt_tokens(tokenizer, length: int, seed: int = 0, task: str = "passkey") 
 def layer_head_stats(model, tokens: np.ndarray, lengths, configs: dict[str, SparseConfig | None],
                      rows: int = 64, chunk: int = 1, min_pos: int = 256,
                      log: Callable[[str], None] = print) -> dict[str, dict[str, np.ndarray]]:
-    """Per config, layer, prompt and query head: density, recall and output error.
+    """Per config, layer, prompt and query head: density, recall, output error, and the recall
+    of each prompt's last query (the one whose output makes the first generated token).
 
     tokens int32 [N, S] right-padded prompts, lengths [N] valid tokens. Prompts go through the
     dense model ``chunk`` at a time (the last chunk padded with copies of its first row), one
@@ -50,7 +52,8 @@ def layer_head_stats(model, tokens: np.ndarray, lengths, configs: dict[str, Spar
     and error are exact on ``rows`` sampled query positions per prompt (from ``min_pos`` on).
     Layers a config leaves dense, and prompts shorter than its ``min_length``, count as density
     1, recall 1, error 0 (what the model runs).
-    Returns {config: {"density" | "recall" | "output_error": float64 [L, N, Hq]}}.
+    Returns {config: {"density" | "recall" | "output_error" | "last_recall": float64
+    [L, N, Hq]}}.
     """
     tokens = np.asarray(tokens, np.int32)
     lens = np.asarray(lengths, np.int32)
@@ -61,8 +64,8 @@ def layer_head_stats(model, tokens: np.ndarray, lengths, configs: dict[str, Spar
     sampled = sample_rows(lens, rows, min_pos=min_pos)
     out = {name: {m: np.zeros((n_layers, n, hq)) for m in _METRICS} for name in configs}
     for name in configs:
-        out[name]["density"][:] = 1.0
-        out[name]["recall"][:] = 1.0
+        for m in _ONES:
+            out[name][m][:] = 1.0
     for c0 in range(0, n, chunk):
         t0 = time.perf_counter()
         idx = np.arange(c0, c0 + chunk)
@@ -73,9 +76,9 @@ def layer_head_stats(model, tokens: np.ndarray, lengths, configs: dict[str, Spar
                 policy = cfg.policy_for(layer) if cfg is not None else None
                 if policy is None:
                     continue
-                d, r, e = layer_stats(policy, layer, q, k, v, lens[idx], sampled[idx])
+                got = layer_stats(policy, layer, q, k, v, lens[idx], sampled[idx])
                 sparse_rows = real & (lens[idx] >= cfg.min_length)
-                for m, x in zip(_METRICS, (d, r, e)):
+                for m, x in zip(_METRICS, got):
                     out[name][m][layer, idx[sparse_rows]] = x[sparse_rows]
             del q, k, v
         log(f"  stats: prompts {c0 + 1}-{min(c0 + chunk, n)} of {n} "
@@ -87,7 +90,8 @@ def prompt_attention_stats(model, tokens: np.ndarray, lengths, configs: dict,
                            rows: int = 64, chunk: int = 1,
                            log: Callable[[str], None] = print) -> dict[str, dict[str, np.ndarray]]:
     """Per config and prompt, averaged over layers and heads (see :func:`layer_head_stats`):
-    {config: {"density", "recall", "min_head_recall", "output_error": float64 [N]}}."""
+    {config: {"density", "recall", "min_head_recall", "output_error", "last_recall",
+    "min_last_recall": float64 [N]}}."""
     per = layer_head_stats(model, tokens, lengths, configs, rows=rows, chunk=chunk, log=log)
     return {name: _reduce(s) for name, s in per.items()}
 
@@ -95,7 +99,9 @@ def prompt_attention_stats(model, tokens: np.ndarray, lengths, configs: dict,
 def _reduce(s: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"density": s["density"].mean(axis=(0, 2)), "recall": s["recall"].mean(axis=(0, 2)),
             "min_head_recall": s["recall"].min(axis=(0, 2)),
-            "output_error": s["output_error"].mean(axis=(0, 2))}
+            "output_error": s["output_error"].mean(axis=(0, 2)),
+            "last_recall": s["last_recall"].mean(axis=(0, 2)),
+            "min_last_recall": s["last_recall"].min(axis=(0, 2))}
 
 
 def attention_stats(model, tokens: np.ndarray, configs: dict[str, SparseConfig],
@@ -108,10 +114,11 @@ def attention_stats(model, tokens: np.ndarray, configs: dict[str, SparseConfig],
                            min_pos=min(s - 1, 256), log=log)
     out = []
     for name, st in per.items():
-        dens, rec, err = (st[m].mean(axis=1) for m in _METRICS)  # [L, Hq]
+        dens, rec, err, last = (st[m].mean(axis=1) for m in _METRICS)  # [L, Hq]
         row = {"policy": name, "length": s, "density": float(dens.mean()),
                "recall": float(rec.mean()), "min_head_recall": float(rec.min()),
-               "output_error": float(err.mean()),
+               "output_error": float(err.mean()), "last_recall": float(last.mean()),
+               "min_last_recall": float(last.min()),
                "per_layer": [(float(d.mean()), float(r.mean())) for d, r in zip(dens, rec)],
                "per_head_density": dens.ravel().tolist(), "per_head_recall": rec.ravel().tolist()}
         log(f"  {name:>14s} @ {s}: density {row['density']:.3f} recall {row['recall']:.4f} "
@@ -121,28 +128,35 @@ def attention_stats(model, tokens: np.ndarray, configs: dict[str, SparseConfig],
 
 
 def layer_stats(policy, layer: int, q, k, v, lengths: np.ndarray, sampled: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One layer under ``policy``: (density, recall, output error), each float64 [B, Hq].
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One layer under ``policy``: (density, recall, output error, last-query recall), each
+    float64 [B, Hq].
 
-    q [B, S, Hq, D], k/v [B, S, Hkv, D], lengths [B], sampled [B, R] query positions.
-    Block-mask policies are measured on their block mask; pbs (selection over permuted keys)
-    on its token-level keep mapped back to original key positions.
+    q [B, S, Hq, D], k/v [B, S, Hkv, D], lengths [B], sampled [B, R] query positions; the last
+    recall is that of each row's last valid query. Block-mask policies are measured on their
+    block mask; pbs (selection over permuted keys) on its token-level keep mapped back to
+    original key positions.
     """
     hq = q.shape[2]
     lengths_j = jnp.asarray(lengths, jnp.int32)
+    last = (np.asarray(lengths, np.int32) - 1)[:, None]  # [B, 1]
     if getattr(policy, "columns", False):  # minference's column path: count columns as tokens
-        d, r, e = column_layout_stats(_layout_fn(policy, layer)(q, k, lengths_j), q, k, v,
-                                      lengths, sampled)
-        return np.repeat(d, hq // d.shape[1], axis=1), r, e
+        layout = _layout_fn(policy, layer)(q, k, lengths_j)
+        d, r, e = column_layout_stats(layout, q, k, v, lengths, sampled)
+        rl = column_layout_stats(layout, q, k, v, lengths, last)[1]
+        return np.repeat(d, hq // d.shape[1], axis=1), r, e, rl
     mask = _mask_fn(policy, layer)(q, k, lengths_j)
     if hasattr(policy, "key_mask"):
         d = row_density(_fold_pbs(np.asarray(mask), mask.shape[-2]), lengths, policy.block_size)
         keep = _keep_fn(policy)(q, k, jnp.asarray(sampled), lengths_j)
         r, e = keep_recall_error(q, k, v, keep, sampled)
+        rl = keep_recall_error(q, k, v, _keep_fn(policy)(q, k, jnp.asarray(last), lengths_j),
+                               last)[0]
     else:
         d = row_density(np.asarray(mask), lengths, policy.block_size)
         r, e = row_recall_error(q, k, v, mask, sampled, policy.block_size)
-    return np.repeat(d, hq // d.shape[1], axis=1), r, e
+        rl = row_recall_error(q, k, v, mask, last, policy.block_size)[0]
+    return np.repeat(d, hq // d.shape[1], axis=1), r, e, rl
 
 
 def column_layout_stats(layout, q, k, v, lengths: np.ndarray, sampled: np.ndarray
@@ -215,8 +229,8 @@ def row_attention_stats(q_all: jax.Array, k_all: jax.Array, v_all: jax.Array,
     rows), lengths int [B] valid tokens per row. Rows go through the policies ``chunk`` at a
     time (a short last chunk padded with copies of its first row: one compile per shape); each
     row's layout equals its layout alone. Prefer :func:`prompt_attention_stats`, which never
-    holds every layer's activations. Returns {config: {"density": [B], "recall": [B],
-    "min_head_recall": [B], "output_error": [B]}} as float64 numpy.
+    holds every layer's activations. Returns {config: {"density", "recall", "min_head_recall",
+    "output_error", "last_recall", "min_last_recall": [B]}} as float64 numpy.
     """
     n_layers, b, s, hq = q_all.shape[:4]
     chunk = max(1, min(chunk, b))
@@ -226,8 +240,8 @@ def row_attention_stats(q_all: jax.Array, k_all: jax.Array, v_all: jax.Array,
     for name, cfg in configs.items():
         t0 = time.perf_counter()
         st = {m: np.zeros((n_layers, b, hq)) for m in _METRICS}
-        st["density"][:] = 1.0
-        st["recall"][:] = 1.0
+        for m in _ONES:
+            st[m][:] = 1.0
         for layer in range(n_layers):
             policy = cfg.policy_for(layer) if cfg is not None else None
             if policy is None:
@@ -236,11 +250,11 @@ def row_attention_stats(q_all: jax.Array, k_all: jax.Array, v_all: jax.Array,
                 idx = np.arange(c0, c0 + chunk)
                 real = idx < b
                 idx = np.where(real, idx, c0)
-                d, r, e = layer_stats(policy, layer, q_all[layer][idx], k_all[layer][idx],
-                                      v_all[layer][idx], lens[idx], sampled[idx])
+                got = layer_stats(policy, layer, q_all[layer][idx], k_all[layer][idx],
+                                  v_all[layer][idx], lens[idx], sampled[idx])
                 # Rows shorter than min_length are dense in the model: measure what it runs.
                 keep = real & (lens[idx] >= cfg.min_length)
-                for m, x in zip(_METRICS, (d, r, e)):
+                for m, x in zip(_METRICS, got):
                     st[m][layer, idx[keep]] = x[keep]
         out[name] = _reduce(st)
         log(f"  stats {name:>20s}: density {out[name]['density'].mean():.3f} recall "

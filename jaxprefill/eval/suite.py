@@ -336,8 +336,12 @@ def _attention_stats(model, tokenizer, configs, plan, samples, store: Store, bui
     for length in plan.lengths:
         ids = stats_sample_ids(samples, length, count)
         shas = {i: prompt_sha(build(by_id[i])[1]) for i in ids}  # a few prompts: cheap
-        missing = {n: c for n, c in sparse.items()
-                   if any(store.stats.get((n, i), {}).get("prompt_sha") != shas[i] for i in ids)}
+
+        def stale(n: str, i: str) -> bool:  # no record, a changed prompt, or an older format
+            rec = store.stats.get((n, i), {})
+            return rec.get("prompt_sha") != shas[i] or "last_recall" not in rec
+
+        missing = {n: c for n, c in sparse.items() if any(stale(n, i) for i in ids)}
         if missing:
             log(f"length {length}: density / recall of {len(missing)} config(s) on "
                 f"{len(ids)} prompts")

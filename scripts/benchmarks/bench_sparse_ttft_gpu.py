@@ -99,7 +99,7 @@ def policy_stats(model, prompt: list[int], policies: dict[str, Any]) -> list[dic
     configs = {name: SparseConfig.parse(cfg) for name, cfg in policies.items() if cfg is not None}
     rows = attention_stats(model, np.asarray([prompt], np.int32), configs, rows=64)
     return [{k: r[k] for k in ("policy", "length", "density", "recall", "min_head_recall",
-                               "output_error")} for r in rows]
+                               "output_error", "last_recall", "min_last_recall")} for r in rows]
 
 
 def ttft(engine: Engine, prompt: list[int], reps: int) -> tuple[float, list[float]]:
