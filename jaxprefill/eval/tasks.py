@@ -232,41 +232,40 @@ def _cwe_sample(tokenizer, length: int, seed: int, split: str) -> Sample:
 def _fit(count: Callable[[int], int], limit: int, length: int, what: str) -> int:
     """Largest m in [0, limit] with count(m) <= length, count non-decreasing in m.
 
-    Interpolation search on the tokens-per-unit rate with a bisection fallback: about 5
-    tokenizer calls instead of ~17 for plain bisection on a 32K-token prompt.
+    Every probe aims at the predicted answer itself (the last unit predicted to fit), from the
+    tokens-per-unit rate of the longest prefix that fits or, once bracketed, by interpolation:
+    a good prediction is then confirmed by the next probe (one more unit does not fit). From the
+    fourth probe inside the bracket every other one bisects, which bounds the worst case. About
+    7 tokenizer calls on a 32K-token prompt (5 of them long), against ~17 for plain bisection.
     """
     c0 = count(0)
     if c0 > length:
         raise InputError(f"length {length} is too short: the task's prompt without haystack "
                          f"takes {c0} tokens")
     lo, c_lo = 0, c0
-    probe = min(limit, 64)
     hi, c_hi = None, None
-    while hi is None:  # find an upper bracket by extrapolating the rate
-        c = count(probe)
-        if c > length:
-            hi, c_hi = probe, c
-        elif probe == limit:
-            raise InputError(f"length {length} needs more than {what} holds ({c} tokens at most)")
-        else:
-            lo, c_lo = probe, c
-            rate = max((c - c0) / probe, 1e-3)
-            probe = min(limit, max(probe + 1, int(probe + 1.1 * (length - c) / rate) + 1))
-    halve = False
-    while hi - lo > 1:
-        if halve:
-            guess = (lo + hi) // 2
-        else:
-            guess = lo + int((length - c_lo) * (hi - lo) / max(c_hi - c_lo, 1))
-            guess = min(max(guess, lo + 1), hi - 1)
-        width = hi - lo
+    guess, bracketed = min(limit, 256), 0
+    while True:
         c = count(guess)
         if c <= length:
             lo, c_lo = guess, c
         else:
             hi, c_hi = guess, c
-        halve = (hi - lo) > width // 2  # interpolation stalled: bisect next
-    return lo
+        if hi is None:
+            if lo == limit:
+                raise InputError(f"length {length} needs more than {what} holds ({c} tokens "
+                                 f"at most)")
+            rate = max((c_lo - c0) / lo, 1e-3)
+            guess = min(limit, lo + max(1, int((length - c_lo) / rate)))
+            continue
+        if hi - lo <= 1:
+            return lo
+        bracketed += 1
+        if bracketed > 3 and bracketed % 2 == 0:  # interpolation is not closing in: bisect
+            guess = (lo + hi) // 2
+        else:
+            guess = lo + int((length - c_lo) * (hi - lo) / max(c_hi - c_lo, 1))
+            guess = min(max(guess, lo + 1), hi - 1)
 
 
 def _boundary(hay: list[str], i: int, window: int = 40) -> int:
