@@ -10,6 +10,7 @@ import pytest
 from jaxprefill import sparse
 from jaxprefill.eval import metrics, plots
 from jaxprefill.eval.tasks import TASKS, make_sample
+from jaxprefill.validate import InputError
 
 
 def peaked_tiny_model(num_layers: int, seed: int):
@@ -107,13 +108,42 @@ def test_tasks_fit_length_hold_needles_and_score(task, kind):
     assert 0.15 < pos < 0.45, pos
 
 
+class BatchWordTokenizer(WordTokenizer):
+    """WordTokenizer with a batch encoder that records its batch sizes."""
+
+    def __init__(self):
+        self.batches = []
+
+    def encode_prompts(self, prompts, chat=True):
+        self.batches.append(len(prompts))
+        return [self.encode_prompt(p) for p in prompts]
+
+
+def test_make_samples_equals_make_sample_and_batches_its_counts():
+    from jaxprefill.eval.tasks import make_samples
+
+    reqs = [(task, n, None if task == "cwe" else d, seed, split, kind)
+            for task in TASKS for n, d, seed, split, kind in
+            ((1500, 0.3, 1, "dev", "code"), (2500, 0.9, 2, "test", "prose"))]
+    want = [make_sample(WordTokenizer(), *r) for r in reqs]
+    tok = BatchWordTokenizer()
+    got = make_samples(tok, reqs)
+    assert [g.messages for g in got] == [w.messages for w in want]
+    assert [(g.task, g.answers, g.depth) for g in got] == [(w.task, w.answers, w.depth)
+                                                           for w in want]
+    assert tok.batches[0] == len(reqs) and len(tok.batches) < 12  # rounds, not prompts
+    assert [s.messages for s in make_samples(WordTokenizer(), reqs[:3])] == \
+        [w.messages for w in want[:3]]  # without a batch encoder: one call per probe
+    with pytest.raises(InputError, match="too short"):
+        make_samples(tok, [("passkey", 10, 0.5, 0, "dev", "code")])
+
+
 def test_fit_finds_the_largest_unit_count_that_fits():
     """tasks._fit (how many haystack units a prompt holds) against brute force on random
     non-decreasing token counts: the same answer, its errors, and fewer calls than bisection."""
     import random
 
     from jaxprefill.eval import tasks
-    from jaxprefill.validate import InputError
 
     rng = random.Random(0)
     calls = 0
@@ -129,16 +159,17 @@ def test_fit_finds_the_largest_unit_count_that_fits():
             n[0] += 1
             return cum[m]
 
+        plan = tasks._Plan(None, None, limit, length, "the text")
         if cum[-1] <= length:
             with pytest.raises(InputError, match="needs more than"):
-                tasks._fit(count, limit, length, "the text")
+                tasks._run_fit(plan, count)
             continue
         want = max(m for m in range(limit + 1) if cum[m] <= length)
-        assert tasks._fit(count, limit, length, "the text") == want
+        assert tasks._run_fit(plan, count) == want
         calls += n[0]
     assert calls / 400 < 12
     with pytest.raises(InputError, match="too short"):
-        tasks._fit(lambda m: 100 + m, 10, 50, "the text")
+        tasks._run_fit(tasks._Plan(None, None, 10, 50, "the text"), lambda m: 100 + m)
 
 
 def test_answer_matching_is_normalized_whole_words():

@@ -115,6 +115,15 @@ def test_render_prompt(tok):
         tok.render_prompt(CONVERSATIONS[0], chat=False)
 
 
+def test_encode_prompts_equals_encode_prompt(tok):
+    prompts = ["Hello there", [{"role": "user", "content": "What is 2+2?"}],
+               "def f(x):\n    return x * 2\n" * 40]
+    for chat in (True, False):
+        batch = [p for p in prompts if chat or isinstance(p, str)]
+        assert tok.encode_prompts(batch, chat=chat) == [tok.encode_prompt(p, chat=chat)
+                                                        for p in batch]
+
+
 @pytest.mark.slow
 def test_from_gguf_contents(smol_path, smol_reader, tok):
     # What read_gguf returns; its parsed file is reused.

@@ -33,7 +33,7 @@ import numpy as np
 from jaxprefill.eval import haystack as hay
 from jaxprefill.eval.report import write_atomic
 from jaxprefill.eval.runner import greedy_answers, prompt_attention_stats
-from jaxprefill.eval.tasks import HAYSTACKS, MAX_NEW_TOKENS, TASKS, Sample, make_sample
+from jaxprefill.eval.tasks import HAYSTACKS, MAX_NEW_TOKENS, TASKS, Sample, make_samples
 from jaxprefill.sparse import SparseConfig
 from jaxprefill.validate import InputError
 
@@ -250,11 +250,18 @@ def run(model, tokenizer, configs: dict[str, SparseConfig | None], plan: EvalPla
                 f"- {extra} generated tokens)")
     built: dict[str, tuple[Sample, list[int]]] = {}
 
+    def build_all(group: list[PlannedSample]) -> None:
+        """Builds and tokenizes the group's prompts not built yet, in batches (make_samples)."""
+        todo = [ps for ps in group if ps.prompt_id not in built]
+        made = make_samples(tokenizer, [(ps.task, targets[ps.length], ps.depth, ps.seed,
+                                         plan.split, ps.haystack) for ps in todo])
+        encode = getattr(tokenizer, "encode_prompts", None)
+        ids = (encode([s.messages for s in made], chat=True) if encode else
+               [tokenizer.encode_prompt(s.messages, chat=True) for s in made])
+        built.update({ps.prompt_id: (s, t) for ps, s, t in zip(todo, made, ids)})
+
     def build(ps: PlannedSample) -> tuple[Sample, list[int]]:
-        if ps.prompt_id not in built:
-            s = make_sample(tokenizer, ps.task, targets[ps.length], ps.depth, ps.seed,
-                            plan.split, ps.haystack)
-            built[ps.prompt_id] = (s, tokenizer.encode_prompt(s.messages, chat=True))
+        build_all([ps])
         return built[ps.prompt_id]
 
     def done(name: str, ps: PlannedSample) -> bool:
@@ -272,8 +279,7 @@ def run(model, tokenizer, configs: dict[str, SparseConfig | None], plan: EvalPla
             continue
         t0 = time.perf_counter()
         before = sum(not done(n, ps) for n in configs for ps in group)
-        for ps in group:
-            build(ps)  # tokenize once; a changed prompt (other tokenizer / assets) is redone
+        build_all(group)  # tokenize once; a changed prompt (other tokenizer / assets) is redone
         progress.total += sum(not done(n, ps) for n in configs for ps in group) - before
         padded = -(-targets[length] // PAD) * PAD
         rows = batch_size or min(default_batch_size(padded), len(group))  # one shape a length

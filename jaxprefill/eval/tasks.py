@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Callable
+from typing import Callable, Generator
 
 from jaxprefill.eval import haystack as hay
 from jaxprefill.validate import InputError
@@ -177,6 +177,47 @@ def make_sample(tokenizer, task: str, length: int, depth: float | None, seed: in
     Raises ValueError for an unknown task / split / kind, a depth outside [0, 1], or a length
     the instructions alone exceed or the split's text cannot fill.
     """
+    plan = _plan(task, length, depth, seed, split, haystack)
+    m = _run_fit(plan, lambda m: len(tokenizer.encode_prompt(plan.render(m), chat=True)))
+    return plan.sample(m)
+
+
+def make_samples(tokenizer, requests: list[tuple]) -> list[Sample]:
+    """``[make_sample(tokenizer, *r) for r in requests]``, with the haystack fits of all
+    requests run in lockstep so each round's prompts are tokenized in one batch
+    (``tokenizer.encode_prompts``, the tokenizer's parallel batch encoder, when it has one)."""
+    encode = getattr(tokenizer, "encode_prompts", None) or (
+        lambda prompts, chat: [tokenizer.encode_prompt(p, chat=chat) for p in prompts])
+    plans = [_plan(*r) for r in requests]
+    fits = [_fit(p.limit, p.length, p.what) for p in plans]
+    pending = {i: next(f) for i, f in enumerate(fits)}
+    chosen: dict[int, int] = {}
+    while pending:
+        ids = list(pending)
+        counts = [len(t) for t in encode([plans[i].render(pending[i]) for i in ids], chat=True)]
+        for i, c in zip(ids, counts):
+            try:
+                pending[i] = fits[i].send(c)
+            except StopIteration as stop:
+                chosen[i] = stop.value
+                del pending[i]
+    return [p.sample(chosen[i]) for i, p in enumerate(plans)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A sample but for its haystack size: render(m) -> messages with m haystack units (lines,
+    or rare words for cwe); sample(m) -> the Sample; limit units exist."""
+
+    render: Callable[[int], list[dict]]
+    sample: Callable[[int], "Sample"]
+    limit: int
+    length: int
+    what: str
+
+
+def _plan(task: str, length: int, depth: float | None, seed: int, split: str = "dev",
+          haystack: str | None = None) -> _Plan:
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; choose one of {TASKS}")
     kinds = HAYSTACKS.get(task, hay.KINDS)
@@ -184,7 +225,7 @@ def make_sample(tokenizer, task: str, length: int, depth: float | None, seed: in
     if kind not in kinds:
         raise InputError(f"task {task} takes a haystack of kind {kinds}, got {haystack!r}")
     if task == "cwe":
-        return _cwe_sample(tokenizer, length, seed, split)
+        return _cwe_plan(length, seed, split)
     if depth is None or not 0.0 <= depth <= 1.0:
         raise InputError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(f"{task}/{length}/{depth}/{seed}/{split}")
@@ -201,12 +242,13 @@ def make_sample(tokenizer, task: str, length: int, depth: float | None, seed: in
         body = "\n".join(_insert(pool[:m], needles, depths, prose=kind == "prose"))
         return [{"role": "user", "content": f"{_instruction(task)}\n\n{body}\n\n{question}"}]
 
-    m = _fit(lambda m: len(tokenizer.encode_prompt(render(m), chat=True)), len(pool), length,
-             f"the {split} split's {kind} text")
-    return Sample(task, render(m), answers, length, depth, seed, split, kind, distractors)
+    def sample(m: int) -> Sample:
+        return Sample(task, render(m), answers, length, depth, seed, split, kind, distractors)
+
+    return _Plan(render, sample, len(pool), length, f"the {split} split's {kind} text")
 
 
-def _cwe_sample(tokenizer, length: int, seed: int, split: str) -> Sample:
+def _cwe_plan(length: int, seed: int, split: str) -> _Plan:
     """RULER cwe: 10 common words x 30 and m rare words x 3 (or x 2 and x 1), shuffled,
     numbered."""
     rng = random.Random(f"cwe/{length}/{seed}/{split}")
@@ -224,13 +266,27 @@ def _cwe_sample(tokenizer, length: int, seed: int, split: str) -> Sample:
         body = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
         return [{"role": "user", "content": f"{_instruction('cwe')}\n\n{body}\n\n{question}"}]
 
-    m = _fit(lambda m: len(tokenizer.encode_prompt(render(m), chat=True)), len(rare), length,
-             f"the {split} split's vocabulary")
-    return Sample("cwe", render(m), list(common), length, None, seed, split, "words", [])
+    def sample(m: int) -> Sample:
+        return Sample("cwe", render(m), list(common), length, None, seed, split, "words", [])
+
+    return _Plan(render, sample, len(rare), length, f"the {split} split's vocabulary")
 
 
-def _fit(count: Callable[[int], int], limit: int, length: int, what: str) -> int:
-    """Largest m in [0, limit] with count(m) <= length, count non-decreasing in m.
+def _run_fit(plan: _Plan, count: Callable[[int], int]) -> int:
+    """Drives :func:`_fit` with one count call per probe."""
+    fit = _fit(plan.limit, plan.length, plan.what)
+    m = next(fit)
+    while True:
+        try:
+            m = fit.send(count(m))
+        except StopIteration as stop:
+            return stop.value
+
+
+def _fit(limit: int, length: int, what: str) -> Generator[int, int, int]:
+    """Largest m in [0, limit] with count(m) <= length, count non-decreasing in m. A generator:
+    it yields the m to count, is sent count(m), and returns the answer (so many searches can
+    run in lockstep, their counts batched: :func:`make_samples`).
 
     Every probe aims at the predicted answer itself (the last unit predicted to fit), from the
     tokens-per-unit rate of the longest prefix that fits or, once bracketed, by interpolation:
@@ -238,7 +294,7 @@ def _fit(count: Callable[[int], int], limit: int, length: int, what: str) -> int
     fourth probe inside the bracket every other one bisects, which bounds the worst case. About
     7 tokenizer calls on a 32K-token prompt (5 of them long), against ~17 for plain bisection.
     """
-    c0 = count(0)
+    c0 = yield 0
     if c0 > length:
         raise InputError(f"length {length} is too short: the task's prompt without haystack "
                          f"takes {c0} tokens")
@@ -246,7 +302,7 @@ def _fit(count: Callable[[int], int], limit: int, length: int, what: str) -> int
     hi, c_hi = None, None
     guess, bracketed = min(limit, 256), 0
     while True:
-        c = count(guess)
+        c = yield guess
         if c <= length:
             lo, c_lo = guess, c
         else:

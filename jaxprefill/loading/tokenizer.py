@@ -227,6 +227,12 @@ class Tokenizer:
         """
         return self.encode(self.render_prompt(prompt, chat), add_special_tokens=not chat)
 
+    def encode_prompts(self, prompts: Sequence[str | list[dict]], chat: bool) -> list[list[int]]:
+        """``[encode_prompt(p, chat) for p in prompts]`` through the backend's batch encoder
+        (parallel over the machine's cores)."""
+        texts = [self.render_prompt(p, chat) for p in prompts]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=not chat)]
+
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_ids}, "
