@@ -3,6 +3,7 @@ layout features, gradients). Device facts are monkeypatched, so every branch run
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,8 +143,6 @@ def test_attention_backends_on_gpus(device, hopper):
 def test_long_calls_off_gpus_run_in_bounded_memory(device, monkeypatch):
     """Off GPUs XLA materializes the float32 scores: past XLA_SCORES_LIMIT "auto" takes the
     block-sparse kernel (O(S) memory), with the same output."""
-    import jax
-
     device("cpu")
     long = jax.ShapeDtypeStruct((8, 8192, 9, 64), jnp.bfloat16)  # 19.3 GB of scores
     assert dispatch.attention_backend(long, 64, simple=True) == "block_sparse"
