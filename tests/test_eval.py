@@ -120,7 +120,7 @@ class BatchWordTokenizer(WordTokenizer):
 
 
 def test_make_samples_equals_make_sample_and_batches_its_counts():
-    from jaxprefill.eval.tasks import make_samples
+    from jaxprefill.eval.tasks import build_prompts, make_samples
 
     reqs = [(task, n, None if task == "cwe" else d, seed, split, kind)
             for task in TASKS for n, d, seed, split, kind in
@@ -132,6 +132,8 @@ def test_make_samples_equals_make_sample_and_batches_its_counts():
     assert [(g.task, g.answers, g.depth) for g in got] == [(w.task, w.answers, w.depth)
                                                            for w in want]
     assert tok.batches[0] == len(reqs) and len(tok.batches) < 12  # rounds, not prompts
+    pairs = build_prompts(BatchWordTokenizer(), reqs)
+    assert [ids for _, ids in pairs] == [tok.encode_prompt(w.messages) for w in want]
     assert [s.messages for s in make_samples(WordTokenizer(), reqs[:3])] == \
         [w.messages for w in want[:3]]  # without a batch encoder: one call per probe
     with pytest.raises(InputError, match="too short"):
@@ -144,6 +146,14 @@ def test_fit_finds_the_largest_unit_count_that_fits():
     import random
 
     from jaxprefill.eval import tasks
+
+    def drive(fit, count):  # the search is a generator: send it each yielded size's count
+        m = next(fit)
+        while True:
+            try:
+                m = fit.send(count(m))
+            except StopIteration as stop:
+                return stop.value
 
     rng = random.Random(0)
     calls = 0
@@ -159,17 +169,16 @@ def test_fit_finds_the_largest_unit_count_that_fits():
             n[0] += 1
             return cum[m]
 
-        plan = tasks._Plan(None, None, limit, length, "the text")
         if cum[-1] <= length:
             with pytest.raises(InputError, match="needs more than"):
-                tasks._run_fit(plan, count)
+                drive(tasks._fit(limit, length, "the text"), count)
             continue
         want = max(m for m in range(limit + 1) if cum[m] <= length)
-        assert tasks._run_fit(plan, count) == want
+        assert drive(tasks._fit(limit, length, "the text"), count) == want
         calls += n[0]
     assert calls / 400 < 12
     with pytest.raises(InputError, match="too short"):
-        tasks._run_fit(tasks._Plan(None, None, 10, 50, "the text"), lambda m: 100 + m)
+        drive(tasks._fit(10, 50, "the text"), lambda m: 100 + m)
 
 
 def test_answer_matching_is_normalized_whole_words():

@@ -33,7 +33,7 @@ import numpy as np
 from jaxprefill.eval import haystack as hay
 from jaxprefill.eval.report import write_atomic
 from jaxprefill.eval.runner import greedy_answers, prompt_attention_stats
-from jaxprefill.eval.tasks import HAYSTACKS, MAX_NEW_TOKENS, TASKS, Sample, make_samples
+from jaxprefill.eval.tasks import HAYSTACKS, MAX_NEW_TOKENS, TASKS, Sample, build_prompts
 from jaxprefill.sparse import SparseConfig
 from jaxprefill.validate import InputError
 
@@ -253,12 +253,9 @@ def run(model, tokenizer, configs: dict[str, SparseConfig | None], plan: EvalPla
     def build_all(group: list[PlannedSample]) -> None:
         """Builds and tokenizes the group's prompts not built yet, in batches (make_samples)."""
         todo = [ps for ps in group if ps.prompt_id not in built]
-        made = make_samples(tokenizer, [(ps.task, targets[ps.length], ps.depth, ps.seed,
-                                         plan.split, ps.haystack) for ps in todo])
-        encode = getattr(tokenizer, "encode_prompts", None)
-        ids = (encode([s.messages for s in made], chat=True) if encode else
-               [tokenizer.encode_prompt(s.messages, chat=True) for s in made])
-        built.update({ps.prompt_id: (s, t) for ps, s, t in zip(todo, made, ids)})
+        made = build_prompts(tokenizer, [(ps.task, targets[ps.length], ps.depth, ps.seed,
+                                          plan.split, ps.haystack) for ps in todo])
+        built.update({ps.prompt_id: pair for ps, pair in zip(todo, made)})
 
     def build(ps: PlannedSample) -> tuple[Sample, list[int]]:
         build_all([ps])

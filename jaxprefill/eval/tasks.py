@@ -172,36 +172,47 @@ def make_sample(tokenizer, task: str, length: int, depth: float | None, seed: in
                 split: str = "dev", haystack: str | None = None) -> Sample:
     """A prompt of at most ``length`` tokens (chat template included) with needles at ``depth``.
 
-    ``tokenizer`` needs ``encode_prompt(messages, chat=True) -> list[int]``. ``haystack``:
-    ``code`` or ``prose`` (default: ``qa`` prose, ``cwe`` its word list, others code).
+    ``tokenizer`` needs ``encode_prompt(messages, chat=True) -> list[int]`` (and uses
+    ``encode_prompts``, a batch form, when it has one). ``haystack``: ``code`` or ``prose``
+    (default: ``qa`` prose, ``cwe`` its word list, others code).
     Raises ValueError for an unknown task / split / kind, a depth outside [0, 1], or a length
     the instructions alone exceed or the split's text cannot fill.
     """
-    plan = _plan(task, length, depth, seed, split, haystack)
-    m = _run_fit(plan, lambda m: len(tokenizer.encode_prompt(plan.render(m), chat=True)))
-    return plan.sample(m)
+    return build_prompts(tokenizer, [(task, length, depth, seed, split, haystack)])[0][0]
 
 
 def make_samples(tokenizer, requests: list[tuple]) -> list[Sample]:
-    """``[make_sample(tokenizer, *r) for r in requests]``, with the haystack fits of all
-    requests run in lockstep so each round's prompts are tokenized in one batch
-    (``tokenizer.encode_prompts``, the tokenizer's parallel batch encoder, when it has one)."""
-    encode = getattr(tokenizer, "encode_prompts", None) or (
-        lambda prompts, chat: [tokenizer.encode_prompt(p, chat=chat) for p in prompts])
+    """``[make_sample(tokenizer, *r) for r in requests]``, built together (:func:`build_prompts`)."""
+    return [sample for sample, _ in build_prompts(tokenizer, requests)]
+
+
+def build_prompts(tokenizer, requests: list[tuple]) -> list[tuple[Sample, list[int]]]:
+    """``(make_sample(tokenizer, *r), its prompt's token ids)`` for every request.
+
+    The haystack fits of all requests run in lockstep, so each round's prompts are tokenized
+    in one batch (``tokenizer.encode_prompts``, the tokenizer's parallel batch encoder, when it
+    has one); a fit's answer is a size it has tokenized, so its ids are kept, not recomputed.
+    """
+    batch = getattr(tokenizer, "encode_prompts", None)
+    encode = (lambda prompts: batch(prompts, chat=True)) if batch else (
+        lambda prompts: [tokenizer.encode_prompt(p, chat=True) for p in prompts])
     plans = [_plan(*r) for r in requests]
     fits = [_fit(p.limit, p.length, p.what) for p in plans]
     pending = {i: next(f) for i, f in enumerate(fits)}
-    chosen: dict[int, int] = {}
+    fitting: dict[int, dict[int, list[int]]] = {i: {} for i in pending}  # size -> ids
+    out: dict[int, tuple[Sample, list[int]]] = {}
     while pending:
         ids = list(pending)
-        counts = [len(t) for t in encode([plans[i].render(pending[i]) for i in ids], chat=True)]
-        for i, c in zip(ids, counts):
+        for i, tokens in zip(ids, encode([plans[i].render(pending[i]) for i in ids])):
+            m = pending[i]
+            if len(tokens) <= plans[i].length:
+                fitting[i] = {m: tokens}  # the fit only grows its fitting size
             try:
-                pending[i] = fits[i].send(c)
+                pending[i] = fits[i].send(len(tokens))
             except StopIteration as stop:
-                chosen[i] = stop.value
+                out[i] = (plans[i].sample(stop.value), fitting[i][stop.value])
                 del pending[i]
-    return [p.sample(chosen[i]) for i, p in enumerate(plans)]
+    return [out[i] for i in range(len(plans))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,21 +283,11 @@ def _cwe_plan(length: int, seed: int, split: str) -> _Plan:
     return _Plan(render, sample, len(rare), length, f"the {split} split's vocabulary")
 
 
-def _run_fit(plan: _Plan, count: Callable[[int], int]) -> int:
-    """Drives :func:`_fit` with one count call per probe."""
-    fit = _fit(plan.limit, plan.length, plan.what)
-    m = next(fit)
-    while True:
-        try:
-            m = fit.send(count(m))
-        except StopIteration as stop:
-            return stop.value
-
-
 def _fit(limit: int, length: int, what: str) -> Generator[int, int, int]:
     """Largest m in [0, limit] with count(m) <= length, count non-decreasing in m. A generator:
-    it yields the m to count, is sent count(m), and returns the answer (so many searches can
-    run in lockstep, their counts batched: :func:`make_samples`).
+    it yields the m to count, is sent count(m), and returns the answer, always a size it was
+    sent the count of (so many searches run in lockstep, their counts batched:
+    :func:`build_prompts`).
 
     Every probe aims at the predicted answer itself (the last unit predicted to fit), from the
     tokens-per-unit rate of the longest prefix that fits or, once bracketed, by interpolation:
