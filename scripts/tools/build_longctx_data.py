@@ -315,14 +315,17 @@ def synthetic_rows(args, docs: list[Doc], pieces: list[ld.Piece], count: TokenCo
                    n: int) -> list[dict]:
     """``n`` retrieval rows, each from a window of a train document (seeded per row), of a
     uniform length in [--synthetic-min-tokens, --synthetic-max-tokens] (at most the
-    document's)."""
+    document's). The rows draw from --synthetic-seed (default --seed), so a continued run
+    can train on fresh retrieval rows over the same documents and validation split."""
+    seed = args.seed if args.synthetic_seed is None else args.synthetic_seed
+    prefix = "synthetic" if seed == args.seed else f"synthetic-{seed}"
     pool = [d for d in docs if d.tokens >= args.synthetic_min_tokens]
     if n and not pool:
         raise SystemExit(f"error: --synthetic-frac: no train document has "
                          f"--synthetic-min-tokens={args.synthetic_min_tokens} tokens")
     plans = []
     for i in range(n):
-        rng = random.Random(f"longctx-synthetic/{args.seed}/{i}")
+        rng = random.Random(f"longctx-synthetic/{seed}/{i}")
         d = rng.choice(pool)
         goal = rng.uniform(args.synthetic_min_tokens, args.synthetic_max_tokens)
         plans.append([d, goal, rng.random(), 0.97])
@@ -337,7 +340,7 @@ def synthetic_rows(args, docs: list[Doc], pieces: list[ld.Piece], count: TokenCo
             start = int(where * max(0, len(text) - width))
             start = text.rfind("\n", 0, start) + 1
             lines = text[start:start + width].split("\n")[:-1] or [text[start:start + width]]
-            row, meta = retrieval_row(lines, random.Random(f"longctx-facts/{args.seed}/{i}"))
+            row, meta = retrieval_row(lines, random.Random(f"longctx-facts/{seed}/{i}"))
             texts[i] = (row, meta, d.id)
         got = count([texts[i][0] for i in todo])
         nxt = []
@@ -347,7 +350,7 @@ def synthetic_rows(args, docs: list[Doc], pieces: list[ld.Piece], count: TokenCo
                 plans[i][3] *= 0.95 * args.synthetic_max_tokens / tokens
                 nxt.append(i)
                 continue
-            rows[i] = {"id": f"synthetic/{i:05d}", "source": "synthetic", "text": row,
+            rows[i] = {"id": f"{prefix}/{i:05d}", "source": "synthetic", "text": row,
                        "tokens": tokens, "base": base, **meta}
         todo = nxt
     return [r for r in rows if r is not None]
@@ -527,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-min-tokens", type=int, default=16384)
     p.add_argument("--synthetic-max-tokens", type=int, default=30720,
                    help="at most this many tokens a row, so a 32K training row holds one")
+    p.add_argument("--synthetic-seed", type=int, default=None,
+                   help="seed of the synthetic rows alone (default --seed): other rows, "
+                        "same documents and validation split")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave out files whose shown path (Lib/..., man/..., doc/..., "
                         "info/...) matches this glob; repeatable")
