@@ -60,7 +60,8 @@ def sparse_vs_dense(model, tokenizer) -> None:
     from jaxprefill.eval.tasks import make_sample
 
     if jax.devices()[0].platform == "gpu":
-        model, tokenizer = jp.load("smollm2-135m-32k")
+        # bf16: the fused attention kernels (cuDNN, Mosaic) take bf16; float32 runs XLA's.
+        model, tokenizer = jp.load("smollm2-135m-32k", dtype="bfloat16")
         name, length, policy = "smollm2-135m-32k", 32768 - 32, "xattention"
     else:
         name, length, policy = "smollm2-135m-instruct", 1536, "flexprefill"

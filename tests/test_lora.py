@@ -401,7 +401,7 @@ def test_shipped_32k_adapter():
     cfg = model.config
     assert cfg.max_position_embeddings == 32768
     assert (cfg.rope.type, cfg.rope.factor, cfg.rope.original_max_position_embeddings) == (
-        "yarn", 4.0, 8192)
+        "yarn", 16.0, 2048)
     out = jp.generate(model, tok, ["What is the capital of France?"], max_new_tokens=12,
                       chat=True)
     assert "Paris" in out[0].text

@@ -183,3 +183,15 @@ def test_init_from_an_adapter(corpus, base, reference, tmp_path):  # noqa: F811
             Trainer(twin_cfg(corpus, base, tmp_path / "bad", f"lora.init_from={out}",
                              *overrides), log_fn=lambda m: None)
         assert "\n" not in str(e.value)
+
+
+def test_32k_recipe_stages_chain():
+    """Stage 2 of the shipped 32K adapter starts from stage 1's adapter and keeps its model,
+    LoRA shape and answer weight (an adapter only fits the run that shaped it)."""
+    load = lambda name: TrainConfig.load(os.path.join(ROOT, "configs", "train", name))  # noqa: E731
+    one, two = load("smollm2-32k-lora.yaml"), load("smollm2-32k-lora-stage2.yaml")
+    assert os.path.abspath(two.lora.init_from) == os.path.join(one.output_dir, "adapter.safetensors")
+    assert two.output_dir != one.output_dir
+    same = lambda c: (c.model.overrides, c.model.pretrained, c.lora.targets, c.lora.rank,  # noqa: E731
+                      c.lora.alpha, c.lora.train_norms, c.data.seq_len, c.data.span_weight)
+    assert same(one) == same(two)

@@ -19,6 +19,11 @@ BLOCK, SEG, S, D = 64, 128, 640, 32
 LENGTHS = (640, 421)
 
 
+def pbs_policy(**kw):
+    """PBS at the test's sizes, with the paper's layout (no dense query tail) unless asked."""
+    return sparse.get("pbs", **{"block_size": BLOCK, "segment": SEG, "n_last": 0, **kw})
+
+
 @pytest.fixture(scope="module", params=[(6, 2), (8, 2)], ids=["gqa3", "gqa4"])
 def qkv(request):
     hq, hkv = request.param
@@ -59,7 +64,7 @@ def prompt_call(q, lengths) -> sparse.Prefill:
 @pytest.mark.parametrize("heads", ["q", "kv"])
 def test_pbs_output_equals_reference_on_mapped_mask(qkv, heads):
     q, k, v = qkv
-    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6, heads=heads)
+    policy = pbs_policy(tau=0.6, heads=heads)
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     out = jax.jit(lambda a, b, c, l: policy.attend(a, b, c, prompt_call(a, l)))(
         q, k, v, lengths)
@@ -79,7 +84,7 @@ def test_pbs_output_equals_reference_on_mapped_mask(qkv, heads):
 
 def test_pbs_permutes_within_complete_segments_only(qkv):
     q, k, _ = qkv
-    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG)
+    policy = pbs_policy()
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     geo = make_geometry(q, k, BLOCK, lengths)
     perm = np.asarray(jax.jit(lambda a, b: policy.permutation(a, b, geo))(q, k))
@@ -96,17 +101,17 @@ def test_pbs_permutes_within_complete_segments_only(qkv):
 def test_pbs_tau_one_is_dense_and_rows_match_alone(qkv):
     q, k, v = qkv
     lengths = jnp.asarray(LENGTHS, jnp.int32)
-    dense = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=1.0)
+    dense = pbs_policy(tau=1.0)
     keep = full_keep(dense, q, k, lengths)
     for b, length in enumerate(LENGTHS):
         np.testing.assert_array_equal(keep[b, :, :length, :length],
                                       np.broadcast_to(np.tril(np.ones((length, length), bool)),
                                                       keep[b, :, :length, :length].shape))
-    short = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.5), q, k, lengths,
+    short = full_keep(pbs_policy(tau=0.5), q, k, lengths,
                       min_length=500)  # row 1 (421 tokens) falls back to dense
     n1 = LENGTHS[1]
     assert short[1, :, :n1, :n1].sum() == short.shape[1] * n1 * (n1 + 1) // 2
-    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6)
+    policy = pbs_policy(tau=0.6)
     mask_of = jax.jit(lambda a, b, l: policy.build(a, b, lengths=l).to_block_mask())
     both = mask_of(q, k, lengths)
     alone = mask_of(q[1:, :n1], k[1:, :n1], None)
@@ -142,9 +147,9 @@ def test_pbs_last_block_exact_covers_tau_of_each_heads_mass(qkv, heads):
     q, k, _ = qkv
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     tau = 0.6
-    base = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=tau, heads=heads),
+    base = full_keep(pbs_policy(tau=tau, heads=heads),
                      q, k, lengths)
-    plus = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=tau, heads=heads,
+    plus = full_keep(pbs_policy(tau=tau, heads=heads,
                                 last_block_exact=True), q, k, lengths)
     g = q.shape[2] // k.shape[2]
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
@@ -169,8 +174,8 @@ def test_pbs_dense_tail_attends_every_earlier_key_and_matches_the_reference(qkv)
     reference on the mapped mask."""
     q, k, v = qkv
     lengths = jnp.asarray(LENGTHS, jnp.int32)
-    plain = full_keep(sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6), q, k, lengths)
-    policy = sparse.get("pbs", block_size=BLOCK, segment=SEG, tau=0.6, n_last=100)
+    plain = full_keep(pbs_policy(tau=0.6), q, k, lengths)
+    policy = pbs_policy(tau=0.6, n_last=100)
     tail = full_keep(policy, q, k, lengths)
     out = np.asarray(jax.jit(lambda a, b, c, l: policy.attend(a, b, c, prompt_call(a, l)))(
         q, k, v, lengths))

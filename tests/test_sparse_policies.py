@@ -26,11 +26,11 @@ LENGTHS = (640, 421)  # the second row is right-padded, with a partial last bloc
 # Small-input settings (paper defaults assume >= 4K tokens), and the settings that must be dense.
 POLICIES = {
     "streaming": (dict(sink=64, local=128), None),
-    "minference": (dict(vertical=40, slash=60, force_slash=20, last_q=32),
+    "minference": (dict(vertical=40, slash=60, force_slash=20, last_q=32, n_last=0),
                    dict(vertical=S, slash=S)),
-    "flexprefill": (dict(gamma=0.9, min_budget=64), dict(gamma=1.0)),
-    "xattention": (dict(threshold=0.9, stride=8), dict(threshold=1.0)),
-    "proxyattn": (dict(gamma=0.9, stride=8, min_blocks=1), dict(gamma=1.0)),
+    "flexprefill": (dict(gamma=0.9, min_budget=64, n_last=0), dict(gamma=1.0)),
+    "xattention": (dict(threshold=0.9, stride=8, n_last=0), dict(threshold=1.0)),
+    "proxyattn": (dict(gamma=0.9, stride=8, min_blocks=1, n_last=0), dict(gamma=1.0)),
     "trianglemix": (dict(start_layer=2, n_init=8, n_local=128, n_last=64), None),
     "oracle_topk": (dict(gamma=0.9), dict(gamma=1.0)),
     "dense": ({}, {}),
@@ -47,7 +47,7 @@ def test_every_registered_policy_is_tested():
 
 
 def make(name, params, **extra):
-    return sparse.get(name, block_size=BLOCK, **params, **extra)
+    return sparse.get(name, block_size=BLOCK, **{**params, **extra})
 
 
 def build(policy, q, k, lengths=None, layer=3, min_length=0):
@@ -176,8 +176,9 @@ def test_dense_tail_of_every_policy(name, qkv):
     q, k, _ = qkv
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     params = POLICIES[name][0]
-    _, plain = build(make(name, params), q, k, lengths)
+    _, plain = build(make(name, params), q, k, lengths)  # the settings above: n_last 0
     _, tail = build(make(name, params, n_last=100), q, k, lengths)
+    assert make(name, {}).n_last == (0 if name == "oracle_topk" else 128)  # default tails
     for b, length in enumerate(LENGTHS):
         allowed, nb = causal_valid(tail.shape[-1], length)
         first = (length - 100) // BLOCK  # 100 queries span 2 blocks (640) or 3 (421)

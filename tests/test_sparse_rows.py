@@ -36,18 +36,21 @@ C3 = ("q", 6, 2, 3, 0)  # per query head with a cap: minference's columns surviv
 MIXED = "mixed-head-config"  # minference with a per-head vs / bs / a config (written per test)
 
 # (policy, params, config). Every registered policy but pbs must appear (see the test below).
+# n_last 0 (no dense query tail) where the method's own layout is under test: at these sizes the
+# default 128-query tail would make most of a chunk dense.
 CASES = [
     ("dense", {}, C2),
     ("streaming", {"sink": 64, "local": 128}, C1),
     ("trianglemix", {"start_layer": 0, "n_init": 8, "n_local": 128, "n_last": 64}, C2),
     ("blasst", {}, C1),
-    ("xattention", {"threshold": 0.6, "stride": 8}, C1),
+    ("xattention", {"threshold": 0.6, "stride": 8, "n_last": 0}, C1),
     ("xattention", {"threshold": 0.6, "stride": 8, "n_last": 40}, C2),  # each chunk's tail
-    ("flexprefill", {"gamma": 0.9, "tau": 0.0, "min_budget": 64}, C1),  # vertical-slash heads
-    ("flexprefill", {"gamma": 0.7, "tau": 1.0, "min_budget": 64}, C2),  # query-aware heads
-    ("minference", {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16}, C3),
-    ("minference", {"head_config": MIXED, "force_vertical": 4, "force_slash": 16}, C2),
-    ("proxyattn", {"gamma": 0.8, "stride": 16}, C2),
+    ("flexprefill", {"gamma": 0.9, "tau": 0.0, "min_budget": 64, "n_last": 0}, C1),  # vertical-slash heads
+    ("flexprefill", {"gamma": 0.7, "tau": 1.0, "min_budget": 64, "n_last": 0}, C2),  # query-aware heads
+    ("minference", {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16, "n_last": 0}, C3),
+    ("minference", {"head_config": MIXED, "force_vertical": 4, "force_slash": 16,
+                    "n_last": 0}, C2),
+    ("proxyattn", {"gamma": 0.8, "stride": 16, "n_last": 0}, C2),
     ("oracle_topk", {"gamma": 0.8}, C1),
 ]
 
@@ -150,7 +153,7 @@ def causal_blocks(offsets) -> np.ndarray:
 def test_chunk_attention_equals_whole_prefix_path():
     """End to end: the chunk's sparse attention (xla block gather, columns included) is the
     same with the row layout as with the whole-prefix layout."""
-    params = {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16}
+    params = {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16, "n_last": 0}
     policy = make_policy("minference", params, C3, None)
     q, k = inputs(6, 2, seed=1)
     v = jnp.asarray(np.random.default_rng(2).standard_normal((B, SK, 2, D)), jnp.float32)

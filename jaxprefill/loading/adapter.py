@@ -43,7 +43,8 @@ OVERRIDABLE = ("max_position_embeddings", "rope_theta", "rope_scaling")
 # name -> (base model name, adapter file name, the recipe that trains it)
 BUNDLED_ADAPTERS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-32k": ("smollm2-135m-instruct", "smollm2-135m-32k.safetensors",
-                         "configs/train/smollm2-32k-lora.yaml"),
+                         "configs/train/smollm2-32k-lora.yaml, then "
+                         "configs/train/smollm2-32k-lora-stage2.yaml"),
 }
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets"
 

@@ -194,8 +194,10 @@ class Policy:
       max_nnz: static cap on blocks per list; None = no cap (n blocks).
       estimation: how the estimation runs (:class:`Estimation`; a name or a dict in configs).
       n_last: the query blocks holding each row's last n_last queries are dense (module
-        docstring; a ``max_nnz`` cap applies to them like to any row); 0 (default;
-        trianglemix: 128) gives the method's own layout.
+        docstring; a ``max_nnz`` cap applies to them like to any row); 0 gives the method's
+        own layout. 0 here and for streaming; 128 for trianglemix (its paper) and the estimator
+        policies (minference, flexprefill, xattention, proxyattn, pbs: the row that makes the
+        first answer token then reads the whole prompt at every layer).
     """
 
     name: ClassVar[str] = "base"

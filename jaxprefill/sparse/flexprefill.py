@@ -132,6 +132,7 @@ class FlexPrefill(Policy):
     tau: float = 0.1
     min_budget: int = 1024
     max_budget: int | None = None
+    n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
 
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         bsz = geo.block

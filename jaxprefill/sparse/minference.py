@@ -82,6 +82,7 @@ class MInference(Policy):
     a_sink: int = 100
     a_local: int = 800
     head_config: str | None = None
+    n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
     pattern: str = "vs"  # the pattern of heads a head_config does not list
     columns: bool = True  # vertical lines as single key columns (layout column path)
 

@@ -63,6 +63,7 @@ class PBS(Policy):
     tau: float = 0.9
     segment: int = 256
     last_block_exact: bool = False
+    n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
 
     def __post_init__(self) -> None:
         super().__post_init__()

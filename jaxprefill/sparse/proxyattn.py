@@ -61,6 +61,7 @@ class ProxyAttn(Policy):
     key_stride: int | None = None
     min_blocks: int = 2
     last_block_exact: bool = False
+    n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -60,6 +60,7 @@ class XAttention(Policy):
     rows_exact = True  # antidiagonal scores and the per-row threshold are row-local
     threshold: float = 0.9
     stride: int = 16
+    n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
 
     def __post_init__(self) -> None:
         super().__post_init__()
