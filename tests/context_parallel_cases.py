@@ -26,13 +26,14 @@ from jaxprefill.parallel import ContextParallel, prompt_attention, zigzag
 from jaxprefill.sharding import state_shardings
 from jaxprefill.sparse import Prefill
 
+# n_last 0: the methods' own layouts (at 200 tokens a 128-query dense tail covers most rows).
 POLICIES = {
     "streaming": {"policy": "streaming", "params": dict(block_size=16, sink=16, local=32)},
     "xattention": {"policy": "xattention", "params": dict(block_size=16, stride=4,
-                                                          threshold=0.8)},
+                                                          threshold=0.8, n_last=0)},
     # tau 1: every head query-aware, whose blocks pass a threshold over all rows (global)
     "flexprefill": {"policy": "flexprefill", "params": dict(block_size=16, min_budget=16,
-                                                            gamma=0.7, tau=1.0)},
+                                                            gamma=0.7, tau=1.0, n_last=0)},
 }
 S, LENGTHS = 200, (200, 150)  # not multiples of 2n x 16 for n = 4 or 8
 

@@ -125,7 +125,7 @@ def test_chunk_layout_is_what_the_policy_builds(model, monkeypatch):
     monkeypatch.setattr(sparse_rows, "chunk_layout", record)
     ids = np.random.default_rng(5).integers(1, 97, 181).tolist()
     sparse = {"min_length": 32, "policy": "xattention",
-              "params": {"block_size": 16, "threshold": 0.6, "stride": 4}}
+              "params": {"block_size": 16, "threshold": 0.6, "stride": 4, "n_last": 0}}
     run(model, [ids], sparse, max_new=2)
     jax.effects_barrier()
     assert [int(s[0][0]) for s in seen] == [0, 64, 128]  # three chunks of 64, 64, 53 queries
@@ -192,7 +192,7 @@ def test_chunk_attention_with_columns_equals_whole_prompt_rows():
     from pallas_kernels import block_sparse_attention
 
     params = {"block_size": 16, "vertical": 40, "slash": 4, "last_q": 16, "force_vertical": 1,
-              "force_slash": 2}
+              "force_slash": 2, "n_last": 0}
     cfg = SparseConfig.parse({"policy": "minference", "min_length": 64, "kernel": "xla",
                               "params": params})
     policy = cfg.policy_for(0)
