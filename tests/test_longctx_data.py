@@ -341,13 +341,14 @@ def test_synthetic_seed_changes_only_the_synthetic_rows(tmp_path, count):
     root = fake_tree(tmp_path / "src")
     b.build(fake_args(root, tmp_path / "a"), guards=fake_guards())
     b.build(fake_args(root, tmp_path / "b", "--synthetic-seed", "7"), guards=fake_guards())
-    a, c = (read_rows(tmp_path / d / "train.jsonl") for d in ("a", "b"))
-    real = lambda rows: sorted((r["id"], r["text"]) for r in rows if r["source"] != "synthetic")
-    synth = lambda rows: {r["id"]: r["text"] for r in rows if r["source"] == "synthetic"}
-    assert real(a) == real(c)
+    rows = {d: read_rows(tmp_path / d / "train.jsonl") for d in ("a", "b")}
+    real = {d: sorted((r["id"], r["text"]) for r in rs if r["source"] != "synthetic")
+            for d, rs in rows.items()}
+    sa, sc = ({r["id"]: r["text"] for r in rows[d] if r["source"] == "synthetic"}
+              for d in ("a", "b"))
+    assert real["a"] == real["b"]
     assert (tmp_path / "a" / "validation.jsonl").read_bytes() == \
         (tmp_path / "b" / "validation.jsonl").read_bytes()
-    sa, sc = synth(a), synth(c)
     assert len(sa) == len(sc) >= 1 and all(i.startswith("synthetic-7/") for i in sc)
     assert set(sa.values()).isdisjoint(sc.values())  # fresh rows, ids that cannot collide
 

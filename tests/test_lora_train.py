@@ -185,13 +185,17 @@ def test_init_from_an_adapter(corpus, base, reference, tmp_path):  # noqa: F811
         assert "\n" not in str(e.value)
 
 
+def recipe(name: str) -> TrainConfig:
+    return TrainConfig.load(os.path.join(ROOT, "configs", "train", name))
+
+
 def test_32k_recipe_stages_chain():
     """Stage 2 of the shipped 32K adapter starts from stage 1's adapter and keeps its model,
     LoRA shape and answer weight (an adapter only fits the run that shaped it)."""
-    load = lambda name: TrainConfig.load(os.path.join(ROOT, "configs", "train", name))  # noqa: E731
-    one, two = load("smollm2-32k-lora.yaml"), load("smollm2-32k-lora-stage2.yaml")
-    assert os.path.abspath(two.lora.init_from) == os.path.join(one.output_dir, "adapter.safetensors")
+    one, two = recipe("smollm2-32k-lora.yaml"), recipe("smollm2-32k-lora-stage2.yaml")
+    stage1_adapter = os.path.join(one.output_dir, "adapter.safetensors")
+    assert os.path.abspath(two.lora.init_from) == stage1_adapter
     assert two.output_dir != one.output_dir
-    same = lambda c: (c.model.overrides, c.model.pretrained, c.lora.targets, c.lora.rank,  # noqa: E731
-                      c.lora.alpha, c.lora.train_norms, c.data.seq_len, c.data.span_weight)
-    assert same(one) == same(two)
+    shape = [(c.model.overrides, c.model.pretrained, c.lora.targets, c.lora.rank, c.lora.alpha,
+              c.lora.train_norms, c.data.seq_len, c.data.span_weight) for c in (one, two)]
+    assert shape[0] == shape[1]

@@ -107,8 +107,7 @@ def test_pbs_tau_one_is_dense_and_rows_match_alone(qkv):
         np.testing.assert_array_equal(keep[b, :, :length, :length],
                                       np.broadcast_to(np.tril(np.ones((length, length), bool)),
                                                       keep[b, :, :length, :length].shape))
-    short = full_keep(pbs_policy(tau=0.5), q, k, lengths,
-                      min_length=500)  # row 1 (421 tokens) falls back to dense
+    short = full_keep(pbs_policy(tau=0.5), q, k, lengths, min_length=500)  # row 1 (421) dense
     n1 = LENGTHS[1]
     assert short[1, :, :n1, :n1].sum() == short.shape[1] * n1 * (n1 + 1) // 2
     policy = pbs_policy(tau=0.6)
@@ -147,10 +146,8 @@ def test_pbs_last_block_exact_covers_tau_of_each_heads_mass(qkv, heads):
     q, k, _ = qkv
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     tau = 0.6
-    base = full_keep(pbs_policy(tau=tau, heads=heads),
-                     q, k, lengths)
-    plus = full_keep(pbs_policy(tau=tau, heads=heads,
-                                last_block_exact=True), q, k, lengths)
+    base = full_keep(pbs_policy(tau=tau, heads=heads), q, k, lengths)
+    plus = full_keep(pbs_policy(tau=tau, heads=heads, last_block_exact=True), q, k, lengths)
     g = q.shape[2] // k.shape[2]
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
     for b, length in enumerate(LENGTHS):

@@ -45,9 +45,11 @@ CASES = [
     ("blasst", {}, C1),
     ("xattention", {"threshold": 0.6, "stride": 8, "n_last": 0}, C1),
     ("xattention", {"threshold": 0.6, "stride": 8, "n_last": 40}, C2),  # each chunk's tail
-    ("flexprefill", {"gamma": 0.9, "tau": 0.0, "min_budget": 64, "n_last": 0}, C1),  # vertical-slash heads
-    ("flexprefill", {"gamma": 0.7, "tau": 1.0, "min_budget": 64, "n_last": 0}, C2),  # query-aware heads
-    ("minference", {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16, "n_last": 0}, C3),
+    # flexprefill: vertical-slash heads (tau 0), then query-aware heads (tau 1)
+    ("flexprefill", {"gamma": 0.9, "tau": 0.0, "min_budget": 64, "n_last": 0}, C1),
+    ("flexprefill", {"gamma": 0.7, "tau": 1.0, "min_budget": 64, "n_last": 0}, C2),
+    ("minference", {"vertical": 20, "slash": 30, "force_vertical": 4, "force_slash": 16,
+                    "n_last": 0}, C3),
     ("minference", {"head_config": MIXED, "force_vertical": 4, "force_slash": 16,
                     "n_last": 0}, C2),
     ("proxyattn", {"gamma": 0.8, "stride": 16, "n_last": 0}, C2),
