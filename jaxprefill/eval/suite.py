@@ -251,7 +251,8 @@ def run(model, tokenizer, configs: dict[str, SparseConfig | None], plan: EvalPla
     built: dict[str, tuple[Sample, list[int]]] = {}
 
     def build_all(group: list[PlannedSample]) -> None:
-        """Builds and tokenizes the group's prompts not built yet, in batches (make_samples)."""
+        """Builds and tokenizes the group's prompts not built yet (tasks.build_prompts: the
+        haystack fits run in lockstep, one batch encode per round)."""
         todo = [ps for ps in group if ps.prompt_id not in built]
         made = build_prompts(tokenizer, [(ps.task, targets[ps.length], ps.depth, ps.seed,
                                           plan.split, ps.haystack) for ps in todo])
