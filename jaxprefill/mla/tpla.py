@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxprefill.models.layers import hadamard
 from pallas_kernels import mla_decode
 
 try:  # jax >= 0.6
@@ -71,17 +72,7 @@ class TPLAConfig:
                 raise ValueError(f"TPLA {name}={getattr(self, name)!r}; choose one of {allowed}")
 
 
-# ---- orthogonal transforms ----------------------------------------------------------------------
-
-def hadamard(n: int) -> np.ndarray:
-    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard transform needs a power-of-two size, got {n}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
-
+# ---- orthogonal transforms (hadamard: jaxprefill.models.layers) ---------------------------------
 
 def pca_rotation(latents: np.ndarray) -> np.ndarray:
     """R [d, d] whose rows are the principal directions of latents [N, d] (uncentered second

@@ -30,10 +30,9 @@ from flax import nnx, struct
 
 from jaxprefill.attention import AttentionSpec, attend
 from jaxprefill.config import MLAConfig
-from jaxprefill.mla.tpla import hadamard
 from jaxprefill.models.deepseek import (PAGE_SIZE, DeepSeek, MLAttention, gather_latent,
                                         write_latent)
-from jaxprefill.models.layers import apply_rope_pairs, dense, param
+from jaxprefill.models.layers import apply_rope_pairs, dense, hadamard, param
 from pallas_kernels import mla_decode
 from pallas_kernels.dsa_ops import index_topk, sparse_mla
 

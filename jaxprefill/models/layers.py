@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoders: parameters with logical axes, RMSNorm, RoPE, SwiGLU.
+"""Building blocks shared by the decoders: parameters with logical axes, RMSNorm, RoPE, SwiGLU,
+the Hadamard rotation.
 
 Every parameter is an `nnx.Param` whose metadata `axes` names its logical dimensions
 ("embed", "heads", "mlp", ...). `jaxprefill.sharding` maps those names to mesh axes with one
@@ -179,3 +180,13 @@ def apply_rope_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleave
         x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard transform needs a power-of-two size, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
