@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from flax import nnx
 
 import jaxprefill as jp
@@ -91,6 +92,36 @@ def test_a_policy_with_its_own_attend_on_a_prompt_row(tmp_path):
     assert call["est_backends"]  # its last-block sums ask the resolver
     (c,) = bench.path_calls("row")
     assert c.seg is None and c.off is None and int(c.lens[0]) == 256
+
+
+def test_shared_layouts_pay_estimation_once_per_group(tmp_path):
+    """With share_layers 2 only the first of two layers builds its layout: the predicted
+    estimation per layer is half of the one measured on the group's layer."""
+    args = stages.parse(["--tiny", "--seq", "256", "--chunk", "128", "--layers", "2",
+                         "--paths", "row", "--out", str(tmp_path)])
+    model = jp.Llama(llama3_8b_shapes(2, True), rngs=nnx.Rngs(0))
+    bench = stages.Bench(args, model, np.random.default_rng(0).integers(1, 512, 256).tolist(), 0)
+    bench.engine_ran("row", {"packed_rows": 1, "single_rows": 1})
+    spec = {"policy": "xattention", "min_length": 128, "block_size": 64,
+            "params": {"stride": 4, "share_layers": 2}}
+    measured, group = [], bench.group
+
+    def recorded(*args):
+        measured.append(group(*args))
+        return measured[-1]
+
+    bench.group = recorded
+    row = bench.stages("row", SparseConfig.parse(spec))
+    assert row["groups"] == [{"policy": "xattention", "layer": 0, "layers": 2, "builds": 1}]
+    (call,) = measured[0]
+    assert call["est_ms"] > 0 and row["est_ms"] == pytest.approx(call["est_ms"] / 2)
+
+
+def test_tiny_specs_keep_their_parameters():
+    assert stages.policy_spec("xattention:share_layers=2,stride=4", tiny=True) == {
+        "policy": "xattention", "min_length": 128, "block_size": 64,
+        "params": {"share_layers": 2, "stride": 4}}
+    assert stages.policy_spec("streaming", tiny=True)["params"] == {"sink": 64, "local": 128}
 
 
 def test_ordinary_mistakes_are_one_line(tmp_path, capsys):

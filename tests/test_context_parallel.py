@@ -215,6 +215,11 @@ def test_estimate_paths_and_refusals():
         attend(q, k, v, q_offset=jnp.zeros((1,), jnp.int32), layer=0,
                spec=dataclasses.replace(spec, sparse=sparse.SparseConfig.from_dict(
                    {"policy": "streaming", "params": {"block_size": 16}, "min_length": 0})))
+    with pytest.raises(ValueError, match="share_layers > 1 is not supported"):
+        shared = sparse.SparseConfig.from_dict(
+            {"policy": "streaming", "params": {"block_size": 16, "share_layers": 2},
+             "min_length": 0})
+        attend(q, k, v, layer=0, spec=dataclasses.replace(spec, sparse=shared))
 
 
 @pytest.mark.parametrize("n,zig", [(1, True), (2, False), (4, True), (8, True), (8, False)])

@@ -72,9 +72,9 @@ def test_mla_sparse_prefill_in_generate_and_engine(model, monkeypatch):
     calls = {"prompt": 0, "chunk": 0, "packed": 0}
     real = dispatch.sparse_attend
 
-    def count(q, k, v, cfg, call):
+    def count(q, k, v, cfg, call, share=None):
         calls[call.kind] += 1
-        return real(q, k, v, cfg, call)
+        return real(q, k, v, cfg, call, share)
 
     monkeypatch.setattr(dispatch, "sparse_attend", count)
     rng = np.random.default_rng(11)

@@ -3,5 +3,7 @@ implementation runs a call and why; sparse prefill enters through `attention.spa
 
 from jaxprefill.attention.dispatch import (AttentionSpec, attend, attention_backend, build_mask,
                                            reference_attention)
+from jaxprefill.attention.sparse import LayoutShare
 
-__all__ = ["AttentionSpec", "attend", "attention_backend", "build_mask", "reference_attention"]
+__all__ = ["AttentionSpec", "LayoutShare", "attend", "attention_backend", "build_mask",
+           "reference_attention"]

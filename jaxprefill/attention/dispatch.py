@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from pallas_kernels import SegmentIds, backends, block_sparse_attention
 from pallas_kernels.gpu import mosaic_common
 from pallas_kernels.layout import structured_layout
-from jaxprefill.attention.sparse import sparse_attend, sparse_call
+from jaxprefill.attention.sparse import LayoutShare, sparse_attend, sparse_call
 from jaxprefill.parallel import ContextParallel, ring
 from jaxprefill.sparse import SparseConfig
 
@@ -165,7 +165,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
            q_offset: jax.Array | None = None, segment_ids: tuple[jax.Array, jax.Array] | None = None,
            window: int | None = None, sm_scale: float | None = None,
            spec: AttentionSpec = AttentionSpec(), layer: int | None = None,
-           lengths: jax.Array | None = None) -> jax.Array:
+           lengths: jax.Array | None = None, share: LayoutShare | None = None) -> jax.Array:
     """Scaled dot-product attention with GQA.
 
     Args:
@@ -178,6 +178,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       layer: the calling layer's index (selects the sparse prefill policy; None = dense).
       lengths: int32 [B] valid tokens per right-padded row (sparse estimation ignores padding);
         with q_offset, the valid queries of each row's chunk.
+      share: the forward's :class:`LayoutShare` (sparse policies with ``share_layers`` > 1
+        reuse an earlier layer's layout through it); None: every layer builds its own.
     Dv may differ from D (MLA: 192 / 128); non-reference backends pad to max(D, Dv) and slice.
     Returns:
       [B, Sq, Hq, Dv] in q's dtype.
@@ -192,7 +194,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                        segment_ids=segment_ids, window=window, lengths=lengths,
                        sm_scale=sm_scale)
     if call is not None:
-        return sparse_attend(q, k, v, spec.sparse, call)
+        return sparse_attend(q, k, v, spec.sparse, call, share)
     simple = q_offset is None and segment_ids is None and q.shape[1] == k.shape[1]
     dv = v.shape[-1]
     implementation = attention_backend(q, dv, simple=simple, window=window, impl=spec.impl,
@@ -259,6 +261,9 @@ def context_attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec
     call = sparse_call(spec.sparse, layer, q, k, causal=causal, q_offset=None,
                        segment_ids=segment_ids, window=None, lengths=lengths, sm_scale=sm_scale)
     policy = None if call is None else spec.sparse.policy_for(layer)
+    if policy is not None and policy.share_layers != 1:
+        raise ValueError("context parallelism: share_layers > 1 is not supported (each ring "
+                         "step builds its own layout); use share_layers 1")
     return ring.prompt_attention(ctx, q, k, v, causal=causal, segment_ids=segment_ids,
                                  sm_scale=sm_scale, policy=policy, call=call,
                                  differentiable=spec.differentiable)

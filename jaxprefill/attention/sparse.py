@@ -13,6 +13,10 @@ window; query and key head dims differ; the view (Sk) is shorter than ``min_leng
 (Sq < 2); both q_offset and segment ids; the layer's rule is dense; or the policy does not take
 the kind (``Policy.kinds``: PBS takes whole prompts only). Each reason is logged at debug level
 (``logging.getLogger("jaxprefill.attention")``).
+
+Layers that share a layout (a policy's ``share_layers``) need a :class:`LayoutShare`: the model
+makes one per forward and passes it to every layer's ``attend``; without one, every layer
+builds its own layout.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprefill.sparse import Prefill, SparseConfig
+from jaxprefill.sparse.prefill import layout_for
 
 log = logging.getLogger("jaxprefill.attention")
 
@@ -72,10 +77,34 @@ def sparse_call(cfg: SparseConfig | None, layer: int | None, q: jax.Array, k: ja
                    segment_ids=segment_ids[0] if kind == "packed" else None)
 
 
+class LayoutShare:
+    """The layouts built during one model forward, for layers that reuse an earlier layer's
+    (``Policy.share_layers``). Holds traced arrays: make one per forward (inside its trace)
+    and drop it after; the layers must be traced in order within that one trace (a loop, not a
+    scan or a per-layer remat)."""
+
+    def __init__(self) -> None:
+        self._layouts: dict = {}
+
+    def layout(self, cfg: SparseConfig, call: Prefill, q: jax.Array, k: jax.Array):
+        """The layout ``call.layer`` runs: the one its source layer
+        (:meth:`SparseConfig.layout_source`) built for the same kind of call and shapes, built
+        here from this layer's q and k when the source made none."""
+        policy = cfg.policy_for(call.layer)
+        key = (cfg.layout_source(call.layer), id(policy), call.kind, q.shape, k.shape)
+        if key not in self._layouts:
+            self._layouts[key] = layout_for(policy, q, k, call)
+        return self._layouts[key]
+
+
 def sparse_attend(q: jax.Array, k: jax.Array, v: jax.Array, cfg: SparseConfig,
-                  call: Prefill) -> jax.Array:
-    """The layer's policy on a classified call: [B, Sq, Hq, Dv]."""
-    return cfg.policy_for(call.layer).attend(q, k, v, call)
+                  call: Prefill, share: LayoutShare | None = None) -> jax.Array:
+    """The layer's policy on a classified call: [B, Sq, Hq, Dv]. With ``share`` and a policy
+    whose ``share_layers`` > 1, the layout comes from ``share`` (built once per group)."""
+    policy = cfg.policy_for(call.layer)
+    if share is None or policy.share_layers == 1:
+        return policy.attend(q, k, v, call)
+    return policy.attend(q, k, v, call, layout=share.layout(cfg, call, q, k))
 
 
-__all__ = ["sparse_attend", "sparse_call"]
+__all__ = ["LayoutShare", "sparse_attend", "sparse_call"]

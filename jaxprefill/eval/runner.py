@@ -71,12 +71,17 @@ def layer_head_stats(model, tokens: np.ndarray, lengths, configs: dict[str, Spar
         idx = np.arange(c0, c0 + chunk)
         real = idx < n
         idx = np.where(real, idx, c0)  # pad a short last chunk with copies of its first row
+        sources: dict = {}  # config -> (layer, q, k) of the layer whose layout others share
         for layer, q, k, v in layer_qkv(model, jnp.asarray(tokens[idx])):
             for name, cfg in configs.items():
                 policy = cfg.policy_for(layer) if cfg is not None else None
                 if policy is None:
                     continue
-                got = layer_stats(policy, layer, q, k, v, lens[idx], sampled[idx])
+                src = cfg.layout_source(layer)
+                if src == layer and policy.share_layers > 1:
+                    sources[name] = (layer, q, k)
+                got = layer_stats(policy, layer, q, k, v, lens[idx], sampled[idx],
+                                  source=sources[name] if src != layer else None)
                 sparse_rows = real & (lens[idx] >= cfg.min_length)
                 for m, x in zip(_METRICS, got):
                     out[name][m][layer, idx[sparse_rows]] = x[sparse_rows]
@@ -127,7 +132,8 @@ def attention_stats(model, tokens: np.ndarray, configs: dict[str, SparseConfig],
     return out
 
 
-def layer_stats(policy, layer: int, q, k, v, lengths: np.ndarray, sampled: np.ndarray
+def layer_stats(policy, layer: int, q, k, v, lengths: np.ndarray, sampled: np.ndarray,
+                source: tuple | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One layer under ``policy``: (density, recall, output error, last-query recall), each
     float64 [B, Hq].
@@ -135,17 +141,19 @@ def layer_stats(policy, layer: int, q, k, v, lengths: np.ndarray, sampled: np.nd
     q [B, S, Hq, D], k/v [B, S, Hkv, D], lengths [B], sampled [B, R] query positions; the last
     recall is that of each row's last valid query. Block-mask policies are measured on their
     block mask; pbs (selection over permuted keys) on its token-level keep mapped back to
-    original key positions.
+    original key positions. ``source`` (layer, q, k): the layer whose layout this one shares
+    (``share_layers``); the layout comes from its q and k, the recall from this layer's.
     """
     hq = q.shape[2]
     lengths_j = jnp.asarray(lengths, jnp.int32)
     last = (np.asarray(lengths, np.int32) - 1)[:, None]  # [B, 1]
+    src_layer, q_src, k_src = (layer, q, k) if source is None else source
     if getattr(policy, "columns", False):  # minference's column path: count columns as tokens
-        layout = _layout_fn(policy, layer)(q, k, lengths_j)
+        layout = _layout_fn(policy, src_layer)(q_src, k_src, lengths_j)
         d, r, e = column_layout_stats(layout, q, k, v, lengths, sampled)
         rl = column_layout_stats(layout, q, k, v, lengths, last)[1]
         return np.repeat(d, hq // d.shape[1], axis=1), r, e, rl
-    mask = _mask_fn(policy, layer)(q, k, lengths_j)
+    mask = _mask_fn(policy, src_layer)(q_src, k_src, lengths_j)
     if hasattr(policy, "key_mask"):
         d = row_density(_fold_pbs(np.asarray(mask), mask.shape[-2]), lengths, policy.block_size)
         keep = _keep_fn(policy)(q, k, jnp.asarray(sampled), lengths_j)
@@ -250,8 +258,11 @@ def row_attention_stats(q_all: jax.Array, k_all: jax.Array, v_all: jax.Array,
                 idx = np.arange(c0, c0 + chunk)
                 real = idx < b
                 idx = np.where(real, idx, c0)
+                src = cfg.layout_source(layer)
                 got = layer_stats(policy, layer, q_all[layer][idx], k_all[layer][idx],
-                                  v_all[layer][idx], lens[idx], sampled[idx])
+                                  v_all[layer][idx], lens[idx], sampled[idx],
+                                  source=None if src == layer else
+                                  (src, q_all[src][idx], k_all[src][idx]))
                 # Rows shorter than min_length are dense in the model: measure what it runs.
                 keep = real & (lens[idx] >= cfg.min_length)
                 for m, x in zip(_METRICS, got):

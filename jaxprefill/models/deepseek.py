@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprefill.attention import AttentionSpec, attend
+from jaxprefill.attention import AttentionSpec, LayoutShare, attend
 from jaxprefill.config import MLAConfig
 from jaxprefill.models.layers import (RMSNorm, SwiGLU, apply_rope_pairs, dense, param,
                                       rope_cos_sin_half, rope_inv_freq)
@@ -152,11 +152,13 @@ class MLAttention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, spec: AttentionSpec,
                  segment_ids: jax.Array | None, cache: tuple[jax.Array, jax.Array] | None,
                  cache_index: jax.Array | None, absorb: bool = True, decode_impl: str = "auto",
-                 layer: int | None = None, lengths: jax.Array | None = None):
+                 layer: int | None = None, lengths: jax.Array | None = None,
+                 share: LayoutShare | None = None):
         """x [B, S, E] -> ([B, S, E], updated latent pages or None). cache = (pages, page_table).
 
-        `layer` and `lengths` [B] (valid tokens per row; with a cache_index, valid queries of the
-        chunk) feed sparse prefill (AttentionSpec.sparse) of the decompressed attention."""
+        `layer`, `lengths` [B] (valid tokens per row; with a cache_index, valid queries of the
+        chunk) and `share` (the forward's layouts, for layers that share one) feed sparse
+        prefill (AttentionSpec.sparse) of the decompressed attention."""
         cfg, dt = self.cfg, x.dtype
         q_nope, q_pe = self.queries(x, cos, sin)
         lat = self.latent(x, cos, sin)
@@ -167,7 +169,7 @@ class MLAttention(nnx.Module):
             q = jnp.concatenate([q_nope, q_pe], axis=-1)
             segs = None if segment_ids is None else (segment_ids, segment_ids)
             o = attend(q, k, v, causal=True, segment_ids=segs, sm_scale=tau, spec=spec,
-                       layer=layer, lengths=lengths)
+                       layer=layer, lengths=lengths, share=share)
             pages = None
             if cache is not None:
                 if spec.context is not None:  # lat is in ring order; the cache is natural
@@ -185,7 +187,7 @@ class MLAttention(nnx.Module):
             k, v = self.decompress(gather_latent(pages, table).astype(dt))
             q = jnp.concatenate([q_nope, q_pe], axis=-1)
             o = attend(q, k, v, causal=True, q_offset=cache_index, sm_scale=tau, spec=spec,
-                       layer=layer, lengths=lengths)
+                       layer=layer, lengths=lengths, share=share)
         return self.out_proj(o), pages
 
 
@@ -275,12 +277,13 @@ class DeepSeek(nnx.Module):
                              "use one sequence per cache row")
         cos, sin = self.rope_tables(positions)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        share = LayoutShare() if self.attention.sparse is not None else None
         new_pages = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.pages[i], cache.page_table)
             x, pages = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
                              cache=layer_cache, cache_index=cache_index, lengths=lengths,
-                             **self.block_kwargs(i))
+                             share=share, **self.block_kwargs(i))
             new_pages.append(pages)
         x = self.norm(x)
         if ring is not None:

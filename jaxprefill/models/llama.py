@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxprefill.attention import AttentionSpec, attend
+from jaxprefill.attention import AttentionSpec, LayoutShare, attend
 from jaxprefill.config import ModelConfig
 from jaxprefill.models.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, rope_cos_sin,
                                       rope_inv_freq)
@@ -67,10 +67,11 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, *, spec: AttentionSpec,
                  segment_ids: jax.Array | None, cache: tuple[jax.Array, jax.Array] | None,
                  cache_index: jax.Array | None, layer: int | None = None,
-                 lengths: jax.Array | None = None):
+                 lengths: jax.Array | None = None, share: LayoutShare | None = None):
         """x [B, S, E] -> ([B, S, E], updated (k, v) cache or None).
 
-        `layer` and `lengths` [B] (valid tokens per row) feed sparse prefill (AttentionSpec.sparse).
+        `layer`, `lengths` [B] (valid tokens per row) and `share` (the forward's layouts, for
+        layers that share one) feed sparse prefill (AttentionSpec.sparse).
         """
         q, k, v = self.project(x, cos, sin)
         if cache is None or cache_index is None:
@@ -78,7 +79,7 @@ class Attention(nnx.Module):
             # fills cache slots 0..S-1 (the fast causal path: no mask array, cuDNN on GPU).
             segs = None if segment_ids is None else (segment_ids, segment_ids)
             out = attend(q, k, v, causal=True, segment_ids=segs, window=self.cfg.sliding_window,
-                         spec=spec, layer=layer, lengths=lengths)
+                         spec=spec, layer=layer, lengths=lengths, share=share)
             if cache is not None:
                 if spec.context is not None:  # k, v are in ring order; the cache is natural
                     k, v = spec.context.natural(k), spec.context.natural(v)
@@ -89,7 +90,8 @@ class Attention(nnx.Module):
             k_cache = write_rows(cache[0], k, cache_index)
             v_cache = write_rows(cache[1], v, cache_index)
             out = attend(q, k_cache.astype(dt), v_cache.astype(dt), causal=True, q_offset=cache_index,
-                         window=self.cfg.sliding_window, spec=spec, layer=layer, lengths=lengths)
+                         window=self.cfg.sliding_window, spec=spec, layer=layer, lengths=lengths,
+                         share=share)
             cache = (k_cache, v_cache)
         y = dense("bshd,hde->bse", out, self.o)
         if self.cfg.o_bias:
@@ -187,12 +189,13 @@ class Llama(nnx.Module):
         inv_freq, scale = self.rope
         cos, sin = rope_cos_sin(positions, jnp.asarray(inv_freq), scale)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        share = LayoutShare() if self.attention.sparse is not None else None
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, layer_cache = layer(x, cos, sin, spec=self.attention, segment_ids=segment_ids,
                                    cache=layer_cache, cache_index=cache_index,
-                                   lengths=lengths, **self.block_kwargs(i))
+                                   lengths=lengths, share=share, **self.block_kwargs(i))
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

@@ -198,6 +198,13 @@ class Policy:
         own layout. 0 here and for streaming; 128 for trianglemix (its paper) and the estimator
         policies (minference, flexprefill, xattention, proxyattn, pbs: the row that makes the
         first answer token then reads the whole prompt at every layer).
+      share_layers: consecutive layers that share one layout (default 1: every layer builds
+        its own). With k > 1 the layers i of a group (equal i // k, this policy's layers
+        only) run the layout the group's first layer built from its own q and k, so only
+        that layer pays for estimation (:meth:`SparseConfig.layout_source`); query head h of a
+        later layer reads the blocks head h of the first one chose. Inside one model forward
+        only (``jaxprefill.attention.LayoutShare``); off by default, as no evaluation has
+        shown it keeps accuracy.
     """
 
     name: ClassVar[str] = "base"
@@ -215,9 +222,13 @@ class Policy:
     recall_target: float | None = None
     recall_probes: int = 2
     n_last: int = 0
+    share_layers: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "estimation", Estimation.parse(self.estimation))
+        if not isinstance(self.share_layers, int) or self.share_layers < 1:
+            raise ValueError(f"{self.name}: share_layers must be an integer >= 1 (layers), got "
+                             f"{self.share_layers!r}")
         if not isinstance(self.n_last, int) or self.n_last < 0:
             raise ValueError(f"{self.name}: n_last must be an integer >= 0 (queries), got "
                              f"{self.n_last!r}")
@@ -306,12 +317,16 @@ class Policy:
         """Extra ``block_sparse_attention`` arguments for a prefill of ``seq_len`` keys."""
         return {}
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, call: Prefill) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, call: Prefill,
+               layout: BlockSparseLayout | None = None) -> jax.Array:
         """Causal attention [B, Sq, Hq, Dv] over this policy's layout for ``call``.
 
         q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]; ``call.kind`` in ``kinds``.
+        ``layout``: one an earlier layer built for the same call (``share_layers``); None
+        builds this call's.
         """
-        layout = layout_for(self, q, k, call)
+        if layout is None:
+            layout = layout_for(self, q, k, call)
         return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=call.sm_scale,
                                       q_offset=call.q_offset, segment_ids=call.segment_ids,
                                       impl=call.kernel, **self.kernel_options(k.shape[1]))

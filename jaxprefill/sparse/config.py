@@ -72,6 +72,17 @@ class SparseConfig:
                 return None if rule.policy.name == "dense" else rule.policy
         return None
 
+    def layout_source(self, layer: int) -> int:
+        """The layer whose layout ``layer`` runs: itself, or with the policy's ``share_layers``
+        k > 1 the first layer of its group (layers j with j // k == layer // k) under the same
+        rule, which builds the layout from its own q and k."""
+        policy = self.policy_for(layer)
+        k = 1 if policy is None else policy.share_layers
+        for j in range(layer - layer % k, layer):
+            if self.policy_for(j) is policy:
+                return j
+        return layer
+
     def with_estimation(self, **changes: Any) -> "SparseConfig":
         """This config with the given :class:`jaxprefill.sparse.Estimation` fields changed in
         every layer's policy (e.g. ``extent="bucket"``)."""

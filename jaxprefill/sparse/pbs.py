@@ -69,6 +69,9 @@ class PBS(Policy):
         super().__post_init__()
         if self.recall_target is not None:
             raise ValueError("pbs: no recall guard (its blocks are blocks of permuted keys)")
+        if self.share_layers != 1:
+            raise ValueError("pbs: share_layers must be 1 (each layer's layout is over its own "
+                             "key permutation)")
         if self.segment < self.block_size or self.segment % self.block_size:
             raise ValueError(f"pbs: segment {self.segment} must be a positive multiple of "
                              f"block_size {self.block_size}")
@@ -198,9 +201,13 @@ class PBS(Policy):
         return (orig & causal)[..., :geo.S]
 
     # ------------------------------------------------------------------------- attention
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, call: Prefill) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, call: Prefill,
+               layout: BlockSparseLayout | None = None) -> jax.Array:
         """Causal attention [B, S, Hq, Dv] of a whole prompt over the PBS selection (one kernel
-        call over K2 = [permuted keys ; original keys])."""
+        call over K2 = [permuted keys ; original keys]). A shared ``layout`` is refused (PBS
+        builds its own over this layer's permutation)."""
+        if layout is not None:
+            raise ValueError("pbs: a layout from another layer cannot be used (share_layers 1)")
         geo = make_geometry(q, k, self.block_size, call.lengths, self.estimation)
         perm, mask = self.masks(q, k, geo, call.min_length)
         kv_idx, kv_cnt = select.mask_to_lists(mask, geo.n)

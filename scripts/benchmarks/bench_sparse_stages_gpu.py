@@ -39,7 +39,8 @@ anchor. Per path and policy:
      a call stays dense (sparse_call's reason: min_length, call kind), with est 0, kernel dense.
    Configs whose layers differ: each (policy, layer_key) group is measured at its first layer
    index, on the same q/k/v; dense-rule layers take dense_ms; per call, est / kernel / attn /
-   density are means over the layers.
+   density are means over the layers, est counting only the layers that build their layout
+   (a policy's share_layers: the others reuse one; attn still includes it).
 3. predicted_ms = layers x sum over calls (est + kernel + rest) + outside_ms, with outside_ms =
    TTFT(dense) - layers x sum over calls (dense + rest) on the same path (embedding, final norm,
    last logits, sampling, paged-cache gather / write-back, host time between chunks), so dense's
@@ -374,24 +375,28 @@ class Bench:
     def stages(self, path: str, cfg: SparseConfig | None) -> dict:
         """Per call stage times (means over the layers) and the row's aggregates."""
         base, n = self.path_base(path), self.layers
-        groups: dict[Any, list[int]] = {}  # (policy, layer_key) -> [first layer, layers]
+        # (policy, layer_key) -> [first layer, layers, layers that build their layout]
+        groups: dict[Any, list[int]] = {}
         for i in range(n):
             p = None if cfg is None else cfg.policy_for(i)
-            groups.setdefault(None if p is None else (p, p.layer_key(i)), [i, 0])[1] += 1
-        measured = [(count, self.group(path, cfg, li, f"{key[0].name}@{li}"))
-                    for key, (li, count) in groups.items() if key is not None]
-        n_dense = groups.get(None, [0, 0])[1]
+            g = groups.setdefault(None if p is None else (p, p.layer_key(i)), [i, 0, 0])
+            g[1] += 1
+            g[2] += p is not None and cfg.layout_source(i) == i  # share_layers: others reuse
+        measured = [(count, builds, self.group(path, cfg, li, f"{key[0].name}@{li}"))
+                    for key, (li, count, builds) in groups.items() if key is not None]
+        n_dense = groups.get(None, [0, 0, 0])[1]
         calls, kernels, est_backends, fallbacks = [], set(), {}, set()
         for i, b in enumerate(base):
-            mean = lambda f, d: (n_dense * d + sum(k * g[i][f] for k, g in measured)) / n  # noqa
+            mean = lambda f, d: (n_dense * d + sum(k * g[i][f] for k, _, g in measured)) / n  # noqa
+            est = sum(e * g[i]["est_ms"] for _, e, g in measured) / n
             entry = {**{k: b[k] for k in ("start", "valid", "dense_ms", "rest_ms")},
-                     "est_ms": mean("est_ms", 0.0), "kernel_ms": mean("kernel_ms", b["dense_ms"]),
+                     "est_ms": est, "kernel_ms": mean("kernel_ms", b["dense_ms"]),
                      "attn_ms": mean("attn_ms", b["dense_ms"]), "density": mean("density", 1.0)}
             entry["est_over_dense"] = entry["est_ms"] / b["dense_ms"]
-            entry["fallback"] = sorted({g[i]["fallback"] for _, g in measured} - {""})
+            entry["fallback"] = sorted({g[i]["fallback"] for _, _, g in measured} - {""})
             calls.append(entry)
-            kernels |= {g[i]["kernel_backend"] for _, g in measured}
-            for _, g in measured:
+            kernels |= {g[i]["kernel_backend"] for _, _, g in measured}
+            for _, _, g in measured:
                 est_backends.update(g[i]["est_backends"])
             fallbacks |= set(entry["fallback"])
         if n_dense:
@@ -408,8 +413,8 @@ class Bench:
                 "est_over_dense_max_32k": max(big) if big else None,
                 "kernel_backends": sorted(kernels), "est_backends": est_backends,
                 "fallback": sorted(fallbacks), "dense_layers": n_dense,
-                "groups": [{"policy": k[0].name, "layer": li, "layers": cnt}
-                           for k, (li, cnt) in groups.items() if k is not None],
+                "groups": [{"policy": k[0].name, "layer": li, "layers": cnt, "builds": e}
+                           for k, (li, cnt, e) in groups.items() if k is not None],
                 "chunks": calls}
 
 
@@ -417,9 +422,17 @@ def policy_spec(name: str, tiny: bool) -> Any:
     """A --policies entry -> EngineConfig.sparse (None: dense)."""
     if name == "dense" or name.endswith((".yaml", ".yml")):
         return None if name == "dense" else name
-    if tiny:
-        return {"policy": name, **TINY, "params": TINY_PARAMS.get(name, {})}
+    if tiny:  # a name:key=value spec keeps its parameters over the tiny ones
+        base = name.partition(":")[0]
+        given = policy_config(name).policy_for(0) if ":" in name else None
+        params = {f: getattr(given, f) for f in (spec_fields(name) if given else ())}
+        return {"policy": base, **TINY, "params": {**TINY_PARAMS.get(base, {}), **params}}
     return policy_config(name)
+
+
+def spec_fields(spec: str) -> list[str]:
+    """The parameter names a name:key=value spec sets."""
+    return [item.partition("=")[0] for item in spec.partition(":")[2].split(",") if item]
 
 
 def load(args: argparse.Namespace) -> tuple[Any, list[int], str]:
