@@ -371,6 +371,33 @@ def test_analyze_command_tiny_model(tmp_path, monkeypatch, capsys):
         args.func(args)
 
 
+def test_analyze_heatmap_draws_the_layout_a_layer_runs(tmp_path, monkeypatch):
+    """With share_layers 2, layer 1's heatmap is the layout layer 0 built."""
+    import argparse
+
+    model = tiny_model(num_layers=2)
+    for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if p[...].ndim >= 2:
+            p[...] = p[...] * 6.0  # peaked attention: the layers choose different blocks
+    monkeypatch.setattr(cli, "load_model", lambda name, dtype, adapter=None, overrides=None:
+                        (model, HashTokenizer()))
+    drawn = []
+    monkeypatch.setattr(cli.plots, "mask_heatmaps", lambda path, mass, masks, title:
+                        drawn.append({k: np.asarray(m) for k, m in masks.items()}))
+    monkeypatch.setattr(cli.plots, "density_recall", lambda path, rows: None)
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    spec = "xattention:block_size=16,stride=4,threshold=0.5,n_last=0"
+    for layer in (0, 1):
+        args = parser.parse_args(["analyze", "--sparse", spec, spec + ",share_layers=2",
+                                  "--length", "200", "--rows", "8", "--layer", str(layer),
+                                  "--out-dir", str(tmp_path / "an")])
+        assert args.func(args) == 0
+    own0, own1 = drawn[0][spec], drawn[1][spec]
+    assert (own0 != own1).any()
+    np.testing.assert_array_equal(drawn[1][spec + ",share_layers=2"], own0)
+
+
 def test_runs_from_before_overrides_existed_resume(tmp_path):
     """A run.json written without an "overrides" entry is the same run as overrides {}; a run
     with real overrides is another one."""

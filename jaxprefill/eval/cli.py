@@ -235,18 +235,22 @@ def run_analyze(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.md").write_text(table + "\n")
         (out / "stats.json").write_text(json.dumps(rows))
-        ql = kl = None
+        # the layer drawn, and the layers whose layouts it runs (share_layers)
+        sources = {name: cfg.layout_source(args.layer) for name, cfg in cfgs.items()}
+        qk = {}
         for layer, q, k, _ in layer_qkv(model, jnp.asarray(tokens)):
+            if layer == args.layer or layer in sources.values():
+                qk[layer] = (q, k)
             if layer == args.layer:
-                ql, kl = q, k
                 break
+        ql, kl = qk[args.layer]
         masks = {}
         for name, cfg in cfgs.items():
             policy = cfg.policy_for(args.layer)
             if policy is not None and hasattr(policy, "key_mask"):
                 print(f"{name}: no heatmap (pbs selects blocks of permuted keys)", file=sys.stderr)
             elif policy is not None:
-                m = np.asarray(policy.block_mask(ql, kl, layer=args.layer))[0]
+                m = np.asarray(policy.block_mask(*qk[sources[name]], layer=sources[name]))[0]
                 masks[name] = m[args.head * m.shape[0] // ql.shape[2]]
         block = next(iter(cfgs.values())).rules[0].policy.block_size
         geometry = make_geometry(ql, kl, block, None)
