@@ -224,6 +224,19 @@ def test_synthetic_rows_answer_right_after_the_question_and_avoid_eval_wordings(
     assert find_phrases(rows, phrases) == []
 
 
+def test_synthetic_facts_stay_in_the_depth_range():
+    lines = [f"real text line {i} with some words" for i in range(400)]
+    for seed in range(30):
+        default = retrieval_row(lines, random.Random(seed))
+        assert retrieval_row(lines, random.Random(seed), depth=(0.0, 1.0)) == default
+        text, meta = retrieval_row(lines, random.Random(seed), depth=(0.0, 0.25))
+        depths = [d for q in meta["questions"] for d in q["depths"]]
+        assert depths and max(depths) <= 0.27  # 100 of 400 lines (+ the inserted facts)
+        assert text.count("real text line") == 400 and all(f in text for f in meta["facts"])
+    with pytest.raises(ValueError, match="depth must satisfy"):
+        retrieval_row(lines, random.Random(0), depth=(0.5, 0.2))
+
+
 # ---------------------------------------------------------------------------- whole builds
 
 HAY_TEXT = "\n".join(f"HAYSTACK_VALUE_{i} = compute_the_haystack_value({i}, flag=True)"
@@ -377,7 +390,7 @@ def test_list_only_writes_sources_without_tokenizing(tmp_path):
 
 def test_bad_options_give_one_line(capsys):
     for argv in (["--synthetic-frac", "1.0"], ["--source-chars", "nope=1"],
-                 ["--min-tokens", "9", "--target-tokens", "8"]):
+                 ["--min-tokens", "9", "--target-tokens", "8"], ["--synthetic-depth", "0.5", "2"]):
         with pytest.raises(SystemExit) as e:
             b.parse_args(argv)
         assert e.value.code == 2

@@ -124,16 +124,21 @@ def _family(name: str, rng: random.Random) -> tuple[list[Fact], list[Question]]:
     return facts, qs
 
 
-def retrieval_row(lines: list[str], rng: random.Random,
-                  family: str | None = None) -> tuple[str, dict]:
-    """``lines`` of real text with facts inserted at random line boundaries (uniform depth)
-    and 1-2 questions with answers appended; returns (text, meta). ``meta``: family, format,
-    facts, questions with answers and the depth (0..1) of the facts each relies on, and
-    ``answer_spans``: the [start, end) characters of each answer in the text, its leading
-    space included (the word boundary a tokenizer splits at; see ``data.span_weight``)."""
+def retrieval_row(lines: list[str], rng: random.Random, family: str | None = None,
+                  depth: tuple[float, float] = (0.0, 1.0)) -> tuple[str, dict]:
+    """``lines`` of real text with facts inserted at random line boundaries (uniform depth in
+    ``depth`` = (lo, hi), fractions of the lines, 0 = the start) and 1-2 questions with answers
+    appended; returns (text, meta). ``meta``: family, format, facts, questions with answers and
+    the depth (0..1) of the facts each relies on, and ``answer_spans``: the [start, end)
+    characters of each answer in the text, its leading space included (the word boundary a
+    tokenizer splits at; see ``data.span_weight``)."""
+    lo, hi = depth
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"depth must satisfy 0 <= lo <= hi <= 1, got {depth}")
     family = family or rng.choice(FAMILIES)
     facts, questions = _family(family, rng)
-    slots = sorted(rng.randint(0, len(lines)) for _ in facts)
+    first, last = int(lo * len(lines)), int(hi * len(lines))
+    slots = sorted(rng.randint(first, last) for _ in facts)
     out: list[str] = []
     where: list[int] = []
     j = 0

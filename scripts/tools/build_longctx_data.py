@@ -340,7 +340,8 @@ def synthetic_rows(args, docs: list[Doc], pieces: list[ld.Piece], count: TokenCo
             start = int(where * max(0, len(text) - width))
             start = text.rfind("\n", 0, start) + 1
             lines = text[start:start + width].split("\n")[:-1] or [text[start:start + width]]
-            row, meta = retrieval_row(lines, random.Random(f"longctx-facts/{seed}/{i}"))
+            row, meta = retrieval_row(lines, random.Random(f"longctx-facts/{seed}/{i}"),
+                                      depth=tuple(args.synthetic_depth))
             texts[i] = (row, meta, d.id)
         got = count([texts[i][0] for i in todo])
         nxt = []
@@ -479,8 +480,8 @@ def build(args, log: Log | None = None, guards: tuple | None = None) -> dict:
         "documents": [doc_entry(docs[i], pieces, split_of[i]) for i in sorted(split_of)],
         "dropped_below_min_tokens": [{"id": d.id, "tokens": d.tokens} for d in dropped],
         "dropped_sharing_text_with_validation": [docs[i].id for i in overlap_i],
-        "synthetic": {"fraction": frac, "rows": [{k: v for k, v in r.items() if k != "text"}
-                                                 for r in synth]},
+        "synthetic": {"fraction": frac, "depth": list(args.synthetic_depth),
+                      "rows": [{k: v for k, v in r.items() if k != "text"} for r in synth]},
         "outputs": {p.name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
                     for p, b in data.items()},
     }
@@ -530,6 +531,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-min-tokens", type=int, default=16384)
     p.add_argument("--synthetic-max-tokens", type=int, default=30720,
                    help="at most this many tokens a row, so a 32K training row holds one")
+    p.add_argument("--synthetic-depth", type=float, nargs=2, default=[0.0, 1.0],
+                   metavar=("LO", "HI"), help="facts lie between these fractions of a "
+                   "synthetic row (0 = its start, far from the question; default 0 1)")
     p.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic rows alone (default --seed): other rows, "
                         "same documents and validation split")
@@ -546,6 +550,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.min_tokens <= args.target_tokens <= args.max_tokens:
         p.error(f"need 0 < --min-tokens ({args.min_tokens}) <= --target-tokens "
                 f"({args.target_tokens}) <= --max-tokens ({args.max_tokens})")
+    lo, hi = args.synthetic_depth
+    if not 0 <= lo <= hi <= 1:
+        p.error(f"--synthetic-depth needs 0 <= LO <= HI <= 1, got {lo} {hi}")
     if not 0 < args.synthetic_min_tokens <= args.synthetic_max_tokens:
         p.error(f"need 0 < --synthetic-min-tokens ({args.synthetic_min_tokens}) <= "
                 f"--synthetic-max-tokens ({args.synthetic_max_tokens})")
