@@ -184,11 +184,12 @@ def test_threshold_search_bench_runs_tiny(tmp_path):
     from jaxprefill.sparse import select
     from scripts.benchmarks import bench_threshold_search_gpu as bench
 
-    before = select.RADIX_BITS
+    before = select.RADIX_BITS, select.RADIX_UNROLL
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
-    assert select.RADIX_BITS == before  # the library's width is restored
+    assert (select.RADIX_BITS, select.RADIX_UNROLL) == before  # the library's search restored
     rows = json.loads((tmp_path / "bench_threshold_search.json").read_text())["results"]
     assert [r["shape"] for r in rows] == list(bench.TINY)
+    names = [f"b{b}" for b in bench.WIDTHS] + [f"b{select.RADIX_BITS}_unrolled"]
     for r in rows:
-        assert all(r[f"topk_equal_b{b}"] for b in bench.WIDTHS)
-        assert all(r[f"topk_ms_b{b}"] > 0 and r[f"mass_ms_b{b}"] > 0 for b in bench.WIDTHS)
+        assert all(r[f"topk_equal_{n}"] for n in names)
+        assert all(r[f"topk_ms_{n}"] > 0 and r[f"mass_ms_{n}"] > 0 for n in names)

@@ -60,6 +60,9 @@ def prefix_count(x: jax.Array) -> jax.Array:
 
 
 RADIX_BITS = 4  # bits of the cut fixed per search step: 8 steps of 15 candidates each
+# fori_loop unroll of the search steps (1: a loop; True: straight-line steps). Read at trace
+# time, like RADIX_BITS, so benchmarks can time both.
+RADIX_UNROLL: int | bool = 1
 
 
 def above(key: jax.Array, u: jax.Array) -> jax.Array:
@@ -90,7 +93,8 @@ def _search(cond, shape, bits: int | None = None) -> jax.Array:
         digit = jnp.sum(~cond(cand), axis=-1, dtype=jnp.uint32)
         return ans | (digit << shift)
 
-    return jax.lax.fori_loop(0, 32 // bits, body, jnp.zeros(shape, jnp.uint32))
+    return jax.lax.fori_loop(0, 32 // bits, body, jnp.zeros(shape, jnp.uint32),
+                             unroll=RADIX_UNROLL)
 
 
 def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:

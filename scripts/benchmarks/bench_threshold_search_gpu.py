@@ -11,10 +11,14 @@ and pass (what long rows pay for). Per shape and width this prints the median ms
 FlexPrefill's budget), and the sort-based reference (``jax.lax.top_k``); every variant's mask
 is checked against the reference (exit 1 on a mismatch).
 
-Shapes (Llama-3-8B heads, batch 1): one row of 128K keys per head [1, 32, 131072] (a chunk's
-vertical sums over the cache view), the same for 32K keys, two stacked searches [1, 32, 2,
-131072] (MInference's vertical and slash together), and block rows [1, 32, 128, 1024] (a
-chunk's 128 query blocks over 1024 key blocks). Timings: ``scripts.common.timing.time_ms``.
+Shapes, smallest first (batch 1): SmolLM2's 9 heads at 32K, one row of keys per head [1, 9,
+32768] and its block rows [1, 9, 256, 256] (the 32K model's searches); Llama-3-8B heads: one
+row of 32K / 128K keys per head [1, 32, 131072] (a chunk's vertical sums over the cache
+view), two stacked searches [1, 32, 2, 131072] (MInference's vertical and slash together), and
+block rows [1, 32, 128, 1024] (a chunk's 128 query blocks over 1024 key blocks). Beside the
+widths, the library's width with its steps unrolled (``select.RADIX_UNROLL``: straight-line
+steps instead of a loop). Each variant prints as it is timed. Timings:
+``scripts.common.timing.time_ms``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import numpy as np
 from jaxprefill.sparse import select
 from scripts.common.timing import time_ms
 
-SHAPES = {"keys128k": (1, 32, 131072), "keys32k": (1, 32, 32768),
+SHAPES = {"smollm_keys32k": (1, 9, 32768), "smollm_blockrows": (1, 9, 256, 256),
+          "keys32k": (1, 32, 32768), "keys128k": (1, 32, 131072),
           "stacked128k": (1, 32, 2, 131072), "blockrows": (1, 32, 128, 1024)}
 TINY = {"keys": (1, 4, 2048), "blockrows": (1, 4, 16, 64)}
 WIDTHS = (1, 2, 4, 8)
@@ -45,7 +50,7 @@ def reference_topk(scores: jax.Array, count: int) -> jax.Array:
 
 
 def run(shapes: dict, reps: int) -> tuple[list, bool]:
-    results, ok = [], True
+    results, ok, default_bits = [], True, select.RADIX_BITS
     for label, shape in shapes.items():
         m = shape[-1]
         scores = jax.random.uniform(jax.random.key(0), shape, jnp.float32)
@@ -56,20 +61,22 @@ def run(shapes: dict, reps: int) -> tuple[list, bool]:
         row = dict(shape=label, dims=list(shape),
                    sort_ms=time_ms(jax.jit(lambda s: reference_topk(s, count)), scores,
                                    reps=reps).ms)
-        for bits in WIDTHS:
-            select.RADIX_BITS = bits  # read when the search is traced
+        print(f"{label:16s} {str(shape):20s} sort {row['sort_ms']:.3f} ms", flush=True)
+        variants = [(f"b{bits}", bits, 1) for bits in WIDTHS]
+        variants.append((f"b{default_bits}_unrolled", default_bits, True))
+        for name, bits, unroll in variants:
+            select.RADIX_BITS, select.RADIX_UNROLL = bits, unroll  # read when traced
             topk = jax.jit(lambda s: select.topk_mask(s, valid, count))
             mass = jax.jit(lambda p: select.mass_count(p, valid, 0.9))
             same = bool(jnp.array_equal(topk(scores), want))
             ok &= same
-            row[f"topk_ms_b{bits}"] = time_ms(topk, scores, reps=reps).ms
-            row[f"mass_ms_b{bits}"] = time_ms(mass, probs, reps=reps).ms
-            row[f"topk_equal_b{bits}"] = same
+            row[f"topk_ms_{name}"] = time_ms(topk, scores, reps=reps).ms
+            row[f"mass_ms_{name}"] = time_ms(mass, probs, reps=reps).ms
+            row[f"topk_equal_{name}"] = same
+            print(f"  {name:12s} topk {row[f'topk_ms_{name}']:.3f} ms  mass "
+                  f"{row[f'mass_ms_{name}']:.3f} ms  {'equal' if same else 'MISMATCH'}",
+                  flush=True)
         results.append(row)
-        cells = "  ".join(f"b{b}: {row[f'topk_ms_b{b}']:.3f} / {row[f'mass_ms_b{b}']:.3f}"
-                          for b in WIDTHS)
-        print(f"{label:12s} {str(shape):20s} sort {row['sort_ms']:.3f} ms | topk / mass ms "
-              f"{cells}", flush=True)
     return results, ok
 
 
@@ -79,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: small shapes")
     args = ap.parse_args(argv)
-    default_bits = select.RADIX_BITS
+    default_bits, default_unroll = select.RADIX_BITS, select.RADIX_UNROLL
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; library RADIX_BITS "
           f"{default_bits}", flush=True)
     try:
         results, ok = run(TINY if args.tiny else SHAPES, 2 if args.tiny else args.reps)
     finally:
-        select.RADIX_BITS = default_bits
+        select.RADIX_BITS, select.RADIX_UNROLL = default_bits, default_unroll
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_threshold_search.json").write_text(json.dumps(dict(
