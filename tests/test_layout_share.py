@@ -99,6 +99,30 @@ def test_model_builds_one_layout_per_group(monkeypatch, share, builds):
     assert count["n"] == builds and np.isfinite(np.asarray(logits)).all()
 
 
+def test_deepseek_shares_too(monkeypatch):
+    """The MLA model passes its forward's LayoutShare to every layer as Llama does."""
+    from jaxprefill.decoding import sparse_graphdef
+    from tests.test_engine_mla import tiny_deepseek_v3
+
+    count = {"n": 0}
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return layout_for(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_entry, "layout_for", counted)
+    monkeypatch.setattr(sparse_base, "layout_for", counted)
+    model = tiny_deepseek_v3()  # 2 layers
+    tokens = jax.random.randint(jax.random.key(5), (1, 128), 1, 97)
+    for share, builds in ((1, 2), (2, 1)):
+        count["n"] = 0
+        spec = {"min_length": 32, "policy": "xattention",
+                "params": {"block_size": 16, "stride": 4, "n_last": 0, "share_layers": share}}
+        sparse = nnx.merge(sparse_graphdef(model, spec), nnx.state(model))
+        assert np.isfinite(np.asarray(sparse.forward(tokens)[0])).all()
+        assert count["n"] == builds
+
+
 def test_eval_statistics_use_the_shared_layout():
     tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, S), 1, 97), np.int32)
     lengths = np.array([S, S - 37])
