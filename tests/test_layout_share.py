@@ -83,8 +83,9 @@ def tiny_llama(sparse) -> jp.Llama:
     return m
 
 
-@pytest.mark.parametrize("share, builds", [(1, 4), (2, 2), (4, 1)])
-def test_model_builds_one_layout_per_group(monkeypatch, share, builds):
+@pytest.fixture
+def layout_builds(monkeypatch) -> dict:
+    """Counts the layouts built (at trace time), shared or not: {"n": count}."""
     count = {"n": 0}
 
     def counted(*args, **kwargs):
@@ -93,34 +94,31 @@ def test_model_builds_one_layout_per_group(monkeypatch, share, builds):
 
     monkeypatch.setattr(sparse_entry, "layout_for", counted)
     monkeypatch.setattr(sparse_base, "layout_for", counted)
+    return count
+
+
+@pytest.mark.parametrize("share, builds", [(1, 4), (2, 2), (4, 1)])
+def test_model_builds_one_layout_per_group(layout_builds, share, builds):
     model = tiny_llama(xattention(share))
     tokens = jax.random.randint(jax.random.key(3), (1, S), 1, 97)
     logits = model(tokens)
-    assert count["n"] == builds and np.isfinite(np.asarray(logits)).all()
+    assert layout_builds["n"] == builds and np.isfinite(np.asarray(logits)).all()
 
 
-def test_deepseek_shares_too(monkeypatch):
+def test_deepseek_shares_too(layout_builds):
     """The MLA model passes its forward's LayoutShare to every layer as Llama does."""
     from jaxprefill.decoding import sparse_graphdef
     from tests.test_engine_mla import tiny_deepseek_v3
 
-    count = {"n": 0}
-
-    def counted(*args, **kwargs):
-        count["n"] += 1
-        return layout_for(*args, **kwargs)
-
-    monkeypatch.setattr(sparse_entry, "layout_for", counted)
-    monkeypatch.setattr(sparse_base, "layout_for", counted)
     model = tiny_deepseek_v3()  # 2 layers
     tokens = jax.random.randint(jax.random.key(5), (1, 128), 1, 97)
     for share, builds in ((1, 2), (2, 1)):
-        count["n"] = 0
+        layout_builds["n"] = 0
         spec = {"min_length": 32, "policy": "xattention",
                 "params": {"block_size": 16, "stride": 4, "n_last": 0, "share_layers": share}}
         sparse = nnx.merge(sparse_graphdef(model, spec), nnx.state(model))
         assert np.isfinite(np.asarray(sparse.forward(tokens)[0])).all()
-        assert count["n"] == builds
+        assert layout_builds["n"] == builds
 
 
 def test_eval_statistics_use_the_shared_layout():
