@@ -15,7 +15,7 @@ from jaxprefill.data import longdocs as ld
 from jaxprefill.data.longdocs_guard import (HaystackGuard, find_phrases, sha256,
                                             template_phrases)
 from jaxprefill.data.longdocs_pack import Doc, assemble, pick_validation
-from jaxprefill.data.longdocs_synth import FAMILIES, retrieval_row
+from jaxprefill.data.longdocs_synth import ALL_FAMILIES, FAMILIES, retrieval_row
 from jaxprefill.eval import haystack
 from scripts.tools import build_longctx_data as b
 from scripts.tools.build_eval_haystacks import clean
@@ -205,8 +205,9 @@ def test_synthetic_rows_answer_right_after_the_question_and_avoid_eval_wordings(
     phrases, _ = b.task_phrases()
     lines = [f"real text line {i} with some words" for i in range(200)]
     rows = []
-    for seed in range(60):
-        text, meta = retrieval_row(lines, random.Random(seed), FAMILIES[seed % len(FAMILIES)])
+    for seed in range(70):
+        family = ALL_FAMILIES[seed % len(ALL_FAMILIES)]
+        text, meta = retrieval_row(lines, random.Random(seed), family)
         rows.append((f"row{seed}", text))
         assert all(f in text for f in meta["facts"]) and text.count("real text line") == 200
         last = meta["questions"][-1]
@@ -220,8 +221,21 @@ def test_synthetic_rows_answer_right_after_the_question_and_avoid_eval_wordings(
             for part in q["answer"].replace('"', "").split(", "):
                 assert part.removeprefix("box ").removeprefix("a ").removeprefix("an ") in body
             assert all(0 <= d <= 1 for d in q["depths"])
-    assert {m for m in FAMILIES} == {FAMILIES[s % len(FAMILIES)] for s in range(60)}
     assert find_phrases(rows, phrases) == []
+
+
+def test_the_single_family_is_drawn_only_when_named():
+    lines = [f"real text line {i} with some words" for i in range(200)]
+    default = {retrieval_row(lines, random.Random(s))[1]["family"] for s in range(200)}
+    assert default == set(FAMILIES) and "single" not in FAMILIES
+    for seed in range(20):
+        text, meta = retrieval_row(lines, random.Random(seed), families=("single",))
+        (fact,), (q,) = meta["facts"], meta["questions"]
+        assert meta["family"] == "single" and q["answer"] in fact and q["answer"].isdigit()
+        assert 4 <= len(q["answer"]) <= 6 and text.count(q["answer"]) == 2  # fact + answer
+    weighted = [retrieval_row(lines, random.Random(s), families=("single", "single", "ferry"))
+                [1]["family"] for s in range(300)]
+    assert 150 < weighted.count("single") < 250 and set(weighted) == {"single", "ferry"}
 
 
 def test_synthetic_facts_stay_in_the_depth_range():
@@ -366,6 +380,22 @@ def test_synthetic_seed_changes_only_the_synthetic_rows(tmp_path, count):
     assert set(sa.values()).isdisjoint(sc.values())  # fresh rows, ids that cannot collide
 
 
+def test_synthetic_families_changes_only_the_synthetic_rows(tmp_path, count):
+    root = fake_tree(tmp_path / "src")
+    b.build(fake_args(root, tmp_path / "a"), guards=fake_guards())
+    b.build(fake_args(root, tmp_path / "b", "--synthetic-families", "single"),
+            guards=fake_guards())
+    rows = {d: read_rows(tmp_path / d / "train.jsonl") for d in ("a", "b")}
+    real = {d: sorted((r["id"], r["text"]) for r in rs if r["source"] != "synthetic")
+            for d, rs in rows.items()}
+    assert real["a"] == real["b"]
+    assert (tmp_path / "a" / "validation.jsonl").read_bytes() == \
+        (tmp_path / "b" / "validation.jsonl").read_bytes()
+    synth = json.loads((tmp_path / "b" / "manifest.json").read_text())["synthetic"]
+    assert synth["families"] == ["single"] and synth["rows"]
+    assert {r["family"] for r in synth["rows"]} == {"single"}
+
+
 def test_build_fails_on_an_evaluation_wording(tmp_path):
     root = fake_tree(tmp_path / "src")
     (root / "Lib" / "zoo" / "beta.py").write_text(
@@ -390,7 +420,8 @@ def test_list_only_writes_sources_without_tokenizing(tmp_path):
 
 def test_bad_options_give_one_line(capsys):
     for argv in (["--synthetic-frac", "1.0"], ["--source-chars", "nope=1"],
-                 ["--min-tokens", "9", "--target-tokens", "8"], ["--synthetic-depth", "0.5", "2"]):
+                 ["--min-tokens", "9", "--target-tokens", "8"], ["--synthetic-depth", "0.5", "2"],
+                 ["--synthetic-families", "nope"]):
         with pytest.raises(SystemExit) as e:
             b.parse_args(argv)
         assert e.value.code == 2

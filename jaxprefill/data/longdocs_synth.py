@@ -5,8 +5,8 @@ long distances.
 The wordings are this module's own and differ from every evaluation task of
 :mod:`jaxprefill.eval.tasks` (other nouns, verbs and formats: no pass keys, magic numbers,
 variables, word lists or invented people; the builder fails if a task phrase appears). Six
-families (``FAMILIES``); a row uses one, with 3-6 facts of the same form (the others act as
-distractors) and 1-2 questions:
+families (``FAMILIES``, the default draw); a row uses one, with 3-6 facts of the same form
+(the others act as distractors) and 1-2 questions:
 
 * ``locker``: ``Locker 317 at the depot contains a teal compass.`` /
   ``What is inside locker 317 at the depot?`` -> ``a teal compass``
@@ -22,6 +22,13 @@ distractors) and 1-2 questions:
 * ``forward`` (multi-hop): ``Mail for box 12 is forwarded to box 85.``, ``... box 85 ... box
   40.`` ... / ``Where does mail for box 12 end up after all forwarding?`` -> ``box 40``
 
+and one drawn only when named (``ALL_FAMILIES``; ``build_longctx_data --synthetic-families``):
+
+* ``single``: one fact and nothing like it in the row, asked for by a generic name, not a
+  distinct key: ``East annex door code: 58213.`` / ``Give the east annex door code.`` ->
+  ``58213``. Retrieval by a common phrase (the other families key every question with a rare
+  word or code) over long distances.
+
 Question formats (one per row): ``Q: ... / A: ...``, ``Question: ... / Response: ...``,
 ``>>> query: ... / ... -> answer``.
 """
@@ -32,6 +39,7 @@ import dataclasses
 import random
 
 FAMILIES = ("locker", "ledger", "ferry", "registry", "drawer", "forward")
+ALL_FAMILIES = FAMILIES + ("single",)
 _COLORS = ("teal", "crimson", "ochre", "indigo", "ivory", "slate", "mauve", "olive", "scarlet",
            "beige", "navy", "lilac", "maroon", "silver")
 _ITEMS = ("compass", "telescope", "kettle", "violin", "music box", "chessboard", "typewriter",
@@ -40,6 +48,11 @@ _NOUNS = ("lintel", "gable", "trellis", "plinth", "corbel", "dormer", "finial", 
           "soffit", "transom", "cornice", "newel", "parapet", "quoin", "spandrel", "truss")
 _PORTS = ("Orvane", "Kestrel Bay", "Dunmore", "Halvik", "Port Ashby", "Selwyn", "Brackwater",
           "Tollund", "Marrow Point", "Vesk")
+# single: (what the number is, where it belongs); the question names both, nothing else
+_SINGLE_THINGS = ("door code", "access number", "safe combination", "shipping reference",
+                  "order number", "gate code", "account number", "ticket number")
+_SINGLE_PLACES = ("east annex", "north warehouse", "old boathouse", "main archive",
+                  "upper workshop", "river depot", "west gallery", "back office")
 _FORMATS = ("Q: {q}\nA: {a}", "Question: {q}\nResponse: {a}", ">>> query: {q}\n... -> {a}")
 
 
@@ -119,23 +132,31 @@ def _family(name: str, rng: random.Random) -> tuple[list[Fact], list[Question]]:
         qs = [Question(f"Where does mail for box {chain[0]} end up after all forwarding?",
                        f"box {chain[-1]}",
                        [i for i, f in enumerate(facts) if int(f.key) in chain[:-1]])]
+    elif name == "single":
+        thing, place = rng.choice(_SINGLE_THINGS), rng.choice(_SINGLE_PLACES)
+        digits = rng.randint(4, 6)
+        value = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+        facts = [Fact(thing, f"{place.capitalize()} {thing}: {value}.")]
+        qs = [Question(f"Give the {place} {thing}.", value, [0])]
     else:
-        raise ValueError(f"unknown synthetic family {name!r}; choose one of {FAMILIES}")
+        raise ValueError(f"unknown synthetic family {name!r}; choose one of {ALL_FAMILIES}")
     return facts, qs
 
 
 def retrieval_row(lines: list[str], rng: random.Random, family: str | None = None,
-                  depth: tuple[float, float] = (0.0, 1.0)) -> tuple[str, dict]:
+                  depth: tuple[float, float] = (0.0, 1.0),
+                  families: tuple[str, ...] = FAMILIES) -> tuple[str, dict]:
     """``lines`` of real text with facts inserted at random line boundaries (uniform depth in
     ``depth`` = (lo, hi), fractions of the lines, 0 = the start) and 1-2 questions with answers
-    appended; returns (text, meta). ``meta``: family, format, facts, questions with answers and
-    the depth (0..1) of the facts each relies on, and ``answer_spans``: the [start, end)
+    appended; returns (text, meta). ``family``: default drawn from ``families`` (a name given
+    twice is drawn twice as often). ``meta``: family, format, facts, questions with answers
+    and the depth (0..1) of the facts each relies on, and ``answer_spans``: the [start, end)
     characters of each answer in the text, its leading space included (the word boundary a
     tokenizer splits at; see ``data.span_weight``)."""
     lo, hi = depth
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"depth must satisfy 0 <= lo <= hi <= 1, got {depth}")
-    family = family or rng.choice(FAMILIES)
+    family = family or rng.choice(families)
     facts, questions = _family(family, rng)
     first, last = int(lo * len(lines)), int(hi * len(lines))
     slots = sorted(rng.randint(first, last) for _ in facts)

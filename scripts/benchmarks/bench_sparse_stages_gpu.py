@@ -439,12 +439,14 @@ def load(args: argparse.Namespace) -> tuple[Any, list[int], str]:
     """(model, prompt token ids, description)."""
     source = args.model or args.gguf
     if source:
-        model, tok = jp.load(source, dtype=args.dtype)
+        model, tok = jp.load(source, adapter=args.adapter, dtype=args.dtype)
         if type(model).__name__ != "Llama":
             raise ValueError(f"{source}: {type(model).__name__} models are not covered (the "
                              "rest-of-layer timing follows the Llama block)")
         ids = prompt_tokens(tok, args.seq, task=args.task)[0].tolist()
-        return model, ids, f"{source} ({model.config.num_layers} layers), {args.task} prompt"
+        with_adapter = f" + adapter {args.adapter}" if args.adapter else ""
+        return model, ids, (f"{source}{with_adapter} ({model.config.num_layers} layers), "
+                            f"{args.task} prompt")
     cfg = llama3_8b_shapes(args.layers or 2, args.tiny)
     dtype = jnp.dtype(args.dtype)
     model = jp.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
@@ -458,6 +460,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a bundled model name or a model path (real weights)")
     src.add_argument("--gguf", help="a .gguf file (real weights)")
+    p.add_argument("--adapter", help="an adapter over --model / --gguf (jp.load's adapter=: a "
+                   ".safetensors file or a training run's output_dir)")
     p.add_argument("--task", default="passkey", help="jaxprefill eval task of a real prompt")
     p.add_argument("--layers", type=int, help="layers of the random model (default 2)")
     p.add_argument("--layer", type=int, help="the layer whose q/k/v the stages use (default: "
@@ -485,6 +489,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--chunk must be a multiple of 64 (the engine's page size), got {args.chunk}")
     if args.layers is not None and (args.model or args.gguf):
         p.error("--layers sizes the random model; a real model runs all its layers")
+    if args.adapter and not (args.model or args.gguf):
+        p.error("--adapter needs --model or --gguf (the random model takes none)")
     args.policies = ["dense"] + [n for n in args.policies if n != "dense"]
     return args
 

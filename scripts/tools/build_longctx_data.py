@@ -45,7 +45,7 @@ from pathlib import Path
 from jaxprefill.data import longdocs as ld
 from jaxprefill.data.longdocs_guard import HaystackGuard, find_phrases, sha256, template_phrases
 from jaxprefill.data.longdocs_pack import Doc, assemble, pick_validation
-from jaxprefill.data.longdocs_synth import retrieval_row
+from jaxprefill.data.longdocs_synth import ALL_FAMILIES, FAMILIES, retrieval_row
 from jaxprefill.eval import haystack
 from jaxprefill.loading.gguf_reader import bundled_gguf_path
 from jaxprefill.loading.tokenizer import Tokenizer
@@ -341,7 +341,8 @@ def synthetic_rows(args, docs: list[Doc], pieces: list[ld.Piece], count: TokenCo
             start = text.rfind("\n", 0, start) + 1
             lines = text[start:start + width].split("\n")[:-1] or [text[start:start + width]]
             row, meta = retrieval_row(lines, random.Random(f"longctx-facts/{seed}/{i}"),
-                                      depth=tuple(args.synthetic_depth))
+                                      depth=tuple(args.synthetic_depth),
+                                      families=tuple(args.synthetic_families))
             texts[i] = (row, meta, d.id)
         got = count([texts[i][0] for i in todo])
         nxt = []
@@ -481,6 +482,7 @@ def build(args, log: Log | None = None, guards: tuple | None = None) -> dict:
         "dropped_below_min_tokens": [{"id": d.id, "tokens": d.tokens} for d in dropped],
         "dropped_sharing_text_with_validation": [docs[i].id for i in overlap_i],
         "synthetic": {"fraction": frac, "depth": list(args.synthetic_depth),
+                      "families": list(args.synthetic_families),
                       "rows": [{k: v for k, v in r.items() if k != "text"} for r in synth]},
         "outputs": {p.name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
                     for p, b in data.items()},
@@ -534,6 +536,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-depth", type=float, nargs=2, default=[0.0, 1.0],
                    metavar=("LO", "HI"), help="facts lie between these fractions of a "
                    "synthetic row (0 = its start, far from the question; default 0 1)")
+    p.add_argument("--synthetic-families", nargs="+", default=list(FAMILIES),
+                   choices=ALL_FAMILIES, metavar="FAMILY",
+                   help="the families a synthetic row is drawn from, uniformly over the list "
+                        "(a name given twice is drawn twice as often); default the six keyed "
+                        f"ones; all: {' '.join(ALL_FAMILIES)} (jaxprefill/data/longdocs_synth.py)")
     p.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic rows alone (default --seed): other rows, "
                         "same documents and validation split")
