@@ -72,6 +72,35 @@ def test_second_layer_runs_the_first_layers_layout():
     np.testing.assert_allclose(alone, run(q1, k1, v1, own[1]), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_shared_layout_over_ragged_rows_and_a_padding_row(dtype):
+    """Rows of 256, 199 (odd) and 1 token (an engine's unused row): the second layer runs the
+    first's layout row by row, and no row, the one-token row included, gives a NaN."""
+    cfg = SparseConfig.from_dict(xattention(2))
+    policy = cfg.policy_for(0)
+    lengths = np.array([S, 199, 1], np.int32)
+
+    def batch(seed):
+        ks = jax.random.split(jax.random.key(seed), 3)
+        shapes = ((3, S, HQ, D), (3, S, HKV, D), (3, S, HKV, D))
+        return [(2.0 * jax.random.normal(kk, sh)).astype(dtype) for kk, sh in zip(ks, shapes)]
+
+    (q0, k0, v0), (q1, k1, v1) = batch(10), batch(11)
+    calls = [Prefill("prompt", i, D ** -0.5, lengths=lengths) for i in (0, 1)]
+    first = layout_for(policy, q0, k0, calls[0])
+    share = LayoutShare()
+    sparse_entry.sparse_attend(q0, k0, v0, cfg, calls[0], share)
+    out1 = np.asarray(sparse_entry.sparse_attend(q1, k1, v1, cfg, calls[1], share), np.float32)
+    want = np.asarray(block_sparse_attention(q1, k1, v1, first, causal=True, sm_scale=D ** -0.5),
+                      np.float32)
+    assert np.isfinite(out1).all()
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    for r, n in enumerate(lengths):  # valid queries of each row
+        np.testing.assert_allclose(out1[r, :n], want[r, :n], atol=tol)
+    alone = np.asarray(sparse_entry.sparse_attend(q1, k1, v1, cfg, calls[1], None), np.float32)
+    assert np.abs(alone[:2] - out1[:2]).max() > 10 * tol  # its own layout would differ
+
+
 def tiny_llama(sparse) -> jp.Llama:
     cfg = jp.ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
                          num_layers=4, num_heads=HQ, num_kv_heads=HKV, head_dim=8,
