@@ -15,7 +15,8 @@ USER_ERRORS: InputError / InputTypeError (jaxprefill.validate: a bad argument, p
 ConfigError (a model or run config that cannot be used), WeightError (a missing, mis-shaped,
 truncated or damaged weight file), DataError (a training document that cannot be used),
 PromptTooLongError, and the OSErrors of a path that cannot be used (not found, a directory
-where a file was expected or the reverse, no permission). A plain
+where a file was expected or the reverse, a file where a directory is to be made, no
+permission). A plain
 ValueError or TypeError is not among them: numpy and JAX raise those for bugs too, and one line
 would hide where. Values parsed from the command line by library code that raises plain
 ValueError (sparse policy specs, for one) go through `validate.as_input_error`, which names the
@@ -43,7 +44,7 @@ from jaxprefill.validate import InputError, as_input_error, check_sampling
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     InputError, ConfigError, WeightError, DataError, jp.PromptTooLongError,
-    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError,
 )
 EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -119,8 +120,8 @@ def register_generate(sub) -> None:
                      help="send prompts raw instead of through the chat template")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.add_argument("--sparse", default=None,
-                     help="sparse prefill: a policy name (e.g. flexprefill) or a YAML config "
-                          "(configs/sparse/*.yaml); default dense")
+                     help="sparse prefill: a policy name (e.g. flexprefill), name:key=value,... "
+                          "or a YAML config (configs/sparse/*.yaml); default dense")
     gen.set_defaults(func=run_generate)
 
 
@@ -128,6 +129,10 @@ def run_generate(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked before it loads.
     check_sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, cli=True)
+    for i, prompt in enumerate(args.prompts):
+        if not prompt.strip():  # no request: the chat template alone, or no token at all
+            which = "the prompt" if len(args.prompts) == 1 else f"prompt {i + 1}"
+            raise InputError(f"{which} is empty: give the text to answer or complete")
     sparse = None
     if args.sparse is not None:
         with as_input_error("--sparse"):

@@ -181,6 +181,14 @@ class ModelConfig(_YamlConfig):
 
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the problem and where (line, column), without the
+    excerpt of the text PyYAML adds (for `ConfigError("<file>: not valid YAML: ...")`)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def unsupported_message(model_type: Any, architectures: Any = ()) -> str:
     supported = ", ".join(f"{k} ({v})" for k, v in
                           {**SUPPORTED_MODEL_TYPES, **MLA_MODEL_TYPES}.items())

@@ -25,7 +25,7 @@ from jaxprefill.decoding import (BUCKET, Sampling, context_for, decode_step, enc
                                  prefill_step, round_up, spec_graphdef)
 from jaxprefill.models import KVCache, Llama
 from jaxprefill.sharding import state_shardings
-from jaxprefill.validate import check_prompts, check_sampling
+from jaxprefill.validate import InputError, check_prompts, check_sampling
 
 
 class PromptTooLongError(ValueError):
@@ -104,7 +104,7 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     for i, row in enumerate(ids):
         if not row:
-            raise ValueError(f"prompt {i} is empty after tokenization")
+            raise InputError(f"prompt {i} is empty after tokenization: give some text")
         if len(row) + max_new_tokens > cfg.max_position_embeddings:
             raise PromptTooLongError(
                 f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "

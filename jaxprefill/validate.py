@@ -45,12 +45,12 @@ def as_input_error(what: str) -> Iterator[None]:
         raise InputError(f"{what}: {e}") from e
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _is_number(v: Any) -> bool:
-    return _is_int(v) or isinstance(v, (float, np.floating))
+def is_number(v: Any) -> bool:
+    return is_int(v) or isinstance(v, (float, np.floating))
 
 
 def _show(v: Any) -> str:
@@ -61,7 +61,7 @@ def _show(v: Any) -> str:
 
 def check_id(value: Any, field: str = "id") -> None:
     """A request or job id: a str or an int (not a bool, float, list or None)."""
-    if not (isinstance(value, str) or _is_int(value)):
+    if not (isinstance(value, str) or is_int(value)):
         raise InputTypeError(f"{field} must be a string or an integer, got "
                              f"{type(value).__name__} {_show(value)}")
 
@@ -82,28 +82,28 @@ def check_sampling(*, max_new_tokens: Any = None, temperature: Any = None, top_p
         raise kind(f"{prefix}{name} must be {allowed}, got {_show(value)}")
 
     if max_new_tokens is not None:
-        if not _is_int(max_new_tokens):
+        if not is_int(max_new_tokens):
             fail("max_new_tokens", "an integer >= 1", max_new_tokens, InputTypeError)
         if max_new_tokens < 1:
             fail("max_new_tokens", "an integer >= 1", max_new_tokens)
     if temperature is not None:
-        if not _is_number(temperature):
+        if not is_number(temperature):
             fail("temperature", "a number >= 0 (0 = greedy)", temperature, InputTypeError)
         if not (math.isfinite(temperature) and temperature >= 0):
             fail("temperature", "a number >= 0 (0 = greedy)", temperature)
     if top_p is not None:
-        if not _is_number(top_p):
+        if not is_number(top_p):
             fail("top_p", "a number in (0, 1]", top_p, InputTypeError)
         if not 0 < top_p <= 1:
             fail("top_p", "a number in (0, 1]", top_p)
     if top_k is not None:
-        if not _is_int(top_k):
+        if not is_int(top_k):
             fail("top_k", f"an integer in [0, {INT32_MAX}] (0 = off)", top_k, InputTypeError)
         if not 0 <= top_k <= INT32_MAX:
             fail("top_k", f"an integer in [0, {INT32_MAX}] (0 = off)", top_k)
     if seed is not None:
         allowed = f"an integer in [{-INT32_MAX - 1}, {INT32_MAX}]"
-        if not _is_int(seed):
+        if not is_int(seed):
             fail("seed", allowed, seed, InputTypeError)
         if not -INT32_MAX - 1 <= seed <= INT32_MAX:
             fail("seed", allowed, seed)
@@ -165,11 +165,11 @@ def check_prompt(prompt: Any, where: str = "prompt", vocab_size: int | None = No
                 raise InputTypeError(f"{where}: chat message {j} must be a dict with string "
                                      f"'role' and 'content', got {_show(m)}")
         return list(prompt)
-    if not _is_number(prompt[0]):
+    if not is_number(prompt[0]):
         raise InputTypeError(f"{where}: {kinds}, got a list starting with "
                              f"{type(prompt[0]).__name__} {_show(prompt[0])}")
     for j, t in enumerate(prompt):
-        if not _is_int(t):
+        if not is_int(t):
             raise InputTypeError(f"{where}: token id {j} must be an integer, got "
                                  f"{type(t).__name__} {_show(t)}")
         if t < 0 or (vocab_size is not None and t >= vocab_size):

@@ -168,12 +168,16 @@ def test_command_writes_labels_resumes_and_skips_finished(tmp_path, docs, monkey
     ("lengths", "error: --lengths must be positive token counts, got [0, 64]"),
     ("label", "error: --label 'a b': use 1-64 letters, digits and . _ + = - "),
     ("json", "error: --docs {tmp}/bad.jsonl:2: not a JSON record"),
+    ("dir", "error: --docs {tmp}: a directory; give a JSONL file"),
+    ("binary", "error: --docs {tmp}/bin.jsonl:2: not UTF-8 text (a JSONL file is)"),
+    ("out-dir", "error: --out-dir {tmp}/docs.jsonl is a file; give a directory"),
 ])
 def test_ordinary_mistakes_are_one_line(case, message, tmp_path, docs, monkeypatch, capsys):
     monkeypatch.setattr(perplexity_cli, "load_model",
                         lambda *a, **k: (tiny_model(context=64), TextTokenizer()))
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"text": \n')
-    argv = {"docs": str(docs), "lengths": ["1024"], "label": "x"}
+    (tmp_path / "bin.jsonl").write_bytes(b'{"text": "x"}\n\xd0\x00\xff\n')
+    argv = {"docs": str(docs), "lengths": ["1024"], "label": "x", "out": str(tmp_path / "out")}
     if case == "missing":
         argv["docs"] = str(tmp_path / "nope.jsonl")
     elif case == "lengths":
@@ -182,8 +186,14 @@ def test_ordinary_mistakes_are_one_line(case, message, tmp_path, docs, monkeypat
         argv["label"] = "a b"
     elif case == "json":
         argv["docs"] = str(tmp_path / "bad.jsonl")
+    elif case == "dir":
+        argv["docs"] = str(tmp_path)
+    elif case == "binary":
+        argv["docs"] = str(tmp_path / "bin.jsonl")
+    elif case == "out-dir":
+        argv["out"] = str(docs)
     rc = cli.main(["perplexity", "--docs", argv["docs"], "--lengths", *argv["lengths"],
-                   "--label", argv["label"], "--out-dir", str(tmp_path / "out")])
+                   "--label", argv["label"], "--out-dir", argv["out"]])
     assert rc == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), lines

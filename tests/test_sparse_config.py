@@ -30,6 +30,42 @@ def test_registry_errors_name_bad_keys():
     assert p.gamma == 0.9 and p.tau == 0.1 and hash(p) == hash(sparse.get("flexprefill", gamma=0.9))
 
 
+@pytest.mark.parametrize("spec,message", [
+    ("xattention:threshold=abc", r"^xattention: threshold must be a number, got str 'abc'$"),
+    ("xattention:threshold=true", r"^xattention: threshold must be a number, got bool True$"),
+    ("xattention:stride=1.5", r"^xattention: stride must be an integer, got float 1\.5$"),
+    ("xattention:max_nnz=abc", r"^xattention: max_nnz must be an integer or null, got str"),
+    ("minference:columns=maybe", r"^minference: columns must be true or false, got str"),
+    ("xattention:threshold=2", r"^xattention: threshold must be in \(0, 1\]"),
+    ("xattention:threshold=0", r"^xattention: threshold must be in \(0, 1\]"),
+    ("xattention:stride=0", r"^xattention: stride must be >= 1, got 0$"),
+    ("proxyattn:stride=0", r"^proxyattn: stride must be >= 1, got 0$"),
+    ("proxyattn:gamma=1.5", r"^proxyattn: gamma must be in \(0, 1\], got 1\.5$"),
+    ("flexprefill:gamma=0", r"^flexprefill: gamma must be in \(0, 1\], got 0$"),
+    ("flexprefill:tau=-1", r"^flexprefill: tau must be >= 0, got -1$"),
+    ("flexprefill:min_budget=-5", r"^flexprefill: min_budget must be >= 0"),
+    ("pbs:tau=2", r"^pbs: tau must be in \(0, 1\], got 2$"),
+    ("oracle_topk:gamma=-0.5", r"^oracle_topk: gamma must be in \(0, 1\], got -0\.5$"),
+    ("streaming:sink=-1", r"^streaming: sink and local must be >= 0"),
+    ("trianglemix:n_local=-1", r"^trianglemix: start_layer, n_init and n_local must be >= 0"),
+    ("minference:pattern=zz", r"^minference: pattern must be one of"),
+    ("xattention:threshold", r"^expected key=value, got 'threshold'$"),
+])
+def test_policy_parameters_are_type_and_range_checked(spec, message):
+    """A spec's (or a YAML file's) bad value fails when the config is built, naming it: before,
+    a string threshold reached jit and threshold=2 or stride=0 were accepted."""
+    with pytest.raises(ValueError, match=message):
+        sparse.SparseConfig.parse(spec)
+
+
+def test_policy_specs_and_numpy_values():
+    cfg = sparse.SparseConfig.parse("xattention:threshold=0.8,stride=8,n_last=0")
+    assert cfg.rules[0].policy == sparse.get("xattention", threshold=0.8, stride=8, n_last=0)
+    # ints where a float is declared, numpy scalars and None for an optional field are fine
+    sparse.get("flexprefill", gamma=1, tau=np.float32(0.2), min_budget=np.int64(512),
+               max_budget=None)
+
+
 def test_sparse_config_yaml_and_layer_rules(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text("min_length: 2048\nblock_size: 64\nlayers:\n"
@@ -46,6 +82,9 @@ def test_sparse_config_yaml_and_layer_rules(tmp_path):
 
     path.write_text("policy: xattention\nparams: {threshold: 0.8}\nblok_size: 64\n")
     with pytest.raises(ValueError, match=r"cfg.yaml.*\['blok_size'\]"):
+        sparse.SparseConfig.parse(str(path))
+    path.write_text("policy: xattention\nparams: [\n")
+    with pytest.raises(ValueError, match=r"cfg.yaml: not valid YAML: .*\(line 3, column 1\)"):
         sparse.SparseConfig.parse(str(path))
     with pytest.raises(ValueError, match=r"layers\[0\].*\['rnage'\]"):
         sparse.SparseConfig.from_dict({"layers": [{"rnage": [0, 1], "policy": "dense"}]})
@@ -211,3 +250,13 @@ def test_with_estimation_changes_every_layer_policy():
     assert cfg.policy_for(5).estimation.extent == "full"  # the original is unchanged
     with pytest.raises(ValueError, match="extent"):
         cfg.with_estimation(extent="half")
+
+
+def test_spec_values_may_be_paths(tmp_path):
+    """name:key=value with a path value is a spec, not a YAML file path."""
+    head = tmp_path / "heads.json"
+    cfg = sparse.SparseConfig.parse(f"streaming:head_config={head},sink=32")
+    policy = cfg.rules[0].policy
+    assert policy.name == "streaming" and policy.head_config == str(head) and policy.sink == 32
+    with pytest.raises(ValueError, match="unknown sparse policy 'nosuch'"):
+        sparse.SparseConfig.parse("nosuch:x=1")

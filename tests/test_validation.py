@@ -85,6 +85,24 @@ def test_generate_rejects_bad_prompts(model, prompts, message, is_type):
     assert isinstance(e.value, TypeError) == is_type
 
 
+class WordTokenizer:
+    """Whitespace words -> ids; the empty string has no token (no chat template)."""
+
+    eos_token_ids = (0,)
+
+    def encode_prompt(self, prompt, chat=True):
+        return [len(w) % (VOCAB - 1) + 1 for w in prompt.split()]
+
+
+def test_a_prompt_without_tokens_is_an_input_error(model, engine):
+    """Was a plain ValueError: the command line showed a traceback for `generate --no-chat ''`."""
+    with pytest.raises(InputError, match=r"^prompt 1 is empty after tokenization"):
+        jp.generate(model, WordTokenizer(), ["a b", ""], max_new_tokens=2, chat=False)
+    words = Engine(model, WordTokenizer(), engine.config)
+    with pytest.raises(InputError, match=r"^request 'e': empty prompt after tokenization"):
+        words.prepare(Request(id="e", prompt=" "))
+
+
 def test_generate_accepts_numpy_prompts_and_settings(model):
     """Numpy integer rows and numpy scalar settings are valid and mean the same as Python ones."""
     kw = dict(max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=3)

@@ -74,8 +74,12 @@ class JsonlFiles:
         path = self.files[int(self._file[i])]
         with open(path, "rb") as f:
             f.seek(int(self._offset[i]))
-            record = json.loads(f.readline())
+            line = f.readline()
         where = f"{path}: line at byte {int(self._offset[i])}"
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise DataError(f"{where} is not a JSON object ({e})") from None
         if not isinstance(record, dict) or self.text_key not in record:
             raise DataError(f"{where} has no {self.text_key!r} field (set data.text_key)")
         text = str(record[self.text_key])

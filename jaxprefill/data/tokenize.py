@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxprefill.config import ConfigError
 from jaxprefill.loading import BUNDLED_MODELS
 from jaxprefill.loading.gguf_reader import bundled_gguf_path
 from jaxprefill.loading.tokenizer import Tokenizer
@@ -62,7 +63,8 @@ def make_tokenizer(spec: str, model_source: str | None = None) -> TextTokenizer:
         return ByteTokenizer()
     if spec == "model":
         if not model_source:
-            raise ValueError("data.tokenizer=model needs model.pretrained (a model with a tokenizer)")
+            raise ConfigError("data.tokenizer=model needs model.pretrained (a model with a "
+                              "tokenizer)")
         spec = model_source
 
     if spec.lower() in BUNDLED_MODELS:
@@ -74,5 +76,5 @@ def make_tokenizer(spec: str, model_source: str | None = None) -> TextTokenizer:
         return HFTokenizer(tok)
     if spec.lower().endswith(".gguf") and os.path.isfile(spec):
         return HFTokenizer(Tokenizer.from_gguf(spec))
-    raise ValueError(f"data.tokenizer: {spec!r} is not 'byte', 'model', a bundled model "
-                     f"{BUNDLED_MODELS}, an HF directory or a .gguf file")
+    raise ConfigError(f"data.tokenizer: {spec!r} is not 'byte', 'model', a bundled model "
+                      f"{BUNDLED_MODELS}, an HF directory or a .gguf file")

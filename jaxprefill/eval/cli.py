@@ -27,6 +27,7 @@ from jaxprefill.eval import plots, report, suite
 from jaxprefill.eval.probe import layer_qkv
 from jaxprefill.eval.runner import attention_stats, markdown_table, prompt_tokens
 from jaxprefill.eval.tasks import TASKS
+from jaxprefill.loading.adapter import check_overrides
 from jaxprefill.sparse import SparseConfig
 from jaxprefill.sparse.base import make_geometry
 from jaxprefill.sparse.oracle import exact_block_mass
@@ -99,31 +100,13 @@ def parse_spec(spec: str):
     """(label, SparseConfig or None for dense) of one --sparse spec (see module docstring)."""
     if spec == "dense":
         return "dense", None
-    with as_input_error(f"--sparse {spec}"):
-        if spec.endswith((".yaml", ".yml")):
+    yaml_file = spec.endswith((".yaml", ".yml"))
+    with as_input_error("--sparse" if yaml_file else f"--sparse {spec}"):  # a file's errors name it
+        if yaml_file:
             if not Path(spec).is_file():
                 raise FileNotFoundError(2, "no such sparse config file", spec)
             return Path(spec).stem, SparseConfig.parse(spec)
-        name, _, params = spec.partition(":")
-        kv = {}
-        for item in filter(None, params.split(",")):
-            key, eq, val = item.partition("=")
-            if not eq or not key:
-                raise InputError(f"expected key=value, got {item!r}")
-            kv[key] = _value(val)
-        return spec, SparseConfig.parse({"policy": name, "params": kv})
-
-
-def _value(text: str):
-    """'true' / 'false' -> bool, then int, float, else the string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+        return spec, SparseConfig.parse(spec)  # a policy name or name:key=value,...
 
 
 def configs(specs: list[str]) -> dict:
@@ -135,6 +118,13 @@ def configs(specs: list[str]) -> dict:
             raise InputError(f"--sparse: two configs are labelled {label!r}")
         out[label] = cfg
     return out
+
+
+def check_out_dir(path: str | None) -> None:
+    """--out-dir: a directory or a path to make one at; a file there fails before the model
+    loads, not when the first results are written."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"--out-dir {path} is a file; give a directory")
 
 
 def depth_list(values: list[float]) -> list[float]:
@@ -149,7 +139,8 @@ def depth_list(values: list[float]) -> list[float]:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """{key: value} of ``--override KEY=VALUE`` items, each value parsed as YAML."""
+    """{key: value} of ``--override KEY=VALUE`` items, each value parsed as YAML; checked (the
+    fields jp.load can override, their types) before any model loads."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -159,6 +150,7 @@ def parse_overrides(items: list[str]) -> dict:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise InputError(f"--override {item!r}: the value is not YAML ({e.problem})") from None
+    check_overrides(out, "--override")
     return out
 
 
@@ -188,6 +180,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                ("--stats-rows", args.stats_rows, 1)):
         if value is not None and value < least:
             raise InputError(f"{flag} must be >= {least}, got {value}")
+    check_out_dir(args.out_dir)
     plan = suite.EvalPlan(tuple(args.tasks), tuple(args.lengths),
                           tuple(depth_list(args.depths)), args.samples, args.split,
                           args.haystack)
@@ -218,6 +211,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     cfgs = {k: v for k, v in configs(args.sparse).items() if v is not None}
     if not cfgs:
         raise InputError("--sparse: analyze needs at least one sparse config")
+    for flag, value in (("--length", args.length), ("--rows", args.rows)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    check_out_dir(args.out_dir)
     model, tok = load_model(args.model, args.dtype, overrides=parse_overrides(args.overrides))
     if not 0 <= args.layer < model.config.num_layers:
         raise InputError(f"--layer must be in [0, {model.config.num_layers}), got {args.layer}")

@@ -46,7 +46,7 @@ import numpy as np
 
 from jaxprefill.data.tokenize import HFTokenizer
 from jaxprefill.eval import plots
-from jaxprefill.eval.cli import load_model, parse_overrides
+from jaxprefill.eval.cli import check_out_dir, load_model, parse_overrides
 from jaxprefill.eval.perplexity import CHUNK, context_perplexity, position_buckets, token_nll
 from jaxprefill.eval.report import write_atomic
 from jaxprefill.validate import InputError
@@ -96,11 +96,17 @@ def check_lengths(values: list[int]) -> list[int]:
 def read_documents(path: str) -> list[tuple[str, str]]:
     """(id, text) of each non-blank line of a JSONL file; id = the record's "id" or "line N"."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"--docs {path}: a directory; give a JSONL file")
     if not p.is_file():
         raise InputError(f"--docs {path}: no such file")
     docs = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:  # bytes: a line that is not UTF-8 is named like a bad record
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"--docs {path}:{n}: not UTF-8 text (a JSONL file is)") from None
             if not line.strip():
                 continue
             try:
@@ -217,6 +223,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     for flag, value in (("--docs-limit", args.docs_limit), ("--chunk", args.chunk)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
+    check_out_dir(args.out_dir)
     docs = read_documents(args.docs)
     overrides = parse_overrides(args.overrides)
     identity = {"model": args.model, "adapter": args.adapter, "overrides": overrides,

@@ -28,8 +28,8 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="JSONL completions (appended; reruns resume)")
     p.add_argument("--errors", help="JSONL of rejected lines (default: <output>.errors.jsonl)")
     p.add_argument("--model", help="override the config's model")
-    p.add_argument("--sparse", help="sparse prefill policy name or YAML (overrides engine.sparse; "
-                   "'none' turns it off)")
+    p.add_argument("--sparse", help="sparse prefill policy name, name:key=value,... or YAML "
+                   "(overrides engine.sparse; 'none' turns it off)")
     p.add_argument("--shard", default="0/1", help="INDEX/COUNT: this process's share of lines")
     p.set_defaults(func=run)
     m = sub.add_parser("infer-merge", help="merge per-host outputs of a sharded job (--shard)")

@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from jaxprefill.config import ConfigError, check_keys
+from jaxprefill.config import ConfigError, check_keys, yaml_problem
+from jaxprefill.validate import check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class EngineConfig:
     packing: bool = True           # False: one prompt per prefill row (padded; for comparison)
     bucket: int = 256              # cache-view lengths are rounded up to this (bounds recompiles)
     data_parallel: int = 1         # engine replicas, one per local device (data_parallel.py)
-    # Sparse prefill (jaxprefill.sparse): a policy name, a YAML path, a dict or a SparseConfig.
+    # Sparse prefill (jaxprefill.sparse): a policy name, a name:key=value,... spec, a YAML path,
+    # a dict or a SparseConfig.
     # Applies per prefill chunk and to prompts that fill a packed row alone; prompts shorter
     # than its min_length stay dense; decode stays dense. None: dense prefill.
     sparse: Any = None
@@ -52,10 +54,18 @@ class EngineConfig:
         if self.bucket % self.page_size:
             raise ConfigError(f"engine config: bucket ({self.bucket}) must be a multiple of "
                               f"page_size ({self.page_size})")
-        if not 0.0 <= self.temperature:
-            raise ConfigError(f"engine config: temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"engine config: top_p must be in (0, 1], got {self.top_p}")
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int)
+                                             or isinstance(self.max_seq_len, bool)
+                                             or self.max_seq_len < 1):
+            raise ConfigError(f"engine config: max_seq_len must be a positive integer or null, "
+                              f"got {self.max_seq_len!r}")
+        # types too: a string temperature would fail inside the engine, after the model loads
+        check_sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       seed=self.seed, where="engine config")
+        for name in ("chat", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"engine config: {name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
         if self.tpla is not None:
             keys = {"tensor", "transform", "rope", "norm", "logit_scale", "axis"}
             if not isinstance(self.tpla, Mapping) or set(self.tpla) - keys:
@@ -102,17 +112,29 @@ class InferConfig:
     attention: str = "auto"
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
+    def __post_init__(self) -> None:
+        for name in ("model", "dtype", "attention"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"infer config: {name} must be a string, got {value!r}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InferConfig":
         d = dict(d)
         check_keys(d, cls, "infer config")
-        engine = EngineConfig.from_dict(d.pop("engine", None) or {})
-        return cls(engine=engine, **d)
+        engine = d.pop("engine", None) or {}
+        if not isinstance(engine, Mapping):
+            raise ConfigError(f"infer config: engine must be a mapping of engine settings, got "
+                              f"{engine!r}")
+        return cls(engine=EngineConfig.from_dict(engine), **d)
 
     @classmethod
     def from_yaml(cls, path) -> "InferConfig":
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping")
         return cls.from_dict(d)

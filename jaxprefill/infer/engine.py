@@ -53,7 +53,8 @@ from jaxprefill.infer.scheduler import pack_rows
 from jaxprefill.parallel import ContextParallel
 from jaxprefill.parallel.rows import check_policy
 from jaxprefill.sharding import state_shardings
-from jaxprefill.validate import check_id, check_prompt, check_prompt_list, check_sampling
+from jaxprefill.validate import (InputError, check_id, check_prompt, check_prompt_list,
+                                 check_sampling)
 
 
 @dataclasses.dataclass
@@ -189,7 +190,7 @@ class Engine:
                        where=where)
         ids = encode_prompt(self.tokenizer, prompt, c.chat)
         if not ids:
-            raise ValueError(f"{where}: empty prompt after tokenization")
+            raise InputError(f"{where}: empty prompt after tokenization")
         max_new = req.max_new_tokens if req.max_new_tokens is not None else c.max_new_tokens
         if self.ring is not None and len(ids) > c.prefill_tokens:
             raise PromptTooLongError(

@@ -32,6 +32,7 @@ import numpy as np
 from jaxprefill.config import ConfigError
 from jaxprefill.loading.safetensors_io import DTYPES, _read_header
 from jaxprefill.loading.weights import TensorSource, WeightError
+from jaxprefill.validate import is_int, is_number
 
 PREFIX = "base_model.model."
 METADATA_KEY = "jaxprefill.adapter"
@@ -187,10 +188,18 @@ class AdaptedTensors:
 
 
 def check_overrides(overrides: Mapping[str, Any], where: str) -> None:
-    """ConfigError for a field that is not overridable or a malformed rope_scaling."""
+    """ConfigError for a field that is not overridable, a max_position_embeddings that is not a
+    positive integer, a rope_theta that is not a positive number, or a malformed rope_scaling."""
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ConfigError(f"{where}: cannot override {unknown}; overridable: {list(OVERRIDABLE)}")
+    length = overrides.get("max_position_embeddings")
+    if "max_position_embeddings" in overrides and not (is_int(length) and length > 0):
+        raise ConfigError(f"{where}: max_position_embeddings must be a positive integer, got "
+                          f"{length!r}")
+    theta = overrides.get("rope_theta")
+    if "rope_theta" in overrides and not (is_number(theta) and theta > 0):
+        raise ConfigError(f"{where}: rope_theta must be a positive number, got {theta!r}")
     scaling = overrides.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, Mapping):
         raise ConfigError(f"{where}: rope_scaling must be a mapping or null, got {scaling!r}")

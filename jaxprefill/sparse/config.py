@@ -1,9 +1,10 @@
 """``SparseConfig``: which policy each layer uses, the dense-below length, block sizes.
 
 Frozen and hashable: it sits in ``AttentionSpec`` (the model's static graph). Build one from a
-policy name, a policy object, a dict or a YAML file:
+policy name, a ``name:key=value,...`` spec, a policy object, a dict or a YAML file:
 
     SparseConfig.parse("flexprefill")                       # every layer, defaults
+    SparseConfig.parse("xattention:threshold=0.95,stride=8")  # every layer, these parameters
     SparseConfig.parse("configs/sparse/smollm2.yaml")
     SparseConfig.from_dict({"min_length": 2048, "block_size": 64,
                             "layers": [{"range": [0, 4], "policy": "dense"},
@@ -31,6 +32,7 @@ from typing import Any
 import yaml
 
 from pallas_kernels import IMPLS as KERNELS
+from jaxprefill.config import yaml_problem
 from jaxprefill.sparse import registry
 from jaxprefill.sparse.base import Policy
 
@@ -99,7 +101,9 @@ class SparseConfig:
     # ------------------------------------------------------------------------------ builders
     @classmethod
     def parse(cls, spec: Any) -> "SparseConfig":
-        """SparseConfig | Policy | policy name | YAML path | dict -> SparseConfig."""
+        """SparseConfig | Policy | policy name | ``name:key=value,...`` | YAML path | dict ->
+        SparseConfig. In a spec each value is read as true / false, an int, a float, else a
+        string."""
         if isinstance(spec, SparseConfig):
             return spec
         if isinstance(spec, Policy):
@@ -108,6 +112,9 @@ class SparseConfig:
             return cls.from_dict(spec)
         if isinstance(spec, (str, os.PathLike)):
             s = str(spec)
+            name, colon, params = s.partition(":")
+            if colon and os.path.sep not in name:  # a spec; its values may be paths
+                return cls.from_dict({"policy": name, "params": _spec_params(params)})
             if s.endswith((".yaml", ".yml")) or os.path.sep in s:
                 return cls.from_yaml(s)
             return cls.from_dict({"policy": s})
@@ -118,7 +125,10 @@ class SparseConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"sparse config {path} does not exist")
         with open(path) as f:
-            data = yaml.safe_load(f)
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a sparse config must be a mapping")
         _resolve_head_configs(data, os.path.dirname(os.path.abspath(path)))
@@ -150,6 +160,29 @@ class SparseConfig:
             rules.append(LayerRule(int(start), None if stop is None else int(stop),
                                    registry.get(rule["policy"], **params)))
         return cls(tuple(rules), int(data.get("min_length", 1024)), data.get("kernel", "auto"))
+
+
+def _spec_params(text: str) -> dict[str, Any]:
+    """{key: value} of the ``key=value,...`` part of a policy spec."""
+    params: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        params[key] = _spec_value(value)
+    return params
+
+
+def _spec_value(text: str) -> Any:
+    """'true' / 'false' -> bool, then int, float, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _resolve_head_configs(data: dict, base: str) -> None:

@@ -134,6 +134,16 @@ class FlexPrefill(Policy):
     max_budget: int | None = None
     n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.gamma <= 1:  # a share of the attention mass
+            raise ValueError(f"flexprefill: gamma must be in (0, 1], got {self.gamma}")
+        if self.tau < 0:  # a Jensen-Shannon distance threshold
+            raise ValueError(f"flexprefill: tau must be >= 0, got {self.tau}")
+        if self.min_budget < 0 or (self.max_budget is not None and self.max_budget < 1):
+            raise ValueError(f"flexprefill: min_budget must be >= 0 and max_budget >= 1 or None "
+                             f"(tokens), got {self.min_budget} and {self.max_budget}")
+
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         bsz = geo.block
         vert, slash = est.last_q_sums(q, k, geo, bsz)  # [B, Hq, S] each

@@ -86,6 +86,11 @@ class MInference(Policy):
     pattern: str = "vs"  # the pattern of heads a head_config does not list
     columns: bool = True  # vertical lines as single key columns (layout column path)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pattern not in PATTERNS:  # checked here too: a config fails before the model runs
+            raise ValueError(f"minference: pattern must be one of {PATTERNS}, got {self.pattern!r}")
+
     def head_patterns(self, layer: int, hq: int) -> tuple[tuple[str, int, int], ...]:
         """(pattern, p1, p2) per query head of ``layer``."""
         if self.pattern not in PATTERNS:

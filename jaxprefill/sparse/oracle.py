@@ -32,6 +32,11 @@ class OracleTopK(Policy):
     rows_exact = True  # exact per-row mass, per-row threshold
     gamma: float = 0.95
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.gamma <= 1:  # a share of the attention mass
+            raise ValueError(f"oracle_topk: gamma must be in (0, 1], got {self.gamma}")
+
     def select(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int) -> jax.Array:
         mass = exact_block_mass(q, k, geo)
         valid = jnp.broadcast_to(geo.causal(), mass.shape)

@@ -67,6 +67,8 @@ class PBS(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 < self.tau <= 1:  # a share of the attention mass
+            raise ValueError(f"pbs: tau must be in (0, 1], got {self.tau}")
         if self.recall_target is not None:
             raise ValueError("pbs: no recall guard (its blocks are blocks of permuted keys)")
         if self.share_layers != 1:

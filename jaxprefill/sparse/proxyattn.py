@@ -65,6 +65,10 @@ class ProxyAttn(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 < self.gamma <= 1:  # a share of the last query block's attention mass
+            raise ValueError(f"proxyattn: gamma must be in (0, 1], got {self.gamma}")
+        if self.stride < 1:
+            raise ValueError(f"proxyattn: stride must be >= 1, got {self.stride}")
         if self.block_size % self.stride:
             raise ValueError(f"proxyattn: block_size {self.block_size} is not a multiple of "
                              f"stride {self.stride}")

@@ -73,6 +73,12 @@ class Streaming(Policy):
     local: int = 256
     head_config: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sink < 0 or self.local < 0:
+            raise ValueError(f"streaming: sink and local must be >= 0 (tokens), got "
+                             f"{self.sink} and {self.local}")
+
     def dense_heads(self, layer: int, hkv: int) -> tuple[int, ...]:
         """The KV heads of ``layer`` that keep full causal attention."""
         if self.head_config is None:

@@ -33,6 +33,12 @@ class TriangleMix(Policy):
     n_local: int = 512
     n_last: int = 128  # the dense tail (Policy.finish applies it)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.start_layer, self.n_init, self.n_local) < 0:
+            raise ValueError(f"trianglemix: start_layer, n_init and n_local must be >= 0, got "
+                             f"{self.start_layer}, {self.n_init} and {self.n_local}")
+
     def layer_key(self, layer: int) -> int:
         return min(layer, self.start_layer)
 

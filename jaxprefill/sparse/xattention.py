@@ -14,7 +14,8 @@ Defaults: block 128 and threshold 0.9 from the official code's RULER runs
 (Llama-3.1-8B RULER average 88.08 at stride 16, 88.47 at 8, dense 87.52), not the code's 8:
 at 128K on an H100 the estimate costs 4.6% of cuDNN dense attention at stride 16 and 8.3% at
 stride 8, whose antidiagonal GEMM alone is 6.25% of dense attention's FLOPs
-(docs/performance.md, estimation kernels, 2026-11-23). threshold >= 1 gives the dense layout.
+(docs/performance.md, estimation kernels, 2026-11-23). threshold is in (0, 1]; 1 gives the dense
+layout.
 Rows are processed in chunks of query blocks so the (L/S)^2 score matrix never exists whole.
 The original asserts batch 1 and Hq == Hkv; here both are lifted.
 """
@@ -64,6 +65,11 @@ class XAttention(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 < self.threshold <= 1:  # a share of each row's score mass
+            raise ValueError(f"xattention: threshold must be in (0, 1] (1: every block), got "
+                             f"{self.threshold}")
+        if self.stride < 1:
+            raise ValueError(f"xattention: stride must be >= 1, got {self.stride}")
         if self.block_size % self.stride:
             raise ValueError(f"xattention: block_size {self.block_size} is not a multiple of "
                              f"stride {self.stride}")

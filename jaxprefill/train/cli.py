@@ -24,14 +24,10 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from jaxprefill.config import ConfigError
     from jaxprefill.train import TrainConfig, Trainer
 
-    try:
-        cfg = TrainConfig.load(args.config, args.overrides)
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # A ConfigError or a missing / unreadable file: jaxprefill.cli prints it as one line
+    cfg = TrainConfig.load(args.config, args.overrides)
     if args.export_adapter and cfg.lora is None:
         print("error: --export-adapter: this recipe has no lora section", file=sys.stderr)
         return 2

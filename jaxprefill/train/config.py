@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from jaxprefill.config import ConfigError
+from jaxprefill.config import ConfigError, yaml_problem
 from jaxprefill.lora import TARGETS
 
 DTYPES = ("float32", "bfloat16")
@@ -266,7 +267,10 @@ class TrainConfig:
     def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "TrainConfig":
         """Read a YAML recipe and apply `key.sub=value` overrides."""
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: a training config must be a YAML mapping")
         return cls.from_dict(apply_overrides(d, overrides))
@@ -306,7 +310,11 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({yaml_problem(e)})") from None
     return out
 
 
@@ -375,11 +383,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: never a setting (lr=.nan trains nans)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -575,6 +575,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.budgets = {k: v for k, v in args.budgets.items() if v is not None}
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, not a folder")
+    # the folder is made at the end of a long build: one that cannot be made fails now
+    out = Path(args.out).absolute()
+    above = next(a for a in (out, *out.parents) if a.exists())
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        p.error(f"--out {args.out}: cannot make a folder in {above}")
+    # a missing folder is skipped (a machine may lack /usr/share/info); all of them missing is
+    # a mistake that would otherwise end the build with "no document reaches --min-tokens"
+    flags = {"stdlib" if s == "docstrings" else s for s in args.sources}
+    if not any(Path(getattr(args, flag)).is_dir() for flag in flags):
+        p.error("no source folder exists: " + ", ".join(
+            f"--{flag} {getattr(args, flag)}" for flag in sorted(flags)))
     return args
 
 
