@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxprefill.infer import Engine, Request
-from scripts.benchmarks.bench_sparse_stages_gpu import load, policy_spec
+from scripts.benchmarks.bench_sparse_stages_gpu import buckets, load, policy_spec
 from scripts.benchmarks.bench_sparse_ttft_gpu import engine_config, path_spec
 
 # (class, pattern on the lower-cased op name); the first match wins
@@ -125,8 +125,7 @@ def summarize(ops: list[dict], reps: int, top: int, line: dict) -> dict[str, Any
 
 
 def profile_policy(model, prompt: list[int], spec: Any, args, trace_dir: Path) -> dict:
-    seq = len(prompt)
-    bucket = -(-seq // 1024) * 1024
+    bucket = buckets(len(prompt), args.chunk)[args.path]  # the stage benchmark's engine
     width = args.chunk if args.path == "chunked" else bucket
     engine = Engine(model, None, engine_config(width, bucket, path_spec(spec, args.path,
                                                                          "bucket")))
@@ -202,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = {name: policy_spec(name, args.tiny) for name in args.policies}  # bad specs first
     t0 = time.perf_counter()
     model, prompt, what = load(args)
+    if args.path == "chunked" and len(prompt) <= args.chunk:
+        raise SystemExit(f"error: --chunk {args.chunk} >= the prompt's {len(prompt)} tokens: "
+                         "the engine prefills it as one row (lower --chunk, or --path row)")
     print(f"{what}: {len(prompt)} prompt tokens, setup {time.perf_counter() - t0:.1f}s; "
           f"{jax.devices()[0].device_kind}", flush=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": what,
