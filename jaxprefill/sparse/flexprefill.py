@@ -15,8 +15,8 @@ Per query head (block B = block_size, default 128), following the official code:
    while the cumulative mass stays below gamma * (number of query blocks) (global, not per row).
 
 Defaults: gamma 0.95 (RULER scripts for Llama-3.1-8B), tau 0.1, min_budget 1024 tokens,
-max_budget None, block 128. gamma >= 1 gives the dense layout. The original asserts batch 1;
-here rows have their own lengths and budgets.
+max_budget None, block 128. gamma is in (0, 1]; 1 gives the dense layout. The original
+asserts batch 1; here rows have their own lengths and budgets.
 
 Row windows (chunked prefill, :meth:`Policy.build_rows`): steps 1-5 read the row's last query
 block (the window's end) and are exact; step 6's pooled softmax is row-local but its threshold
