@@ -260,3 +260,7 @@ def test_spec_values_may_be_paths(tmp_path):
     assert policy.name == "streaming" and policy.head_config == str(head) and policy.sink == 32
     with pytest.raises(ValueError, match="unknown sparse policy 'nosuch'"):
         sparse.SparseConfig.parse("nosuch:x=1")
+    from jaxprefill.sparse.config import names_file
+    assert names_file("configs/sparse/smollm2.yaml") and names_file("cfg.yml")
+    assert not names_file("xattention") and not names_file(f"minference:head_config={head}")
+    assert not names_file("xattention:head_config=h.yaml")

@@ -29,6 +29,7 @@ from jaxprefill.eval.runner import attention_stats, markdown_table, prompt_token
 from jaxprefill.eval.tasks import TASKS
 from jaxprefill.loading.adapter import check_overrides
 from jaxprefill.sparse import SparseConfig
+from jaxprefill.sparse.config import names_file
 from jaxprefill.sparse.base import make_geometry
 from jaxprefill.sparse.oracle import exact_block_mass
 from jaxprefill.validate import InputError, as_input_error
@@ -100,7 +101,7 @@ def parse_spec(spec: str):
     """(label, SparseConfig or None for dense) of one --sparse spec (see module docstring)."""
     if spec == "dense":
         return "dense", None
-    yaml_file = spec.endswith((".yaml", ".yml"))
+    yaml_file = names_file(spec)
     with as_input_error("--sparse" if yaml_file else f"--sparse {spec}"):  # a file's errors name it
         if yaml_file:
             if not Path(spec).is_file():

@@ -112,12 +112,10 @@ class SparseConfig:
             return cls.from_dict(spec)
         if isinstance(spec, (str, os.PathLike)):
             s = str(spec)
-            name, colon, params = s.partition(":")
-            if colon and os.path.sep not in name:  # a spec; its values may be paths
-                return cls.from_dict({"policy": name, "params": _spec_params(params)})
-            if s.endswith((".yaml", ".yml")) or os.path.sep in s:
+            if names_file(s):
                 return cls.from_yaml(s)
-            return cls.from_dict({"policy": s})
+            name, _, params = s.partition(":")
+            return cls.from_dict({"policy": name, "params": _spec_params(params)})
         raise TypeError(f"cannot make a SparseConfig from {type(spec).__name__}")
 
     @classmethod
@@ -160,6 +158,15 @@ class SparseConfig:
             rules.append(LayerRule(int(start), None if stop is None else int(stop),
                                    registry.get(rule["policy"], **params)))
         return cls(tuple(rules), int(data.get("min_length", 1024)), data.get("kernel", "auto"))
+
+
+def names_file(spec: str) -> bool:
+    """Whether a string config names a YAML file rather than a policy (``name`` or
+    ``name:key=value,...``, whose values may be paths)."""
+    name, colon, _ = spec.partition(":")
+    if colon and os.path.sep not in name:
+        return False
+    return spec.endswith((".yaml", ".yml")) or os.path.sep in spec
 
 
 def _spec_params(text: str) -> dict[str, Any]:
