@@ -104,8 +104,15 @@ def test_single_rows_equal_packed_rows(model, prompts, policy, monkeypatch):
     np.testing.assert_allclose(np.asarray(single[:n]), np.asarray(packed[:n]), atol=1e-5,
                                rtol=1e-5)
     assert (np.asarray(single[:n]).argmax(-1) == np.asarray(packed[:n]).argmax(-1)).all()
+    # the prompts' slots hold the same entries; the single step copies whole pages, so the
+    # slots after a prompt's last token in its last page may differ (see write_pages)
+    token_slots = np.concatenate([np.asarray(slots)[r, :len(p)] for r, p in enumerate(prompts)])
+    owned = np.zeros(PAGES * PAGE, bool)
+    owned[(token_slots // PAGE)[:, None] * PAGE + np.arange(PAGE)] = True
     for a, b in zip(single_cache.k + single_cache.v, packed_cache.k + packed_cache.v):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+        a, b = np.asarray(a).reshape(PAGES * PAGE, -1), np.asarray(b).reshape(PAGES * PAGE, -1)
+        np.testing.assert_allclose(a[token_slots], b[token_slots], atol=1e-5, rtol=1e-5)
+        assert not a[~owned].any() and not b[~owned].any()  # no other page was touched
     assert np.abs(np.asarray(single_cache.k[-1])).sum() > 0  # the pages were written
     if sparse is None:
         assert seen["simple"] == [True] * 2 and packed_seen["simple"] == [False] * 2
@@ -171,3 +178,40 @@ def test_the_first_request_compiles_the_program_later_ones_run(model, prompts, c
                                 r.getMessage().startswith("Compiling") for r in caplog.records))
     assert engine.stats["single_rows"] == 3
     assert compiles == [1, 0, 0], compiles
+
+
+def test_write_pages_equals_token_writes_on_every_token_slot():
+    """Whole-page writes (the single-row step) against per-token writes on random entries:
+    rows of 37, 64 and 1 tokens and an unused row on 16-token pages. Every token's slot holds
+    the same entry; pages a row never reached and the scratch page stay untouched; a row
+    width that is not a multiple of the page size is refused."""
+    from jaxprefill.infer.paged_cache import write_back, write_pages
+    from jaxprefill.models import KVCache
+
+    page, pages, width = 16, 20, 64
+    cfg = types.SimpleNamespace(num_kv_heads=2, head_dim=8, num_layers=2)
+    lengths = [37, 64, 1, 0]
+    slots = np.full((4, width), pages * page, np.int32)
+    for r, n in enumerate(lengths):
+        own = np.array([3 + 4 * r, 2 + 4 * r, 4 + 4 * r, 1 + 4 * r])[: -(-n // page)]  # unordered
+        pos = np.arange(n)
+        slots[r, :n] = own[pos // page] * page + pos % page
+    rng = np.random.default_rng(0)
+    view = KVCache(*(tuple(jnp.asarray(rng.standard_normal((4, width, 2, 8)), jnp.float32)
+                           for _ in range(2)) for _ in range(2)))
+    pool = PagedKVCache.zeros(cfg, pages, page, jnp.float32)
+    pool = PagedKVCache(tuple(a - 7.0 for a in pool.k), tuple(a - 7.0 for a in pool.v))  # poison
+    by_token = write_back(pool, view, jnp.broadcast_to(jnp.arange(width), (4, width)),
+                          jnp.asarray(slots))
+    by_page = write_pages(pool, view, jnp.asarray(slots))
+    real = slots[slots < pages * page]
+    reached = np.unique(real // page)
+    for a, b in zip(by_page.k + by_page.v, by_token.k + by_token.v):
+        a, b = np.asarray(a).reshape(pages * page, -1), np.asarray(b).reshape(pages * page, -1)
+        np.testing.assert_array_equal(a[real], b[real])
+        untouched = ~np.isin(np.arange(pages * page) // page, reached)
+        assert (a[untouched] == -7.0).all() and (b[untouched] == -7.0).all()
+    assert 0 not in reached
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        write_pages(pool, KVCache(*(tuple(a[:, :40] for a in t) for t in (view.k, view.v))),
+                    jnp.asarray(slots[:, :40]))

@@ -73,6 +73,30 @@ def write_back(cache: PagedKVCache, view: KVCache, view_positions: jax.Array,
                         tuple(one(p, r) for p, r in zip(cache.v, view.v)))
 
 
+def write_pages(cache: PagedKVCache, view: KVCache, slots: jax.Array) -> PagedKVCache:
+    """`write_back` of rows that fill their pages from token 0: view [B, T, Hkv, D] with T a
+    multiple of the page size, slots [B, T] as `write_back` takes them (token t of row b in
+    page slots[b, t] // page_size at offset t % page_size, out of range = skipped).
+
+    Whole pages are copied (one index per page, not per token), so a row's last page also
+    receives the padding after its final token: slots a sequence owns but has not reached,
+    which a later write fills before any query can see them (every read is causal). A page
+    whose first slot is out of range is skipped whole.
+    """
+    ps = cache.page_size
+    b, t = slots.shape
+    if t % ps:
+        raise ValueError(f"write_pages needs a row width that is a multiple of the page size "
+                         f"{ps}, got {t}")
+    pages = (slots[:, ::ps] // ps).reshape(-1)  # out of range slot -> page num_pages: dropped
+
+    def one(pool, rows):
+        new = rows[:, :t].reshape(b * (t // ps), ps, *rows.shape[2:])
+        return pool.at[pages].set(new.astype(pool.dtype), mode="drop")
+    return PagedKVCache(tuple(one(p, r) for p, r in zip(cache.k, view.k)),
+                        tuple(one(p, r) for p, r in zip(cache.v, view.v)))
+
+
 class PageAllocator:
     """Host-side free list of page ids 1..num_pages-1 (page 0 is scratch)."""
 

@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.decoding import Sampling, next_tokens
-from jaxprefill.infer.paged_cache import PagedKVCache, gather_view, slot_ids, write_back
+from jaxprefill.infer.paged_cache import (PagedKVCache, gather_view, slot_ids, write_back,
+                                         write_pages)
 from jaxprefill.models import KVCache
 
 
@@ -50,19 +51,27 @@ def single_forward(model, cache: PagedKVCache, tokens, lengths, slots,
     (`AttentionSpec.context`) the forward runs ring attention over its padded length
     (`ContextParallel.padded_length(C)`); the paged cache stays replicated on the ring's mesh.
     """
-    return _fresh_forward(model, cache, tokens, slots, last_index, lengths=lengths)
+    return _fresh_forward(model, cache, tokens, slots, last_index, whole_pages=True,
+                          lengths=lengths)
 
 
-def _fresh_forward(model, cache: PagedKVCache, tokens, slots, last_index,
+def _fresh_forward(model, cache: PagedKVCache, tokens, slots, last_index, whole_pages=False,
                    **forward) -> tuple[jax.Array, PagedKVCache]:
-    """A fresh prefill of rows [R, C] into a contiguous view, written to the pages at `slots`."""
+    """A fresh prefill of rows [R, C] into a contiguous view, written to the pages at `slots`.
+
+    `whole_pages`: each row holds one prompt from token 0, so its slots fill whole pages in
+    order and the write copies pages (`write_pages`: one index per page) rather than tokens.
+    """
     r, c = tokens.shape
     ring = getattr(model.attention, "context", None)
     # a ring prefill writes its padded length (natural order); the first c slots are the row's
     width = c if ring is None else ring.padded_length(c)
     view = KVCache.zeros(model.config, r, width, cache.k[0].dtype)
     hidden, view = model.forward(tokens, cache=view, **forward)
-    cache = write_back(cache, view, jnp.broadcast_to(jnp.arange(c), (r, c)), slots)
+    if whole_pages and c % cache.page_size == 0:
+        cache = write_pages(cache, view, slots)
+    else:
+        cache = write_back(cache, view, jnp.broadcast_to(jnp.arange(c), (r, c)), slots)
     if ring is not None:  # whole on every device, as the engine's other steps read it
         cache = jax.lax.with_sharding_constraint(cache, NamedSharding(ring.mesh, P()))
     return hidden.reshape(r * c, -1)[last_index], cache
