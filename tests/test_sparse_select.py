@@ -89,7 +89,7 @@ def test_prefix_count_and_sort_key_order():
 
 @pytest.mark.parametrize("s,cap", [(300, 40), (2100, 1000), (64, 64)])
 def test_minference_column_positions_equal_the_sort_reference(s, cap):
-    from jaxprefill.sparse.minference import ascending_positions
+    from jaxprefill.sparse.columns import ascending_positions
 
     rng = np.random.default_rng(s + cap)
     sel = np.zeros((2, 3, s), bool)

@@ -148,7 +148,7 @@ def layer_stats(policy, layer: int, q, k, v, lengths: np.ndarray, sampled: np.nd
     lengths_j = jnp.asarray(lengths, jnp.int32)
     last = (np.asarray(lengths, np.int32) - 1)[:, None]  # [B, 1]
     src_layer, q_src, k_src = (layer, q, k) if source is None else source
-    if getattr(policy, "columns", False):  # minference's column path: count columns as tokens
+    if getattr(policy, "has_columns", False):  # the column path: count columns as tokens
         layout = _layout_fn(policy, src_layer)(q_src, k_src, lengths_j)
         d, r, e = column_layout_stats(layout, q, k, v, lengths, sampled)
         rl = column_layout_stats(layout, q, k, v, lengths, last)[1]

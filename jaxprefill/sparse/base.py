@@ -61,127 +61,11 @@ from pallas_kernels import BlockSparseLayout, block_sparse_attention
 from pallas_kernels.layout import block_mask_to_layout_arrays
 
 from jaxprefill.sparse import select
+from jaxprefill.sparse.columns import attach_columns, top_columns
 from jaxprefill.sparse.estimation import Estimation
+from jaxprefill.sparse.geometry import Geometry, make_geometry, make_row_geometry  # noqa: F401
 from jaxprefill.sparse.prefill import KINDS, Prefill, layout_for
 from jaxprefill.sparse.recall_guard import guard_heads
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Static sizes plus per-row lengths of one prefill. Blocks are square (block x block)."""
-
-    B: int
-    S: int
-    Hq: int
-    Hkv: int
-    D: int
-    block: int
-    lengths: jax.Array  # int32 [B], valid tokens per row (1..S)
-    # Row window (build_rows): query-block rows [row0, row0 + nr) only; None = all n rows.
-    row0: jax.Array | None = None  # int32 [B], first query-block row of the window
-    nr: int = 0  # static number of rows in the window (when row0 is set)
-    estimation: Estimation = Estimation()  # how estimators run (the policy's)
-
-    @property
-    def G(self) -> int:
-        return self.Hq // self.Hkv
-
-    @property
-    def n(self) -> int:
-        """Number of query blocks == number of key blocks."""
-        return -(-self.S // self.block)
-
-    @property
-    def scale(self) -> float:
-        return self.D ** -0.5
-
-    @property
-    def nq(self) -> int:
-        """Number of query-block rows computed: n, or nr for a row window."""
-        return self.n if self.row0 is None else self.nr
-
-    def query_rows(self) -> jax.Array:
-        """int32 [1 or B, nq]: the global query-block index of each computed row (rows of a
-        window may reach past n - 1: they lie in the padding and come out empty)."""
-        r = jnp.arange(self.nq, dtype=jnp.int32)[None, :]
-        return r if self.row0 is None else self.row0[:, None] + r
-
-    def query_start(self) -> jax.Array:
-        """int32 [1 or B]: position of the first query of the computed rows (0 or row0*block)."""
-        return jnp.zeros((1,), jnp.int32) if self.row0 is None else self.row0 * self.block
-
-    def query_valid(self) -> jax.Array:
-        """bool [B, nq * block]: query t of the computed rows is a real (not padding) token."""
-        pos = self.query_start()[:, None] + jnp.arange(self.nq * self.block)[None, :]
-        return pos < self.lengths[:, None]
-
-    def row_blocks(self) -> jax.Array:
-        """int32 [B]: blocks holding at least one valid token of each row."""
-        return (self.lengths + self.block - 1) // self.block
-
-    def causal(self) -> jax.Array:
-        """bool [B, 1, nq, n]: block (i, j) holds a visible valid pair (j <= i, both valid)."""
-        i = self.query_rows()[:, None, :, None]
-        j = jnp.arange(self.n)
-        nb = self.row_blocks()[:, None, None, None]
-        return ((j <= i) & (i < nb))
-
-    def forced(self) -> jax.Array:
-        """bool [1 or B, 1, nq, n]: the sink block and the diagonal."""
-        i = self.query_rows()[:, None, :, None]
-        j = jnp.arange(self.n)
-        return (j == 0) | (j == i)
-
-    def tail_rows(self, n_last: int) -> jax.Array:
-        """bool [B, nq]: the computed query-block rows holding one of each row's last
-        ``n_last`` queries (none for 0)."""
-        if n_last <= 0:
-            return jnp.zeros((self.B, self.nq), bool)
-        first = (self.lengths - n_last) // self.block  # [B] block of the tail's first query
-        return self.query_rows() >= first[:, None]
-
-    def diagonal(self) -> jax.Array:
-        """bool [1 or B, 1, nq, n]: the diagonal block of each computed row."""
-        return self.query_rows()[:, None, :, None] == jnp.arange(self.n)
-
-    def valid_tokens(self) -> jax.Array:
-        """bool [B, S]: token t of row b is real (not right padding)."""
-        return jnp.arange(self.S)[None, :] < self.lengths[:, None]
-
-
-def make_geometry(q: jax.Array, k: jax.Array, block: int, lengths: jax.Array | None,
-                  estimation: Estimation = Estimation()) -> Geometry:
-    if q.ndim != 4 or k.ndim != 4 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"sparse prefill needs q [B,S,Hq,D], k [B,S,Hkv,D]: {q.shape}, {k.shape}")
-    return _geometry(q.shape, k.shape, block, lengths, estimation)
-
-
-def make_row_geometry(q_rows: jax.Array, k: jax.Array, block: int, row0: jax.Array,
-                      lengths: jax.Array | None,
-                      estimation: Estimation = Estimation()) -> Geometry:
-    """Geometry of the query-block rows [row0, row0 + nr) of a prefill whose keys are k.
-
-    q_rows [B, Sr, Hq, D]: query t at position row0[b] * block + t; nr = ceil(Sr / block).
-    k [B, S, Hkv, D]: all keys (S sets n). row0: int32 [B] (traced allowed).
-    """
-    if q_rows.ndim != 4 or k.ndim != 4 or q_rows.shape[0] != k.shape[0]:
-        raise ValueError(f"row layouts need q [B,Sr,Hq,D], k [B,S,Hkv,D]: {q_rows.shape}, "
-                         f"{k.shape}")
-    B, _, Hq, D = q_rows.shape
-    geo = _geometry((B, k.shape[1], Hq, D), k.shape, block, lengths, estimation)
-    row0 = jnp.broadcast_to(jnp.asarray(row0, jnp.int32).reshape(-1), (B,))
-    return dataclasses.replace(geo, row0=row0, nr=-(-q_rows.shape[1] // int(block)))
-
-
-def _geometry(q_shape: tuple, k_shape: tuple, block: int, lengths: jax.Array | None,
-              estimation: Estimation) -> Geometry:
-    B, S, Hq, D = q_shape
-    Hkv = k_shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
-    if lengths is None:
-        lengths = jnp.full((B,), S, jnp.int32)
-    lengths = jnp.clip(jnp.asarray(lengths, jnp.int32).reshape(B), 1, S)
-    return Geometry(B, S, Hq, Hkv, D, int(block), lengths, estimation=estimation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +82,12 @@ class Policy:
         own layout. 0 here and for streaming; 128 for trianglemix (its paper) and the estimator
         policies (minference, flexprefill, xattention, proxyattn, pbs: the row that makes the
         first answer token then reads the whole prompt at every layer).
+      key_columns: number of single keys each query head adds to every query block of a row
+        (the layout's column path, token level): the keys with the most attention from the
+        row's last 64 queries (:mod:`jaxprefill.sparse.columns`). 0 (default) adds none. For
+        layers where a few keys hold most of the attention and block-pooled estimates miss
+        them. Not for policies with their own layout step (``takes_key_columns`` False:
+        MInference's vertical lines are the same thing, PBS permutes keys).
       share_layers: consecutive layers that share one layout (default 1: every layer builds
         its own). With k > 1 the layers i of a group (equal i // k, this policy's layers
         only) run the layout the group's first layer built from its own q and k, so only
@@ -213,6 +103,8 @@ class Policy:
     rows_exact: ClassVar[bool] = False
     # The call kinds (jaxprefill.sparse.prefill.KINDS) the policy takes; others stay dense.
     kinds: ClassVar[tuple[str, ...]] = KINDS
+    # False for policies whose own layout step ignores key_columns (they refuse the parameter)
+    takes_key_columns: ClassVar[bool] = True
     block_size: int = 128
     heads: str = "q"
     max_nnz: int | None = None
@@ -222,6 +114,7 @@ class Policy:
     recall_target: float | None = None
     recall_probes: int = 2
     n_last: int = 0
+    key_columns: int = 0
     share_layers: int = 1
 
     def __post_init__(self) -> None:
@@ -229,6 +122,11 @@ class Policy:
         if not isinstance(self.share_layers, int) or self.share_layers < 1:
             raise ValueError(f"{self.name}: share_layers must be an integer >= 1 (layers), got "
                              f"{self.share_layers!r}")
+        if not isinstance(self.key_columns, int) or self.key_columns < 0:
+            raise ValueError(f"{self.name}: key_columns must be an integer >= 0 (keys), got "
+                             f"{self.key_columns!r}")
+        if self.key_columns and not self.takes_key_columns:
+            raise ValueError(f"{self.name}: key_columns is not a parameter of this policy")
         if not isinstance(self.n_last, int) or self.n_last < 0:
             raise ValueError(f"{self.name}: n_last must be an integer >= 0 (queries), got "
                              f"{self.n_last!r}")
@@ -300,8 +198,17 @@ class Policy:
 
     def layout(self, q: jax.Array, k: jax.Array, geo: Geometry, layer: int,
                min_length: int) -> BlockSparseLayout:
-        """select + finish over geo's rows (policies with extra layout parts override this)."""
-        return self.finish(self.select(q, k, geo, layer), geo, min_length, q, k)
+        """select + finish over geo's rows, plus the key columns (policies with extra layout
+        parts override this)."""
+        layout = self.finish(self.select(q, k, geo, layer), geo, min_length, q, k)
+        if self.key_columns:
+            layout = attach_columns(layout, top_columns(q, k, geo, self.key_columns), geo)
+        return layout
+
+    @property
+    def has_columns(self) -> bool:
+        """Whether this policy's layouts carry key columns (measured at token level)."""
+        return self.key_columns > 0
 
     def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
                    lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:

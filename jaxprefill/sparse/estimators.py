@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import estimation
 from jaxprefill.sparse import select
-from jaxprefill.sparse.base import Geometry
+from jaxprefill.sparse.geometry import Geometry
 from jaxprefill.sparse.estimation import Estimation
 
 

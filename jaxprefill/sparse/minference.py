@@ -30,11 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import BlockSparseLayout, with_columns
+from pallas_kernels import BlockSparseLayout
 from jaxprefill.sparse import estimators as est
-from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy, make_geometry
-from jaxprefill.sparse.estimation import Estimation
+from jaxprefill.sparse.columns import ascending_positions, attach_columns
 from jaxprefill.sparse.streaming import streaming_blocks
 
 PATTERNS = ("vs", "bs", "a")
@@ -85,6 +84,11 @@ class MInference(Policy):
     n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
     pattern: str = "vs"  # the pattern of heads a head_config does not list
     columns: bool = True  # vertical lines as single key columns (layout column path)
+    takes_key_columns = False  # its vertical lines are key columns already
+
+    @property
+    def has_columns(self) -> bool:
+        return self.columns
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,22 +151,7 @@ class MInference(Policy):
         columns (columns inside listed blocks or after a query block's last query dropped)."""
         mask, cols = self.select_with_columns(q, k, geo, layer, columns=self.columns)
         layout = self.finish(mask, geo, min_length, q, k)
-        if cols is None:
-            return layout
-        if layout.num_heads != geo.Hq:  # heads="kv": union of the group's columns
-            cols = cols.reshape(geo.B, geo.Hkv, geo.G * cols.shape[-1])
-        if geo.row0 is None:
-            layout = with_columns(layout, cols[:, :, None, :], seq_q=geo.S)
-        else:
-            # Window row r is global row row0 + r: its last query is (row0 + r + 1) * block - 1.
-            # The whole-prompt call clips the last row at S - 1, a no-op here: columns are
-            # valid keys, all < lengths <= S.
-            layout = with_columns(layout, cols[:, :, None, :], seq_q=geo.nq * geo.block,
-                                  q_offset=geo.query_start())
-        # Query blocks in the right padding keep just their diagonal (as in finish): no columns.
-        pad = geo.query_rows()[:, None, :] >= geo.row_blocks()[:, None, None]
-        return dataclasses.replace(layout, col_idx=jnp.where(pad[..., None], 0, layout.col_idx),
-                                   col_cnt=jnp.where(pad, 0, layout.col_cnt))
+        return layout if cols is None else attach_columns(layout, cols, geo)
 
     def block_mask(self, q: jax.Array, k: jax.Array, *, layer: int = 0,
                    lengths: jax.Array | None = None, min_length: int = 0) -> jax.Array:
@@ -192,18 +181,6 @@ class MInference(Policy):
                                                   geo.estimation)
         col_blocks = est.block_sum(sel_v.astype(jnp.int32), geo) > 0  # [B, Hq, n]
         return (diag | col_blocks[:, :, None, :]) & on, None
-
-
-def ascending_positions(sel: jax.Array, cap: int, how: Estimation) -> jax.Array:
-    """bool [..., S] -> int32 [..., cap]: the selected positions in ascending order, -1 after
-    the last (a row has at most ``cap``). By prefix count and scatter (no sort over S); the
-    sort-based reference (``Estimation(selection="sort")``) takes top_k of -position."""
-    if how.sort:
-        key = jnp.where(sel, -jnp.arange(sel.shape[-1], dtype=jnp.int32), -(2**30))
-        val, _ = jax.lax.top_k(key, cap)
-        return jnp.where(val > -(2**30), -val, -1).astype(jnp.int32)
-    pos, cnt = select.mask_to_lists(sel, cap)
-    return jnp.where(jnp.arange(cap) < cnt[..., None], pos, -1)
 
 
 def block_topk(q: jax.Array, k: jax.Array, geo: Geometry, kb: np.ndarray) -> jax.Array:

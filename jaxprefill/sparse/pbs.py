@@ -60,6 +60,7 @@ class PBS(Policy):
 
     name = "pbs"
     kinds = ("prompt",)
+    takes_key_columns = False  # its layout indexes the permuted keys
     tau: float = 0.9
     segment: int = 256
     last_block_exact: bool = False

@@ -41,7 +41,7 @@ from jaxprefill import sparse
 from jaxprefill.eval.synthetic_qk import structured_qk
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse.base import make_row_geometry
-from jaxprefill.sparse.minference import ascending_positions
+from jaxprefill.sparse.columns import ascending_positions
 from jaxprefill.sparse.prefill import chunk_layout
 from pallas_kernels import block_sparse_attention, with_columns
 from pallas_kernels.layout import structured_layout
