@@ -215,3 +215,22 @@ def test_chunk_attention_with_columns_equals_whole_prompt_rows():
         lengths=jnp.asarray([c - 9])))(qc, k, v)
     got = got[:, : end - start]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+def test_engine_rows_with_key_columns_equal_generate(model, prompts, monkeypatch):
+    """Prompts alone in a row (no chunks) under a block policy with key columns: the engine's
+    greedy tokens equal jp.generate's with the same policy, and the columns were attached."""
+    from jaxprefill.sparse import base
+
+    attached = []
+    attach = base.attach_columns
+    monkeypatch.setattr(base, "attach_columns",
+                        lambda *a, **kw: attached.append(1) or attach(*a, **kw))
+    cfg = {"min_length": 32, "policy": "xattention",
+           "params": {"block_size": 16, "threshold": 0.3, "stride": 4, "n_last": 0,
+                      "key_columns": 4}}
+    short = [p for p in prompts if 32 <= len(p) <= 64]  # 40 and 33 tokens: one row each
+    got, engine = run(model, short, cfg)
+    assert engine.stats["chunk_rows"] == 0 and attached
+    want = jp.generate(model, None, short, max_new_tokens=5, sparse=cfg)
+    assert got == [r.tokens for r in want]

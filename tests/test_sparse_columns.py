@@ -119,3 +119,26 @@ def test_key_columns_is_checked():
             sparse.get(name, key_columns=8)
     assert sparse.get("proxyattn", key_columns=8).has_columns
     assert not sparse.get("proxyattn").has_columns
+
+
+def test_missed_attention_report_finds_the_sharp_keys():
+    """scripts/accuracy/missed_attention.py's per-layer statistics on the sharp-key inputs:
+    the block policy misses mass, most of it on the last queries' top keys, and a policy with
+    those keys as columns is not what the block mask shows (the report reads blocks only)."""
+    from scripts.accuracy.missed_attention import exact_probs, layer_report
+
+    q, k, _ = inputs(3)
+    q0, k0 = np.asarray(q[0]), np.asarray(k[0])
+    rows = np.arange(150, 300, 5)
+    p = exact_probs(q0, k0, rows)
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-9)
+    assert p[:, 0, 156:].max() == 0  # causal: row 150 sees keys 0..150 only
+    pol = sparse.get("xattention", block_size=BLOCK, threshold=0.3, stride=8, n_last=0)
+    mask = np.asarray(pol.block_mask(q, k))[0]
+    rep = layer_report(q0, k0, {"x": mask}, rows, BLOCK, columns=len(SHARP))
+    x = rep["policies"]["x"]
+    assert 0 < x["recall"] < 0.95 and x["min_head_recall"] <= x["recall"]
+    assert x["miss_on_columns"] > 0.3  # the sharp keys hold much of what the blocks miss
+    assert rep["keys_50"] <= rep["keys_90"] and 0 < rep["oracle_90"] <= 1
+    full = layer_report(q0, k0, {"all": np.ones_like(mask)}, rows, BLOCK, columns=4)
+    assert full["policies"]["all"]["recall"] == pytest.approx(1.0)
