@@ -68,6 +68,7 @@ class MInference(Policy):
     None), pattern ("vs": default pattern of unlisted heads), block_size (64)."""
 
     name = "minference"
+    takes_key_columns = False  # its vertical lines are key columns already
     # Row-local: vertical / slash lines come from the row's last queries (the window's end),
     # block-sparse heads from pooled q of each row, A-shape heads are static.
     rows_exact = True
@@ -84,7 +85,6 @@ class MInference(Policy):
     n_last: int = 128  # the dense query tail (Policy.n_last); 0 gives the paper's layout
     pattern: str = "vs"  # the pattern of heads a head_config does not list
     columns: bool = True  # vertical lines as single key columns (layout column path)
-    takes_key_columns = False  # its vertical lines are key columns already
 
     @property
     def has_columns(self) -> bool:
