@@ -3,8 +3,10 @@
 Which implementation runs a call is decided in one place, :func:`block_sparse_backend`, from
 what each backend declares (see :mod:`pallas_kernels.backends`): "auto" takes, in order,
 
-    mosaic_gpu   Hopper, bf16/f16, block_q % 128 == 0, block_k 64 or 128, no key columns, no
-                 BLASST, tiles within shared memory (1.6-1.7x Triton at full density, H100)
+    mosaic_gpu   Hopper, bf16/f16, block_q % 128 == 0, block_k 64 or 128, no BLASST, tiles
+                 within shared memory (1.6-1.7x Triton at full density, H100); key columns
+                 run outside the kernel (``column_merge``: XLA, merged by logsumexp), which
+                 "auto" passes over until it is timed against Triton's column path
     triton       NVIDIA GPUs: everything, float32 with head dims <= 128 (three TF32 products)
     mosaic_tpu   TPUs
     xla          anywhere (block gather); what CPUs run
@@ -20,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import backends
+from pallas_kernels import backends, column_merge
 from pallas_kernels.gpu import block_sparse_mosaic as mosaic
 from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton
 from pallas_kernels.gpu import mosaic_common
@@ -48,8 +50,16 @@ def _mosaic_refusal(call: BlockSparseCall) -> str | None:
         return "no BLASST predicate"
     if not (call.interpret or mosaic_common.is_hopper()):
         return "needs a Hopper (sm90) GPU"
-    return mosaic.unsupported(call.q, call.k, call.v, call.layout,
+    blocks = dataclasses.replace(call.layout, col_idx=None, col_cnt=None)  # columns: merged
+    return mosaic.unsupported(call.q, call.k, call.v, blocks,
                               call.config or mosaic.BlockSparseMosaicConfig())
+
+
+def _mosaic_prefer_not(call: BlockSparseCall) -> str | None:
+    if call.layout.has_columns:
+        return ("key columns run outside the kernel (XLA, merged by logsumexp): not yet timed "
+                "against Triton's column path")
+    return None
 
 
 def _triton_refusal(call: BlockSparseCall) -> str | None:
@@ -64,7 +74,7 @@ def _triton_refusal(call: BlockSparseCall) -> str | None:
 
 
 BACKENDS = (
-    backends.Backend("mosaic_gpu", ("gpu",), _mosaic_refusal),
+    backends.Backend("mosaic_gpu", ("gpu",), _mosaic_refusal, prefer_not=_mosaic_prefer_not),
     backends.Backend("triton", ("gpu",), _triton_refusal),
     backends.Backend("mosaic_tpu", ("tpu",)),
     backends.Backend("xla"),
@@ -153,7 +163,10 @@ def block_sparse_attention(
         if name != "mosaic_gpu":
             raise ValueError(f"block_sparse_attention: config is for mosaic_gpu; {name} runs")
         kw["config"] = config
-    out, lse = _KERNELS[name](q, k, v, layout, **kw)
+    if name == "mosaic_gpu" and layout.has_columns:  # no column path in the kernel
+        out, lse = column_merge.with_merged_columns(_KERNELS[name], q, k, v, layout, **kw)
+    else:
+        out, lse = _KERNELS[name](q, k, v, layout, **kw)
     return (out, lse) if return_lse else out
 
 

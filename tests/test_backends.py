@@ -41,7 +41,8 @@ def test_block_sparse_auto_takes_the_first_backend_that_runs_the_call(device):
     q, k, v = _qkv()
     device("gpu", hopper=True)
     assert block_sparse_backend(q, k, v, _layout()) == "mosaic_gpu"
-    assert block_sparse_backend(q, k, v, _layout(columns=True)) == "triton"  # no column path
+    # key columns: Triton's column path; Mosaic GPU's merge outside the kernel is opt-in
+    assert block_sparse_backend(q, k, v, _layout(columns=True)) == "triton"
     assert block_sparse_backend(q, k, v, _layout(), blasst_threshold=1e-4) == "triton"
     assert block_sparse_backend(q, k, v, _layout(block=64)) == "triton"  # block_q % 128
     q32, k32, v32 = _qkv(dtype=jnp.float32)
@@ -59,8 +60,9 @@ def test_block_sparse_auto_takes_the_first_backend_that_runs_the_call(device):
 def test_a_named_backend_that_cannot_run_the_call_raises_with_its_reason(device):
     q, k, v = _qkv()
     device("gpu", hopper=True)
-    with pytest.raises(ValueError, match="column path"):
-        block_sparse_backend(q, k, v, _layout(columns=True), impl="mosaic_gpu")
+    assert block_sparse_backend(q, k, v, _layout(columns=True), impl="mosaic_gpu") == "mosaic_gpu"
+    with pytest.raises(ValueError, match="needs bf16/f16"):
+        block_sparse_backend(*_qkv(dtype=jnp.float32), _layout(), impl="mosaic_gpu")
     with pytest.raises(ValueError, match="BLASST"):
         block_sparse_backend(q, k, v, _layout(), impl="mosaic_gpu", blasst_threshold=0.1)
     device("cpu")

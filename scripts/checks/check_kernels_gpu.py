@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import BlockSparseLayout, SegmentIds, with_columns
+from pallas_kernels import BlockSparseLayout, SegmentIds, block_sparse_attention, with_columns
+from pallas_kernels.attention import block_sparse_backend
 from pallas_kernels.gpu import block_sparse_mosaic as mosaic
 from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton
 from pallas_kernels.layout import random_block_mask
@@ -181,10 +182,12 @@ def record(name, out, lse, ref_out, ref_lse, is_f32, results, low_precision=None
           f"lse_inf_match={lse_ok} lse_err={lse_err:.1e}", flush=True)
 
 
-# ------------------------------------------------------- column path and BLASST (Triton kernel)
+# --------------------------- column path and BLASST (Triton kernel; Mosaic GPU: columns merged)
 def check_columns_blasst(results):
     """Column-path and BLASST cases of the Triton kernel (poisoned outputs): small cases against
-    float64 NumPy / the jnp reference, a 32K MInference-like layout against float32 XLA."""
+    float64 NumPy / the jnp reference, a 32K MInference-like layout against float32 XLA. The
+    column cases also run Mosaic GPU over the blocks with the columns merged outside it
+    (``impl="mosaic_gpu"``; skipped where it declines, e.g. float32 or 64-query blocks)."""
     from pallas_kernels.reference import block_sparse_attention_reference, blasst_skip_stats
 
     def run(name, p, ref, **kw):
@@ -194,6 +197,24 @@ def check_columns_blasst(results):
             q_offset=jnp.asarray(p.q_offset), segment_ids=seg, poison_output=True,
             interpret=INTERPRET, **kw)
         record(f"triton:{name}", out, lse, np.asarray(ref[0], np.float64),
+               np.asarray(ref[1], np.float64), p.q.dtype == np.float32, results)
+
+    def run_merged(name, p, ref):
+        """Mosaic GPU over the blocks, the columns merged outside it (column_merge)."""
+        seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
+        args = (jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout())
+        try:
+            if INTERPRET:
+                raise ValueError("Mosaic GPU has no interpret mode on a CPU here")
+            block_sparse_backend(*args, impl="mosaic_gpu")
+        except ValueError as e:
+            results.append(dict(name=f"mosaic_gpu_merged:{name}", ok=None, skipped=str(e)))
+            print(f"SKIP mosaic_gpu_merged:{name}: {e}", flush=True)
+            return
+        out, lse = block_sparse_attention(*args, causal=p.causal, segment_ids=seg,
+                                          q_offset=jnp.asarray(p.q_offset), return_lse=True,
+                                          impl="mosaic_gpu")
+        record(f"mosaic_gpu_merged:{name}", out, lse, np.asarray(ref[0], np.float64),
                np.asarray(ref[1], np.float64), p.q.dtype == np.float32, results)
 
     cases = [("cols_odd1000_gqa4_kvhead_seg", dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=2,
@@ -211,6 +232,7 @@ def check_columns_blasst(results):
         p = random_problem(int(time.time_ns() % 2**31), Dqk=128, Dv=128, density=0.2,
                            columns=150, col_only_frac=0.2, **{"dtype": jnp.bfloat16, **kw})
         run(name, p, p.reference(), **({"pack_gqa": True} if "packed" in name else {}))
+        run_merged(name, p, p.reference())
         # BLASST on the same problem (peaky logits), against the jnp reference's rule.
         p.q = (p.q.astype(np.float32) * 3).astype(p.q.dtype)
         for lam in (0.0, 0.05):
@@ -245,6 +267,9 @@ def check_columns_blasst(results):
                                                   lay)
         record(f"triton:cols_S{S}_{'kvhead' if per_kv else 'qhead'}_600cols", out, lse,
                np.asarray(ref[0]), np.asarray(ref[1]), False, results, low_precision=True)
+        out, lse = block_sparse_attention(q, k, v, lay, return_lse=True, impl="mosaic_gpu")
+        record(f"mosaic_gpu_merged:cols_S{S}_{'kvhead' if per_kv else 'qhead'}_600cols", out,
+               lse, np.asarray(ref[0]), np.asarray(ref[1]), False, results, low_precision=True)
 
 
 def main():
