@@ -142,3 +142,5 @@ def test_missed_attention_report_finds_the_sharp_keys():
     assert rep["keys_50"] <= rep["keys_90"] and 0 < rep["oracle_90"] <= 1
     full = layer_report(q0, k0, {"all": np.ones_like(mask)}, rows, BLOCK, columns=4)
     assert full["policies"]["all"]["recall"] == pytest.approx(1.0)
+    assert "key_columns" in sparse.param_names("xattention")
+    assert "key_columns" not in sparse.param_names("minference")

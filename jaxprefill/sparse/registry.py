@@ -41,8 +41,11 @@ def available() -> list[str]:
 
 
 def param_names(name: str) -> list[str]:
-    """The typed parameters of a policy (dataclass fields)."""
-    return [f.name for f in dataclasses.fields(policy_class(name))]
+    """The typed parameters a policy takes (its dataclass fields, less ``key_columns`` where
+    the policy refuses it)."""
+    cls = policy_class(name)
+    return [f.name for f in dataclasses.fields(cls)
+            if f.name != "key_columns" or cls.takes_key_columns]
 
 
 def policy_class(name: str) -> type[Policy]:
