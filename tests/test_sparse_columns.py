@@ -119,6 +119,8 @@ def test_key_columns_is_checked():
             sparse.get(name, key_columns=8)
     assert sparse.get("proxyattn", key_columns=8).has_columns
     assert not sparse.get("proxyattn").has_columns
+    assert "key_columns" in sparse.param_names("xattention")
+    assert "key_columns" not in sparse.param_names("minference")
 
 
 def test_missed_attention_report_finds_the_sharp_keys():
@@ -132,7 +134,7 @@ def test_missed_attention_report_finds_the_sharp_keys():
     rows = np.arange(150, 300, 5)
     p = exact_probs(q0, k0, rows)
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-9)
-    assert p[:, 0, 156:].max() == 0  # causal: row 150 sees keys 0..150 only
+    assert p[:, 0, 151:].max() == 0  # causal: row 150 sees keys 0..150 only
     pol = sparse.get("xattention", block_size=BLOCK, threshold=0.3, stride=8, n_last=0)
     mask = np.asarray(pol.block_mask(q, k))[0]
     rep = layer_report(q0, k0, {"x": mask}, rows, BLOCK, columns=len(SHARP))
@@ -142,5 +144,3 @@ def test_missed_attention_report_finds_the_sharp_keys():
     assert rep["keys_50"] <= rep["keys_90"] and 0 < rep["oracle_90"] <= 1
     full = layer_report(q0, k0, {"all": np.ones_like(mask)}, rows, BLOCK, columns=4)
     assert full["policies"]["all"]["recall"] == pytest.approx(1.0)
-    assert "key_columns" in sparse.param_names("xattention")
-    assert "key_columns" not in sparse.param_names("minference")
