@@ -81,8 +81,7 @@ class _YamlConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike):
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+        return cls.from_dict(read_yaml(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +178,16 @@ class ModelConfig(_YamlConfig):
         """Read `config.json` (a file or the directory holding it)."""
         return cls.from_hf_dict(read_config_json(path))
 
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The parsed content of a YAML file; ConfigError("<file>: not valid YAML: ...") in one
+    line for a syntax error (every config file is read through here)."""
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

@@ -103,3 +103,17 @@ def test_shipped_model_yamls_load(path):
         return
     cfg = ModelConfig.from_yaml(path)
     assert cfg.num_heads % cfg.num_kv_heads == 0
+
+
+def test_every_config_file_reader_names_a_yaml_syntax_error_in_one_line(tmp_path):
+    """Model, engine, training and sparse configs read files through config.read_yaml."""
+    from jaxprefill.infer.config import InferConfig
+    from jaxprefill.sparse import SparseConfig
+    from jaxprefill.train import TrainConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    for read in (ModelConfig.from_yaml, InferConfig.from_yaml, TrainConfig.load,
+                 SparseConfig.from_yaml):
+        with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: .*\(line 2, column 1\)"):
+            read(str(bad))

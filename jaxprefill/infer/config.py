@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import yaml
 
-from jaxprefill.config import ConfigError, check_keys, yaml_problem
+from jaxprefill.config import ConfigError, check_keys, read_yaml
 from jaxprefill.validate import check_sampling
 
 
@@ -130,11 +129,7 @@ class InferConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "InferConfig":
-        with open(path) as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping")
         return cls.from_dict(d)

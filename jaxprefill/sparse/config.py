@@ -29,10 +29,9 @@ import dataclasses
 import os
 from typing import Any
 
-import yaml
 
 from pallas_kernels import IMPLS as KERNELS
-from jaxprefill.config import yaml_problem
+from jaxprefill.config import read_yaml
 from jaxprefill.sparse import registry
 from jaxprefill.sparse.base import Policy
 
@@ -122,11 +121,7 @@ class SparseConfig:
     def from_yaml(cls, path: str) -> "SparseConfig":
         if not os.path.exists(path):
             raise FileNotFoundError(f"sparse config {path} does not exist")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a sparse config must be a mapping")
         _resolve_head_configs(data, os.path.dirname(os.path.abspath(path)))

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from jaxprefill.config import ConfigError, yaml_problem
+from jaxprefill.config import ConfigError, read_yaml, yaml_problem
 from jaxprefill.lora import TARGETS
 
 DTYPES = ("float32", "bfloat16")
@@ -266,11 +266,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "TrainConfig":
         """Read a YAML recipe and apply `key.sub=value` overrides."""
-        with open(path) as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: a training config must be a YAML mapping")
         return cls.from_dict(apply_overrides(d, overrides))

@@ -21,13 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxprefill import lora
 from jaxprefill.attention import AttentionSpec
-from jaxprefill.config import MLA_MODEL_TYPES, ConfigError, MLAConfig, ModelConfig, config_from_hf_dict
+from jaxprefill.config import (MLA_MODEL_TYPES, ConfigError, MLAConfig, ModelConfig,
+                               config_from_hf_dict, read_yaml)
 from jaxprefill.loading import BUNDLED_MODELS
 from jaxprefill.loading.deepseek_weights import build_deepseek
 from jaxprefill.loading.gguf_reader import bundled_gguf_path, read_gguf
@@ -104,8 +104,7 @@ def model_config(section: ModelSection) -> AnyConfig:
         if not path.exists():
             known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
             raise ConfigError(f"model.config: {section.config!r} is neither a file nor one of {known}")
-        with open(path) as f:
-            d = yaml.safe_load(f)
+        d = read_yaml(path)
         cfg = config_class(d).from_dict(d)
     return with_overrides(cfg, section.overrides)
 
