@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 
 from jaxprefill.config import ConfigError, check_keys, read_yaml
-from jaxprefill.validate import check_sampling
+from jaxprefill.validate import check_sampling, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,8 @@ class EngineConfig:
         if self.bucket % self.page_size:
             raise ConfigError(f"engine config: bucket ({self.bucket}) must be a multiple of "
                               f"page_size ({self.page_size})")
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int)
-                                             or isinstance(self.max_seq_len, bool)
-                                             or self.max_seq_len < 1):
+        if self.max_seq_len is not None and not (is_int(self.max_seq_len)
+                                                 and self.max_seq_len >= 1):
             raise ConfigError(f"engine config: max_seq_len must be a positive integer or null, "
                               f"got {self.max_seq_len!r}")
         # types too: a string temperature would fail inside the engine, after the model loads
