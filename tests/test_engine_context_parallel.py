@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
               max_new_tokens=6, bucket=64, chat=False)
     tokens, seen = {}, []
     single = steps.prefill_single  # records the graphdef of each single-prompt step
-    steps.prefill_single = lambda graphdef, *a: (seen.append(graphdef), single(graphdef, *a))[1]
+    steps.prefill_single = lambda graph, *a: (seen.append(graph.graphdef), single(graph, *a))[1]
     for name, sparse in (("dense", None), ("streaming", streaming)):
         config = EngineConfig(**kw, sparse=sparse)
         one = Engine(model, None, config)

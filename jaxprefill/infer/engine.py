@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxprefill.decoding import Sampling, context_for, encode_prompt, spec_graphdef
+from jaxprefill.graph import FlatModel
 from jaxprefill.generate import PromptTooLongError, cache_sharding
 from jaxprefill.infer import steps
 from jaxprefill.mla import dsa_cache, latent_cache, tpla_steps
@@ -163,6 +164,7 @@ class Engine:
             self.state = jax.device_put(self.state, state_shardings(self.state, self.ring.mesh))
             self.cache = jax.device_put(self.cache,
                                         cache_sharding(self.cache, self.ring.mesh, None, cfg))
+        self._flat = FlatModel()  # the graph and state as the steps take them, cheaply
         self.allocator = PageAllocator(config.num_pages)
         eos = tokenizer.eos_token_ids if tokenizer is not None else ()
         self.eos = set(eos or cfg.eos_token_ids)
@@ -319,11 +321,11 @@ class Engine:
             lengths[:len(rows)] = [len(row[0].ids) for row in rows]
             graphdef = self.graphdef if self.ring is None else self.ring_graphdef
             nxt, self.cache = self.steps.prefill_single(
-                graphdef, self.state, self.cache,
+                *self._model(graphdef), self.cache,
                 *map(jnp.asarray, (tokens, lengths, slots, last)), sampling, step)
         else:
             nxt, self.cache = self.steps.prefill_packed(
-                self.graphdef, self.state, self.cache,
+                *self._model(self.graphdef), self.cache,
                 *map(jnp.asarray, (tokens, positions, segments, slots, last)), sampling, step)
         yield
         self.stats["prefill_calls"] += 1
@@ -346,7 +348,7 @@ class Engine:
             ends.append(s.prefilled + len(chunk))
         table = self._page_table(seqs, r, max(int(start.max()) + width, 1))
         sampling, step = self._sampling(seqs, r)
-        nxt, self.cache = self.steps.prefill_chunk(self.graphdef, self.state, self.cache,
+        nxt, self.cache = self.steps.prefill_chunk(*self._model(self.graphdef), self.cache,
                                               jnp.asarray(tokens), table, jnp.asarray(start),
                                               jnp.asarray(n_valid), sampling, step)
         yield
@@ -377,8 +379,9 @@ class Engine:
             index[s.slot] = len(s.ids) + len(s.out) - 1
         table = self._page_table(rows, b, int(index.max()) + 1)
         sampling, step = self._sampling(rows, b)
-        nxt, self.cache = self.steps.decode(self.graphdef, self.state, self.cache, jnp.asarray(tokens),
-                                       table, jnp.asarray(index), sampling, step)
+        nxt, self.cache = self.steps.decode(*self._model(self.graphdef), self.cache,
+                                            jnp.asarray(tokens), table, jnp.asarray(index),
+                                            sampling, step)
         yield
         self.stats["decode_calls"] += 1
         nxt = np.asarray(nxt)
@@ -410,18 +413,22 @@ class Engine:
                 table[i, :k] = s.pages[:k]
         return jnp.asarray(table)
 
+    def _model(self, graphdef) -> tuple:
+        """(graph, state) of the current weights as a step takes them (`jaxprefill.graph`)."""
+        return self._flat.args(graphdef, self.state)
+
     def _sampling(self, seqs: Sequence[_Seq | None], n: int) -> tuple[Sampling, jax.Array]:
         """Per-row sampling settings and step numbers (tokens generated so far) for n rows."""
-        vals = np.zeros((4, n), np.float64)  # seed, temperature, top_p, top_k
-        vals[2] = 1.0
-        step = np.zeros(n, np.int32)
+        # numpy arrays of the step's own dtypes: a dtype change in jnp.asarray would run a
+        # device conversion per array before every step
+        seed, top_k, step = (np.zeros(n, np.int32) for _ in range(3))
+        temperature, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
         for i, s in enumerate(seqs):
             if s is not None:
-                vals[:, i] = s.sampling
+                seed[i], temperature[i], top_p[i], top_k[i] = s.sampling
                 step[i] = len(s.out)
-        return (Sampling(jnp.asarray(vals[0], jnp.int32), jnp.asarray(vals[1], jnp.float32),
-                         jnp.asarray(vals[2], jnp.float32),
-                         jnp.asarray(vals[3], jnp.int32)), jnp.asarray(step))
+        return (Sampling(*map(jnp.asarray, (seed, temperature, top_p, top_k))),
+                jnp.asarray(step))
 
     def _result(self, s: _Seq) -> Result:
         now = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The engine's jitted steps, pure functions of (graphdef, state, paged cache, batch).
+"""The engine's jitted steps, pure functions of (graph, state, paged cache, batch); graph and
+state as `jaxprefill.graph.FlatModel` hands them over (or an NNX GraphDef and State).
 
   prefill_packed: rows of several whole prompts (segment ids, restarted positions), fresh.
   prefill_single: rows of at most one whole prompt each (from token 0, right padding), fresh:
@@ -19,10 +20,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.decoding import Sampling, next_tokens
+from jaxprefill.graph import merge
 from jaxprefill.infer.paged_cache import (PagedKVCache, gather_view, slot_ids, write_back,
                                          write_pages)
 from jaxprefill.models import KVCache
@@ -83,7 +84,7 @@ def prefill_packed(graphdef, state, cache: PagedKVCache, tokens, positions, segm
     """tokens/positions/segment_ids/slots int32 [R, C] (`packed_forward`). last_index [N]: flat
     index (r * C + c) of the last prompt token of each sequence finishing here (N static;
     padding entries are ignored by the caller). Returns (next tokens [N], cache)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     last, cache = packed_forward(model, cache, tokens, positions, segment_ids, slots, last_index)
     return next_tokens(model, last, sampling, steps), cache
 
@@ -93,7 +94,7 @@ def prefill_single(graphdef, state, cache: PagedKVCache, tokens, lengths, slots,
                    sampling: Sampling, steps):
     """As `prefill_packed` for rows of at most one prompt each (`single_forward`): tokens/slots
     [R, C], lengths [R], last_index [N]. Returns (next tokens [N], cache)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     last, cache = single_forward(model, cache, tokens, lengths, slots, last_index)
     return next_tokens(model, last, sampling, steps), cache
 
@@ -104,7 +105,7 @@ def prefill_chunk(graphdef, state, cache: PagedKVCache, tokens, page_table, star
     """tokens [R, C]: row r holds prompt tokens start[r] .. start[r] + n_valid[r] - 1 of its
     sequence (page_table [R, P]). Returns (next token after each row's last valid token [R],
     cache)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     r, c = tokens.shape
     view = gather_view(cache, page_table)
     # lengths: valid queries per row (sparse prefill builds the chunk's layout from them)
@@ -121,7 +122,7 @@ def prefill_chunk(graphdef, state, cache: PagedKVCache, tokens, page_table, star
 def decode(graphdef, state, cache: PagedKVCache, tokens, page_table, index, sampling: Sampling,
            steps):
     """tokens [B] at key index `index` [B] of each slot's sequence -> (next tokens [B], cache)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     view = gather_view(cache, page_table)
     hidden, view = model.forward(tokens[:, None], cache=view, cache_index=index)
     pos = index[:, None]

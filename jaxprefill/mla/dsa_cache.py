@@ -20,9 +20,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 
 from jaxprefill.decoding import Sampling, next_tokens
+from jaxprefill.graph import merge
 from jaxprefill.mla.latent_cache import scatter_rows
 from jaxprefill.models.dsa import DSACache
 
@@ -57,7 +58,7 @@ def _view(cache: PagedDSACache, page_table: jax.Array) -> DSACache:
 def prefill_packed(graphdef, state, cache: PagedDSACache, tokens, positions, segment_ids,
                    slots, last_index, sampling: Sampling, steps):
     """As steps.prefill_packed: tokens/positions/segment_ids/slots int32 [R, C]."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     r, c = tokens.shape
     view = DSACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
     hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
@@ -74,7 +75,7 @@ def prefill_chunk(graphdef, state, cache: PagedDSACache, tokens, page_table, sta
     """As steps.prefill_chunk. Padding queries past n_valid write into positions the sequence
     has not reached (overwritten before they are read; past every valid query's causal limit,
     so the indexer never selects them) or the scratch page."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     hidden, new = model.forward(tokens, cache=_view(cache, page_table), cache_index=start)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
     return next_tokens(model, last, sampling, steps), PagedDSACache(new.pages, new.index_pages)
@@ -84,7 +85,7 @@ def prefill_chunk(graphdef, state, cache: PagedDSACache, tokens, page_table, sta
 def decode(graphdef, state, cache: PagedDSACache, tokens, page_table, index,
            sampling: Sampling, steps):
     """As steps.decode: the indexer over the cached keys, sparse MLA over the selected rows."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     hidden, new = model.forward(tokens[:, None], cache=_view(cache, page_table),
                                 cache_index=index)
     return next_tokens(model, hidden[:, 0], sampling, steps), PagedDSACache(new.pages,

@@ -22,9 +22,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 
 from jaxprefill.decoding import Sampling, next_tokens
+from jaxprefill.graph import merge
 from jaxprefill.models.deepseek import MLACache
 
 
@@ -68,7 +69,7 @@ def scatter_rows(pool: jax.Array, view: jax.Array, slots: jax.Array) -> jax.Arra
 def prefill_packed(graphdef, state, cache: PagedLatentCache, tokens, positions, segment_ids,
                    slots, last_index, sampling: Sampling, steps):
     """As steps.prefill_packed: tokens/positions/segment_ids/slots int32 [R, C]."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     r, c = tokens.shape
     view = MLACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
     hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
@@ -84,7 +85,7 @@ def prefill_chunk(graphdef, state, cache: PagedLatentCache, tokens, page_table, 
     """As steps.prefill_chunk. Padding queries past n_valid write latents into positions the
     sequence has not reached (its own pages, overwritten by decode before they are read) or
     the scratch page: page_table must cover start + C."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     # lengths: valid queries per row (sparse prefill builds the chunk's layout from them)
     hidden, new = model.forward(tokens, cache=_mla_cache(cache, page_table), cache_index=start,
                                 lengths=n_valid)
@@ -96,7 +97,7 @@ def prefill_chunk(graphdef, state, cache: PagedLatentCache, tokens, page_table, 
 def decode(graphdef, state, cache: PagedLatentCache, tokens, page_table, index,
            sampling: Sampling, steps):
     """As steps.decode: absorbed MLA decode over the pages (model.absorb, model.decode_impl)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     hidden, new = model.forward(tokens[:, None], cache=_mla_cache(cache, page_table),
                                 cache_index=index)
     return next_tokens(model, hidden[:, 0], sampling, steps), PagedLatentCache(new.pages)

@@ -19,11 +19,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprefill.attention import attend
 from jaxprefill.decoding import Sampling, next_tokens, sample
+from jaxprefill.graph import merge
 from jaxprefill.mla.tpla import TPLAConfig, pack_latent, reparameterize, rope_pair_order
 from jaxprefill.mla.tpla_model import TPLACache, raw_latent, tpla_decode_step
 from jaxprefill.models.deepseek import gather_latent, write_latent
@@ -70,7 +71,7 @@ def unpack_latent(packed: jax.Array, cfg, g: int, tcfg: TPLAConfig) -> jax.Array
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, positions,
                     segment_ids, slots, last_index, sampling, steps):
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     cfg, g = model.config, mesh.shape[tcfg.axis]
     r, c = tokens.shape
     cos, sin = model.rope_tables(positions)
@@ -92,7 +93,7 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, page_table,
                    start, n_valid, sampling, steps):
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     cfg, g = model.config, mesh.shape[tcfg.axis]
     r, c = tokens.shape
     positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
@@ -121,7 +122,7 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, p
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _decode(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, page_table, index,
             sampling, steps):
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     logits, new = tpla_decode_step(model, tokens[:, None], TPLACache(cache.pages, page_table),
                                    index, mesh=mesh, tcfg=tcfg, impl=model.decode_impl)
     return sample(logits, sampling.seeds, steps, sampling.temperature, sampling.top_p,
