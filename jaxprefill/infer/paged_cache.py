@@ -19,6 +19,7 @@ from flax import struct
 
 from jaxprefill.config import ModelConfig
 from jaxprefill.models import KVCache
+from jaxprefill.scatter import distinct_drops
 
 SCRATCH_PAGE = 0
 
@@ -66,8 +67,9 @@ def write_back(cache: PagedKVCache, view: KVCache, view_positions: jax.Array,
     def one(pages, rows):
         flat = pages.reshape(-1, *pages.shape[2:])
         new = jnp.take_along_axis(rows, view_positions[:, :, None, None], axis=1)
-        flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, *new.shape[2:]).astype(flat.dtype),
-                                              mode="drop")
+        idx = distinct_drops(slots.reshape(-1), flat.shape[0])
+        flat = flat.at[idx].set(new.reshape(-1, *new.shape[2:]).astype(flat.dtype),
+                                mode="drop", unique_indices=True)
         return flat.reshape(pages.shape)
     return PagedKVCache(tuple(one(p, r) for p, r in zip(cache.k, view.k)),
                         tuple(one(p, r) for p, r in zip(cache.v, view.v)))
@@ -89,10 +91,11 @@ def write_pages(cache: PagedKVCache, view: KVCache, slots: jax.Array) -> PagedKV
         raise ValueError(f"write_pages needs a row width that is a multiple of the page size "
                          f"{ps}, got {t}")
     pages = (slots[:, ::ps] // ps).reshape(-1)  # out of range slot -> page num_pages: dropped
+    pages = distinct_drops(pages, cache.num_pages)
 
     def one(pool, rows):
         new = rows[:, :t].reshape(b * (t // ps), ps, *rows.shape[2:])
-        return pool.at[pages].set(new.astype(pool.dtype), mode="drop")
+        return pool.at[pages].set(new.astype(pool.dtype), mode="drop", unique_indices=True)
     return PagedKVCache(tuple(one(p, r) for p, r in zip(cache.k, view.k)),
                         tuple(one(p, r) for p, r in zip(cache.v, view.v)))
 

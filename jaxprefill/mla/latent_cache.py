@@ -27,6 +27,7 @@ from flax import struct
 from jaxprefill.decoding import Sampling, next_tokens
 from jaxprefill.graph import merge
 from jaxprefill.models.deepseek import MLACache
+from jaxprefill.scatter import distinct_drops
 
 
 @struct.dataclass
@@ -62,7 +63,9 @@ def scatter_rows(pool: jax.Array, view: jax.Array, slots: jax.Array) -> jax.Arra
     r, c = slots.shape
     rows = view.reshape(r, -1, view.shape[-1])[:, :c].reshape(r * c, -1)
     flat = pool.reshape(-1, pool.shape[-1])
-    return flat.at[slots.reshape(-1)].set(rows.astype(pool.dtype), mode="drop").reshape(pool.shape)
+    idx = distinct_drops(slots.reshape(-1), flat.shape[0])
+    return flat.at[idx].set(rows.astype(pool.dtype), mode="drop",
+                            unique_indices=True).reshape(pool.shape)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2,))

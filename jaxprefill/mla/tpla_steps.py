@@ -28,6 +28,7 @@ from jaxprefill.graph import merge
 from jaxprefill.mla.tpla import TPLAConfig, pack_latent, reparameterize, rope_pair_order
 from jaxprefill.mla.tpla_model import TPLACache, raw_latent, tpla_decode_step
 from jaxprefill.models.deepseek import gather_latent, write_latent
+from jaxprefill.scatter import distinct_drops
 from jaxprefill.sharding import make_mesh
 
 
@@ -76,13 +77,14 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedTPLACache, tokens, 
     r, c = tokens.shape
     cos, sin = model.rope_tables(positions)
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
-    flat_slots = slots.reshape(-1)
     pages = []
     for i, (layer, pool) in enumerate(zip(model.layers, cache.pages)):
         packed = pack_latent(*raw_latent(layer.attn, layer.attn_norm(x), cos, sin), g, tcfg,
                              cfg.rms_norm_eps)
         flat = pool.reshape(-1, pool.shape[-1])
-        flat = flat.at[flat_slots].set(packed.reshape(r * c, -1).astype(pool.dtype), mode="drop")
+        idx = distinct_drops(slots.reshape(-1), flat.shape[0])
+        flat = flat.at[idx].set(packed.reshape(r * c, -1).astype(pool.dtype), mode="drop",
+                                unique_indices=True)
         pages.append(flat.reshape(pool.shape))
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
                      cache_index=None, layer=i)

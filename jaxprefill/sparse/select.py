@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import estimation
+from jaxprefill.scatter import distinct_drops
 from jaxprefill.sparse.estimation import Estimation
 
 _CHUNK = 1024  # prefix counts: row chunk multiplied by a [chunk, chunk] triangle
@@ -187,10 +188,13 @@ def mask_to_lists(mask: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
     flat = mask.reshape(-1, n)
     pos = prefix_count(flat) - 1  # slot of each listed index
     cnt = jnp.minimum(pos[:, -1] + 1, cap)
-    slot = jnp.where(flat & (pos < cap), pos, cap)  # overflow and unlisted -> dropped slot
+    # overflow and unlisted entries go past the list, each to its own slot (dropped): every
+    # (row, slot) pair is distinct, which lets the scatter skip collision handling
+    slot = distinct_drops(jnp.where(flat & (pos < cap), pos, cap), cap)
     rows = jnp.arange(flat.shape[0])[:, None]
-    lists = jnp.zeros((flat.shape[0], cap + 1), jnp.int32).at[rows, slot].set(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape), mode="drop")[:, :cap]
+    lists = jnp.zeros((flat.shape[0], cap), jnp.int32).at[rows, slot].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape), mode="drop",
+        unique_indices=True)
     last = jnp.take_along_axis(lists, jnp.maximum(cnt - 1, 0)[:, None], axis=1)
     t = jnp.arange(cap, dtype=jnp.int32)[None, :]
     lists = jnp.where(t < cnt[:, None], lists, jnp.where(cnt[:, None] > 0, last, 0))
