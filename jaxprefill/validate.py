@@ -168,6 +168,12 @@ def check_prompt(prompt: Any, where: str = "prompt", vocab_size: int | None = No
     if not is_number(prompt[0]):
         raise InputTypeError(f"{where}: {kinds}, got a list starting with "
                              f"{type(prompt[0]).__name__} {_show(prompt[0])}")
+    ids = _integer_array(prompt)
+    if ids is not None:  # all integers: one vectorized range check (a 32K prompt: ~2 ms, not 40)
+        bad = (ids < 0) if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+        if not bad.any():
+            return ids.tolist()
+        prompt = prompt[: int(np.argmax(bad)) + 1]  # the loop below names the first bad id
     for j, t in enumerate(prompt):
         if not is_int(t):
             raise InputTypeError(f"{where}: token id {j} must be an integer, got "
@@ -177,6 +183,20 @@ def check_prompt(prompt: Any, where: str = "prompt", vocab_size: int | None = No
             raise InputError(f"{where}: token id {j} is {int(t)}, outside the vocabulary "
                              f"{allowed}")
     return [int(t) for t in prompt]
+
+
+def _integer_array(ids: Any) -> np.ndarray | None:
+    """ids as a 1-D integer array when every entry is an int (no bools, floats or other
+    types: those go through the per-entry loop, which names the entry); else None."""
+    if any(issubclass(t, (bool, np.bool_)) for t in set(map(type, ids))):
+        return None  # numpy would read True as 1
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, OverflowError, TypeError):
+        return None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        return None
+    return arr
 
 
 def check_prompts(prompts: Any, vocab_size: int | None = None) -> list:

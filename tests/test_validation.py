@@ -11,7 +11,8 @@ from flax import nnx
 import jaxprefill as jp
 import jaxprefill.loading as loading
 from jaxprefill.infer import Engine, EngineConfig, Request
-from jaxprefill.validate import InputError, InputTypeError, check_backend_dtype, check_id
+from jaxprefill.validate import (InputError, InputTypeError, check_backend_dtype, check_id,
+                                 check_prompt)
 from test_loading_errors import write_checkpoint
 
 VOCAB = 97
@@ -194,3 +195,25 @@ def test_load_rejects_dtypes_up_front(tmp_path, monkeypatch):
     # float16 storage with float32 compute runs on the CPU
     model, _ = jp.load(ckpt, dtype="float32", param_dtype="float16")
     assert np.isfinite(np.asarray(model(np.arange(4, dtype=np.int32)[None]))).all()
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([1, 2, True, 4], "token id 2 must be an integer, got bool"),
+    ([1, np.bool_(False)], "token id 1 must be an integer, got bool"),
+    ([5, 2.0, 3], "token id 1 must be an integer, got float"),
+    ([1, 7, -5, 3], "token id 2 is -5, outside the vocabulary"),
+    ([1, 2, 100], "token id 2 is 100, outside the vocabulary \\[0, 100\\)"),
+    ([1, 2**70], "token id 1 is 1180591620717411303424, outside"),
+    ([np.int64(3), 4, "a"], "token id 2 must be an integer, got str"),
+])
+def test_check_prompt_names_the_first_bad_token_id(ids, message):
+    """The vectorized path for integer lists and the per-entry loop agree on what is refused."""
+    with pytest.raises(InputError, match=message):
+        check_prompt(ids, vocab_size=100)
+
+
+def test_check_prompt_returns_python_ints_for_long_prompts():
+    ids = np.random.default_rng(0).integers(0, 100, 40_000)
+    for given in (ids.tolist(), ids, tuple(ids.tolist()), [np.int32(t) for t in ids[:50]]):
+        out = check_prompt(given, vocab_size=100)
+        assert out == [int(t) for t in given] and all(type(t) is int for t in out)
