@@ -1,12 +1,16 @@
-"""Key columns outside the kernel: attention over a layout's columns in XLA, merged by
-log-sum-exp with a blocks-only kernel's output.
+"""Key columns outside the kernel: attention over a layout's columns, merged by log-sum-exp
+with a blocks-only kernel's output.
 
 For a backend without a column path (Mosaic GPU): the kernel runs the listed blocks and returns
-its logsumexp, :func:`column_attention` computes the same softmax pieces over each query
-block's columns, and :func:`merge` combines the two as one softmax over blocks | columns. The
-layout's columns never fall inside a listed block (``pallas_kernels.layout_columns``), so
-nothing is counted twice. Exact: the result equals a kernel with a column path up to float
-rounding.
+its logsumexp, a second call computes the same softmax pieces over each query block's columns,
+and :func:`merge` combines the two as one softmax over blocks | columns. The layout's columns
+never fall inside a listed block (``pallas_kernels.layout_columns``), so nothing is counted
+twice. Exact: the result equals a kernel with a column path up to float rounding.
+
+The column part runs as :func:`column_attention` (XLA; any device) or, on NVIDIA GPUs, as a
+kernel with a column path over :func:`columns_only` (no listed blocks): the Triton kernel then
+reads each query tile and its gathered columns once, where the XLA form moves float32 copies
+of q and of the output through memory.
 
 Memory: query blocks go through ``lax.map`` in batches whose float32 logits stay within
 ``LOGITS_BYTES`` ([B, Hq, block_q, C] per query block, C the column list length).
@@ -86,6 +90,12 @@ def column_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: BlockSpar
     return o, lse
 
 
+def columns_only(layout: BlockSparseLayout) -> BlockSparseLayout:
+    """``layout`` with its columns and no listed blocks (every row's block count 0)."""
+    return dataclasses.replace(layout, kv_idx=jnp.zeros_like(layout.kv_idx[..., :1]),
+                               kv_cnt=jnp.zeros_like(layout.kv_cnt))
+
+
 def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,
           lse_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One softmax from two over disjoint key sets: out [B, Sq, Hq, Dv], lse [B, Hq, Sq].
@@ -101,13 +111,18 @@ def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,
 
 
 def with_merged_columns(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
-                        layout: BlockSparseLayout, **kw) -> tuple[jax.Array, jax.Array]:
+                        layout: BlockSparseLayout, *, columns: Callable | None = None,
+                        **kw) -> tuple[jax.Array, jax.Array]:
     """``kernel`` (a blocks-only backend: (q, k, v, layout, **kw) -> (out, lse)) over the
-    layout's blocks, merged with :func:`column_attention` over its columns. Returns (out in
-    q.dtype, lse float32)."""
+    layout's blocks, merged with the attention over its columns: ``columns`` (a backend with
+    a column path, the same signature; run over :func:`columns_only`) or, when None,
+    :func:`column_attention`. Returns (out in q.dtype, lse float32)."""
     blocks = dataclasses.replace(layout, col_idx=None, col_cnt=None)
     out_b, lse_b = kernel(q, k, v, blocks, **kw)
     cols = {key: kw[key] for key in ("causal", "sm_scale", "q_offset", "segment_ids") if key in kw}
-    out_c, lse_c = column_attention(q, k, v, layout, **cols)
+    if columns is None:
+        out_c, lse_c = column_attention(q, k, v, layout, **cols)
+    else:
+        out_c, lse_c = columns(q, k, v, columns_only(layout), **cols)
     out, lse = merge(out_b, lse_b, out_c, lse_c)
     return out.astype(q.dtype), lse

@@ -6,6 +6,7 @@ columns."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -227,20 +228,25 @@ def test_triton_columns_compiled_matches_numpy():
         assert_close(out, lse, *p.reference(), low_precision=True)
 
 
+@pytest.mark.parametrize("columns", ["xla", "triton"])
 @pytest.mark.parametrize("cfg", sorted(CFGS))
-def test_columns_merged_outside_a_blocks_only_kernel_match_numpy(cfg):
+def test_columns_merged_outside_a_blocks_only_kernel_match_numpy(cfg, columns):
     """The column path of backends without one (Mosaic GPU): the XLA kernel over the blocks
-    alone, the columns in XLA, merged by logsumexp (column_merge) == the float64 reference
-    with columns; rows with only columns and empty rows included (0, lse -inf, no NaN)."""
+    alone, the columns in XLA or by the Triton kernel (interpret mode) over the columns alone,
+    merged by logsumexp (column_merge) == the float64 reference with columns; rows with only
+    columns and empty rows included (0, lse -inf, no NaN)."""
     from pallas_kernels.column_merge import with_merged_columns
     from pallas_kernels.xla.block_sparse_xla import block_sparse_attention_xla
+
+    col_kernel = None if columns == "xla" else functools.partial(
+        block_sparse_attention_triton, interpret=True, poison_output=True)
 
     seed = int(np.random.default_rng().integers(2**31))
     p = random_problem(seed, Dqk=32, Dv=16, density=0.3, empty_row_frac=0.15, columns=14,
                        col_only_frac=0.3, **CFGS[cfg])
     seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
     out, lse = jax.jit(lambda q, k, v, lay, off: with_merged_columns(
-        block_sparse_attention_xla, q, k, v, lay, causal=True, q_offset=off,
+        block_sparse_attention_xla, q, k, v, lay, columns=col_kernel, causal=True, q_offset=off,
         segment_ids=seg))(jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(),
                           jnp.asarray(p.q_offset))
     assert out.dtype == p.q.dtype and not np.isnan(np.asarray(out, np.float32)).any()
@@ -250,10 +256,10 @@ def test_columns_merged_outside_a_blocks_only_kernel_match_numpy(cfg):
         raise AssertionError(f"seed {seed}: {e}") from e
 
 
-def test_mosaic_gpu_takes_columns_by_merge_when_named(monkeypatch):
+def test_mosaic_gpu_takes_columns_by_merge(monkeypatch):
     """impl="mosaic_gpu" with a column layout runs the kernel on the blocks alone and merges
     the columns (the kernel is stood in for by XLA here: Mosaic GPU does not run on a CPU);
-    "auto" passes over it for column layouts with a reason, not for block-only ones."""
+    "auto" has no reason to pass over it for column layouts."""
     from pallas_kernels import attention
     from pallas_kernels.xla.block_sparse_xla import block_sparse_attention_xla
 
@@ -269,7 +275,5 @@ def test_mosaic_gpu_takes_columns_by_merge_when_named(monkeypatch):
     out, lse = run_problem(p, "mosaic_gpu", interpret=True)
     assert seen == [False]
     assert_close(out, lse, *p.reference(), low_precision=True)
-    call = attention.BlockSparseCall(p.q, p.k, p.v, p.layout())
-    assert "not yet timed" in attention._mosaic_prefer_not(call)
-    no_cols = dataclasses.replace(p.layout(), col_idx=None, col_cnt=None)
-    assert attention._mosaic_prefer_not(dataclasses.replace(call, layout=no_cols)) is None
+    mosaic_backend = next(b for b in attention.BACKENDS if b.name == "mosaic_gpu")
+    assert mosaic_backend.prefer_not(attention.BlockSparseCall(p.q, p.k, p.v, p.layout())) is None
