@@ -15,13 +15,14 @@ from flax import nnx
 from safetensors.torch import save_file
 
 import jaxprefill as jp
-from jaxprefill.config import ConfigError, MLAConfig, RopeConfig, config_from_hf_dict
+from jaxprefill.config import ConfigError, MLAConfig, config_from_hf_dict
 from jaxprefill.infer import Engine, EngineConfig, Request
 from jaxprefill.loading.deepseek_weights import build_deepseek, deepseek_to_hf_tensors
 from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
 from jaxprefill.mla.dsa_cache import PagedDSACache
 from jaxprefill.train.model import model_class
 from jaxprefill.models.dsa import DSACache, DeepSeekV32
+from tests.dsa_tiny import tiny_v32
 
 VOCAB = 131
 TOPK = 8
@@ -123,33 +124,6 @@ def test_paged_cache_prefill_sparse_decode_and_chunk_match_full_forward(hf_dir):
     keys = index_keys(model, tokens)
     cached = np.asarray(cache.index_pages[0][cache.page_table]).reshape(b, -1, 16)
     assert rel(cached[:, :total], np.asarray(keys)) < 1e-5
-
-
-def tiny_v32() -> DeepSeekV32:
-    # one layer with a dense MLP (compiles fast); the two-layer MoE model is the one above
-    cfg = MLAConfig(model_type="deepseek_v32", vocab_size=97, hidden_size=32, intermediate_size=48,
-                    num_layers=1, num_heads=4, kv_lora_rank=32, qk_nope_head_dim=8,
-                    qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
-                    q_lora_rank=16, eos_token_ids=(0,), index_n_heads=4, index_head_dim=16,
-                    index_topk=12,
-                    rope=RopeConfig(type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0,
-                                    original_max_position_embeddings=64))
-    # parameters drawn on the host (no compiled or eager init): norms 1, biases 0, weights
-    # 0.12 x normal (6x the 0.02 init: peaked attention, so a wrong cache entry, position or
-    # selection changes the greedy tokens), embeddings 0.02 x normal
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeekV32(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        if path[-1] == "scale":
-            value = np.ones(var.shape, np.float32)
-        elif path[-1].endswith("bias"):
-            value = np.zeros(var.shape, np.float32)
-        else:
-            std = 0.02 if path[-1] == "embed" or len(var.shape) < 2 else 0.12
-            value = std * rng.standard_normal(var.shape).astype(np.float32)
-        flat.append((path, var.replace(jnp.asarray(value, var.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def test_engine_equals_generate():

@@ -8,9 +8,11 @@ from jaxprefill.mla.tpla import TPLAConfig, rope_pair_order
 
 
 def tpla_decode_numpy(q_latent, q_pe, c_rot, k_pe, lengths, w_uv, *, g: int, tcfg: TPLAConfig,
-                      sm_scale: float, eps: float) -> np.ndarray:
+                      sm_scale: float, eps: float, mask=None) -> np.ndarray:
     """Float64 NumPy TPLA over a contiguous cache: c_rot [B, T, d_c] (raw rotated latent),
-    k_pe [B, T, d_r]; the same math as `pack_latent` + `tpla_decode` written out per shard."""
+    k_pe [B, T, d_r]; the same math as `pack_latent` + `tpla_decode` written out per shard.
+    mask bool [B, T] (None: all): the keys each query may attend to besides the length limit
+    (DSA's selected rows: every shard's softmax runs over these keys only)."""
     q_latent, q_pe, c_rot, k_pe, w_uv = (np.asarray(x, np.float64)
                                          for x in (q_latent, q_pe, c_rot, k_pe, w_uv))
     b, h, dc = q_latent.shape
@@ -32,6 +34,8 @@ def tpla_decode_numpy(q_latent, q_pe, c_rot, k_pe, lengths, w_uv, *, g: int, tcf
                 idx = rope_pair_order(dr, g)[i * dr // g:(i + 1) * dr // g]
                 rope = q_pe[bi][:, idx] @ k_pe[bi, :n][:, idx].T
             s = tau * (q_latent[bi][:, s_i] @ u.T + rope)
+            if mask is not None:
+                s = np.where(np.asarray(mask[bi][:n], bool)[None], s, -np.inf)
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             out[bi] += np.einsum("hc,chv->hv", p @ u, w_uv[s_i])

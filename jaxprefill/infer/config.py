@@ -40,8 +40,9 @@ class EngineConfig:
     # Applies per prefill chunk and to prompts that fill a packed row alone; prompts shorter
     # than its min_length stay dense; decode stays dense. None: dense prefill.
     sparse: Any = None
-    # TPLA decode for MLA models: {"tensor": g, "transform": "none" | "hadamard", "rope":
-    # "replicated" | "split", "logit_scale": "1" | "g"} (jaxprefill.mla.tpla); None: MLA decode.
+    # TPLA decode for MLA models, DeepSeek-V3.2 included: {"tensor": g, "transform": "none" |
+    # "hadamard", "rope": "replicated" | "split", "logit_scale": "1" | "g"} (jaxprefill.mla.tpla);
+    # None: MLA decode.
     tpla: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:

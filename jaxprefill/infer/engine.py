@@ -13,9 +13,10 @@ One `Engine.run` loop, each iteration:
      reported at once through `on_result`.
 
 Models: Llama family (paged per-head K/V, paged_cache.py + steps.py) and MLA models (paged
-latent cache and absorbed decode, jaxprefill/mla/latent_cache.py; TPLA decode on a `tensor`
-axis with `EngineConfig.tpla`, jaxprefill/mla/tpla_steps.py). Sparse prefill
-(`EngineConfig.sparse`) applies per chunk and to prompts alone in a packed row
+latent cache and absorbed decode, jaxprefill/mla/latent_cache.py; DeepSeek-V3.2 adds index-key
+pages, jaxprefill/mla/dsa_cache.py; TPLA decode on a `tensor` axis with `EngineConfig.tpla`,
+jaxprefill/mla/tpla_steps.py, for DeepSeek-V3.2 jaxprefill/mla/dsa_tpla_steps.py). Sparse
+prefill (`EngineConfig.sparse`) applies per chunk and to prompts alone in a packed row
 (jaxprefill/attention/sparse.py). A prefill step whose rows hold one prompt each runs as a plain
 causal prompt forward (steps.prefill_single: no segment mask, the policies' whole-prompt
 layouts); a step that packs two prompts into a row runs with segment ids (steps.prefill_packed).
@@ -44,7 +45,7 @@ from jaxprefill.decoding import Sampling, context_for, encode_prompt, spec_graph
 from jaxprefill.graph import FlatModel
 from jaxprefill.generate import PromptTooLongError, cache_sharding
 from jaxprefill.infer import steps
-from jaxprefill.mla import dsa_cache, latent_cache, tpla_steps
+from jaxprefill.mla import dsa_cache, dsa_tpla_steps, latent_cache, tpla_steps
 from jaxprefill.models import KVCache
 from jaxprefill.models.deepseek import MLACache
 from jaxprefill.models.dsa import DSACache
@@ -134,8 +135,9 @@ class Engine:
         else:
             raise NotImplementedError(f"the engine has no paged cache for {cache_class.__name__} "
                                       f"({type(model).__name__}): use jp.generate")
-        if config.tpla is not None and cache_class is not MLACache:
-            raise ValueError(f"tpla decode needs an MLA model, not {type(model).__name__}")
+        if config.tpla is not None and cache_class not in (MLACache, DSACache):
+            raise ValueError(f"tpla decode needs an MLA model (DeepSeek, Kimi, DeepSeek-V3.2), "
+                             f"not {type(model).__name__}")
         self.max_seq_len = config.max_seq_len or cfg.max_position_embeddings
         # The same weights, an AttentionSpec with the policy and without any ring (the model's
         # own context setting runs in ring_graphdef only)
@@ -148,7 +150,8 @@ class Engine:
             self.ring_graphdef = spec_graphdef(model, "context parallelism",
                                                **{**fields, "context": self.ring})
         if config.tpla is not None:  # folded weights, latent pool sharded over `tensor`
-            model, self.steps, self.cache = tpla_steps.setup(
+            tpla = dsa_tpla_steps if cache_class is DSACache else tpla_steps
+            model, self.steps, self.cache = tpla.setup(
                 model, dict(config.tpla), config.num_pages, config.page_size)
         else:
             self.cache = pool.zeros(cfg, config.num_pages, config.page_size, model.dtype)

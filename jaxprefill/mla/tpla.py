@@ -11,6 +11,8 @@ slice of W_UV, and the partial per-head outputs are summed with `psum` (before o
     o_h      = sum_i W_UV,h'[S_i] (sum_j p_j^(i) c_j[S_i])
 
 Exact for g = 1 (it is MLA); an approximation for g > 1 (one softmax per shard).
+`tpla_sparse_decode` is the same over DeepSeek-V3.2's selected rows (the indexer's top-k, the
+same on every device): each shard's softmax runs over those rows of its slice only.
 
 Reparameterization (exact for full MLA, folded into the weights before slicing): with the
 kv_a_layernorm weight gamma and an orthogonal R [d_c, d_c],
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxprefill.models.layers import hadamard
 from pallas_kernels import mla_decode
+from pallas_kernels.dsa_ops import sparse_mla
 
 try:  # jax >= 0.6
     shard_map = jax.shard_map
@@ -176,6 +179,50 @@ def pack_latent(c_rot: jax.Array, k_pe: jax.Array, g: int, tcfg: TPLAConfig, eps
 
 # ---- decode -------------------------------------------------------------------------------------
 
+def shard_scale(sm_scale: float, g: int, tcfg: TPLAConfig) -> float:
+    """The softmax scale each shard applies to its partial logits (tau or g tau)."""
+    return sm_scale * (g if tcfg.logit_scale == "g" else 1)
+
+
+def over_latent_shards(attend_shard: Callable[..., jax.Array], q_latent: jax.Array,
+                       q_pe: jax.Array, pages: jax.Array, replicated: tuple, w_uv: jax.Array, *,
+                       mesh: Mesh, tcfg: TPLAConfig, output: str = "replicated") -> jax.Array:
+    """TPLA's per-shard attention and merge, for any attention over a shard's cache slice.
+
+    On device i of `tcfg.axis`: `o_lat_i = attend_shard(q_latent[.., S_i], q_pe_i, pages_i,
+    *replicated)` [B, H, d_c/g] (its own softmax over its slice), then `W_UV'[S_i]^T o_lat_i`,
+    summed over the devices (output "replicated": psum) or reduce-scattered over heads
+    ("heads"). q_latent [B, H, d_c], q_pe [B, H, d_r] (permuted to the cache's rotation-pair
+    order for rope="split"), pages [N, page, g*w] (`pack_latent` layout, sharded over its last
+    axis), replicated: arrays every device reads whole, w_uv [d_c, H, d_v]. Returns
+    [B, H, d_v] (output "heads": sharded over H).
+    """
+    if output not in ("replicated", "heads"):
+        raise ValueError(f"output must be 'replicated' or 'heads', got {output!r}")
+    g, ax = mesh.shape[tcfg.axis], tcfg.axis
+    if output == "heads" and q_latent.shape[1] % g:
+        raise ValueError(f"output='heads' needs the head count ({q_latent.shape[1]}) to divide "
+                         f"by the {ax} axis size {g}")
+    qpe_spec = P()
+    if tcfg.rope == "split":
+        q_pe = q_pe[..., rope_pair_order(q_pe.shape[-1], g)]
+        qpe_spec = P(None, None, ax)
+
+    @partial(shard_map, mesh=mesh,
+             in_specs=(P(None, None, ax), qpe_spec, P(None, None, ax), *(P() for _ in replicated),
+                       P(ax, None, None)),
+             out_specs=P() if output == "replicated" else P(None, ax, None), check_vma=False)
+    def body(ql, qp, pg, *rest):
+        *args, wuv = rest
+        out_lat = attend_shard(ql, qp, pg, *args)  # [B, H, d_c/g]
+        part = jnp.einsum("bhc,chv->bhv", out_lat, wuv.astype(jnp.float32))
+        if output == "heads":
+            return jax.lax.psum_scatter(part, ax, scatter_dimension=1, tiled=True)
+        return jax.lax.psum(part, ax)
+
+    return body(q_latent, q_pe, pages, *replicated, w_uv)
+
+
 def tpla_decode(q_latent: jax.Array, q_pe: jax.Array, pages: jax.Array, page_table: jax.Array,
                 lengths: jax.Array, w_uv: jax.Array, *, mesh: Mesh, tcfg: TPLAConfig,
                 sm_scale: float, impl: str = "auto", output: str = "replicated",
@@ -191,31 +238,31 @@ def tpla_decode(q_latent: jax.Array, q_pe: jax.Array, pages: jax.Array, page_tab
     the head axis: device i gets heads [i H/g, (i+1) H/g), the layout a row-parallel o_proj
     takes; half the all-reduce's traffic; H must divide by g).
     """
-    if output not in ("replicated", "heads"):
-        raise ValueError(f"output must be 'replicated' or 'heads', got {output!r}")
-    g = mesh.shape[tcfg.axis]
-    dr = q_pe.shape[-1]
-    tau = sm_scale * (g if tcfg.logit_scale == "g" else 1)
-    if tcfg.rope == "split":
-        q_pe = q_pe[..., rope_pair_order(dr, g)]
-        qpe_spec = P(None, None, tcfg.axis)
-    else:
-        qpe_spec = P()
-    ax = tcfg.axis
+    tau = shard_scale(sm_scale, mesh.shape[tcfg.axis], tcfg)
 
-    if output == "heads" and q_latent.shape[1] % g:
-        raise ValueError(f"output='heads' needs the head count ({q_latent.shape[1]}) to divide "
-                         f"by the {ax} axis size {g}")
+    def attend_shard(ql, qp, pg, table, lens):  # every cached token of the shard's slice
+        return mla_decode(ql, qp, pg, table, lens, tau, impl=impl, config=config)[0]
 
-    @partial(shard_map, mesh=mesh,
-             in_specs=(P(None, None, ax), qpe_spec, P(None, None, ax), P(), P(), P(ax, None, None)),
-             out_specs=P() if output == "replicated" else P(None, ax, None), check_vma=False)
-    def body(ql, qp, pg, table, lens, wuv):
-        out_lat, _ = mla_decode(ql, qp, pg, table, lens, tau, impl=impl,
-                                config=config)  # [B, H, d_c/g]
-        part = jnp.einsum("bhc,chv->bhv", out_lat, wuv.astype(jnp.float32))
-        if output == "heads":
-            return jax.lax.psum_scatter(part, ax, scatter_dimension=1, tiled=True)
-        return jax.lax.psum(part, ax)
+    return over_latent_shards(attend_shard, q_latent, q_pe, pages, (page_table, lengths), w_uv,
+                              mesh=mesh, tcfg=tcfg, output=output)
 
-    return body(q_latent, q_pe, pages, page_table, lengths, w_uv)
+
+def tpla_sparse_decode(q_latent: jax.Array, q_pe: jax.Array, pages: jax.Array, rows: jax.Array,
+                       w_uv: jax.Array, *, mesh: Mesh, tcfg: TPLAConfig, sm_scale: float,
+                       impl: str = "auto", output: str = "replicated") -> jax.Array:
+    """`tpla_decode` over selected cache rows only (DSA): o [B, H, d_v] before o_proj.
+
+    rows int32 [B, K]: rows of the flattened pages [N * page] each query attends to (-1: none;
+    the indexer's top-k, the same on every device). Each device runs `sparse_mla` (backend
+    `impl`) of all heads over those rows of its own slice, with its own softmax; the merge is
+    `tpla_decode`'s. Other arguments as `tpla_decode`.
+    """
+    tau = shard_scale(sm_scale, mesh.shape[tcfg.axis], tcfg)
+
+    def attend_shard(ql, qp, pg, r):  # one query per row: S = 1
+        out, _ = sparse_mla(ql[:, None], qp[:, None], pg.reshape(-1, pg.shape[-1]), r[:, None],
+                            tau, impl=impl)
+        return out[:, 0]
+
+    return over_latent_shards(attend_shard, q_latent, q_pe, pages, (rows,), w_uv, mesh=mesh,
+                              tcfg=tcfg, output=output)

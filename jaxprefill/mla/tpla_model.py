@@ -24,7 +24,7 @@ from jaxprefill.mla.tpla import TPLAConfig, pack_latent, rope_pair_order, shard_
 from jaxprefill.models.deepseek import write_latent
 from jaxprefill.models.layers import apply_rope_pairs
 
-def _require_folded(model) -> None:
+def require_folded(model) -> None:
     """TPLA needs the kv_a_layernorm weight folded away (`reparameterize`); checked when the
     weights are concrete (a traced call cannot be checked and is trusted)."""
     for i, layer in enumerate(model.layers):
@@ -103,7 +103,7 @@ def tpla_attention(q_latent: jax.Array, q_pe: jax.Array, packed_ctx: jax.Array,
     return body(q_latent, q_pe, packed_ctx, packed_self, w_uv, segment_ids)
 
 
-def _w_uv(attn) -> jax.Array:
+def folded_w_uv(attn) -> jax.Array:
     """W_UV' [d_c, H, d_v] (the value half of the folded kv_b)."""
     return attn.kv_b[...][..., attn.cfg.qk_nope_head_dim:]
 
@@ -122,7 +122,7 @@ def tpla_logits(model, tokens: jax.Array, *, mesh: Mesh, tcfg: TPLAConfig,
     """
     if context not in ("tpla", "mla"):
         raise ValueError(f"context must be 'tpla' or 'mla', got {context!r}")
-    _require_folded(model)
+    require_folded(model)
     cfg = model.config
     g = mesh.shape[tcfg.axis]
     b, s = tokens.shape
@@ -142,8 +142,9 @@ def tpla_logits(model, tokens: jax.Array, *, mesh: Mesh, tcfg: TPLAConfig,
                               cfg.rms_norm_eps)
             x_mla, _ = layer(x_mla, cos, sin, spec=model.attention, segment_ids=segment_ids,
                              cache=None, cache_index=None)
-        o = tpla_attention(attn.absorb_query(q_nope), q_pe, ctx, own, _w_uv(attn), mesh=mesh,
-                           tcfg=tcfg, sm_scale=cfg.softmax_scale, segment_ids=segment_ids)
+        o = tpla_attention(attn.absorb_query(q_nope), q_pe, ctx, own, folded_w_uv(attn),
+                           mesh=mesh, tcfg=tcfg, sm_scale=cfg.softmax_scale,
+                           segment_ids=segment_ids)
         x = x + attn.out_proj(o.astype(x.dtype))
         x = x + layer.mlp(layer.mlp_norm(x))
     return model.logits(model.norm(x))
@@ -176,7 +177,7 @@ def tpla_prefill(model, tokens: jax.Array, cache: TPLACache, *, mesh: Mesh,
                  tcfg: TPLAConfig) -> tuple[jax.Array, TPLACache]:
     """Exact MLA prefill of tokens [B, S] (rows start at slot 0) that writes each layer's packed
     TPLA entries into `cache`. Returns (float32 logits [B, V] of the last token, cache)."""
-    _require_folded(model)
+    require_folded(model)
     cfg = model.config
     g = mesh.shape[tcfg.axis]
     b, s = tokens.shape
@@ -199,7 +200,7 @@ def tpla_decode_step(model, tokens: jax.Array, cache: TPLACache, cache_index: ja
     """One TPLA decode step: tokens [B, 1] at positions cache_index [B] -> (float32 logits [B, V],
     cache with their packed entries written). Attention: `tpla_decode` (per-shard `mla_decode`
     over the sharded pages + psum); everything else is the model's own code."""
-    _require_folded(model)
+    require_folded(model)
     cfg = model.config
     g = mesh.shape[tcfg.axis]
     cos, sin = model.rope_tables(cache_index[:, None].astype(jnp.int32))
@@ -214,7 +215,7 @@ def tpla_decode_step(model, tokens: jax.Array, cache: TPLACache, cache_index: ja
         pages.append(layer_pages)
         q_lat = attn.absorb_query(q_nope)[:, 0].astype(jnp.float32)
         o = tpla_decode(q_lat, q_pe[:, 0].astype(jnp.float32), layer_pages, cache.page_table,
-                        cache_index + 1, _w_uv(attn), mesh=mesh, tcfg=tcfg,
+                        cache_index + 1, folded_w_uv(attn), mesh=mesh, tcfg=tcfg,
                         sm_scale=cfg.softmax_scale, impl=impl)
         x = x + attn.out_proj(o[:, None].astype(x.dtype))
         x = x + layer.mlp(layer.mlp_norm(x))

@@ -9,7 +9,8 @@
     from the pool, which holds the exact latent because the engine requires norm="global");
   * decode with `tpla_model.tpla_decode_step`: per-shard `mla_decode` over the pages + psum.
 g = 1 is MLA. The three steps have `jaxprefill.infer.steps`' signatures once bound to
-(mesh, tcfg).
+(mesh, tcfg). DeepSeek-V3.2 (DSA) models take `dsa_tpla_steps`, which reuses this module's
+pool, `unpack_latent` and `prepare`.
 """
 
 from __future__ import annotations
@@ -140,8 +141,10 @@ class TPLASteps:
         self.decode = functools.partial(_decode, mesh, tcfg)
 
 
-def setup(model, spec: dict, num_pages: int, page_size: int):
-    """(folded model, TPLASteps, pool) for EngineConfig.tpla = spec."""
+def prepare(model, spec: dict) -> tuple:
+    """(folded model, mesh, TPLAConfig) for EngineConfig.tpla = spec: the settings checked
+    against the model and this host (ValueError, one line, naming the setting), the mesh of
+    the first `tensor` local devices, the rotation folded into the weights."""
     spec = dict(spec)
     g = int(spec.pop("tensor", 1))
     tcfg = TPLAConfig(**spec)
@@ -151,10 +154,22 @@ def setup(model, spec: dict, num_pages: int, page_size: int):
     if tcfg.transform == "pca":
         raise ValueError("transform='pca' needs calibration tokens: reparameterize the model "
                          "with jaxprefill.mla.tpla.reparameterize first and pass transform='none'")
+    cfg = model.config
+    if cfg.kv_lora_rank % g:  # each device holds one contiguous latent slice
+        raise ValueError(f"tpla tensor={g} must divide the model's kv_lora_rank "
+                         f"({cfg.kv_lora_rank})")
+    if tcfg.rope == "split" and cfg.qk_rope_head_dim % (2 * g):
+        raise ValueError(f"tpla rope='split' needs tensor={g} to divide half the model's "
+                         f"qk_rope_head_dim ({cfg.qk_rope_head_dim})")
     local = jax.local_devices()
     if g > len(local):
         raise ValueError(f"tpla tensor={g} but this host has only {len(local)} devices")
     mesh = make_mesh(tensor=g, devices=local[:g])
-    folded = reparameterize(model, tcfg.transform)
+    return reparameterize(model, tcfg.transform), mesh, tcfg
+
+
+def setup(model, spec: dict, num_pages: int, page_size: int):
+    """(folded model, TPLASteps, pool) for EngineConfig.tpla = spec."""
+    folded, mesh, tcfg = prepare(model, spec)
     pool = make_cache(model.config, num_pages, page_size, model.dtype, mesh, tcfg)
     return folded, TPLASteps(mesh, tcfg), pool

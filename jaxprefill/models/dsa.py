@@ -162,6 +162,24 @@ class DSAttention(MLAttention):
         q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope_pairs(q_pe, cos, sin, interleaved=cfg.rope_interleave)
 
+    def reads_all(self, page_table: jax.Array, page: int) -> bool:
+        """Whether a cached call over page_table [B, P] has at most `index_topk` slots, so the
+        top-k would select every allowed key and the dense paths run instead (static)."""
+        return page_table.shape[1] * page <= self.cfg.index_topk
+
+    def select_cached(self, qr: jax.Array, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                      index_pages: jax.Array, page_table: jax.Array, cache_index: jax.Array,
+                      dsa: DSAOptions) -> jax.Array:
+        """The rows each query attends to: the indexer's top-k of its queries (from qr
+        [B, S, d_q], x [B, S, E]) over every cached index key (index_pages [N, page, Di] under
+        page_table [B, P]; causal limit cache_index [B] + i), as rows of the flattened pages
+        [N * page] (int32 [B, S, K], -1: none)."""
+        iq, iw = self.indexer.queries(qr, x, cos, sin)
+        keys = gather_latent(index_pages, page_table).astype(x.dtype)  # [B, T, Di]
+        idx = index_topk(iq, iw, keys, self.cfg.index_topk, q_offset=cache_index, fp8=dsa.fp8,
+                         impl=dsa.index_impl)
+        return page_rows(page_table, idx, index_pages.shape[1])
+
     def _sparse(self, q_nope, q_pe, kv, rows, dsa: DSAOptions) -> jax.Array:
         """Absorbed attention of each query over its kv rows [B, S, K] -> [B, S, E]."""
         q_lat = self.absorb_query(q_nope)
@@ -207,9 +225,7 @@ class DSAttention(MLAttention):
         pages, ipages, table = cache
         pages = write_latent(pages, table, lat, cache_index)
         ipages = write_latent(ipages, table, ik, cache_index)
-        page = pages.shape[1]
-        t = table.shape[1] * page
-        if t <= topk:  # short caches: the dense MLA paths
+        if self.reads_all(table, pages.shape[1]):  # short caches: the dense MLA paths
             if s == 1:
                 q_lat = self.absorb_query(q_nope)[:, 0]
                 o_lat, _ = mla_decode(q_lat, q_pe[:, 0].astype(q_lat.dtype), pages, table,
@@ -221,11 +237,7 @@ class DSAttention(MLAttention):
                                          causal=True, q_offset=cache_index, sm_scale=tau,
                                          spec=spec))
             return o, (pages, ipages)
-        iq, iw = self.indexer.queries(qr, x, cos, sin)
-        keys = gather_latent(ipages, table).astype(ik.dtype)  # [B, T, Di]
-        idx = index_topk(iq, iw, keys, topk, q_offset=cache_index, fp8=dsa.fp8,
-                         impl=dsa.index_impl)
-        rows = page_rows(table, idx, page)
+        rows = self.select_cached(qr, x, cos, sin, ipages, table, cache_index, dsa)
         o = self._sparse(q_nope, q_pe, pages.reshape(-1, pages.shape[-1]), rows, dsa)
         return o, (pages, ipages)
 
@@ -252,18 +264,23 @@ class DeepSeekV32(DeepSeek):
         indexer selects)."""
         return {"decode_impl": self.decode_impl, "dsa": self.dsa}
 
-    def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, cache: DSACache | None = None,
-                cache_index: jax.Array | None = None, lengths: jax.Array | None = None
-                ) -> tuple[jax.Array, DSACache | None]:
-        """Hidden states [B, S, E] after the final norm and the updated cache (as
-        `DeepSeek.forward`; `lengths` is not read: DSA needs no valid-length hint)."""
+    def check_attention(self) -> None:
+        """Raises for the attention settings DSA does not run (every path that calls the
+        layers checks this first)."""
         if self.attention.context is not None:
             raise NotImplementedError("context parallelism is not wired into DeepSeek-V3.2's "
                                       "sparse attention")
         if self.attention.sparse is not None:
             raise ValueError("DeepSeek-V3.2 selects its own tokens (DSA): block-sparse prefill "
                              "policies do not apply")
+
+    def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, cache: DSACache | None = None,
+                cache_index: jax.Array | None = None, lengths: jax.Array | None = None
+                ) -> tuple[jax.Array, DSACache | None]:
+        """Hidden states [B, S, E] after the final norm and the updated cache (as
+        `DeepSeek.forward`; `lengths` is not read: DSA needs no valid-length hint)."""
+        self.check_attention()
         if cache_index is not None and segment_ids is not None:
             raise ValueError("segment_ids when continuing a cached row is not supported: "
                              "use one sequence per cache row")

@@ -1,0 +1,240 @@
+"""TPLA decode in the engine for DeepSeek-V3.2 (DSA) models: the latent pool sharded over a
+`tensor` mesh axis as in `tpla_steps`, the indexer's keys replicated beside it.
+
+`EngineConfig(tpla={"tensor": g, ...})` with a `DeepSeekV32` model runs:
+  * the model through `jaxprefill.mla.tpla.reparameterize` (exact; the indexer is untouched);
+  * per layer a latent pool [num_pages, page, g*w] (`tpla.pack_latent` layout, sharded over
+    its last axis) and an index-key pool [num_pages, page, Di] replicated on every device,
+    under the same page ids;
+  * prefill as exact DSA (the model's own layers: sparse, or dense for calls of at most
+    `index_topk` keys), writing the packed latent and the index keys. A chunk attends over a view of its
+    rows' cached entries, the exact latent unpacked from the pool (norm="global");
+  * decode: every device runs the same indexer over the same replicated keys (causal limit,
+    the deterministic tie rule: the same top-k everywhere), then TPLA restricted to the
+    selected rows (`tpla.tpla_sparse_decode`: each shard's own softmax over those rows of its
+    latent slice, merged as `tpla_decode` merges). Caches of at most `index_topk` slots run
+    dense TPLA (`tpla_decode`), as the plain DSA model runs dense MLA there.
+g = 1 is the plain DSA engine up to rounding. The three steps have `jaxprefill.infer.steps`'
+signatures once bound to (mesh, tcfg).
+
+Shapes: B rows, S tokens, P pages per row, H heads, d_c latent, d_r rope, Di index key,
+g shards, w = d_c/g + (d_r or d_r/g) latent values per token per device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxprefill.decoding import Sampling, next_tokens, sample
+from jaxprefill.mla import tpla_steps
+from jaxprefill.mla.latent_cache import scatter_rows
+from jaxprefill.mla.tpla import TPLAConfig, pack_latent, tpla_decode, tpla_sparse_decode
+from jaxprefill.mla.tpla_model import folded_w_uv, raw_latent, require_folded
+from jaxprefill.models.deepseek import write_latent
+
+
+@struct.dataclass
+class PagedDSATPLACache:
+    pages: tuple[jax.Array, ...]        # per layer [num_pages, page, g*w], last axis sharded
+    index_pages: tuple[jax.Array, ...]  # per layer [num_pages, page, Di], replicated
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages[0].shape[0]
+
+
+@struct.dataclass
+class DSATPLACache:
+    """The pools of `PagedDSATPLACache` with the rows' `page_table` int32 [B, P]: what the
+    model-level steps below read and write."""
+
+    pages: tuple[jax.Array, ...]
+    index_pages: tuple[jax.Array, ...]
+    page_table: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg, batch: int, length: int, *, mesh: Mesh, tcfg: TPLAConfig,
+              dtype=jnp.float32, page_size: int = 64) -> "DSATPLACache":
+        """Capacity >= `length` tokens per row; row b owns pages b*P .. b*P+P-1."""
+        p = -(-length // page_size)
+        pool = make_cache(cfg, batch * p, page_size, dtype, mesh, tcfg)
+        table = jnp.arange(batch * p, dtype=jnp.int32).reshape(batch, p)
+        return cls(pool.pages, pool.index_pages, table)
+
+
+def make_cache(cfg, num_pages: int, page_size: int, dtype, mesh: Mesh, tcfg: TPLAConfig
+               ) -> PagedDSATPLACache:
+    """Zeroed pools: the latent pages of `tpla_steps.make_cache` (sharded) and index-key pages
+    [num_pages, page_size, Di] on every device of the mesh."""
+    latent = tpla_steps.make_cache(cfg, num_pages, page_size, dtype, mesh, tcfg)
+    everywhere = NamedSharding(mesh, P())
+    shape = (num_pages, page_size, cfg.index_head_dim)
+    index = tuple(jax.device_put(jnp.zeros(shape, dtype), everywhere)
+                  for _ in range(cfg.num_layers))
+    return PagedDSATPLACache(latent.pages, index)
+
+
+def cache_entries(attn, h: jax.Array, cos: jax.Array, sin: jax.Array, g: int,
+                  tcfg: TPLAConfig, eps: float) -> tuple[jax.Array, jax.Array]:
+    """A layer's cache entries of tokens h [B, S, E] (after attn_norm): the packed latent
+    [B, S, g*w] (`pack_latent`) and the index keys [B, S, Di]."""
+    packed = pack_latent(*raw_latent(attn, h, cos, sin), g, tcfg, eps)
+    return packed, attn.indexer.keys(h, cos, sin)
+
+
+def exact_view(pool: jax.Array, index_pool: jax.Array, page_table: jax.Array, cfg, g: int,
+               tcfg: TPLAConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The rows' cached entries as a plain DSA layer cache: (latent pages [B*P, page,
+    d_c + d_r] unpacked from the pool, exact for norm="global"; index pages [B*P, page, Di];
+    page table [B, P] over them). Row b owns view pages b*P .. b*P+P-1."""
+    b, p = page_table.shape
+    page = pool.shape[1]
+    latent = tpla_steps.unpack_latent(jnp.take(pool, page_table, axis=0), cfg, g, tcfg)
+    keys = jnp.take(index_pool, page_table, axis=0)
+    own = jnp.arange(b * p, dtype=jnp.int32).reshape(b, p)
+    return latent.reshape(b * p, page, -1), keys.reshape(b * p, page, -1), own
+
+
+def prefill_forward(model, tokens: jax.Array, cache: DSATPLACache, start: jax.Array, *,
+                    mesh: Mesh, tcfg: TPLAConfig) -> tuple[jax.Array, DSATPLACache]:
+    """Exact DSA forward of tokens [B, S] continuing each row at start [B] (0: a prompt's first
+    chunk). Each layer writes its packed latents and index keys into the pools, then runs the
+    model's own DSA attention over `exact_view` of the rows (the chunk's entries included).
+    Returns (hidden states [B, S, E] after the final norm, cache)."""
+    model.check_attention()
+    require_folded(model)
+    cfg, g = model.config, mesh.shape[tcfg.axis]
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cos, sin = model.rope_tables(positions)
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    table = cache.page_table
+    pages, index_pages = [], []
+    for i, (layer, pool, index_pool) in enumerate(zip(model.layers, cache.pages,
+                                                      cache.index_pages)):
+        packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
+                                     cfg.rms_norm_eps)
+        pool = write_latent(pool, table, packed, start)
+        index_pool = write_latent(index_pool, table, keys, start)
+        pages.append(pool)
+        index_pages.append(index_pool)
+        view = exact_view(pool, index_pool, table, cfg, g, tcfg)
+        x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=None, cache=view,
+                     cache_index=start, **model.block_kwargs(i))
+    return model.norm(x), DSATPLACache(tuple(pages), tuple(index_pages), table)
+
+
+def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.Array, *,
+                mesh: Mesh, tcfg: TPLAConfig) -> tuple[jax.Array, DSATPLACache]:
+    """One decode step: tokens [B, 1] at positions cache_index [B] -> (float32 logits [B, V],
+    cache with their entries written). Per layer: the indexer's top-k over the cached keys
+    (replicated), then `tpla_sparse_decode` over the selected rows; caches of at most
+    `index_topk` slots run `tpla_decode` over every row (the model's own dense rule)."""
+    model.check_attention()
+    require_folded(model)
+    cfg, g = model.config, mesh.shape[tcfg.axis]
+    cos, sin = model.rope_tables(cache_index[:, None].astype(jnp.int32))
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    table = cache.page_table
+    pages, index_pages = [], []
+    for layer, pool, index_pool in zip(model.layers, cache.pages, cache.index_pages):
+        attn = layer.attn
+        h = layer.attn_norm(x)
+        packed, keys = cache_entries(attn, h, cos, sin, g, tcfg, cfg.rms_norm_eps)
+        pool = write_latent(pool, table, packed, cache_index)
+        index_pool = write_latent(index_pool, table, keys, cache_index)
+        pages.append(pool)
+        index_pages.append(index_pool)
+        qr = attn.query_latent(h)
+        q_nope, q_pe = attn.heads(qr, cos, sin)
+        q_lat = attn.absorb_query(q_nope)[:, 0].astype(jnp.float32)
+        q_pe = q_pe[:, 0].astype(jnp.float32)
+        shared = dict(mesh=mesh, tcfg=tcfg, sm_scale=cfg.softmax_scale)
+        if attn.reads_all(table, pool.shape[1]):
+            o = tpla_decode(q_lat, q_pe, pool, table, cache_index + 1, folded_w_uv(attn),
+                            impl=model.decode_impl, **shared)
+        else:  # replicated selection: every device computes the same rows
+            rows = attn.select_cached(qr, h, cos, sin, index_pool, table, cache_index,
+                                      model.dsa)[:, 0]
+            o = tpla_sparse_decode(q_lat, q_pe, pool, rows, folded_w_uv(attn),
+                                   impl=model.dsa.sparse_impl, **shared)
+        x = x + attn.out_proj(o[:, None].astype(x.dtype))
+        x = x + layer.mlp(layer.mlp_norm(x))
+    return model.logits(model.norm(x[:, 0])), DSATPLACache(tuple(pages), tuple(index_pages),
+                                                           table)
+
+
+# ---- the engine's steps -------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, positions,
+                    segment_ids, slots, last_index, sampling: Sampling, steps):
+    """As steps.prefill_packed: the model's own packed DSA prefill (segment ids keep each
+    prompt's indexer to its own tokens); each token's entries go to its pool slot."""
+    model = nnx.merge(graphdef, state)
+    model.check_attention()
+    cfg, g = model.config, mesh.shape[tcfg.axis]
+    r, c = tokens.shape
+    cos, sin = model.rope_tables(positions)
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+    pages, index_pages = [], []
+    for i, (layer, pool, index_pool) in enumerate(zip(model.layers, cache.pages,
+                                                      cache.index_pages)):
+        packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
+                                     cfg.rms_norm_eps)
+        # [R, C, w] is a view of rows of C tokens: scatter_rows puts token (r, t) at slots[r, t]
+        pages.append(scatter_rows(pool, packed, slots))
+        index_pages.append(scatter_rows(index_pool, keys, slots))
+        x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
+                     cache_index=None, **model.block_kwargs(i))
+    last = model.norm(x).reshape(r * c, -1)[last_index]
+    return next_tokens(model, last, sampling, steps), PagedDSATPLACache(tuple(pages),
+                                                                       tuple(index_pages))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, page_table,
+                   start, n_valid, sampling: Sampling, steps):
+    """As steps.prefill_chunk (padding queries past n_valid write where the sequence has not
+    reached, past every valid query's causal limit, or into the scratch page)."""
+    model = nnx.merge(graphdef, state)
+    view = DSATPLACache(cache.pages, cache.index_pages, page_table)
+    hidden, new = prefill_forward(model, tokens, view, start, mesh=mesh, tcfg=tcfg)
+    last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
+    return next_tokens(model, last, sampling, steps), PagedDSATPLACache(new.pages,
+                                                                       new.index_pages)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _decode(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, page_table, index,
+            sampling: Sampling, steps):
+    model = nnx.merge(graphdef, state)
+    view = DSATPLACache(cache.pages, cache.index_pages, page_table)
+    logits, new = decode_step(model, tokens[:, None], view, index, mesh=mesh, tcfg=tcfg)
+    return sample(logits, sampling.seeds, steps, sampling.temperature, sampling.top_p,
+                  sampling.top_k), PagedDSATPLACache(new.pages, new.index_pages)
+
+
+class DSATPLASteps:
+    """The engine's three steps bound to a mesh and a TPLAConfig."""
+
+    def __init__(self, mesh: Mesh, tcfg: TPLAConfig):
+        self.prefill_packed = functools.partial(_prefill_packed, mesh, tcfg)
+        self.prefill_chunk = functools.partial(_prefill_chunk, mesh, tcfg)
+        self.decode = functools.partial(_decode, mesh, tcfg)
+
+
+def setup(model, spec: dict, num_pages: int, page_size: int):
+    """(folded model, DSATPLASteps, pool) for EngineConfig.tpla = spec and a DSA model; the
+    settings are checked as `tpla_steps.prepare` checks them."""
+    folded, mesh, tcfg = tpla_steps.prepare(model, spec)
+    pool = make_cache(model.config, num_pages, page_size, model.dtype, mesh, tcfg)
+    return folded, DSATPLASteps(mesh, tcfg), pool
