@@ -27,10 +27,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprefill.decoding import Sampling, next_tokens, sample
+from jaxprefill.graph import merge
 from jaxprefill.mla import tpla_steps
 from jaxprefill.mla.latent_cache import scatter_rows
 from jaxprefill.mla.tpla import TPLAConfig, pack_latent, tpla_decode, tpla_sparse_decode
@@ -179,7 +180,7 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, token
                     segment_ids, slots, last_index, sampling: Sampling, steps):
     """As steps.prefill_packed: the model's own packed DSA prefill (segment ids keep each
     prompt's indexer to its own tokens); each token's entries go to its pool slot."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     model.check_attention()
     cfg, g = model.config, mesh.shape[tcfg.axis]
     r, c = tokens.shape
@@ -205,7 +206,7 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens
                    start, n_valid, sampling: Sampling, steps):
     """As steps.prefill_chunk (padding queries past n_valid write where the sequence has not
     reached, past every valid query's causal limit, or into the scratch page)."""
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     view = DSATPLACache(cache.pages, cache.index_pages, page_table)
     hidden, new = prefill_forward(model, tokens, view, start, mesh=mesh, tcfg=tcfg)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
@@ -216,7 +217,7 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _decode(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, page_table, index,
             sampling: Sampling, steps):
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     view = DSATPLACache(cache.pages, cache.index_pages, page_table)
     logits, new = decode_step(model, tokens[:, None], view, index, mesh=mesh, tcfg=tcfg)
     return sample(logits, sampling.seeds, steps, sampling.temperature, sampling.top_p,
