@@ -7,8 +7,8 @@
     its last axis) and an index-key pool [num_pages, page, Di] replicated on every device,
     under the same page ids;
   * prefill as exact DSA (the model's own layers: sparse, or dense for calls of at most
-    `index_topk` keys), writing the packed latent and the index keys. A chunk attends over a view of its
-    rows' cached entries, the exact latent unpacked from the pool (norm="global");
+    `index_topk` keys), writing the packed latent and the index keys. A chunk attends over a
+    view of its rows' cached entries, the exact latent unpacked from the pool (norm="global");
   * decode: every device runs the same indexer over the same replicated keys (causal limit,
     the deterministic tie rule: the same top-k everywhere), then TPLA restricted to the
     selected rows (`tpla.tpla_sparse_decode`: each shard's own softmax over those rows of its
