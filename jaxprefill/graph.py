@@ -1,12 +1,14 @@
-"""The model as the engine's jitted steps take it: its graph hashed by identity, its state as a
-flat list of arrays.
+"""The model as the engine's jitted steps take it: its graph with a hash computed once, its
+state as a flat list of arrays.
 
 Why: `jax.jit` hashes its static arguments on every call, and an NNX `GraphDef` hashes by
 walking the whole graph (about 2 ms for a 30-layer model on a CPU host), while an NNX `State`
 is a pytree that flattens in Python (about 0.5 ms more). A step runs once per prefill call and
 once per decode step; at a prompt's first token and between decode steps those milliseconds
-are host time the device waits through. The engine's graph never changes between calls, so
-identity is the right equality for it, and a list of arrays flattens in C++.
+are host time the device waits through. The engine's graph never changes between calls: its
+hash is computed once, the same object compares equal at once (two engines over equal graphs
+still share their compiled steps, by the graphs' own equality), and a list of arrays flattens
+in C++.
 
 A step function takes ``(graph, state, ...)`` and rebuilds the model with :func:`merge`, which
 also takes a plain ``GraphDef`` and ``State`` (direct calls, tests).
@@ -21,12 +23,25 @@ import jax
 from flax import nnx
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: == and hash by identity
+@dataclasses.dataclass(frozen=True, eq=False)
 class StaticGraph:
-    """A jit-static model graph: ``graphdef`` and the treedef of its state's leaves."""
+    """A jit-static model graph: ``graphdef`` and the treedef of its state's leaves; hashed
+    once, equal to itself at once and to another StaticGraph when both parts are equal."""
 
     graphdef: Any  # nnx.GraphDef
     treedef: Any  # jax PyTreeDef of the state
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.graphdef, self.treedef)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return (isinstance(other, StaticGraph) and self._hash == other._hash
+                and self.graphdef == other.graphdef and self.treedef == other.treedef)
 
 
 def merge(graph: Any, state: Any) -> nnx.Module:

@@ -36,8 +36,9 @@ def test_flat_model_keeps_one_graph_per_graphdef():
     assert g3 is g1 and l3 is not l1
     other = nnx.graphdef(peaked_tiny_llama())
     assert flat.args(other, moved)[0] is not g1
-    # identity equality: an equal graph in another StaticGraph is another static argument
-    assert StaticGraph(graphdef, g1.treedef) != g1
+    # another StaticGraph of an equal graph is an equal static argument (shared compiles)
+    twin = StaticGraph(nnx.graphdef(model), g1.treedef)
+    assert twin is not g1 and twin == g1 and hash(twin) == hash(g1)
 
 
 def test_engine_steps_compile_once_across_calls():
@@ -59,4 +60,7 @@ def test_engine_steps_compile_once_across_calls():
     prompts = [Request(id=str(i), prompt=list(range(1, 9 + i))) for i in range(2)]
     engine.generate(prompts)
     engine.generate(prompts)
+    # a second engine over the same model reuses the first one's programs
+    again = Engine(model, None, engine.config)
+    assert again.generate(prompts)[0].tokens == engine.generate(prompts)[0].tokens
     assert engine.steps.decode._cache_size() - before <= 1  # one decode program, reused
