@@ -1,4 +1,4 @@
-"""jaxprefill.graph: the engine passes its model to jitted steps as an identity-hashed graph and
+"""jaxprefill.graph: the engine passes its model to jitted steps as a once-hashed graph and
 a list of arrays; the model rebuilt from them equals the model, and a step compiles once."""
 
 import functools

@@ -2,9 +2,10 @@
 
 The engine's steps take the model as (graph, state). Passed as an NNX GraphDef (a static
 argument, hashed on every call) and State (a pytree flattened in Python), a call spends
-milliseconds on the host before the device starts; `jaxprefill.graph.FlatModel` passes an
-identity-hashed graph and a list of arrays instead. This times one decode step of the engine
-(batch ``--batch``, one token each, a cache of ``--context`` tokens) called both ways on the
+milliseconds on the host before the device starts; `jaxprefill.graph.FlatModel` passes a
+graph whose hash is computed once and a list of arrays instead. This times one decode step of
+the engine (batch ``--batch``, one token each, a cache of ``--context`` tokens) called both
+ways on the
 same engine, back to back, and a jitted no-op for the dispatch floor:
 
   * ``calls``: samples of ``--calls`` steps issued back to back, blocked on together (device
