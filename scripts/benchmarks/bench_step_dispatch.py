@@ -5,8 +5,7 @@ argument, hashed on every call) and State (a pytree flattened in Python), a call
 milliseconds on the host before the device starts; `jaxprefill.graph.FlatModel` passes a
 graph whose hash is computed once and a list of arrays instead. This times one decode step of
 the engine (batch ``--batch``, one token each, a cache of ``--context`` tokens) called both
-ways on the
-same engine, back to back, and a jitted no-op for the dispatch floor:
+ways on the same engine, back to back, and a jitted no-op for the dispatch floor:
 
   * ``calls``: samples of ``--calls`` steps issued back to back, blocked on together (device
     time per step, the host's cost hidden when it is shorter);
