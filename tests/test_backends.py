@@ -41,8 +41,8 @@ def test_block_sparse_auto_takes_the_first_backend_that_runs_the_call(device):
     q, k, v = _qkv()
     device("gpu", hopper=True)
     assert block_sparse_backend(q, k, v, _layout()) == "mosaic_gpu"
-    # key columns: Triton's column path; Mosaic GPU's merge outside the kernel is opt-in
-    assert block_sparse_backend(q, k, v, _layout(columns=True)) == "triton"
+    # key columns: Mosaic GPU over the blocks, Triton over the columns, merged outside both
+    assert block_sparse_backend(q, k, v, _layout(columns=True)) == "mosaic_gpu"
     assert block_sparse_backend(q, k, v, _layout(), blasst_threshold=1e-4) == "triton"
     assert block_sparse_backend(q, k, v, _layout(block=64)) == "triton"  # block_q % 128
     q32, k32, v32 = _qkv(dtype=jnp.float32)
