@@ -18,7 +18,7 @@ import pytest
 
 from fake_devices import run_result
 from jaxprefill.infer import Engine, EngineConfig
-from jaxprefill.mla.dsa_tpla_steps import PagedDSATPLACache
+from jaxprefill.mla.dsa_cache import PagedDSACache
 from tests.dsa_tiny import tiny_v32
 
 TOL = 1e-5        # float32 rounding, relative to the largest logit
@@ -34,7 +34,7 @@ def test_g1_engine_equals_plain_dsa_engine():
               max_new_tokens=5, bucket=128, chat=False)
     plain = [r.tokens for r in Engine(model, None, EngineConfig(**kw)).generate(prompts)]
     engine = Engine(model, None, EngineConfig(**kw, tpla={"tensor": 1}))
-    assert isinstance(engine.cache, PagedDSATPLACache)
+    assert isinstance(engine.cache, PagedDSACache)
     assert engine.cache.pages[0].shape == (40, 16, 32 + 8)
     assert engine.cache.index_pages[0].shape == (40, 16, 16)
     got = [r.tokens for r in engine.generate(prompts)]

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxprefill.decoding import Sampling, next_tokens, sample
 from jaxprefill.graph import merge
 from jaxprefill.mla import tpla_steps
+from jaxprefill.mla.dsa_cache import PagedDSACache
 from jaxprefill.mla.latent_cache import scatter_rows
 from jaxprefill.mla.tpla import TPLAConfig, pack_latent, tpla_decode, tpla_sparse_decode
 from jaxprefill.mla.tpla_model import folded_w_uv, raw_latent, require_folded
@@ -40,22 +41,8 @@ from jaxprefill.models.deepseek import write_latent
 
 
 @struct.dataclass
-class PagedDSATPLACache:
-    pages: tuple[jax.Array, ...]        # per layer [num_pages, page, g*w], last axis sharded
-    index_pages: tuple[jax.Array, ...]  # per layer [num_pages, page, Di], replicated
-
-    @property
-    def page_size(self) -> int:
-        return self.pages[0].shape[1]
-
-    @property
-    def num_pages(self) -> int:
-        return self.pages[0].shape[0]
-
-
-@struct.dataclass
 class DSATPLACache:
-    """The pools of `PagedDSATPLACache` with the rows' `page_table` int32 [B, P]: what the
+    """The pools of `PagedDSACache` with the rows' `page_table` int32 [B, P]: what the
     model-level steps below read and write."""
 
     pages: tuple[jax.Array, ...]
@@ -73,15 +60,16 @@ class DSATPLACache:
 
 
 def make_cache(cfg, num_pages: int, page_size: int, dtype, mesh: Mesh, tcfg: TPLAConfig
-               ) -> PagedDSATPLACache:
-    """Zeroed pools: the latent pages of `tpla_steps.make_cache` (sharded) and index-key pages
+               ) -> PagedDSACache:
+    """Zeroed pools in the plain DSA engine's `PagedDSACache`: per layer the latent pages of
+    `tpla_steps.make_cache` ([num_pages, page, g*w], last axis sharded) and index-key pages
     [num_pages, page_size, Di] on every device of the mesh."""
     latent = tpla_steps.make_cache(cfg, num_pages, page_size, dtype, mesh, tcfg)
     everywhere = NamedSharding(mesh, P())
     shape = (num_pages, page_size, cfg.index_head_dim)
     index = tuple(jax.device_put(jnp.zeros(shape, dtype), everywhere)
                   for _ in range(cfg.num_layers))
-    return PagedDSATPLACache(latent.pages, index)
+    return PagedDSACache(latent.pages, index)
 
 
 def cache_entries(attn, h: jax.Array, cos: jax.Array, sin: jax.Array, g: int,
@@ -176,7 +164,7 @@ def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.
 # ---- the engine's steps -------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, positions,
+def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, positions,
                     segment_ids, slots, last_index, sampling: Sampling, steps):
     """As steps.prefill_packed: the model's own packed DSA prefill (segment ids keep each
     prompt's indexer to its own tokens); each token's entries go to its pool slot."""
@@ -197,12 +185,12 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, token
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
                      cache_index=None, **model.block_kwargs(i))
     last = model.norm(x).reshape(r * c, -1)[last_index]
-    return next_tokens(model, last, sampling, steps), PagedDSATPLACache(tuple(pages),
-                                                                       tuple(index_pages))
+    return next_tokens(model, last, sampling, steps), PagedDSACache(tuple(pages),
+                                                                   tuple(index_pages))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, page_table,
+def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, page_table,
                    start, n_valid, sampling: Sampling, steps):
     """As steps.prefill_chunk (padding queries past n_valid write where the sequence has not
     reached, past every valid query's causal limit, or into the scratch page)."""
@@ -210,18 +198,18 @@ def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens
     view = DSATPLACache(cache.pages, cache.index_pages, page_table)
     hidden, new = prefill_forward(model, tokens, view, start, mesh=mesh, tcfg=tcfg)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-    return next_tokens(model, last, sampling, steps), PagedDSATPLACache(new.pages,
-                                                                       new.index_pages)
+    return next_tokens(model, last, sampling, steps), PagedDSACache(new.pages,
+                                                                   new.index_pages)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _decode(mesh, tcfg, graphdef, state, cache: PagedDSATPLACache, tokens, page_table, index,
+def _decode(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, page_table, index,
             sampling: Sampling, steps):
     model = merge(graphdef, state)
     view = DSATPLACache(cache.pages, cache.index_pages, page_table)
     logits, new = decode_step(model, tokens[:, None], view, index, mesh=mesh, tcfg=tcfg)
     return sample(logits, sampling.seeds, steps, sampling.temperature, sampling.top_p,
-                  sampling.top_k), PagedDSATPLACache(new.pages, new.index_pages)
+                  sampling.top_k), PagedDSACache(new.pages, new.index_pages)
 
 
 class DSATPLASteps:
