@@ -153,7 +153,9 @@ def check_prompt(prompt: Any, where: str = "prompt", vocab_size: int | None = No
         if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
             raise InputTypeError(f"{where}: a prompt array must be 1-D integer token ids, got "
                                  f"shape {prompt.shape} dtype {prompt.dtype}")
-        prompt = prompt.tolist()
+        if not prompt.size:
+            raise InputError(f"{where}: empty prompt; give a string, chat messages or token ids")
+        return _checked_ids(prompt, where, vocab_size)
     if not isinstance(prompt, (list, tuple)):
         raise InputTypeError(f"{where}: {kinds}, got {type(prompt).__name__} {_show(prompt)}")
     if not prompt:
@@ -170,10 +172,7 @@ def check_prompt(prompt: Any, where: str = "prompt", vocab_size: int | None = No
                              f"{type(prompt[0]).__name__} {_show(prompt[0])}")
     ids = _integer_array(prompt)
     if ids is not None:  # all integers: one vectorized range check (a 32K prompt: ~2 ms, not 40)
-        bad = (ids < 0) if vocab_size is None else (ids < 0) | (ids >= vocab_size)
-        if not bad.any():
-            return ids.tolist()
-        prompt = prompt[: int(np.argmax(bad)) + 1]  # the loop below names the first bad id
+        return _checked_ids(ids, where, vocab_size)
     for j, t in enumerate(prompt):
         if not is_int(t):
             raise InputTypeError(f"{where}: token id {j} must be an integer, got "
@@ -183,6 +182,18 @@ def check_prompt(prompt: Any, where: str = "prompt", vocab_size: int | None = No
             raise InputError(f"{where}: token id {j} is {int(t)}, outside the vocabulary "
                              f"{allowed}")
     return [int(t) for t in prompt]
+
+
+def _checked_ids(ids: np.ndarray, where: str, vocab_size: int | None) -> list[int]:
+    """1-D integer token ids -> a list of Python ints, or InputError naming the first id
+    outside [0, vocab_size)."""
+    bad = (ids < 0) if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        j = int(np.argmax(bad))
+        allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise InputError(f"{where}: token id {j} is {int(ids[j])}, outside the vocabulary "
+                         f"{allowed}")
+    return ids.tolist()
 
 
 def _integer_array(ids: Any) -> np.ndarray | None:
