@@ -137,3 +137,14 @@ def test_an_interrupted_run_gives_its_pages_back():
     out = []
     engine.run(reqs, out.append)  # usable again
     assert sorted(r.id for r in out) == ["0", "1", "2"]
+
+
+def test_page_slots_match_the_per_position_formula():
+    from jaxprefill.infer.engine import page_slots
+    rng = np.random.default_rng(0)
+    for page_size in (1, 16, 64):
+        pages = rng.permutation(50)[:7].tolist()
+        pos = np.arange(len(pages) * page_size)
+        want = np.asarray(pages)[pos // page_size] * page_size + pos % page_size
+        got = page_slots(pages, page_size)
+        assert got.dtype == np.int32 and np.array_equal(got, want)

@@ -96,7 +96,7 @@ class _Seq:
     """Engine-side state of an admitted request."""
 
     req: Request
-    ids: list[int]
+    ids: np.ndarray  # int32 [prompt tokens]: copied into the step's arrays without a list walk
     max_new: int
     sampling: tuple  # (seed, temperature, top_p, top_k)
     slot: int = -1
@@ -213,7 +213,8 @@ class Engine:
         pick = lambda v, d: d if v is None else v  # noqa: E731
         sampling = (pick(req.seed, c.seed), pick(req.temperature, c.temperature),
                     pick(req.top_p, c.top_p), pick(req.top_k, c.top_k))
-        return _Seq(req, ids, max_new, sampling, t_submit=time.perf_counter())
+        return _Seq(req, np.asarray(ids, np.int32), max_new, sampling,
+                    t_submit=time.perf_counter())
 
     def run(self, requests: Iterable[Request], on_result: Callable[[Result], None],
             on_error: Callable[[Request, Exception], None] | None = None,
@@ -308,9 +309,7 @@ class Engine:
                 tokens[ri, col:col + ln] = s.ids
                 positions[ri, col:col + ln] = np.arange(ln)
                 segments[ri, col:col + ln] = seg
-                pos = np.arange(ln)
-                slots[ri, col:col + ln] = (np.asarray(s.pages)[pos // c.page_size] * c.page_size
-                                           + pos % c.page_size)
+                slots[ri, col:col + ln] = page_slots(s.pages, c.page_size)[:ln]
                 last[len(seqs)] = ri * width + col + ln - 1
                 seqs.append(s)
                 col += ln
@@ -443,6 +442,14 @@ class Engine:
         n_after = max(len(s.out) - 1, 0)
         return Result(s.req.id, text, s.out, len(s.ids), s.finish or "length",
                       t_first - s.t_submit, n_after / max(now - t_first, 1e-9) if n_after else 0.0)
+
+
+def page_slots(pages: Sequence[int], page_size: int) -> np.ndarray:
+    """int32 [len(pages) * page_size]: the cache slot of each position of a sequence whose
+    positions fill ``pages`` in order (position t -> pages[t // page_size] * page_size +
+    t % page_size), built per page rather than per position."""
+    first = np.asarray(pages, np.int32)[:, None] * page_size
+    return (first + np.arange(page_size, dtype=np.int32)[None, :]).reshape(-1)
 
 
 def engine_ring(model, config: EngineConfig,
