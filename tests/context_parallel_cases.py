@@ -31,6 +31,9 @@ POLICIES = {
     "streaming": {"policy": "streaming", "params": dict(block_size=16, sink=16, local=32)},
     "xattention": {"policy": "xattention", "params": dict(block_size=16, stride=4,
                                                           threshold=0.8, n_last=0)},
+    # key columns rank keys by the prompt's last queries, which one device's rows do not hold
+    "xattention_columns": {"policy": "xattention", "params": dict(
+        block_size=16, stride=4, threshold=0.8, n_last=0, key_columns=8)},
     # tau 1: every head query-aware, whose blocks pass a threshold over all rows (global)
     "flexprefill": {"policy": "flexprefill", "params": dict(block_size=16, min_budget=16,
                                                             gamma=0.7, tau=1.0, n_last=0)},
@@ -122,7 +125,8 @@ def llama_cases() -> dict:
              ("packed_streaming/8", "streaming", packed, {"sequence": 8}),
              ("streaming/4", "streaming", prompt, {"sequence": 4}),
              ("xattention/8", "xattention", prompt, {"sequence": 8}),
-             ("flexprefill/4", "flexprefill", prompt, {"sequence": 4})]
+             ("flexprefill/4", "flexprefill", prompt, {"sequence": 4}),
+             ("xattention_columns/4", "xattention_columns", prompt, {"sequence": 4})]
     errors = model_cases(model, cases)
     # How far each policy is from dense here: the sparse cases must not be dense in disguise.
     dense = run(model, AttentionSpec(), prompt)[0]

@@ -12,9 +12,11 @@ through the public policy interface, on one of three paths by what the policy re
   keys): ``Policy.build_rows`` of each own chunk over all keys; K is all-gathered for the
   estimate (not V), O(S) memory per device for the duration of one layer's estimate.
 * ``whole`` (every other policy: minference, flexprefill and proxyattn estimate every row from
-  the prompt's last queries or a threshold over all rows): Q and K are all-gathered and the
-  device builds the whole-prompt layout (``jaxprefill.sparse.prefill.layout_for``), then keeps
-  its rows. Exact, but each device pays the whole estimate.
+  the prompt's last queries or a threshold over all rows; and any policy with ``key_columns``,
+  whose columns come from the prompt's last queries, which a device's own rows do not hold): Q
+  and K are all-gathered and the device builds the whole-prompt layout
+  (``jaxprefill.sparse.prefill.layout_for``), then keeps its rows. Exact, but each device pays
+  the whole estimate.
 
 What would make the ``whole`` path split its work: a policy method that returns the global part
 of an estimate (the last queries' vertical and slash sums, budgets, FlexPrefill's global
@@ -47,6 +49,8 @@ ROW_LOCAL = ("xattention", "oracle_topk")
 
 def estimate_path(policy: Policy) -> str:
     """"static", "rows" or "whole" (module docstring)."""
+    if policy.has_columns:  # ranked by the prompt's last queries: not row-local
+        return "whole"
     if policy.name in STATIC:
         return "static"
     if policy.name in ROW_LOCAL:
