@@ -26,11 +26,13 @@ from jaxprefill.parallel import ContextParallel, prompt_attention, zigzag
 from jaxprefill.sharding import state_shardings
 from jaxprefill.sparse import Prefill
 
-# n_last 0: the methods' own layouts (at 200 tokens a 128-query dense tail covers most rows).
+# n_last 0: the methods' own layouts (at 200 tokens a 128-query dense tail covers most rows);
+# xattention without key columns: its row-local path (the columns case is its own entry).
 POLICIES = {
     "streaming": {"policy": "streaming", "params": dict(block_size=16, sink=16, local=32)},
     "xattention": {"policy": "xattention", "params": dict(block_size=16, stride=4,
-                                                          threshold=0.8, n_last=0)},
+                                                          threshold=0.8, n_last=0,
+                                                          key_columns=0)},
     # key columns rank keys by the prompt's last queries, which one device's rows do not hold
     "xattention_columns": {"policy": "xattention", "params": dict(
         block_size=16, stride=4, threshold=0.8, n_last=0, key_columns=8)},

@@ -195,8 +195,8 @@ def test_settings_are_validated():
 
 def test_estimate_paths_and_refusals():
     assert rows.estimate_path(sparse.get("streaming")) == "static"
-    assert rows.estimate_path(sparse.get("xattention")) == "rows"
-    assert rows.estimate_path(sparse.get("xattention", key_columns=8)) == "whole"
+    assert rows.estimate_path(sparse.get("xattention", key_columns=0)) == "rows"
+    assert rows.estimate_path(sparse.get("xattention")) == "whole"  # 64 key columns
     assert rows.estimate_path(sparse.get("streaming", key_columns=8)) == "whole"
     assert rows.estimate_path(sparse.get("minference")) == "whole"
     with pytest.raises(ValueError, match="reorders keys"):

@@ -18,13 +18,15 @@ from test_engine_sparse import peaked_tiny_llama
 
 LENGTHS = [61, 40, 50]  # ragged, one prompt per row (40 < min_length: dense); a fourth unused
 WIDTH, ROWS, PAGE, PAGES = 64, 4, 16, 24
-# n_last 0: the method's own layout (a 128-query dense tail would cover these rows).
+# n_last 0 and no key columns: the method's own block layout (a 128-query dense tail or 64
+# columns would cover these rows).
 POLICIES = {
     "dense": None,
     "streaming": {"min_length": 48, "policy": "streaming",
                   "params": {"block_size": 16, "sink": 16, "local": 16}},
     "xattention": {"min_length": 48, "policy": "xattention",
-                   "params": {"block_size": 16, "threshold": 0.6, "stride": 4, "n_last": 0}},
+                   "params": {"block_size": 16, "threshold": 0.6, "stride": 4, "n_last": 0,
+                              "key_columns": 0}},
 }
 
 

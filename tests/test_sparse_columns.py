@@ -62,7 +62,7 @@ def test_layout_is_the_policy_blocks_plus_columns_and_attention_follows_it(heads
     q, k, v = inputs(1)
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     params = dict(block_size=BLOCK, threshold=0.3, stride=8, n_last=0, heads=heads)
-    plain = sparse.get("xattention", **params)
+    plain = sparse.get("xattention", key_columns=0, **params)
     cols = sparse.get("xattention", key_columns=10, **params)
     lay0, lay = plain.build(q, k, lengths=lengths), cols.build(q, k, lengths=lengths)
     blocks = np.asarray(lay.to_block_mask())
@@ -103,7 +103,7 @@ def test_eval_statistics_count_the_columns_as_tokens():
     lengths = np.asarray(LENGTHS, np.int32)
     sampled = np.stack([np.arange(L - 96, L, 3) for L in LENGTHS])
     params = dict(block_size=BLOCK, threshold=0.3, stride=8, n_last=0)
-    d0, r0, _, _ = layer_stats(sparse.get("xattention", **params), 0, q, k, v, lengths, sampled)
+    d0, r0, _, _ = layer_stats(sparse.get("xattention", key_columns=0, **params), 0, q, k, v, lengths, sampled)
     d1, r1, _, _ = layer_stats(sparse.get("xattention", key_columns=8, **params), 0, q, k, v,
                                lengths, sampled)
     assert r1.mean() > r0.mean() + 0.02, (r0.mean(), r1.mean())
@@ -135,7 +135,8 @@ def test_missed_attention_report_finds_the_sharp_keys():
     p = exact_probs(q0, k0, rows)
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-9)
     assert p[:, 0, 151:].max() == 0  # causal: row 150 sees keys 0..150 only
-    pol = sparse.get("xattention", block_size=BLOCK, threshold=0.3, stride=8, n_last=0)
+    pol = sparse.get("xattention", block_size=BLOCK, threshold=0.3, stride=8, n_last=0,
+                     key_columns=0)
     mask = np.asarray(pol.block_mask(q, k))[0]
     rep = layer_report(q0, k0, {"x": mask}, rows, BLOCK, columns=len(SHARP))
     x = rep["policies"]["x"]
