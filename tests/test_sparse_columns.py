@@ -110,6 +110,15 @@ def test_eval_statistics_count_the_columns_as_tokens():
     assert (d1 >= d0 - 1e-9).all() and (d1 - d0).max() <= 8 / BLOCK + 1e-9
 
 
+def test_xattention_takes_64_columns_by_default_and_its_paper_config_none():
+    assert sparse.get("xattention").key_columns == 64
+    assert sparse.get("xattention", key_columns=0).has_columns is False
+    for name in ("flexprefill", "proxyattn", "streaming"):
+        assert sparse.get(name).key_columns == 0, name
+    for path in ("configs/sparse/xattention.yaml", "configs/sparse/xattention_smollm2.yaml"):
+        assert sparse.SparseConfig.from_yaml(path).rules[0].policy.key_columns == 0, path
+
+
 def test_key_columns_is_checked():
     for bad in (-1, 2.5):
         with pytest.raises(ValueError, match="key_columns must be an integer"):
