@@ -124,9 +124,15 @@ class SignalingEngine(FakeEngine):
 
 def test_sigint_stops_with_status_130_and_resume_hint(tmp_path, capsys):
     write_prompts(tmp_path / "in.jsonl", ["a", "b", "c", "d"])
-    before = signal.getsignal(signal.SIGINT)
-    assert infer(tmp_path, make_engine=lambda a: SignalingEngine(signal.SIGINT, 2)) == 130
-    assert signal.getsignal(signal.SIGINT) is before  # restored
+    # A test run started in the background (`cmd &`) inherits SIGINT ignored, which the job
+    # rightly leaves alone; this test needs SIGINT handled, as in a foreground run.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        assert infer(tmp_path, make_engine=lambda a: SignalingEngine(signal.SIGINT, 2)) == 130
+        assert signal.getsignal(signal.SIGINT) is before  # restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     stdout = capsys.readouterr().out
     assert "interrupted by SIGINT: 2 results written" in stdout and RESUME_HINT in stdout
     assert len(output_ids(tmp_path / "out.jsonl")) == 2

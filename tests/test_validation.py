@@ -123,8 +123,8 @@ def test_request_id_must_be_str_or_int(engine, rid):
 
 
 def test_request_ids_str_and_int_are_admitted(engine):
-    assert engine.prepare(Request(id=7, prompt=[1, 2])).ids == [1, 2]
-    assert engine.prepare(Request(id="a", prompt=np.array([3, 4]))).ids == [3, 4]
+    assert engine.prepare(Request(id=7, prompt=[1, 2])).ids.tolist() == [1, 2]
+    assert engine.prepare(Request(id="a", prompt=np.array([3, 4]))).ids.tolist() == [3, 4]
     check_id("x")
     check_id(np.int64(3), "job id")
     with pytest.raises(InputTypeError, match="^job id must be a string or an integer, got float"):
