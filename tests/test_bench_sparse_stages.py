@@ -193,3 +193,6 @@ def test_threshold_search_bench_runs_tiny(tmp_path):
     for r in rows:
         assert all(r[f"topk_equal_{n}"] for n in names)
         assert all(r[f"topk_ms_{n}"] > 0 and r[f"mass_ms_{n}"] > 0 for n in names)
+    columns = json.loads((tmp_path / "bench_threshold_search.json").read_text())["columns"]
+    assert [r["shape"] for r in columns] == list(bench.TINY_COLUMNS)
+    assert all(r["equal"] and r["cells_ms"] > 0 for r in columns)

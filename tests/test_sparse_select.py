@@ -108,6 +108,35 @@ def test_minference_column_positions_equal_the_sort_reference(s, cap):
     np.testing.assert_array_equal(np.asarray(fast), want)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("m,count", [(2500, 16), (4099, 64), (300, 40), (37, 64), (64, 64)])
+def test_top_positions_equal_the_sort_reference(m, count, ties):
+    """Two top-k over cells (key columns) select what a stable sort of the whole row does:
+    ties across cells and within a cell, negative scores, invalid entries, rows with fewer
+    valid entries than count, an empty row, lengths that no cell size divides."""
+    rng = np.random.default_rng(m + count + ties)
+    x = scores(rng, (3, 4, m), ties)
+    x[0, 0] = -rng.random(m)
+    valid = rng.random((3, 4, m)) < 0.8
+    valid[1, 2] = False  # an empty row: all -1
+    valid[2, 1] = np.arange(m) < count // 2  # fewer valid entries than count
+    if ties:  # a tie at the cut that spans many cells: lower positions must win
+        x[2, 3] = 0.5
+        x[0, 1, ::3] = -0.0  # ties with the row's +0.0 entries
+    got = np.asarray(jax.jit(select.top_positions, static_argnums=2)(x, valid, count))
+    c = min(count, m)
+    sel = est.topk_mask_sort(jnp.asarray(x), jnp.asarray(valid), jnp.asarray(c))
+    want = np.full((3, 4, c), -1)
+    for row in np.ndindex(3, 4):
+        p = np.flatnonzero(np.asarray(sel[row]))
+        want[row][:len(p)] = p
+    np.testing.assert_array_equal(got, want)
+    if ties:  # all tied: the first c valid positions
+        first = np.flatnonzero(valid[2, 3])[:c]
+        np.testing.assert_array_equal(got[2, 3, :len(first)], first)
+    assert (got[1, 2] == -1).all() and (got[2, 1] >= 0).sum() == valid[2, 1].sum()
+
+
 @pytest.mark.parametrize("bits", [1, 2, 8])
 def test_radix_search_equals_binary_search(bits):
     """The cut search fixes RADIX_BITS bits per pass; any digit width gives the bit-by-bit

@@ -38,6 +38,8 @@ def top_columns(q: jax.Array, k: jax.Array, geo: Geometry, count: int) -> jax.Ar
     vert, _ = est.last_q_sums(q, k, geo, LAST_QUERIES, slash=False)  # [B, Hq, S]
     valid = (jnp.arange(geo.S)[None, :] < geo.lengths[:, None])[:, None, :]
     c = max(1, min(count, geo.S))
+    if not geo.estimation.sort:
+        return select.top_positions(vert, valid, c)
     sel = est.topk_mask(vert, valid, jnp.asarray(c), how=geo.estimation)
     return ascending_positions(sel, c, geo.estimation)
 

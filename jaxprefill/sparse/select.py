@@ -24,6 +24,8 @@ switches the estimators back to the sort-based reference implementations
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -115,6 +117,41 @@ def topk_mask(scores: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Arra
     return gt | (eq & (prefix_count(eq) <= room[..., None]))
 
 
+def top_positions(scores: jax.Array, valid: jax.Array, count: int) -> jax.Array:
+    """int32 [..., c], c = min(count, m): the positions of the c largest valid entries of each
+    row of float scores [..., m] (finite; ties in index order, -0.0 == 0.0), ascending, -1
+    after the last (rows with fewer valid entries). The set equals :func:`topk_mask`'s; for a
+    small count over a long row.
+
+    Two ``lax.top_k`` over short rows instead of one over m (a sort of the whole row on GPUs):
+    the row is cut into cells of ``cell`` entries, the c cells with the largest maxima are kept
+    (ties: lower cell), and the top c of their c x cell entries, gathered in position order, is
+    the row's top c. Exact: an entry of a dropped cell is outranked by the c kept maxima (each
+    larger, or equal and earlier), so it is not among the row's top c.
+    """
+    m = scores.shape[-1]
+    c = max(1, min(count, m))
+    x = scores.astype(jnp.float32)
+    low = jnp.finfo(jnp.float32).min  # valid entries stay above the invalid ones' -inf
+    key = jnp.where(valid, jnp.maximum(jnp.where(x == 0, 0.0, x), low), -jnp.inf)
+    cell = 1 << max(0, int(round(math.log2(max(1.0, math.sqrt(m / c))))))  # ~ sqrt(m / c)
+    n = -(-m // cell)
+    if cell == 1 or n < c:
+        pos = jax.lax.top_k(key, c)[1]
+        taken = jnp.take_along_axis(key, pos, axis=-1)
+    else:
+        pad = [(0, 0)] * (key.ndim - 1) + [(0, n * cell - m)]
+        cells = jnp.pad(key, pad, constant_values=-jnp.inf)
+        cells = cells.reshape(*key.shape[:-1], n, cell)
+        kept = jnp.sort(jax.lax.top_k(cells.max(axis=-1), c)[1], axis=-1)  # [..., c] cells
+        cand = jnp.take_along_axis(cells, kept[..., None], axis=-2)  # [..., c, cell]
+        taken, j = jax.lax.top_k(cand.reshape(*key.shape[:-1], c * cell), c)
+        pos = jnp.take_along_axis(kept, j // cell, axis=-1) * cell + j % cell
+    pos = jnp.where(taken > -jnp.inf, pos, m)  # invalid picks sort last
+    pos = jnp.sort(pos, axis=-1)
+    return jnp.where(pos < m, pos, -1).astype(jnp.int32)
+
+
 def cumulative_keep(scores: jax.Array, valid: jax.Array, gamma: float,
                     forced: jax.Array | None = None, *, how: Estimation) -> jax.Array:
     """Threshold version of :func:`jaxprefill.sparse.estimators.cumulative_keep_sort` (same
@@ -201,5 +238,5 @@ def mask_to_lists(mask: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
     return lists.reshape(*lead, cap), cnt.reshape(lead).astype(jnp.int32)
 
 
-__all__ = ["cumulative_keep", "mask_to_lists", "mass_count", "prefix_count", "sort_key",
-           "topk_mask"]
+__all__ = ["cumulative_keep", "mask_to_lists", "mass_count", "prefix_count",
+           "sort_key", "top_positions", "topk_mask"]

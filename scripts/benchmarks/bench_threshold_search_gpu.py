@@ -19,6 +19,11 @@ block rows [1, 32, 128, 1024] (a chunk's 128 query blocks over 1024 key blocks).
 widths, the library's width with its steps unrolled (``select.RADIX_UNROLL``: straight-line
 steps instead of a loop). Each variant prints as it is timed. Timings:
 ``scripts.common.timing.time_ms``.
+
+Then the key-column choice (``jaxprefill.sparse.columns.top_columns``: 64 ascending positions
+per head) at [1, 9, 32768] and [1, 32, 131072]: ``select.top_positions`` (two top-k over
+cells, the library's path) against the radix top-k mask + list compaction (its path before)
+and one ``lax.top_k`` over the whole row + a sort of the 64; all three must agree.
 """
 
 from __future__ import annotations
@@ -80,6 +85,40 @@ def run(shapes: dict, reps: int) -> tuple[list, bool]:
     return results, ok
 
 
+COLUMN_SHAPES = {"smollm_keys32k": (1, 9, 32768), "keys128k": (1, 32, 131072)}
+TINY_COLUMNS = {"keys": (1, 4, 2048)}
+
+
+def run_columns(shapes: dict, reps: int, count: int = 64) -> tuple[list, bool]:
+    """Times the three ways to the key columns (module docstring); ok when all agree."""
+    from jaxprefill.sparse.columns import ascending_positions
+    from jaxprefill.sparse.estimation import Estimation
+
+    results, ok = [], True
+    for label, shape in shapes.items():
+        scores = jax.random.uniform(jax.random.key(1), shape, jnp.float32)
+        valid = jnp.ones(shape, bool)
+        variants = {
+            "cells": lambda s: select.top_positions(s, valid, count),
+            "radix_mask": lambda s: ascending_positions(select.topk_mask(s, valid, count),
+                                                        count, Estimation()),
+            "top_k_row": lambda s: jnp.sort(jax.lax.top_k(s, count)[1], axis=-1),
+        }
+        row, outs = dict(shape=label, dims=list(shape), count=count), {}
+        for name, fn in variants.items():
+            f = jax.jit(fn)
+            outs[name] = np.asarray(f(scores))
+            row[f"{name}_ms"] = time_ms(f, scores, reps=reps).ms
+        same = all(np.array_equal(outs["cells"], o) for o in outs.values())
+        ok &= same
+        row["equal"] = same
+        print(f"columns {label:16s} " + "  ".join(f"{n} {row[f'{n}_ms']:.3f} ms"
+                                                   for n in variants)
+              + f"  {'equal' if same else 'MISMATCH'}", flush=True)
+        results.append(row)
+    return results, ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".")
@@ -90,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; library RADIX_BITS "
           f"{default_bits}", flush=True)
     try:
-        results, ok = run(TINY if args.tiny else SHAPES, 2 if args.tiny else args.reps)
+        reps = 2 if args.tiny else args.reps
+        columns, ok_columns = run_columns(TINY_COLUMNS if args.tiny else COLUMN_SHAPES, reps)
+        results, ok = run(TINY if args.tiny else SHAPES, reps)
+        ok &= ok_columns
     finally:
         select.RADIX_BITS, select.RADIX_UNROLL = default_bits, default_unroll
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_threshold_search.json").write_text(json.dumps(dict(
         device=jax.devices()[0].device_kind, jax=jax.__version__, radix_bits=default_bits,
-        results=results), indent=1))
+        results=results, columns=columns), indent=1))
     if not ok:
         print("MISMATCH: a search's top-k differs from the sort", flush=True)
     return 0 if ok else 1
