@@ -138,7 +138,8 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str | list[dict] | Seque
 
     t0 = time.perf_counter()
     cache_class = getattr(model, "cache_class", KVCache)  # DeepSeek: paged latent cache
-    cache = cache_class.zeros(cfg, batch, cache_len, model.dtype)
+    cache = cache_class.zeros(cfg, batch, cache_len, model.dtype,
+                              **getattr(model, "cache_options", {}))
     if mesh is not None:
         state = jax.device_put(state, state_shardings(state, mesh))
         cache = jax.device_put(cache, cache_sharding(cache, mesh, ring, cfg))

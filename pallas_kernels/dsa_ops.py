@@ -42,8 +42,8 @@ from pallas_kernels._dsa_common import kth_key_xla, kth_select, order_key, topk_
 from pallas_kernels._estimation_common import pow2
 from pallas_kernels.dsa_reference import (allowed, canonical, check_index_inputs,
                                           check_sparse_inputs, fp8_index_inputs,
-                                          index_scores_reference, query_positions, select_topk,
-                                          sparse_mla_reference)
+                                          fp8_index_queries, index_scores_reference,
+                                          query_positions, select_topk, sparse_mla_reference)
 from pallas_kernels.gpu import dsa_index_triton as tri
 from pallas_kernels.gpu.sparse_mla_triton import default_block_h as sparse_block_h
 from pallas_kernels.gpu.sparse_mla_triton import sparse_mla_triton
@@ -198,8 +198,8 @@ def _triton_keys(config: dict, interpret: bool, b: int, rows: int, hi: int):
 def index_topk(q: jax.Array, weights: jax.Array, k: jax.Array, topk: int, *,
                q_offset: jax.Array | None = None,
                segment_ids: tuple[jax.Array, jax.Array] | None = None, fp8: bool = False,
-               impl: str = "auto", interpret: bool = False, chunk: int | None = None,
-               config: dict | None = None) -> jax.Array:
+               k_scale: jax.Array | None = None, impl: str = "auto", interpret: bool = False,
+               chunk: int | None = None, config: dict | None = None) -> jax.Array:
     """int32 [B, S, min(topk, T)]: each query's selected key indices, ascending, then -1.
 
     Args:
@@ -209,6 +209,9 @@ def index_topk(q: jax.Array, weights: jax.Array, k: jax.Array, topk: int, *,
       segment_ids: (seg_q int32 [B, S], seg_k int32 [B, T]): keys of other segments are not
         allowed (packed rows).
       fp8: score in float8 e4m3 (module docstring).
+      k_scale: float32 [B, T] when k is already float8 e4m3 (``quantize_e4m3``'s values and
+        scales: keys stored in FP8, as a DSA cache can keep them); implies fp8, only q is
+        quantized here. The result equals ``fp8=True`` on the keys before quantization.
       impl, interpret: see the module docstring and :mod:`pallas_kernels.backends`.
       chunk: query rows per step of the chunked paths (default: from ``CHUNK_BYTES``).
       config: kernel knobs (triton: block_q, block_k, key_splits, num_warps, num_stages;
@@ -220,8 +223,13 @@ def index_topk(q: jax.Array, weights: jax.Array, k: jax.Array, topk: int, *,
     name = index_topk_backend(q, k, topk, impl=impl, interpret=interpret)
     if config is not None and name not in ("triton", "mosaic_tpu"):
         raise ValueError(f"index_topk: {name} takes no config")
-    k_scale = None
-    if fp8:
+    if k_scale is not None:
+        if k.dtype != jnp.float8_e4m3fn or jnp.shape(k_scale) != (b, t):
+            raise ValueError(f"k_scale [B, T]={b, t} goes with float8_e4m3fn keys; got k "
+                             f"{k.dtype}, k_scale shape {jnp.shape(k_scale)}")
+        q, weights = fp8_index_queries(q, weights)
+        k_scale = k_scale.astype(jnp.float32)
+    elif fp8:
         q, weights, k, k_scale = fp8_index_inputs(q, weights, k)
     seg_q, seg_k = segment_ids if segment_ids is not None else (None, None)
     q_pos = query_positions(b, s, q_offset)

@@ -119,9 +119,15 @@ def fp8_index_inputs(q: jax.Array, w: jax.Array, k: jax.Array
     """The FP8 indexer's operands: (q8, w * q_scale, k8, k_scale [B, T]). With positive scales
     w_h relu(sq_h sk q8_h . k8) = sk (w_h sq_h) relu(q8_h . k8): the query scale folds into the
     head weights and the key scale multiplies the head sum (as DeepSeek's fp8_index does)."""
-    q8, qs = quantize_e4m3(q)
+    q8, w8 = fp8_index_queries(q, w)
     k8, ks = quantize_e4m3(k)
-    return q8, w.astype(jnp.float32) * qs, k8, ks
+    return q8, w8, k8, ks
+
+
+def fp8_index_queries(q: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The query half of :func:`fp8_index_inputs`: (q8, w * q_scale), for keys already in FP8."""
+    q8, qs = quantize_e4m3(q)
+    return q8, w.astype(jnp.float32) * qs
 
 
 def check_sparse_inputs(q_latent, q_pe, kv, rows) -> tuple[int, int, int, int, int, int]:
@@ -160,5 +166,6 @@ def sparse_mla_reference(q_latent: jax.Array, q_pe: jax.Array, kv: jax.Array, ro
 
 
 __all__ = ["allowed", "canonical", "check_index_inputs", "check_sparse_inputs",
-           "fp8_index_inputs", "index_scores_reference", "index_topk_reference",
-           "query_positions", "quantize_e4m3", "select_topk", "sparse_mla_reference"]
+           "fp8_index_inputs", "fp8_index_queries", "index_scores_reference",
+           "index_topk_reference", "query_positions", "quantize_e4m3", "select_topk",
+           "sparse_mla_reference"]

@@ -293,7 +293,8 @@ def greedy_answers(model, tokenizer, tokens: np.ndarray, lengths: np.ndarray,
     if cache_len < p + max_new_tokens:
         raise ValueError(f"cache_len {cache_len} < prompt {p} + max_new_tokens {max_new_tokens}")
     cache_class = getattr(model, "cache_class", KVCache)  # DeepSeek: paged latent cache
-    cache = cache_class.zeros(model.config, b, cache_len, model.dtype)
+    cache = cache_class.zeros(model.config, b, cache_len, model.dtype,
+                              **getattr(model, "cache_options", {}))
     sampling = Sampling.make(b)
     eos = np.asarray(sorted(int(e) for e in (tokenizer.eos_token_ids
                                              or model.config.eos_token_ids)), np.int64)

@@ -154,7 +154,8 @@ class Engine:
             model, self.steps, self.cache = tpla.setup(
                 model, dict(config.tpla), config.num_pages, config.page_size)
         else:
-            self.cache = pool.zeros(cfg, config.num_pages, config.page_size, model.dtype)
+            self.cache = pool.zeros(cfg, config.num_pages, config.page_size, model.dtype,
+                                    **getattr(model, "cache_options", {}))
         graphdef, self.state = nnx.split(model)
         if not fields:
             self.graphdef = graphdef

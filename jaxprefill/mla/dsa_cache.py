@@ -25,20 +25,26 @@ from flax import struct
 from jaxprefill.decoding import Sampling, next_tokens
 from jaxprefill.graph import merge
 from jaxprefill.mla.latent_cache import scatter_rows
-from jaxprefill.models.dsa import DSACache
+from jaxprefill.models.dsa import DSACache, index_pool
 
 
 @struct.dataclass
 class PagedDSACache:
     pages: tuple[jax.Array, ...]        # per layer [num_pages, page_size, d_c + d_r]
     index_pages: tuple[jax.Array, ...]  # per layer [num_pages, page_size, index_head_dim]
+    #                                     (FP8 rows: uint8 [..., index_head_dim + 4])
 
     @classmethod
-    def zeros(cls, cfg, num_pages: int, page_size: int, dtype) -> "PagedDSACache":
+    def zeros(cls, cfg, num_pages: int, page_size: int, dtype, *,
+              index_fp8: bool = False) -> "PagedDSACache":
         lat = (num_pages, page_size, cfg.latent_dim)
-        ik = (num_pages, page_size, cfg.index_head_dim)
         return cls(tuple(jnp.zeros(lat, dtype) for _ in range(cfg.num_layers)),
-                   tuple(jnp.zeros(ik, dtype) for _ in range(cfg.num_layers)))
+                   tuple(index_pool(cfg, num_pages, page_size, dtype, index_fp8)
+                         for _ in range(cfg.num_layers)))
+
+    @property
+    def index_fp8(self) -> bool:
+        return self.index_pages[0].dtype == jnp.uint8
 
     @property
     def page_size(self) -> int:
@@ -60,7 +66,8 @@ def prefill_packed(graphdef, state, cache: PagedDSACache, tokens, positions, seg
     """As steps.prefill_packed: tokens/positions/segment_ids/slots int32 [R, C]."""
     model = merge(graphdef, state)
     r, c = tokens.shape
-    view = DSACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size)
+    view = DSACache.zeros(model.config, r, c, cache.pages[0].dtype, page_size=cache.page_size,
+                          index_fp8=cache.index_fp8)
     hidden, view = model.forward(tokens, positions, segment_ids, cache=view)
     cache = PagedDSACache(
         tuple(scatter_rows(p, v, slots) for p, v in zip(cache.pages, view.pages)),

@@ -4,8 +4,8 @@
 `EngineConfig(tpla={"tensor": g, ...})` with a `DeepSeekV32` model runs:
   * the model through `jaxprefill.mla.tpla.reparameterize` (exact; the indexer is untouched);
   * per layer a latent pool [num_pages, page, g*w] (`tpla.pack_latent` layout, sharded over
-    its last axis) and an index-key pool [num_pages, page, Di] replicated on every device,
-    under the same page ids;
+    its last axis) and an index-key pool [num_pages, page, Di] (FP8 rows [..., Di + 4] with
+    `DSAOptions(fp8=True)`) replicated on every device, under the same page ids;
   * prefill as exact DSA (the model's own layers: sparse, or dense for calls of at most
     `index_topk` keys), writing the packed latent and the index keys. A chunk attends over a
     view of its rows' cached entries, the exact latent unpacked from the pool (norm="global");
@@ -38,6 +38,7 @@ from jaxprefill.mla.latent_cache import scatter_rows
 from jaxprefill.mla.tpla import TPLAConfig, pack_latent, tpla_decode, tpla_sparse_decode
 from jaxprefill.mla.tpla_model import folded_w_uv, raw_latent, require_folded
 from jaxprefill.models.deepseek import write_latent
+from jaxprefill.models.dsa import index_entries, index_pool
 
 
 @struct.dataclass
@@ -51,24 +52,24 @@ class DSATPLACache:
 
     @classmethod
     def zeros(cls, cfg, batch: int, length: int, *, mesh: Mesh, tcfg: TPLAConfig,
-              dtype=jnp.float32, page_size: int = 64) -> "DSATPLACache":
+              dtype=jnp.float32, page_size: int = 64, index_fp8: bool = False
+              ) -> "DSATPLACache":
         """Capacity >= `length` tokens per row; row b owns pages b*P .. b*P+P-1."""
         p = -(-length // page_size)
-        pool = make_cache(cfg, batch * p, page_size, dtype, mesh, tcfg)
+        pool = make_cache(cfg, batch * p, page_size, dtype, mesh, tcfg, index_fp8=index_fp8)
         table = jnp.arange(batch * p, dtype=jnp.int32).reshape(batch, p)
         return cls(pool.pages, pool.index_pages, table)
 
 
-def make_cache(cfg, num_pages: int, page_size: int, dtype, mesh: Mesh, tcfg: TPLAConfig
-               ) -> PagedDSACache:
+def make_cache(cfg, num_pages: int, page_size: int, dtype, mesh: Mesh, tcfg: TPLAConfig, *,
+               index_fp8: bool = False) -> PagedDSACache:
     """Zeroed pools in the plain DSA engine's `PagedDSACache`: per layer the latent pages of
     `tpla_steps.make_cache` ([num_pages, page, g*w], last axis sharded) and index-key pages
-    [num_pages, page_size, Di] on every device of the mesh."""
+    [num_pages, page_size, Di] (FP8 rows [..., Di + 4] with index_fp8) on every device."""
     latent = tpla_steps.make_cache(cfg, num_pages, page_size, dtype, mesh, tcfg)
     everywhere = NamedSharding(mesh, P())
-    shape = (num_pages, page_size, cfg.index_head_dim)
-    index = tuple(jax.device_put(jnp.zeros(shape, dtype), everywhere)
-                  for _ in range(cfg.num_layers))
+    index = tuple(jax.device_put(index_pool(cfg, num_pages, page_size, dtype, index_fp8),
+                                 everywhere) for _ in range(cfg.num_layers))
     return PagedDSACache(latent.pages, index)
 
 
@@ -80,7 +81,7 @@ def cache_entries(attn, h: jax.Array, cos: jax.Array, sin: jax.Array, g: int,
     return packed, attn.indexer.keys(h, cos, sin)
 
 
-def exact_view(pool: jax.Array, index_pool: jax.Array, page_table: jax.Array, cfg, g: int,
+def exact_view(pool: jax.Array, ipool: jax.Array, page_table: jax.Array, cfg, g: int,
                tcfg: TPLAConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The rows' cached entries as a plain DSA layer cache: (latent pages [B*P, page,
     d_c + d_r] unpacked from the pool, exact for norm="global"; index pages [B*P, page, Di];
@@ -88,7 +89,7 @@ def exact_view(pool: jax.Array, index_pool: jax.Array, page_table: jax.Array, cf
     b, p = page_table.shape
     page = pool.shape[1]
     latent = tpla_steps.unpack_latent(jnp.take(pool, page_table, axis=0), cfg, g, tcfg)
-    keys = jnp.take(index_pool, page_table, axis=0)
+    keys = jnp.take(ipool, page_table, axis=0)
     own = jnp.arange(b * p, dtype=jnp.int32).reshape(b, p)
     return latent.reshape(b * p, page, -1), keys.reshape(b * p, page, -1), own
 
@@ -107,15 +108,15 @@ def prefill_forward(model, tokens: jax.Array, cache: DSATPLACache, start: jax.Ar
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     table = cache.page_table
     pages, index_pages = [], []
-    for i, (layer, pool, index_pool) in enumerate(zip(model.layers, cache.pages,
+    for i, (layer, pool, ipool) in enumerate(zip(model.layers, cache.pages,
                                                       cache.index_pages)):
         packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
                                      cfg.rms_norm_eps)
         pool = write_latent(pool, table, packed, start)
-        index_pool = write_latent(index_pool, table, keys, start)
+        ipool = write_latent(ipool, table, index_entries(keys, ipool), start)
         pages.append(pool)
-        index_pages.append(index_pool)
-        view = exact_view(pool, index_pool, table, cfg, g, tcfg)
+        index_pages.append(ipool)
+        view = exact_view(pool, ipool, table, cfg, g, tcfg)
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=None, cache=view,
                      cache_index=start, **model.block_kwargs(i))
     return model.norm(x), DSATPLACache(tuple(pages), tuple(index_pages), table)
@@ -134,14 +135,14 @@ def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     table = cache.page_table
     pages, index_pages = [], []
-    for layer, pool, index_pool in zip(model.layers, cache.pages, cache.index_pages):
+    for layer, pool, ipool in zip(model.layers, cache.pages, cache.index_pages):
         attn = layer.attn
         h = layer.attn_norm(x)
         packed, keys = cache_entries(attn, h, cos, sin, g, tcfg, cfg.rms_norm_eps)
         pool = write_latent(pool, table, packed, cache_index)
-        index_pool = write_latent(index_pool, table, keys, cache_index)
+        ipool = write_latent(ipool, table, index_entries(keys, ipool), cache_index)
         pages.append(pool)
-        index_pages.append(index_pool)
+        index_pages.append(ipool)
         qr = attn.query_latent(h)
         q_nope, q_pe = attn.heads(qr, cos, sin)
         q_lat = attn.absorb_query(q_nope)[:, 0].astype(jnp.float32)
@@ -151,7 +152,7 @@ def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.
             o = tpla_decode(q_lat, q_pe, pool, table, cache_index + 1, folded_w_uv(attn),
                             impl=model.decode_impl, **shared)
         else:  # replicated selection: every device computes the same rows
-            rows = attn.select_cached(qr, h, cos, sin, index_pool, table, cache_index,
+            rows = attn.select_cached(qr, h, cos, sin, ipool, table, cache_index,
                                       model.dsa)[:, 0]
             o = tpla_sparse_decode(q_lat, q_pe, pool, rows, folded_w_uv(attn),
                                    impl=model.dsa.sparse_impl, **shared)
@@ -175,13 +176,13 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, p
     cos, sin = model.rope_tables(positions)
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     pages, index_pages = [], []
-    for i, (layer, pool, index_pool) in enumerate(zip(model.layers, cache.pages,
+    for i, (layer, pool, ipool) in enumerate(zip(model.layers, cache.pages,
                                                       cache.index_pages)):
         packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
                                      cfg.rms_norm_eps)
         # [R, C, w] is a view of rows of C tokens: scatter_rows puts token (r, t) at slots[r, t]
         pages.append(scatter_rows(pool, packed, slots))
-        index_pages.append(scatter_rows(index_pool, keys, slots))
+        index_pages.append(scatter_rows(ipool, index_entries(keys, ipool), slots))
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
                      cache_index=None, **model.block_kwargs(i))
     last = model.norm(x).reshape(r * c, -1)[last_index]
@@ -225,5 +226,6 @@ def setup(model, spec: dict, num_pages: int, page_size: int):
     """(folded model, DSATPLASteps, pool) for EngineConfig.tpla = spec and a DSA model; the
     settings are checked as `tpla_steps.prepare` checks them."""
     folded, mesh, tcfg = tpla_steps.prepare(model, spec)
-    pool = make_cache(model.config, num_pages, page_size, model.dtype, mesh, tcfg)
+    pool = make_cache(model.config, num_pages, page_size, model.dtype, mesh, tcfg,
+                      **model.cache_options)
     return folded, DSATPLASteps(mesh, tcfg), pool

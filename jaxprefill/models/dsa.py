@@ -17,7 +17,10 @@ When a call has at most `index_topk` keys (short prompts, short caches) the top-
 allowed key and the dense MLA paths run instead: the same result, cheaper.
 
 Cache: `DSACache` keeps the MLA latent pages and, beside them, one index-key page pool per layer
-[num_pages, page, Di] under the same page table.
+[num_pages, page, Di] under the same page table. With `DSAOptions(fp8=True)` the index keys are
+stored as the FP8 indexer reads them: uint8 rows [num_pages, page, Di + 4] of float8 e4m3 values
+and one float32 scale per key (`pack_index_keys`; 132 bytes a token at Di = 128 against 256 in
+bf16), and the selection is the one FP8 scoring gives on the unquantized keys.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from jaxprefill.models.deepseek import (PAGE_SIZE, DeepSeek, MLAttention, gather
 from jaxprefill.models.layers import apply_rope_pairs, dense, hadamard, param
 from pallas_kernels import mla_decode
 from pallas_kernels.dsa_ops import index_topk, sparse_mla
+from pallas_kernels.dsa_reference import quantize_e4m3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,9 @@ class DSAOptions:
 
     index_impl / sparse_impl: `pallas_kernels.dsa_ops` backends of the indexer's top-k and of
       the sparse attention ("auto", "xla", "triton", "mosaic_tpu", "reference").
-    fp8: score the indexer in float8 e4m3 (per-128 scales), as DeepSeek's kernels do.
+    fp8: score the indexer in float8 e4m3 (per-128 scales), as DeepSeek's kernels do, and
+      keep the index keys of the model's caches in FP8 (`pack_index_keys`: about half the
+      bytes of bf16 keys).
     """
 
     index_impl: str = "auto"
@@ -54,8 +60,9 @@ class DSAOptions:
 @struct.dataclass
 class DSACache:
     """Paged cache of a DeepSeek-V3.2 model: `pages[l]` [num_pages, page, d_c + d_r] (the MLA
-    latent, as `MLACache`) and `index_pages[l]` [num_pages, page, Di] (the indexer's keys), both
-    addressed by `page_table` int32 [B, P]."""
+    latent, as `MLACache`) and `index_pages[l]` [num_pages, page, Di] (the indexer's keys; FP8
+    rows uint8 [num_pages, page, Di + 4] with `index_fp8`, `pack_index_keys`), both addressed by
+    `page_table` int32 [B, P]."""
 
     pages: tuple[jax.Array, ...]
     index_pages: tuple[jax.Array, ...]
@@ -63,18 +70,47 @@ class DSACache:
 
     @classmethod
     def zeros(cls, cfg: MLAConfig, batch: int, length: int, dtype=jnp.float32,
-              page_size: int = PAGE_SIZE) -> "DSACache":
+              page_size: int = PAGE_SIZE, *, index_fp8: bool = False) -> "DSACache":
         """Capacity >= `length` tokens per row; row b owns pages b*P .. b*P+P-1."""
         p = -(-length // page_size)
         table = jnp.arange(batch * p, dtype=jnp.int32).reshape(batch, p)
         lat = (batch * p, page_size, cfg.latent_dim)
-        ik = (batch * p, page_size, cfg.index_head_dim)
         return cls(tuple(jnp.zeros(lat, dtype) for _ in range(cfg.num_layers)),
-                   tuple(jnp.zeros(ik, dtype) for _ in range(cfg.num_layers)), table)
+                   tuple(index_pool(cfg, batch * p, page_size, dtype, index_fp8)
+                         for _ in range(cfg.num_layers)), table)
 
     @property
     def page_size(self) -> int:
         return self.pages[0].shape[1]
+
+
+def index_pool(cfg: MLAConfig, num_pages: int, page_size: int, dtype, fp8: bool) -> jax.Array:
+    """One layer's zeroed index-key pages: [num_pages, page, Di] in dtype, or the FP8 rows
+    uint8 [num_pages, page, Di + 4] (`pack_index_keys`)."""
+    if fp8:
+        return jnp.zeros((num_pages, page_size, cfg.index_head_dim + 4), jnp.uint8)
+    return jnp.zeros((num_pages, page_size, cfg.index_head_dim), dtype)
+
+
+def pack_index_keys(k: jax.Array) -> jax.Array:
+    """Index keys [..., Di] -> FP8 cache rows uint8 [..., Di + 4]: the float8 e4m3 values, then
+    the key's float32 scale, as bytes (`quantize_e4m3`: one scale per key, amax / 448)."""
+    k8, scale = quantize_e4m3(k)
+    return jnp.concatenate([jax.lax.bitcast_convert_type(k8, jnp.uint8),
+                            jax.lax.bitcast_convert_type(scale, jnp.uint8)], axis=-1)
+
+
+def unpack_index_keys(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """FP8 cache rows uint8 [..., Di + 4] -> (float8_e4m3fn [..., Di], float32 scales [...])."""
+    di = rows.shape[-1] - 4
+    return (jax.lax.bitcast_convert_type(rows[..., :di], jnp.float8_e4m3fn),
+            jax.lax.bitcast_convert_type(rows[..., di:], jnp.float32))
+
+
+def index_entries(keys: jax.Array, pool: jax.Array) -> jax.Array:
+    """Index keys [..., Di] as `pool` stores them: FP8 rows for a uint8 pool, else as they are
+    (the write casts them to the pool's dtype)."""
+    return pack_index_keys(keys) if pool.dtype == jnp.uint8 else keys
 
 
 def page_rows(page_table: jax.Array, idx: jax.Array, page: int) -> jax.Array:
@@ -171,13 +207,18 @@ class DSAttention(MLAttention):
                       index_pages: jax.Array, page_table: jax.Array, cache_index: jax.Array,
                       dsa: DSAOptions) -> jax.Array:
         """The rows each query attends to: the indexer's top-k of its queries (from qr
-        [B, S, d_q], x [B, S, E]) over every cached index key (index_pages [N, page, Di] under
-        page_table [B, P]; causal limit cache_index [B] + i), as rows of the flattened pages
-        [N * page] (int32 [B, S, K], -1: none)."""
+        [B, S, d_q], x [B, S, E]) over every cached index key (index_pages [N, page, Di] or
+        FP8 rows [N, page, Di + 4] under page_table [B, P]; causal limit cache_index [B] + i),
+        as rows of the flattened pages [N * page] (int32 [B, S, K], -1: none)."""
         iq, iw = self.indexer.queries(qr, x, cos, sin)
-        keys = gather_latent(index_pages, page_table).astype(x.dtype)  # [B, T, Di]
-        idx = index_topk(iq, iw, keys, self.cfg.index_topk, q_offset=cache_index, fp8=dsa.fp8,
-                         impl=dsa.index_impl)
+        cached = gather_latent(index_pages, page_table)  # [B, T, Di] or [B, T, Di + 4]
+        if index_pages.dtype == jnp.uint8:  # FP8 keys: scored in FP8 whatever dsa.fp8 says
+            k8, scale = unpack_index_keys(cached)
+            idx = index_topk(iq, iw, k8, self.cfg.index_topk, q_offset=cache_index,
+                             k_scale=scale, impl=dsa.index_impl)
+        else:
+            idx = index_topk(iq, iw, cached.astype(x.dtype), self.cfg.index_topk,
+                             q_offset=cache_index, fp8=dsa.fp8, impl=dsa.index_impl)
         return page_rows(page_table, idx, index_pages.shape[1])
 
     def _sparse(self, q_nope, q_pe, kv, rows, dsa: DSAOptions) -> jax.Array:
@@ -221,10 +262,10 @@ class DSAttention(MLAttention):
             pages, ipages, table = cache
             start = jnp.zeros((b,), jnp.int32)
             return o, (write_latent(pages, table, lat, start),
-                       write_latent(ipages, table, ik, start))
+                       write_latent(ipages, table, index_entries(ik, ipages), start))
         pages, ipages, table = cache
         pages = write_latent(pages, table, lat, cache_index)
-        ipages = write_latent(ipages, table, ik, cache_index)
+        ipages = write_latent(ipages, table, index_entries(ik, ipages), cache_index)
         if self.reads_all(table, pages.shape[1]):  # short caches: the dense MLA paths
             if s == 1:
                 q_lat = self.absorb_query(q_nope)[:, 0]
@@ -258,6 +299,12 @@ class DeepSeekV32(DeepSeek):
                  **kwargs):
         super().__init__(cfg, rngs=rngs, **kwargs)
         self.dsa = dsa
+
+    @property
+    def cache_options(self) -> dict:
+        """Keyword arguments of this model's cache constructors (`DSACache.zeros`, the
+        engine's pools): FP8 index keys with `dsa.fp8`."""
+        return {"index_fp8": self.dsa.fp8}
 
     def block_kwargs(self, i: int) -> dict:
         """Layer i's call arguments besides inputs and cache (no sparse prefill policy: the
@@ -307,4 +354,4 @@ class DeepSeekV32(DeepSeek):
 
 
 __all__ = ["DSACache", "DSAOptions", "DSAttention", "DeepSeekV32", "Indexer", "LayerNorm",
-           "page_rows"]
+           "index_entries", "index_pool", "pack_index_keys", "page_rows", "unpack_index_keys"]

@@ -23,9 +23,13 @@ What is timed (bf16, batch 1, V3.2 shapes: 128 heads, d_qk 192 / d_v 128 decompr
   * sparse decode: `sparse_mla` of ``--decode-batch`` single queries, 2048 rows each from a
     paged latent cache of ``--decode-context`` tokens per sequence; GB/s of rows read
     (B * 2048 * 576 * 2 bytes) against a jnp copy of an array of the same bytes (read + write);
-    target >= 80% of copy, at 128 heads and at 16 (a TP-8 shard of V3.2's heads).
+    target >= 80% of copy, at 128 heads and at 16 (a TP-8 shard of V3.2's heads); each
+    also with the rows of a query split among 1-16 programs (``num_splits``; auto: enough
+    programs for two per SM).
   * memory: the 128K indexer compiled (`memory_analysis`: temp bytes) and the largest array
     in its HLO, against S^2.
+  * decode indexer: one query per sequence over its cached keys, bf16 keys and keys stored
+    in FP8 (``k_scale``: what a ``DSAOptions(fp8=True)`` cache holds);
   * FP8 recall: mean |top-k(FP8) & top-k(bf16)| / k over the queries of one chunk (random
     inputs: a floor, not a model's accuracy).
 Times: median ms per call (`scripts.common.timing.time_ms`). Writes bench_dsa_gpu.json and
@@ -46,6 +50,7 @@ import numpy as np
 from jaxprefill.attention import AttentionSpec, attend
 from jaxprefill.attention.dispatch import attention_backend
 from pallas_kernels import dsa_ops
+from pallas_kernels.dsa_reference import quantize_e4m3
 from scripts.common.timing import time_ms
 
 TAU = float(192 ** -0.5 * (0.1 * np.log(40.0) + 1) ** 2)
@@ -166,7 +171,13 @@ def bench_decode(args, dims, log, out):
         gbs = nbytes / t_dec / 1e6
         log(f"sparse decode B={b} H={h} k={kk}: {t_dec:.4f} ms, {gbs:.0f} GB/s = "
             f"{gbs / copy_gbs:.0%} of copy")
-        out["decode"][h] = dict(ms=t_dec, gbs=gbs, of_copy=gbs / copy_gbs)
+        out["decode"][h] = dict(ms=t_dec, gbs=gbs, of_copy=gbs / copy_gbs, splits={})
+        for n in (1, 2, 4, 8, 16):  # the split of a query's rows (auto picks one of these)
+            fs = jax.jit(lambda ql, qp, kv, rows, n=n: dsa_ops.sparse_mla(
+                ql, qp, kv, rows, TAU, num_splits=n))
+            t_n = time_ms(fs, ql, qp, kv, rows, **timing(args.smoke)).ms
+            out["decode"][h]["splits"][n] = dict(ms=t_n, of_copy=nbytes / t_n / 1e6 / copy_gbs)
+            log(f"  num_splits={n}: {t_n:.4f} ms = {nbytes / t_n / 1e6 / copy_gbs:.0%} of copy")
     # the indexer of one decode step over the cached keys (one query per sequence)
     iq, iw, _ = index_args(b, dims, 8)
     ik = normal(jax.random.key(9), (b, ctx, dims["index_dim"]))
@@ -176,6 +187,14 @@ def bench_decode(args, dims, log, out):
     t_idx = time_ms(fn, iq, iw, ik, **timing(args.smoke)).ms
     log(f"decode indexer B={b} over {ctx} keys: {t_idx:.4f} ms")
     out["decode_index_ms"] = t_idx
+    # the same over keys stored in FP8 (DSAOptions(fp8=True) caches: values + per-key scales)
+    k8, ks = quantize_e4m3(ik)
+    fn = jax.jit(lambda q, w, k, s: dsa_ops.index_topk(q, w, k, dims["topk"], q_offset=off,
+                                                       k_scale=s))
+    t_idx8 = time_ms(fn, iq, iw, k8, ks, **timing(args.smoke)).ms
+    log(f"decode indexer B={b} over {ctx} FP8-stored keys: {t_idx8:.4f} ms "
+        f"({t_idx8 / t_idx:.2f}x bf16)")
+    out["decode_index_fp8_cache_ms"] = t_idx8
 
 
 def largest_array(hlo: str) -> tuple[int, str]:
