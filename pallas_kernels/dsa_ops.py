@@ -220,13 +220,13 @@ def index_topk(q: jax.Array, weights: jax.Array, k: jax.Array, topk: int, *,
     b, s, _, _, t = check_index_inputs(q, weights, k, q_offset, segment_ids)
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    if k_scale is not None and (k.dtype != jnp.float8_e4m3fn or jnp.shape(k_scale) != (b, t)):
+        raise ValueError(f"k_scale [B, T]={b, t} goes with float8_e4m3fn keys; got k "
+                         f"{k.dtype}, k_scale shape {jnp.shape(k_scale)}")
     name = index_topk_backend(q, k, topk, impl=impl, interpret=interpret)
     if config is not None and name not in ("triton", "mosaic_tpu"):
         raise ValueError(f"index_topk: {name} takes no config")
     if k_scale is not None:
-        if k.dtype != jnp.float8_e4m3fn or jnp.shape(k_scale) != (b, t):
-            raise ValueError(f"k_scale [B, T]={b, t} goes with float8_e4m3fn keys; got k "
-                             f"{k.dtype}, k_scale shape {jnp.shape(k_scale)}")
         q, weights = fp8_index_queries(q, weights)
         k_scale = k_scale.astype(jnp.float32)
     elif fp8:

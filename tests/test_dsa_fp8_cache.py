@@ -3,8 +3,8 @@ stored as float8 e4m3 values + one float32 scale per key (uint8 rows [..., Di + 
 path that reads them selects what FP8 scoring selects on the unquantized keys.
 
   * the packed rows hold exactly `quantize_e4m3`'s values and scales;
-  * `index_topk(k8, k_scale=...)` equals `index_topk(k, fp8=True)` (xla, reference), and a
-    scale that does not match the keys is refused;
+  * `index_topk(k8, k_scale=...)` equals `index_topk(k, fp8=True)` (xla, reference, Triton in
+    interpret mode), and a scale that does not match the keys is refused;
   * a model's forward over an FP8 cache (prefill, chunk, decode) equals the same model over a
     plain cache with FP8 scoring, logit for logit;
   * the engine (packed rows, chunks, decode) and its TPLA steps give `jp.generate`'s tokens
@@ -48,7 +48,11 @@ def test_packed_rows_hold_the_quantized_keys_and_scales():
     assert np.max(np.abs(deq - np.asarray(k)) / amax) < 0.07  # e4m3: 3 mantissa bits
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+KERNEL_ARGS = {"xla": {}, "reference": {},
+               "triton": dict(interpret=True, chunk=8, config=dict(block_k=16))}
+
+
+@pytest.mark.parametrize("impl", list(KERNEL_ARGS))
 def test_index_topk_on_stored_fp8_keys_equals_fp8_scoring(impl):
     ks = jax.random.split(jax.random.key(1), 3)
     b, s, t, hi, d = 2, 7, 45, 4, 16
@@ -57,8 +61,9 @@ def test_index_topk_on_stored_fp8_keys_equals_fp8_scoring(impl):
     k = jax.random.normal(ks[2], (b, t, d)) * 3.0
     off = jnp.asarray([20, 38], jnp.int32)
     k8, scale = unpack_index_keys(pack_index_keys(k))
-    got = dsa_ops.index_topk(q, w, k8, 9, q_offset=off, k_scale=scale, impl=impl)
-    want = dsa_ops.index_topk(q, w, k, 9, q_offset=off, fp8=True, impl=impl)
+    kw = KERNEL_ARGS[impl]
+    got = dsa_ops.index_topk(q, w, k8, 9, q_offset=off, k_scale=scale, impl=impl, **kw)
+    want = dsa_ops.index_topk(q, w, k, 9, q_offset=off, fp8=True, impl=impl, **kw)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="k_scale"):
         dsa_ops.index_topk(q, w, k, 9, k_scale=scale, impl=impl)  # keys not in FP8
