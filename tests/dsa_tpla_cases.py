@@ -12,6 +12,9 @@ Prints one ``RESULT`` line of JSON.
     alone in a cache of k slots, where the step runs dense (`tpla_decode`, no indexer).
   mixed: the g = 2 engine on prompts below and above k = 16 together (packed rows, chunks,
     continuous batching), then each prompt alone through the same engine.
+  sharded: the index keys split by page slot over the 2 devices (`index_keys="sharded"`)
+    against the replicated pool: one decode step's logits, and the engine's tokens with bf16
+    and with FP8 index keys; the shapes each device holds.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import numpy as np
 from flax import nnx
 
 from jaxprefill.infer import Engine, EngineConfig
+from jaxprefill.mla.dsa_index_shards import make_pools
 from jaxprefill.mla.dsa_tpla_steps import DSATPLACache, decode_step, prefill_forward
 from jaxprefill.mla.tpla import TPLAConfig, reparameterize
 from jaxprefill.mla.tpla_model import folded_w_uv, raw_latent
 from jaxprefill.mla.tpla_steps import unpack_latent
+from jaxprefill.models.dsa import DSAOptions
 from jaxprefill.sharding import make_mesh
 from tests.dsa_tiny import tiny_v32
 from tests.tpla_numpy import tpla_decode_numpy
@@ -39,19 +44,19 @@ def rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def steps(model, mesh, tcfg):
+def steps(model, mesh, tcfg, index_keys: str = "replicated"):
     """Jitted (prefill_forward, decode_step) of `model` on `mesh`."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def prefill(state, tokens, cache, start):
         return prefill_forward(nnx.merge(graphdef, state), tokens, cache, start, mesh=mesh,
-                               tcfg=tcfg)
+                               tcfg=tcfg, index_keys=index_keys)
 
     @jax.jit
     def decode(state, tokens, cache, index):
         return decode_step(nnx.merge(graphdef, state), tokens, cache, index, mesh=mesh,
-                           tcfg=tcfg)
+                           tcfg=tcfg, index_keys=index_keys)
 
     return (lambda *a: prefill(state, *a)), (lambda *a: decode(state, *a))
 
@@ -152,7 +157,8 @@ def decode_case(mesh, tcfg: TPLAConfig, short_alone: bool) -> dict:
 
 
 def first_decode(folded, prompts: list[list[int]], nxt: list[int], capacity: int, mesh,
-                 tcfg, step_fns) -> tuple[np.ndarray, DSATPLACache]:
+                 tcfg, step_fns, index_keys: str = "replicated"
+                 ) -> tuple[np.ndarray, DSATPLACache]:
     """Logits [B, V] of one decode step (token nxt[b] at position len(prompts[b])) after
     `prefill_forward` of the right-padded prompts, in a cache of `capacity` slots a row
     (page 4), and the cache after it."""
@@ -161,7 +167,8 @@ def first_decode(folded, prompts: list[list[int]], nxt: list[int], capacity: int
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     b = len(prompts)
-    cache = DSATPLACache.zeros(folded.config, b, capacity, mesh=mesh, tcfg=tcfg, page_size=4)
+    cache = DSATPLACache.zeros(folded.config, b, capacity, mesh=mesh, tcfg=tcfg, page_size=4,
+                               index_keys=index_keys)
     _, cache = prefill(jnp.asarray(tokens), cache, jnp.zeros(b, jnp.int32))
     logits, cache = decode(jnp.asarray(nxt, jnp.int32)[:, None], cache,
                            jnp.asarray([len(p) for p in prompts], jnp.int32))
@@ -187,6 +194,39 @@ def mixed_case(mesh) -> dict:
             "index_shards": shards(engine.cache.index_pages[0])}
 
 
+def sharded_case(mesh) -> dict:
+    """Index keys split by page slot against replicated ones (module docstring)."""
+    tcfg = TPLAConfig()
+    folded = reparameterize(tiny_v32(), tcfg.transform)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (30, 21, 8)]
+    nxt = rng.integers(1, 97, 3).tolist()
+    logits = {}
+    for layout in ("replicated", "sharded"):
+        fns = steps(folded, mesh, tcfg, layout)
+        logits[layout], _ = first_decode(folded, prompts, nxt, 64, mesh, tcfg, fns, layout)
+    out = {"step_vs_replicated": rel(logits["sharded"], logits["replicated"])}
+    prompts = [rng.integers(1, 97, n).tolist() for n in (5, 40, 23, 70)]
+    kw = dict(max_batch=3, prefill_tokens=32, prefill_rows=2, page_size=8, num_pages=64,
+              max_new_tokens=4, bucket=128, chat=False)
+    for fp8 in (False, True):
+        model = tiny_v32(num_layers=2, index_topk=16)
+        model.dsa = DSAOptions(fp8=fp8)
+        got = {}
+        for layout in ("replicated", "sharded"):
+            engine = Engine(model, None, EngineConfig(**kw, tpla={"tensor": 2,
+                                                                  "index_keys": layout}))
+            got[layout] = [r.tokens for r in engine.generate(prompts)]
+            pool = engine.cache.index_pages[0]
+            got[layout + "_shards"] = sorted({s.data.shape for s in pool.addressable_shards})
+        out["fp8" if fp8 else "bf16"] = got
+    try:  # 2 devices cannot split pages of 9 slots evenly
+        make_pools(model.config, 4, 9, jnp.float32, mesh, "tensor", False)
+    except ValueError as err:
+        out["odd_page"] = str(err)
+    return out
+
+
 def decode_cases(mesh) -> dict:
     one = make_mesh(tensor=1, devices=jax.devices()[:1])
     return {"g1": decode_case(one, TPLAConfig(), short_alone=False),
@@ -195,7 +235,7 @@ def decode_cases(mesh) -> dict:
                                    short_alone=False)}
 
 
-CASES = {"decode": decode_cases, "mixed": mixed_case}
+CASES = {"decode": decode_cases, "mixed": mixed_case, "sharded": sharded_case}
 
 
 def main() -> None:

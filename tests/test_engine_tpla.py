@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jaxprefill.config import ConfigError
-from jaxprefill.infer import EngineConfig
+from jaxprefill.infer import Engine, EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +78,14 @@ def test_engine_config_tpla_errors():
         EngineConfig(tpla={"shards": 2})
     with pytest.raises(ConfigError, match="data_parallel"):
         EngineConfig(tpla={"tensor": 2}, data_parallel=2)
+    with pytest.raises(ConfigError, match="index_keys must be 'replicated' or 'sharded'"):
+        EngineConfig(tpla={"tensor": 1, "index_keys": "split"})
+
+
+def test_index_keys_on_a_model_without_an_indexer_is_refused_in_one_line():
+    from tests.test_engine_mla import tiny_deepseek_v3
+
+    with pytest.raises(ValueError, match="DeepSeek-V3.2") as err:
+        Engine(tiny_deepseek_v3(), None, EngineConfig(tpla={"tensor": 1,
+                                                            "index_keys": "sharded"}))
+    assert "\n" not in str(err.value)

@@ -42,7 +42,8 @@ class EngineConfig:
     sparse: Any = None
     # TPLA decode for MLA models, DeepSeek-V3.2 included: {"tensor": g, "transform": "none" |
     # "hadamard", "rope": "replicated" | "split", "logit_scale": "1" | "g"} (jaxprefill.mla.tpla);
-    # None: MLA decode.
+    # DeepSeek-V3.2 also "index_keys": "replicated" | "sharded" (its indexer's keys on every
+    # device or split by page slot: jaxprefill.mla.dsa_index_shards). None: MLA decode.
     tpla: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -66,13 +67,17 @@ class EngineConfig:
                 raise ConfigError(f"engine config: {name} must be true or false, got "
                                   f"{getattr(self, name)!r}")
         if self.tpla is not None:
-            keys = {"tensor", "transform", "rope", "norm", "logit_scale", "axis"}
+            keys = {"tensor", "transform", "rope", "norm", "logit_scale", "axis", "index_keys"}
             if not isinstance(self.tpla, Mapping) or set(self.tpla) - keys:
                 raise ConfigError(f"engine config: tpla must be a mapping with keys from "
                                   f"{sorted(keys)}, got {self.tpla!r}")
             g = self.tpla.get("tensor", 1)
             if not isinstance(g, int) or isinstance(g, bool) or g < 1:
                 raise ConfigError(f"engine config: tpla.tensor must be a positive integer, got {g!r}")
+            layout = self.tpla.get("index_keys", "replicated")
+            if layout not in ("replicated", "sharded"):
+                raise ConfigError(f"engine config: tpla.index_keys must be 'replicated' or "
+                                  f"'sharded', got {layout!r}")
             object.__setattr__(self, "tpla", tuple(sorted(self.tpla.items())))  # hashable
             if self.data_parallel > 1:
                 raise ConfigError("engine config: tpla with data_parallel > 1 is not supported "

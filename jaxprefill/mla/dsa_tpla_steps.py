@@ -5,7 +5,10 @@
   * the model through `jaxprefill.mla.tpla.reparameterize` (exact; the indexer is untouched);
   * per layer a latent pool [num_pages, page, g*w] (`tpla.pack_latent` layout, sharded over
     its last axis) and an index-key pool [num_pages, page, Di] (FP8 rows [..., Di + 4] with
-    `DSAOptions(fp8=True)`) replicated on every device, under the same page ids;
+    `DSAOptions(fp8=True)`) under the same page ids: replicated on every device, or with
+    `tpla={..., "index_keys": "sharded"}` split by page slot over `tensor`
+    (`dsa_index_shards`: each device holds page / g slots of every page and the decode's
+    top-k merges g local top-k);
   * prefill as exact DSA (the model's own layers: sparse, or dense for calls of at most
     `index_topk` keys), writing the packed latent and the index keys. A chunk attends over a
     view of its rows' cached entries, the exact latent unpacked from the pool (norm="global");
@@ -32,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprefill.decoding import Sampling, next_tokens, sample
 from jaxprefill.graph import merge
+from jaxprefill.mla import dsa_index_shards as shards
 from jaxprefill.mla import tpla_steps
 from jaxprefill.mla.dsa_cache import PagedDSACache
 from jaxprefill.mla.latent_cache import scatter_rows
@@ -52,21 +56,28 @@ class DSATPLACache:
 
     @classmethod
     def zeros(cls, cfg, batch: int, length: int, *, mesh: Mesh, tcfg: TPLAConfig,
-              dtype=jnp.float32, page_size: int = 64, index_fp8: bool = False
-              ) -> "DSATPLACache":
+              dtype=jnp.float32, page_size: int = 64, index_fp8: bool = False,
+              index_keys: str = "replicated") -> "DSATPLACache":
         """Capacity >= `length` tokens per row; row b owns pages b*P .. b*P+P-1."""
         p = -(-length // page_size)
-        pool = make_cache(cfg, batch * p, page_size, dtype, mesh, tcfg, index_fp8=index_fp8)
+        pool = make_cache(cfg, batch * p, page_size, dtype, mesh, tcfg, index_fp8=index_fp8,
+                          index_keys=index_keys)
         table = jnp.arange(batch * p, dtype=jnp.int32).reshape(batch, p)
         return cls(pool.pages, pool.index_pages, table)
 
 
 def make_cache(cfg, num_pages: int, page_size: int, dtype, mesh: Mesh, tcfg: TPLAConfig, *,
-               index_fp8: bool = False) -> PagedDSACache:
+               index_fp8: bool = False, index_keys: str = "replicated") -> PagedDSACache:
     """Zeroed pools in the plain DSA engine's `PagedDSACache`: per layer the latent pages of
     `tpla_steps.make_cache` ([num_pages, page, g*w], last axis sharded) and index-key pages
-    [num_pages, page_size, Di] (FP8 rows [..., Di + 4] with index_fp8) on every device."""
+    [num_pages, page_size, Di] (FP8 rows [..., Di + 4] with index_fp8), on every device or
+    split by page slot (index_keys="sharded")."""
+    if index_keys not in shards.LAYOUTS:
+        raise ValueError(f"tpla index_keys must be one of {shards.LAYOUTS}, got {index_keys!r}")
     latent = tpla_steps.make_cache(cfg, num_pages, page_size, dtype, mesh, tcfg)
+    if index_keys == "sharded":
+        return PagedDSACache(latent.pages, shards.make_pools(cfg, num_pages, page_size, dtype,
+                                                             mesh, tcfg.axis, index_fp8))
     everywhere = NamedSharding(mesh, P())
     index = tuple(jax.device_put(index_pool(cfg, num_pages, page_size, dtype, index_fp8),
                                  everywhere) for _ in range(cfg.num_layers))
@@ -94,8 +105,19 @@ def exact_view(pool: jax.Array, ipool: jax.Array, page_table: jax.Array, cfg, g:
     return latent.reshape(b * p, page, -1), keys.reshape(b * p, page, -1), own
 
 
+def write_index(ipool: jax.Array, table: jax.Array, keys: jax.Array, start: jax.Array, *,
+                mesh: Mesh, tcfg: TPLAConfig, index_keys: str) -> jax.Array:
+    """ipool with index keys [B, S, Di] written at token slots start[b] .. of each row (as the
+    pool stores them: FP8 rows for a uint8 pool; each device its own slots when sharded)."""
+    entries = index_entries(keys, ipool)
+    if index_keys == "sharded":
+        return shards.write_at(ipool, table, entries, start, mesh=mesh, axis=tcfg.axis)
+    return write_latent(ipool, table, entries, start)
+
+
 def prefill_forward(model, tokens: jax.Array, cache: DSATPLACache, start: jax.Array, *,
-                    mesh: Mesh, tcfg: TPLAConfig) -> tuple[jax.Array, DSATPLACache]:
+                    mesh: Mesh, tcfg: TPLAConfig, index_keys: str = "replicated"
+                    ) -> tuple[jax.Array, DSATPLACache]:
     """Exact DSA forward of tokens [B, S] continuing each row at start [B] (0: a prompt's first
     chunk). Each layer writes its packed latents and index keys into the pools, then runs the
     model's own DSA attention over `exact_view` of the rows (the chunk's entries included).
@@ -113,7 +135,8 @@ def prefill_forward(model, tokens: jax.Array, cache: DSATPLACache, start: jax.Ar
         packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
                                      cfg.rms_norm_eps)
         pool = write_latent(pool, table, packed, start)
-        ipool = write_latent(ipool, table, index_entries(keys, ipool), start)
+        ipool = write_index(ipool, table, keys, start, mesh=mesh, tcfg=tcfg,
+                            index_keys=index_keys)
         pages.append(pool)
         index_pages.append(ipool)
         view = exact_view(pool, ipool, table, cfg, g, tcfg)
@@ -123,10 +146,12 @@ def prefill_forward(model, tokens: jax.Array, cache: DSATPLACache, start: jax.Ar
 
 
 def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.Array, *,
-                mesh: Mesh, tcfg: TPLAConfig) -> tuple[jax.Array, DSATPLACache]:
+                mesh: Mesh, tcfg: TPLAConfig, index_keys: str = "replicated"
+                ) -> tuple[jax.Array, DSATPLACache]:
     """One decode step: tokens [B, 1] at positions cache_index [B] -> (float32 logits [B, V],
     cache with their entries written). Per layer: the indexer's top-k over the cached keys
-    (replicated), then `tpla_sparse_decode` over the selected rows; caches of at most
+    (the same on every device: computed whole, or merged from each device's share with
+    index_keys="sharded"), then `tpla_sparse_decode` over the selected rows; caches of at most
     `index_topk` slots run `tpla_decode` over every row (the model's own dense rule)."""
     model.check_attention()
     require_folded(model)
@@ -140,7 +165,8 @@ def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.
         h = layer.attn_norm(x)
         packed, keys = cache_entries(attn, h, cos, sin, g, tcfg, cfg.rms_norm_eps)
         pool = write_latent(pool, table, packed, cache_index)
-        ipool = write_latent(ipool, table, index_entries(keys, ipool), cache_index)
+        ipool = write_index(ipool, table, keys, cache_index, mesh=mesh, tcfg=tcfg,
+                            index_keys=index_keys)
         pages.append(pool)
         index_pages.append(ipool)
         qr = attn.query_latent(h)
@@ -151,9 +177,13 @@ def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.
         if attn.reads_all(table, pool.shape[1]):
             o = tpla_decode(q_lat, q_pe, pool, table, cache_index + 1, folded_w_uv(attn),
                             impl=model.decode_impl, **shared)
-        else:  # replicated selection: every device computes the same rows
-            rows = attn.select_cached(qr, h, cos, sin, ipool, table, cache_index,
-                                      model.dsa)[:, 0]
+        else:  # the same selected rows on every device
+            if index_keys == "sharded":  # each device's top-k, merged
+                rows = shards.select(attn, qr, h, cos, sin, ipool, table, cache_index,
+                                     model.dsa, mesh=mesh, axis=tcfg.axis)[:, 0]
+            else:  # every device scores every key
+                rows = attn.select_cached(qr, h, cos, sin, ipool, table, cache_index,
+                                          model.dsa)[:, 0]
             o = tpla_sparse_decode(q_lat, q_pe, pool, rows, folded_w_uv(attn),
                                    impl=model.dsa.sparse_impl, **shared)
         x = x + attn.out_proj(o[:, None].astype(x.dtype))
@@ -164,9 +194,9 @@ def decode_step(model, tokens: jax.Array, cache: DSATPLACache, cache_index: jax.
 
 # ---- the engine's steps -------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, positions,
-                    segment_ids, slots, last_index, sampling: Sampling, steps):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _prefill_packed(mesh, tcfg, index_keys, graphdef, state, cache: PagedDSACache, tokens,
+                    positions, segment_ids, slots, last_index, sampling: Sampling, steps):
     """As steps.prefill_packed: the model's own packed DSA prefill (segment ids keep each
     prompt's indexer to its own tokens); each token's entries go to its pool slot."""
     model = merge(graphdef, state)
@@ -182,7 +212,13 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, p
                                      cfg.rms_norm_eps)
         # [R, C, w] is a view of rows of C tokens: scatter_rows puts token (r, t) at slots[r, t]
         pages.append(scatter_rows(pool, packed, slots))
-        index_pages.append(scatter_rows(ipool, index_entries(keys, ipool), slots))
+        entries = index_entries(keys, ipool)
+        if index_keys == "sharded":
+            index_pages.append(shards.write(ipool, slots.reshape(-1),
+                                            entries.reshape(r * c, -1), mesh=mesh,
+                                            axis=tcfg.axis))
+        else:
+            index_pages.append(scatter_rows(ipool, entries, slots))
         x, _ = layer(x, cos, sin, spec=model.attention, segment_ids=segment_ids, cache=None,
                      cache_index=None, **model.block_kwargs(i))
     last = model.norm(x).reshape(r * c, -1)[last_index]
@@ -190,42 +226,47 @@ def _prefill_packed(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, p
                                                                    tuple(index_pages))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _prefill_chunk(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, page_table,
-                   start, n_valid, sampling: Sampling, steps):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _prefill_chunk(mesh, tcfg, index_keys, graphdef, state, cache: PagedDSACache, tokens,
+                   page_table, start, n_valid, sampling: Sampling, steps):
     """As steps.prefill_chunk (padding queries past n_valid write where the sequence has not
     reached, past every valid query's causal limit, or into the scratch page)."""
     model = merge(graphdef, state)
     view = DSATPLACache(cache.pages, cache.index_pages, page_table)
-    hidden, new = prefill_forward(model, tokens, view, start, mesh=mesh, tcfg=tcfg)
+    hidden, new = prefill_forward(model, tokens, view, start, mesh=mesh, tcfg=tcfg,
+                                  index_keys=index_keys)
     last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)[:, 0]
     return next_tokens(model, last, sampling, steps), PagedDSACache(new.pages,
                                                                    new.index_pages)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _decode(mesh, tcfg, graphdef, state, cache: PagedDSACache, tokens, page_table, index,
-            sampling: Sampling, steps):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _decode(mesh, tcfg, index_keys, graphdef, state, cache: PagedDSACache, tokens, page_table,
+            index, sampling: Sampling, steps):
     model = merge(graphdef, state)
     view = DSATPLACache(cache.pages, cache.index_pages, page_table)
-    logits, new = decode_step(model, tokens[:, None], view, index, mesh=mesh, tcfg=tcfg)
+    logits, new = decode_step(model, tokens[:, None], view, index, mesh=mesh, tcfg=tcfg,
+                              index_keys=index_keys)
     return sample(logits, sampling.seeds, steps, sampling.temperature, sampling.top_p,
                   sampling.top_k), PagedDSACache(new.pages, new.index_pages)
 
 
 class DSATPLASteps:
-    """The engine's three steps bound to a mesh and a TPLAConfig."""
+    """The engine's three steps bound to a mesh, a TPLAConfig and the index-key layout."""
 
-    def __init__(self, mesh: Mesh, tcfg: TPLAConfig):
-        self.prefill_packed = functools.partial(_prefill_packed, mesh, tcfg)
-        self.prefill_chunk = functools.partial(_prefill_chunk, mesh, tcfg)
-        self.decode = functools.partial(_decode, mesh, tcfg)
+    def __init__(self, mesh: Mesh, tcfg: TPLAConfig, index_keys: str = "replicated"):
+        self.prefill_packed = functools.partial(_prefill_packed, mesh, tcfg, index_keys)
+        self.prefill_chunk = functools.partial(_prefill_chunk, mesh, tcfg, index_keys)
+        self.decode = functools.partial(_decode, mesh, tcfg, index_keys)
 
 
 def setup(model, spec: dict, num_pages: int, page_size: int):
     """(folded model, DSATPLASteps, pool) for EngineConfig.tpla = spec and a DSA model; the
-    settings are checked as `tpla_steps.prepare` checks them."""
+    settings are checked as `tpla_steps.prepare` checks them, plus the DSA-only
+    `index_keys` ("replicated", default, or "sharded": see the module docstring)."""
+    spec = dict(spec)
+    index_keys = spec.pop("index_keys", "replicated")
     folded, mesh, tcfg = tpla_steps.prepare(model, spec)
     pool = make_cache(model.config, num_pages, page_size, model.dtype, mesh, tcfg,
-                      **model.cache_options)
-    return folded, DSATPLASteps(mesh, tcfg), pool
+                      index_keys=index_keys, **model.cache_options)
+    return folded, DSATPLASteps(mesh, tcfg, index_keys), pool

@@ -170,6 +170,9 @@ def prepare(model, spec: dict) -> tuple:
 
 def setup(model, spec: dict, num_pages: int, page_size: int):
     """(folded model, TPLASteps, pool) for EngineConfig.tpla = spec."""
+    if "index_keys" in spec:
+        raise ValueError("tpla index_keys is a DeepSeek-V3.2 (DSA) setting: this model has no "
+                         "indexer")
     folded, mesh, tcfg = prepare(model, spec)
     pool = make_cache(model.config, num_pages, page_size, model.dtype, mesh, tcfg)
     return folded, TPLASteps(mesh, tcfg), pool
