@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxprefill as jp
 from jaxprefill.infer import Engine, EngineConfig
 from jaxprefill.models.dsa import DSACache, DSAOptions, pack_index_keys, unpack_index_keys
 from pallas_kernels import dsa_ops
 from pallas_kernels.dsa_reference import quantize_e4m3
-from tests.dsa_tiny import tiny_v32
+from tests.dsa_tiny import cached_step, tiny_v32
 
 
 def fp8_model(**kw):
@@ -73,13 +72,7 @@ def test_index_topk_on_stored_fp8_keys_equals_fp8_scoring(impl):
 
 def test_forward_over_fp8_cache_equals_fp8_scoring_over_plain_cache():
     model = fp8_model(num_layers=2)  # k = 12
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, tokens, cache, index):
-        m = nnx.merge(graphdef, state)
-        h, cache = m.forward(tokens, cache=cache, cache_index=index)
-        return m.logits(h), cache
+    run = cached_step(model)
 
     b, s0, total = 2, 30, 40
     tokens = jnp.asarray(np.random.default_rng(5).integers(1, 97, (b, total)), jnp.int32)
@@ -89,12 +82,12 @@ def test_forward_over_fp8_cache_equals_fp8_scoring_over_plain_cache():
     assert caches["fp8"].index_pages[0].dtype == jnp.uint8
     out = {}
     for name, cache in caches.items():
-        logits, cache = run(state, tokens[:, :s0], cache, None)  # sparse prefill (> k)
+        logits, cache = run(tokens[:, :s0], cache, None)  # sparse prefill (> k)
         got = [np.asarray(logits)]
         for t in range(s0, total - 4):  # decode: the indexer reads the cached keys
-            logits, cache = run(state, tokens[:, t:t + 1], cache, jnp.full((b,), t, jnp.int32))
+            logits, cache = run(tokens[:, t:t + 1], cache, jnp.full((b,), t, jnp.int32))
             got.append(np.asarray(logits))
-        logits, cache = run(state, tokens[:, total - 4:], cache,
+        logits, cache = run(tokens[:, total - 4:], cache,
                             jnp.full((b,), total - 4, jnp.int32))  # a chunk at an offset
         out[name] = np.concatenate(got + [np.asarray(logits)], axis=1)
         caches[name] = cache

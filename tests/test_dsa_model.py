@@ -22,7 +22,7 @@ from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
 from jaxprefill.mla.dsa_cache import PagedDSACache
 from jaxprefill.train.model import model_class
 from jaxprefill.models.dsa import DSACache, DeepSeekV32
-from tests.dsa_tiny import tiny_v32
+from tests.dsa_tiny import cached_step, tiny_v32
 
 VOCAB = 131
 TOPK = 8
@@ -93,25 +93,19 @@ def test_logits_match_transformers_ragged_batch_where_topk_matters(hf_dir):
 def test_paged_cache_prefill_sparse_decode_and_chunk_match_full_forward(hf_dir):
     model, _ = jp.load(hf_dir[0])
     model.decode_impl = "reference"
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, tokens, cache, index):
-        m = nnx.merge(graphdef, state)
-        h, cache = m.forward(tokens, cache=cache, cache_index=index)
-        return m.logits(h), cache
+    run = cached_step(model)
 
     b, s0, total = 2, 30, 38
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, VOCAB, (b, total)), jnp.int32)
     full = jit_logits(model, tokens)
     cache = DSACache.zeros(model.config, b, 128)  # 128 cached positions > k: sparse decode
     assert cache.index_pages[0].shape == (b * 2, 64, 16)
-    logits, cache = run(state, tokens[:, :s0], cache, None)
+    logits, cache = run(tokens[:, :s0], cache, None)
     got = [np.asarray(logits)]
     for t in range(s0, total - 4):  # one token per step: index keys and latent from the pages
-        logits, cache = run(state, tokens[:, t:t + 1], cache, jnp.full((b,), t, jnp.int32))
+        logits, cache = run(tokens[:, t:t + 1], cache, jnp.full((b,), t, jnp.int32))
         got.append(np.asarray(logits))
-    logits, cache = run(state, tokens[:, total - 4:], cache, jnp.full((b,), total - 4, jnp.int32))
+    logits, cache = run(tokens[:, total - 4:], cache, jnp.full((b,), total - 4, jnp.int32))
     got.append(np.asarray(logits))
     assert rel(np.concatenate(got, axis=1), full) < 1e-4
     # the cache holds each token's index key (what the indexer scores decode queries against)
