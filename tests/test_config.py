@@ -117,3 +117,15 @@ def test_every_config_file_reader_names_a_yaml_syntax_error_in_one_line(tmp_path
                  SparseConfig.from_yaml):
         with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML: .*\(line 2, column 1\)"):
             read(str(bad))
+
+
+def test_infer_config_takes_dsa_options_as_a_mapping_of_known_keys():
+    from jaxprefill.infer.config import InferConfig
+
+    cfg = InferConfig.from_dict({"model": "x", "dsa": {"fp8": True, "index_impl": "xla"}})
+    assert dict(cfg.dsa) == {"fp8": True, "index_impl": "xla"} and hash(cfg)
+    assert InferConfig().dsa is None
+    for bad in ({"fp8": True, "topk": 5}, "fp8"):
+        with pytest.raises(ConfigError, match="infer config: dsa must be a mapping with keys "
+                                              r"from \['fp8', 'index_impl', 'sparse_impl'\]"):
+            InferConfig.from_dict({"dsa": bad})

@@ -23,7 +23,8 @@ from jaxprefill.infer.jobs import (JobEngine, JobInterrupted, check_input, check
 
 def register(sub) -> None:
     p = sub.add_parser("infer", help="run a resumable batch job over a JSONL file of prompts")
-    p.add_argument("--config", help="YAML InferConfig (model, dtype, attention, engine: {...})")
+    p.add_argument("--config", help="YAML InferConfig (model, dtype, attention, engine: {...}, "
+                   "dsa: {...})")
     p.add_argument("--input", required=True, help="JSONL: {'id', 'prompt' | 'messages', ...}")
     p.add_argument("--output", required=True, help="JSONL completions (appended; reruns resume)")
     p.add_argument("--errors", help="JSONL of rejected lines (default: <output>.errors.jsonl)")
@@ -74,7 +75,8 @@ def load_engine(args: argparse.Namespace) -> JobEngine:
     if args.sparse:
         sparse = None if args.sparse.lower() == "none" else args.sparse
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, sparse=sparse))
-    model, tokenizer = jp.load(cfg.model, dtype=cfg.dtype, attention=cfg.attention)
+    model, tokenizer = jp.load(cfg.model, dtype=cfg.dtype, attention=cfg.attention,
+                               dsa=None if cfg.dsa is None else dict(cfg.dsa))
     return make_engine(model, tokenizer, cfg.engine)
 
 

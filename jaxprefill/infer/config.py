@@ -109,18 +109,27 @@ class EngineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InferConfig:
-    """A batch job: which model, its dtype and attention backend, and the engine settings."""
+    """A batch job: which model, its dtype and attention backend, the engine settings, and for
+    DeepSeek-V3.2 models the indexer's options (`dsa`: index_impl, sparse_impl, fp8; see
+    `jaxprefill.models.dsa.DSAOptions`, checked when the model loads)."""
 
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     attention: str = "auto"
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    dsa: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "attention"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ConfigError(f"infer config: {name} must be a string, got {value!r}")
+        if self.dsa is not None:
+            known = {"index_impl", "sparse_impl", "fp8"}
+            if not isinstance(self.dsa, Mapping) or set(self.dsa) - known:
+                raise ConfigError(f"infer config: dsa must be a mapping with keys from "
+                                  f"{sorted(known)}, got {self.dsa!r}")
+            object.__setattr__(self, "dsa", tuple(sorted(self.dsa.items())))  # hashable
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InferConfig":
