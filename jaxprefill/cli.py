@@ -32,6 +32,7 @@ import traceback
 from typing import Callable
 
 import jaxprefill as jp
+from jaxprefill import compile_cache
 from jaxprefill.config import ConfigError
 from jaxprefill.data.sources import DataError
 from jaxprefill.eval.cli import register as register_eval
@@ -52,6 +53,7 @@ EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 130
 def main(argv: list[str] | None = None) -> int:
     """Parse argv (default: sys.argv[1:]) and run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    compile_cache.enable()  # later runs of the same shapes skip compiling (compile_cache.py)
     return run_command(args.func, args, debug=args.debug)
 
 
