@@ -18,10 +18,13 @@ def no_jax_cache_dir():
 
 def test_cache_directory_from_the_environment_or_off(no_jax_cache_dir, tmp_path, capsys):
     assert compile_cache.enable({compile_cache.ENV: "off"}) is None
+    assert compile_cache.enable({}, platform="gpu") is None  # opt-in on accelerators
     assert jax.config.jax_compilation_cache_dir is None
     where = tmp_path / "a" / "cache"
     assert compile_cache.enable({compile_cache.ENV: str(where)}) == where
     assert where.is_dir() and jax.config.jax_compilation_cache_dir == str(where)
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compile_cache.enable({compile_cache.ENV: str(where)}, platform="gpu") == where
     jax.config.update("jax_compilation_cache_dir", None)
     blocker = tmp_path / "file"
     blocker.write_text("x")  # a file where the directory would go
