@@ -17,7 +17,9 @@ does not evict them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -28,17 +30,34 @@ ENV = "JAXPREFILL_COMPILE_CACHE"
 DEFAULT = Path("~/.cache/jaxprefill/jax")
 
 
+def likely_platform(environ: Mapping[str, str] = os.environ) -> str:
+    """"cpu" when JAX will run on CPUs, else "accelerator", without starting JAX's backends
+    (a multi-host run must call `jax.distributed.initialize` first): JAX_PLATFORMS when set,
+    else whether an accelerator plugin (a `jax_plugins` module, libtpu) is installed."""
+    chosen = (environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "").strip()
+    if chosen:
+        return "cpu" if chosen.split(",")[0].strip() == "cpu" else "accelerator"
+    try:
+        import jax_plugins  # namespace package of the installed PJRT plugins (CUDA, ROCm)
+        plugins = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        plugins = []
+    if plugins or importlib.util.find_spec("libtpu") is not None:
+        return "accelerator"
+    return "cpu"
+
+
 def enable(environ: Mapping[str, str] = os.environ, platform: str | None = None) -> Path | None:
     """Turn on the persistent compilation cache (module docstring); returns its directory, or
-    None when it is off. platform: the default backend's (asked of JAX when None). A directory
-    that cannot be made leaves the cache off with one warning line."""
+    None when it is off. platform: "cpu" or not (default: `likely_platform`). A directory that
+    cannot be made leaves the cache off with one warning line."""
     current = jax.config.jax_compilation_cache_dir
     if current:  # the user's own JAX setting
         return Path(current)
     where = environ.get(ENV, "").strip()
     if where.lower() == "off":
         return None
-    if not where and (platform or jax.default_backend()) != "cpu":  # opt-in there
+    if not where and (platform or likely_platform(environ)) != "cpu":  # opt-in there
         return None
     path = Path(where or DEFAULT).expanduser()
     try:
@@ -51,4 +70,4 @@ def enable(environ: Mapping[str, str] = os.environ, platform: str | None = None)
     return path
 
 
-__all__ = ["DEFAULT", "ENV", "enable"]
+__all__ = ["DEFAULT", "ENV", "enable", "likely_platform"]

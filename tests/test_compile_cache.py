@@ -39,3 +39,11 @@ def test_a_directory_given_to_jax_is_kept(no_jax_cache_dir, tmp_path):
     assert compile_cache.enable({compile_cache.ENV: str(tmp_path / "other")}) == tmp_path / "mine"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
     assert not (tmp_path / "other").exists()
+
+
+def test_the_platform_is_guessed_without_starting_jax_backends():
+    assert compile_cache.likely_platform({"JAX_PLATFORMS": "cpu"}) == "cpu"
+    assert compile_cache.likely_platform({"JAX_PLATFORMS": "cuda,cpu"}) == "accelerator"
+    # the guess agrees with the backend JAX starts on this machine
+    want = "cpu" if jax.default_backend() == "cpu" else "accelerator"
+    assert compile_cache.likely_platform({}) == want
