@@ -131,7 +131,7 @@ def prefill_forward(model, tokens: jax.Array, cache: DSATPLACache, start: jax.Ar
     table = cache.page_table
     pages, index_pages = [], []
     for i, (layer, pool, ipool) in enumerate(zip(model.layers, cache.pages,
-                                                      cache.index_pages)):
+                                                 cache.index_pages)):
         packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
                                      cfg.rms_norm_eps)
         pool = write_latent(pool, table, packed, start)
@@ -207,7 +207,7 @@ def _prefill_packed(mesh, tcfg, index_keys, graphdef, state, cache: PagedDSACach
     x = jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
     pages, index_pages = [], []
     for i, (layer, pool, ipool) in enumerate(zip(model.layers, cache.pages,
-                                                      cache.index_pages)):
+                                                 cache.index_pages)):
         packed, keys = cache_entries(layer.attn, layer.attn_norm(x), cos, sin, g, tcfg,
                                      cfg.rms_norm_eps)
         # [R, C, w] is a view of rows of C tokens: scatter_rows puts token (r, t) at slots[r, t]
