@@ -13,6 +13,9 @@ back over up to 32 x 1M entries), FlexPrefill's budget sorts, and the layout con
 * **exact ties**: entries tied *at* the cut are resolved in index order, as a stable sort would
   (rank among the tied entries = a prefix count), so the results equal the sort-based
   definitions exactly (up to float summation order at the boundary).
+* **small top-k of long rows** (key columns: 64 of 32K keys) as two ``lax.top_k`` over short
+  rows: the cells of ~sqrt(m / k) entries with the k largest maxima, then the top k of their
+  entries (:func:`top_positions`), exact, instead of a search over the whole row.
 * **prefix counts** as matrix products: a 0/1 row times an upper-triangular ones matrix (bf16
   operands, float32 accumulation: exact to 2^24) runs on tensor cores, where a scan runs log(n)
   elementwise passes.
