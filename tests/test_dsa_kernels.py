@@ -227,6 +227,15 @@ def test_sparse_mla_backends_match_reference(impl, opts):
                  2e-5)
 
 
+def test_sparse_mla_tpu_walks_several_row_blocks():
+    # 260 rows = blocks of 128, 128, 4: the next block's DMAs fly while one computes (two
+    # buffers); queries with 0, 260, 1 and 7 valid rows
+    args = sparse_problem(8, s=2, n=400, k=260)
+    want = run(lambda *a: sparse_mla_reference(*a, 0.3), *args)
+    check_sparse(run(lambda *a: dsa_ops.sparse_mla(*a, 0.3, impl="mosaic_tpu", interpret=True),
+                     *args), want, 2e-5)
+
+
 def test_sparse_mla_bf16_xla_close_to_float32():
     args = sparse_problem(8, dtype=jnp.bfloat16)
     want = sparse_mla_reference(*args, 0.3)

@@ -1,18 +1,17 @@
 """Sparse MLA over gathered latent rows on TPUs (Pallas, Mosaic). Same semantics as
 :func:`pallas_kernels.dsa_reference.sparse_mla_reference`.
 
-Design: grid (queries, row blocks). A query's [H, Dc] and [H, Dr] blocks stay in VMEM over its
-row blocks; each step reads its ``block_k`` row ids from SMEM (a pipelined SMEM block of the
-row list), starts one DMA per row from the flat latent in HBM into a [block_k, Dc + Dr] VMEM
-buffer, waits for them, and runs the scores [H, block_k] and the value product on the MXU with
-an online softmax in float32 VMEM scratch. A query's valid rows come first (the indexer
-compacts them): a block of -1 ids only is skipped (no DMA), so a row shorter than k costs its
-own length. Ids of -1 inside a block are fetched as row 0 and masked (the ids also come as a
-[1, block_k] VMEM block for that mask). block_k: a multiple of 128.
+Design: one grid step per query. The query's [H, Dc] and [H, Dr] blocks and its row list (SMEM
+[1, K], and a [1, K] VMEM copy for the masks) stay in memory while the step walks its row
+blocks of ``block_k``: one DMA per row from the flat latent in HBM into one of two
+[block_k, Dc + Dr] VMEM buffers, each with its own DMA semaphore. The rows of block c + 1 are
+in flight while block c's scores [H, block_k] and value product run on the MXU, with an
+online softmax in float32 VMEM scratch (double buffering). A query's valid rows come first
+(the indexer compacts them), so the walk stops after its last valid row: a row shorter than k
+costs its own length, an empty one no DMA. Ids of -1 inside the last block are fetched as row
+0 and masked. block_k: a multiple of 128.
 
-Not double-buffered: the row DMAs of a step are not overlapped with the previous step's
-products (a second buffer and semaphore would be). Verified in TPU interpret mode and by
-lowering for a TPU (no TPU reachable).
+Verified in TPU interpret mode and by lowering for a TPU (no TPU reachable).
 """
 
 from __future__ import annotations
@@ -33,32 +32,44 @@ _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUC
 
 
 def _kernel(rows_ref, ids_ref, ql_ref, qp_ref, kv_hbm, o_ref, lse_ref, buf, sem, m_sc, l_sc,
-            acc_sc, *, bk: int, dc: int, scale: float):
-    c = pl.program_id(1)
-
-    @pl.when(c == 0)
-    def _init():
-        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-
-    def copy(j):
-        row = jnp.maximum(rows_ref[0, j], 0)
-        return pltpu.make_async_copy(kv_hbm.at[pl.ds(row, 1)], buf.at[pl.ds(j, 1)], sem)
-
-    any_valid = lax.fori_loop(0, bk, lambda j, a: a | (rows_ref[0, j] >= 0), False)
-
-    @pl.when(any_valid)
-    def _step():
+            acc_sc, *, bk: int, kp: int, dc: int, scale: float):
+    def copies(c, slot):  # the row DMAs of block c into buffer `slot`
+        out = []
         for j in range(bk):
-            copy(j).start()
-        for j in range(bk):
-            copy(j).wait()
-        kv = buf[...]  # [bk, Dc + Dr]
+            row = jnp.maximum(rows_ref[0, c * bk + j], 0)
+            out.append(pltpu.make_async_copy(kv_hbm.at[pl.ds(row, 1)],
+                                             buf.at[slot, pl.ds(j, 1)], sem.at[slot]))
+        return out
+
+    # valid rows come first: the blocks holding one are the first ceil(n_valid / bk)
+    n_valid = lax.fori_loop(0, kp, lambda j, n: n + (rows_ref[0, j] >= 0).astype(jnp.int32),
+                            jnp.int32(0))
+    n_blocks = (n_valid + bk - 1) // bk
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(n_blocks > 0)
+    def _first():
+        for cp in copies(0, 0):
+            cp.start()
+
+    def step(c, carry):
+        slot = lax.rem(c, 2)
+
+        @pl.when(c + 1 < n_blocks)  # the next block's rows fly while this one computes
+        def _prefetch():
+            for cp in copies(c + 1, 1 - slot):
+                cp.start()
+
+        for cp in copies(c, slot):
+            cp.wait()
+        kv = buf[slot]  # [bk, Dc + Dr]
         q = jnp.concatenate([ql_ref[...], qp_ref[...]], axis=-1).astype(kv.dtype)  # [H, Dc+Dr]
         s = lax.dot_general(q, kv, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * scale  # [H, bk]
-        s = jnp.where(ids_ref[...] >= 0, s, -jnp.inf)  # ids [1, bk]
+        ids = ids_ref[:, pl.ds(pl.multiple_of(c * bk, bk), bk)]  # [1, bk]
+        s = jnp.where(ids >= 0, s, -jnp.inf)
         m_prev = m_sc[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # finite: id 0 valid
         p = jnp.exp(s - m_next)
@@ -68,12 +79,12 @@ def _kernel(rows_ref, ids_ref, ql_ref, qp_ref, kv_hbm, o_ref, lse_ref, buf, sem,
             p.astype(kv.dtype), kv[:, :dc], (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32)
         m_sc[...] = m_next
+        return carry
 
-    @pl.when(c == pl.num_programs(1) - 1)
-    def _finish():
-        out, lse = normalize_rows(acc_sc[...], m_sc[...], l_sc[...])
-        o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
+    lax.fori_loop(0, n_blocks, step, 0)
+    out, lse = normalize_rows(acc_sc[...], m_sc[...], l_sc[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "interpret"))
@@ -94,28 +105,29 @@ def sparse_mla_tpu(q_latent: jax.Array, q_pe: jax.Array, kv: jax.Array, rows: ja
                    constant_values=-1)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=0,
-        grid=(n, kp // block_k),
+        grid=(n,),
         in_specs=[
-            pl.BlockSpec((None, 1, block_k), lambda i, c: (i, 0, c), memory_space=pltpu.SMEM),
-            pl.BlockSpec((None, 1, block_k), lambda i, c: (i, 0, c)),
-            pl.BlockSpec((None, h, dc), lambda i, c: (i, 0, 0)),
-            pl.BlockSpec((None, h, dr), lambda i, c: (i, 0, 0)),
+            pl.BlockSpec((None, 1, kp), lambda i: (i, 0, 0), memory_space=pltpu.SMEM),
+            pl.BlockSpec((None, 1, kp), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, h, dc), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, h, dr), lambda i: (i, 0, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
         out_specs=[
-            pl.BlockSpec((None, h, dc), lambda i, c: (i, 0, 0)),
-            pl.BlockSpec((None, h, 1), lambda i, c: (i, 0, 0)),
+            pl.BlockSpec((None, h, dc), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, h, 1), lambda i: (i, 0, 0)),
         ],
-        scratch_shapes=[pltpu.VMEM((block_k, dc + dr), kv.dtype), pltpu.SemaphoreType.DMA,
+        scratch_shapes=[pltpu.VMEM((2, block_k, dc + dr), kv.dtype),
+                        pltpu.SemaphoreType.DMA((2,)),
                         pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
                         pltpu.VMEM((h, dc), jnp.float32)],
     )
     out, lse = pl.pallas_call(
-        functools.partial(_kernel, bk=block_k, dc=dc, scale=sm_scale),
+        functools.partial(_kernel, bk=block_k, kp=kp, dc=dc, scale=sm_scale),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((n, h, dc), jnp.float32),
                    jax.ShapeDtypeStruct((n, h, 1), jnp.float32)],
-        compiler_params=_CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=_CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
         name="sparse_mla_tpu",
     )(rows[:, None], rows[:, None], q_latent.reshape(n, h, dc), q_pe.reshape(n, h, dr), kv)
