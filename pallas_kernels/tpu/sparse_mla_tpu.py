@@ -33,13 +33,13 @@ _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUC
 
 def _kernel(rows_ref, ids_ref, ql_ref, qp_ref, kv_hbm, o_ref, lse_ref, buf, sem, m_sc, l_sc,
             acc_sc, *, bk: int, kp: int, dc: int, scale: float):
-    def copies(c, slot):  # the row DMAs of block c into buffer `slot`
-        out = []
+    def copy(row, slot, j):  # one latent row into row j of buffer `slot`
+        return pltpu.make_async_copy(kv_hbm.at[pl.ds(row, 1)], buf.at[slot, pl.ds(j, 1)],
+                                     sem.at[slot])
+
+    def start(c, slot):  # the row DMAs of block c
         for j in range(bk):
-            row = jnp.maximum(rows_ref[0, c * bk + j], 0)
-            out.append(pltpu.make_async_copy(kv_hbm.at[pl.ds(row, 1)],
-                                             buf.at[slot, pl.ds(j, 1)], sem.at[slot]))
-        return out
+            copy(jnp.maximum(rows_ref[0, c * bk + j], 0), slot, j).start()
 
     # valid rows come first: the blocks holding one are the first ceil(n_valid / bk)
     n_valid = lax.fori_loop(0, kp, lambda j, n: n + (rows_ref[0, j] >= 0).astype(jnp.int32),
@@ -51,19 +51,17 @@ def _kernel(rows_ref, ids_ref, ql_ref, qp_ref, kv_hbm, o_ref, lse_ref, buf, sem,
 
     @pl.when(n_blocks > 0)
     def _first():
-        for cp in copies(0, 0):
-            cp.start()
+        start(0, 0)
 
     def step(c, carry):
         slot = lax.rem(c, 2)
 
         @pl.when(c + 1 < n_blocks)  # the next block's rows fly while this one computes
         def _prefetch():
-            for cp in copies(c + 1, 1 - slot):
-                cp.start()
+            start(c + 1, 1 - slot)
 
-        for cp in copies(c, slot):
-            cp.wait()
+        for j in range(bk):  # a wait needs only the destination's size and semaphore
+            copy(0, slot, j).wait()
         kv = buf[slot]  # [bk, Dc + Dr]
         q = jnp.concatenate([ql_ref[...], qp_ref[...]], axis=-1).astype(kv.dtype)  # [H, Dc+Dr]
         s = lax.dot_general(q, kv, (((1,), (1,)), ((), ())),
