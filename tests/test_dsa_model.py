@@ -198,7 +198,7 @@ def test_load_takes_dsa_options_and_refuses_bad_ones(hf_dir, tmp_path):
     model, _ = jp.load(path, dsa={"fp8": True, "index_impl": "xla"})
     assert model.dsa == DSAOptions(index_impl="xla", fp8=True)
     assert model.cache_options == {"index_fp8": True}
-    for bad, msg in (({"fp9": True}, r"dsa: unknown dsa option\(s\) \['fp9'\]"),
+    for bad, msg in (({"fp9": True}, r"dsa: unknown key\(s\) \['fp9'\] in dsa options"),
                      ({"index_impl": "cuda"}, "dsa: dsa index_impl must be one of"),
                      ({"fp8": "yes"}, "dsa: dsa fp8 must be true or false"),
                      ("fp8", "dsa: dsa options must be a mapping")):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxprefill.attention import AttentionSpec, attend
-from jaxprefill.config import MLAConfig
+from jaxprefill.config import MLAConfig, check_keys
 from jaxprefill.models.deepseek import (PAGE_SIZE, DeepSeek, MLAttention, gather_latent,
                                         write_latent)
 from jaxprefill.models.layers import apply_rope_pairs, dense, hadamard, param
@@ -71,10 +71,7 @@ class DSAOptions:
             return value or cls()
         if not isinstance(value, dict):
             raise ValueError(f"dsa options must be a mapping, got {type(value).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        bad = sorted(set(value) - set(known))
-        if bad:
-            raise ValueError(f"unknown dsa option(s) {bad}; known: {', '.join(known)}")
+        check_keys(value, cls, "dsa options")
         return cls(**value)
 
 
