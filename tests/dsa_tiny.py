@@ -1,7 +1,6 @@
 """A tiny DeepSeek-V3.2 (DSA) model for engine tests, built without torch (cheap to import in a
 subprocess)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,16 +35,3 @@ def tiny_v32(num_layers: int = 1, index_topk: int = 12) -> DeepSeekV32:
         flat.append((path, var.replace(jnp.asarray(value, var.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-
-def cached_step(model):
-    """Jitted (tokens [B, S], cache, cache_index [B] or None) -> (float32 logits [B, S, V],
-    cache): `model.forward` over a cache (a prefill from 0 when cache_index is None)."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, tokens, cache, index):
-        m = nnx.merge(graphdef, state)
-        h, cache = m.forward(tokens, cache=cache, cache_index=index)
-        return m.logits(h), cache
-
-    return lambda tokens, cache, index: run(state, tokens, cache, index)

@@ -19,6 +19,7 @@ import jaxprefill as jp
 from flax import nnx
 from jaxprefill.config import ConfigError, MLAConfig, config_from_hf_dict
 from jaxprefill.models.deepseek import DeepSeek, MLACache
+from tests.model_steps import cached_step
 
 VOCAB = 131
 BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
@@ -157,32 +158,20 @@ def test_latent_cache_prefill_then_absorbed_decode_matches_full_forward(tiny_dir
     model, _ = jp.load(tiny_dir)
     model.decode_impl = "reference"
     cfg = model.config
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, tokens, cache, index):
-        m = nnx.merge(graphdef, state)
-        h, cache = m.forward(tokens, cache=cache, cache_index=index)
-        return m.logits(h), cache
-
-    @jax.jit
-    def prefill(state, tokens, cache):
-        m = nnx.merge(graphdef, state)
-        h, cache = m.forward(tokens, cache=cache)
-        return m.logits(h), cache
+    step = cached_step(model)
 
     b, s0, total = 2, 61, 69  # the prompt crosses no page; decode crosses into page 2
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, VOCAB, (b, total)), jnp.int32)
     full = jit_logits(model, tokens)
     cache = MLACache.zeros(cfg, b, 64 * 2)
     assert cache.pages[0].shape == (b * 2, 64, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    logits, cache = prefill(state, tokens[:, :s0], cache)
+    logits, cache = step(tokens[:, :s0], cache, None)
     got = [np.asarray(logits)]
     for t in range(s0, total - 3):  # single-token absorbed decode
-        logits, cache = step(state, tokens[:, t:t + 1], cache, jnp.full((b,), t, jnp.int32))
+        logits, cache = step(tokens[:, t:t + 1], cache, jnp.full((b,), t, jnp.int32))
         got.append(np.asarray(logits))
     # a 3-token chunk continues through the decompressed path
-    logits, cache = step(state, tokens[:, total - 3:], cache, jnp.full((b,), total - 3, jnp.int32))
+    logits, cache = step(tokens[:, total - 3:], cache, jnp.full((b,), total - 3, jnp.int32))
     got.append(np.asarray(logits))
     assert rel(np.concatenate(got, axis=1), full) < 1e-4
     # the cache holds exactly the latent of every token (written, never decompressed K/V)

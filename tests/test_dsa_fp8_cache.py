@@ -21,7 +21,8 @@ from jaxprefill.infer import Engine, EngineConfig
 from jaxprefill.models.dsa import DSACache, DSAOptions, pack_index_keys, unpack_index_keys
 from pallas_kernels import dsa_ops
 from pallas_kernels.dsa_reference import quantize_e4m3
-from tests.dsa_tiny import cached_step, tiny_v32
+from tests.dsa_tiny import tiny_v32
+from tests.model_steps import cached_step
 
 
 def fp8_model(**kw):

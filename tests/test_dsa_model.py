@@ -23,7 +23,8 @@ from jaxprefill.mla.dsa_cache import PagedDSACache
 from jaxprefill.train.model import model_class
 from jaxprefill.validate import InputError
 from jaxprefill.models.dsa import DSACache, DSAOptions, DeepSeekV32
-from tests.dsa_tiny import cached_step, tiny_v32
+from tests.dsa_tiny import tiny_v32
+from tests.model_steps import cached_step
 
 VOCAB = 131
 TOPK = 8
