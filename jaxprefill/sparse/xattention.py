@@ -21,7 +21,8 @@ Not in the paper: 64 key columns by default (``Policy.key_columns``: the keys th
 attend most, added to every query block). Antidiagonal block scores spread a key that holds a
 query's attention alone over its 128-key block; at 32K on a 135M model that lost 9 points of
 task accuracy on the dev split, 4 with the columns (docs/sparse.md). ``key_columns=0`` gives the
-paper's layout (faster: the columns cost ~0.26 ms of estimation a layer at 32K on an H100).
+paper's layout (faster: the columns cost ~0.26 ms of estimation a layer at 32K on an H100,
+measured when they were chosen by a radix search over every key; docs/sparse.md).
 
 Rows are processed in chunks of query blocks so the (L/S)^2 score matrix never exists whole.
 The original asserts batch 1 and Hq == Hkv; here both are lifted.
