@@ -239,6 +239,63 @@ def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkey
         suite.run(model, tok, other, plan, out, info, **kw)
 
 
+def test_eval_command_interrupted_writes_a_partial_report_and_resumes(tmp_path, monkeypatch,
+                                                                      capsys):
+    """SIGTERM during the second batch (as `timeout` sends): the first batch's answers stay on
+    disk, the command exits as interrupted (130) after writing a report marked partial, and the
+    rerun computes only what is missing."""
+    import argparse
+    import os
+    import signal
+
+    from jaxprefill.cli import run_command
+
+    model, tok = tiny_model(), HashTokenizer()
+    monkeypatch.setattr(cli, "load_model",
+                        lambda name, dtype, adapter=None, overrides=None: (model, tok))
+    calls, kill_at = [], [2]
+    real = suite.greedy_answers
+
+    def killed_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == kill_at[0]:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled when this call returns
+        return real(*a, **k)
+
+    monkeypatch.setattr(suite, "greedy_answers", killed_on_second)
+    (tmp_path / "streaming.yaml").write_text(
+        "policy: streaming\nmin_length: 64\nkernel: xla\n"
+        "params: {block_size: 16, sink: 16, local: 32}\n")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    argv = ["eval", "--model", "tiny", "--sparse", str(tmp_path / "streaming.yaml"), "--tasks",
+            "passkey", "qa", "--lengths", "200", "--depths", "0.5", "--samples", "2",
+            "--batch-size", "2", "--max-new-tokens", "2", "--stats-prompts", "0",
+            "--out-dir", str(out)]
+    args = parser.parse_args(argv)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command(args.func, args) == 130
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    err = capsys.readouterr().err
+    assert "partial report/summary over 2 of 8 answers" in err and "interrupted" in err
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2  # the first batch only
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["partial"] == {"answers": 2, "planned": 8}
+    assert [(r["config"], r["n"]) for r in summary["accuracy"]
+            if r["task"] == "all" and r["length"] == "all"] == [("dense", 2)]
+    assert "**Partial:**" in (out / "report.md").read_text()
+
+    calls.clear()
+    kill_at[0] = 0
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0 and len(calls) == 3  # batches 2-4 of 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert "partial" not in summary["meta"]
+    assert "**Partial:**" not in (out / "report.md").read_text()
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 8
+
+
 def test_eval_refuses_lengths_beyond_context(tmp_path):
     plan = suite.EvalPlan(("passkey",), (2048,), (0.5,), 1)
     with pytest.raises(InputError, match="context of 1024"):

@@ -11,9 +11,12 @@ stem) or ``name:key=value,...`` (parameters of one policy for every layer; label
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -191,21 +194,53 @@ def run_eval(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    answers, stats = suite.run(
-        model, tok, cfgs, plan, args.out_dir,
-        {"model": args.model, "adapter": args.adapter, "overrides": overrides,
-         "dtype": args.dtype},
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        stats_prompts=args.stats_prompts, stats_rows=args.stats_rows, log=log)
+    partial = None
+    with sigterm_as_interrupt():
+        try:
+            answers, stats = suite.run(
+                model, tok, cfgs, plan, args.out_dir,
+                {"model": args.model, "adapter": args.adapter, "overrides": overrides,
+                 "dtype": args.dtype},
+                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                stats_prompts=args.stats_prompts, stats_rows=args.stats_rows, log=log)
+        except suite.Interrupted as stop:  # a killed or time-limited run still reports
+            answers, stats = stop.answers, []
+            partial = {"answers": len(stop.answers), "planned": stop.planned}
     meta = {"model": args.model, "adapter": args.adapter, "overrides": overrides,
             "dtype": args.dtype, "max_position_embeddings": model.config.max_position_embeddings,
             "split": plan.split, "tasks": list(plan.tasks), "lengths": list(plan.lengths),
             "depths": list(plan.depths), "samples": plan.samples, "haystack": plan.haystack,
             "configs": list(cfgs), "device": jax.devices()[0].device_kind}
+    if partial:
+        meta["partial"] = partial
     report.write(args.out_dir, answers, stats, meta)
     print((Path(args.out_dir) / "report.md").read_text())
+    if partial:
+        log(f"interrupted: wrote a partial report/summary over {partial['answers']} of "
+            f"{partial['planned']} answers to {args.out_dir}; rerun the same command to "
+            f"continue")
+        raise KeyboardInterrupt  # the command line's exit status for an interrupted command
     log(f"wrote {args.out_dir}/report.md, summary.json, accuracy.png, answers.jsonl")
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (``timeout``, a batch scheduler's kill) raises KeyboardInterrupt as Ctrl-C does,
+    so an eval stopped by a time limit still writes its report. Main thread only (Python's
+    signal rule); elsewhere the handler is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run_analyze(args: argparse.Namespace) -> int:

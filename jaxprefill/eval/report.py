@@ -127,7 +127,14 @@ def markdown(acc: list[dict], paired: list[dict], stats: list[dict], meta: dict,
            + (f" Config overrides {json.dumps(meta['overrides'], sort_keys=True)}."
               if meta.get("overrides") else "")
            + " Cells: correct/n accuracy [95% Wilson interval]; `all` pools tasks or lengths.",
-           "", "## Accuracy", ""]
+           ""]
+    if meta.get("partial"):
+        part = meta["partial"]
+        out += [f"**Partial:** the run was interrupted with {part['answers']} of "
+                f"{part['planned']} answers recorded; configs may cover fewer prompts than dense, "
+                f"and each is paired with dense on the prompts both answered. Rerun the same "
+                f"command to continue.", ""]
+    out += ["## Accuracy", ""]
     out += _pivot(acc, lengths, lambda r: f"{r['correct']}/{r['n']} {r['accuracy']:.2f} "
                                           f"[{r['low']:.2f}, {r['high']:.2f}]")
     if paired:

@@ -12,7 +12,8 @@ length and the dense decode step once per length.
 
 Resumable: each finished batch is appended to ``answers.jsonl`` (flushed and fsynced) before
 the next starts; rerunning the same command skips the (config, prompt) pairs already answered
-with the same prompt tokens (``prompt_sha``). ``run.json`` records what the answers depend on
+with the same prompt tokens (``prompt_sha``). An interrupted run raises :class:`Interrupted`
+with the answers it holds, so the command can still report them. ``run.json`` records what the answers depend on
 (model, adapter, dtype, split, generation length, each config's fingerprint): a rerun that
 differs is refused rather than mixing answers.
 """
@@ -40,6 +41,15 @@ from jaxprefill.validate import InputError
 PAD = 128  # prompt rows are padded to a multiple of this (every policy's block size divides it)
 HAYSTACK_CHOICES = ("code", "prose", "mixed")
 ANSWERS, STATS, RUN = "answers.jsonl", "stats.jsonl", "run.json"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM between batches. ``answers``: the plan's answers
+    recorded so far (every finished batch is on disk); ``planned``: how many the plan has."""
+
+    def __init__(self, answers: list[dict], planned: int):
+        super().__init__(f"{len(answers)} of {planned} answers")
+        self.answers, self.planned = answers, planned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,29 +281,36 @@ def run(model, tokenizer, configs: dict[str, SparseConfig | None], plan: EvalPla
     log(f"{len(samples)} prompts x {len(configs)} configs: {todo} answers to compute, "
         f"{len(samples) * len(configs) - todo} already in {store.dir / ANSWERS}")
     progress = Progress(todo, progress_stream)
-    for length in plan.lengths:
-        group = [ps for ps in samples if ps.length == length]
-        if not any(not done(n, ps) for n in configs for ps in group):
-            continue
-        t0 = time.perf_counter()
-        before = sum(not done(n, ps) for n in configs for ps in group)
-        build_all(group)  # tokenize once; a changed prompt (other tokenizer / assets) is redone
-        progress.total += sum(not done(n, ps) for n in configs for ps in group) - before
-        padded = -(-targets[length] // PAD) * PAD
-        rows = batch_size or min(default_batch_size(padded), len(group))  # one shape a length
-        log(f"length {length}: {len(group)} prompts built in {time.perf_counter() - t0:.1f}s, "
-            f"padded to {padded} tokens, {rows} rows per batch")
-        for name, cfg in configs.items():
-            pending = [ps for ps in group if not done(name, ps)]
-            for b0 in range(0, len(pending), rows):
-                part = pending[b0:b0 + rows]
-                recs = _answer_batch(model, tokenizer, cfg, name, part, built, rows, padded,
-                                     padded + extra, new_tokens)
-                store.append(ANSWERS, recs)
-                progress.update(len(part), f"{name} L={length} batch {b0 // rows + 1}/"
-                                           f"{-(-len(pending) // rows)}")
-    answers = [store.answers[(n, ps.prompt_id)] for n in configs for ps in samples
-               if (n, ps.prompt_id) in store.answers and done(n, ps)]
+
+    def recorded() -> list[dict]:
+        return [store.answers[(n, ps.prompt_id)] for n in configs for ps in samples
+                if (n, ps.prompt_id) in store.answers and done(n, ps)]
+
+    try:
+        for length in plan.lengths:
+            group = [ps for ps in samples if ps.length == length]
+            if not any(not done(n, ps) for n in configs for ps in group):
+                continue
+            t0 = time.perf_counter()
+            before = sum(not done(n, ps) for n in configs for ps in group)
+            build_all(group)  # tokenize once; a changed prompt (other tokenizer / assets) is redone
+            progress.total += sum(not done(n, ps) for n in configs for ps in group) - before
+            padded = -(-targets[length] // PAD) * PAD
+            rows = batch_size or min(default_batch_size(padded), len(group))  # one shape a length
+            log(f"length {length}: {len(group)} prompts built in {time.perf_counter() - t0:.1f}s, "
+                f"padded to {padded} tokens, {rows} rows per batch")
+            for name, cfg in configs.items():
+                pending = [ps for ps in group if not done(name, ps)]
+                for b0 in range(0, len(pending), rows):
+                    part = pending[b0:b0 + rows]
+                    recs = _answer_batch(model, tokenizer, cfg, name, part, built, rows, padded,
+                                         padded + extra, new_tokens)
+                    store.append(ANSWERS, recs)
+                    progress.update(len(part), f"{name} L={length} batch {b0 // rows + 1}/"
+                                               f"{-(-len(pending) // rows)}")
+    except KeyboardInterrupt:
+        raise Interrupted(recorded(), len(samples) * len(configs)) from None
+    answers = recorded()
     stats = _attention_stats(model, tokenizer, configs, plan, samples, store, build, targets,
                              stats_prompts, stats_rows, log)
     return answers, stats
