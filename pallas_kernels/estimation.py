@@ -10,7 +10,9 @@ in registers:
 - :func:`pooled_block_scores`: one-pass row softmax of strided / reshaped scores pooled into
   blocks (XAttention's antidiagonal scores, ProxyAttn's proxy heads).
 - :func:`mass_cut`: the per-row cut of a cumulative-mass block selection (XAttention's
-  threshold, FlexPrefill / ProxyAttn / PBS gamma), searched on registers after one read.
+  threshold, FlexPrefill / ProxyAttn / PBS gamma, FlexPrefill's budget count), searched on
+  registers after one read (rows of up to 16384 entries) or, for wider rows, by one program per
+  row re-reading it from L2, 2 bits per pass.
 
 Backends (one resolver, :func:`estimation_backend`, per op and shape; "auto" takes the first
 that runs the call):
@@ -24,7 +26,7 @@ that runs the call):
 
 Kernel shapes: last_query_sums takes R >= 16 last queries, R a power of two; pooled_block_scores
 square cells of r rows, r a power of two ("auto" sends cells above 64 rows to XLA); mass_cut rows
-of at most ``MAX_COLUMNS`` entries.
+of at most ``MAX_COLUMNS`` entries (GPU: 2^20, ``mass_cut_wide_triton``; TPU: 32768).
 A named kernel backend runs every op whose shapes it takes and the XLA path runs the others
 (:func:`estimation_backend`); the kernel entry points below are strict.
 ``interpret=True`` runs a kernel in interpret mode on any device (tests). The TPU kernels in
@@ -43,9 +45,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import backends
-from pallas_kernels.gpu import mass_cut_triton
+from pallas_kernels.gpu import mass_cut_triton, mass_cut_wide_triton
 from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
 from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton as _mass_cut_triton
+from pallas_kernels.gpu.mass_cut_wide_triton import mass_cut_wide_triton as _mass_cut_wide
 from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
 from pallas_kernels.tpu import mass_cut_tpu
 from pallas_kernels.tpu.last_query_stats_tpu import last_query_sums_tpu
@@ -97,7 +100,7 @@ def _reference_refusal(call: EstimationCall) -> str | None:
 
 
 BACKENDS = (
-    backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_triton.MAX_COLUMNS),
+    backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_wide_triton.MAX_COLUMNS),
                      prefer_not=_large_cells),
     backends.Backend("mosaic_tpu", ("tpu",), _kernel_shapes(mass_cut_tpu.MAX_COLUMNS),
                      prefer_not=_large_cells, auto=False, auto_note="opt-in: verified in TPU interpret mode only"),
@@ -238,13 +241,18 @@ def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Ar
 def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "auto",
              interpret: bool = False) -> jax.Array:
     """Cut of a cumulative-mass selection per row (:func:`mass_cut_reference` semantics): the
-    GPU kernel loads each row once and searches on registers, where XLA reads the whole
-    matrix once per bit. s float32 [..., m] >= 0, base / goal float32 [...] -> uint32 [...]."""
-    name = _kernel_impl("mass_cut", impl, interpret, columns=s.shape[-1])
+    GPU kernel loads rows of up to 16384 entries once and searches on registers; wider rows
+    (up to 2^20) stay in L2 and one program per row searches 2 bits per pass over them, where
+    XLA reads the whole matrix once per 4-bit pass. s float32 [..., m] >= 0, base / goal
+    float32 [...] -> uint32 [...]."""
+    m = s.shape[-1]
+    name = _kernel_impl("mass_cut", impl, interpret, columns=m)
     if name == "reference":
         return mass_cut_reference(s, base, goal)
     if name == "triton":
-        return _mass_cut_triton(s, base, goal, interpret=interpret)
+        if m <= mass_cut_triton.MAX_COLUMNS:  # the faster kernel where the rows fit registers
+            return _mass_cut_triton(s, base, goal, interpret=interpret)
+        return _mass_cut_wide(s, base, goal, interpret=interpret)
     return _mass_cut_tpu(s, base, goal, interpret=_tpu_interpret(interpret))
 
 

@@ -84,7 +84,15 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
     assert estimation.estimation_backend("pooled_block_scores", cell=128) == "xla"
     assert estimation.estimation_backend("pooled_block_scores", cell=128, impl="triton",
                                          strict=True) == "triton"
-    assert estimation.estimation_backend("mass_cut", columns=1 << 20) == "xla"
+    # mass cut: rows in registers up to 16384 entries, then the wide kernel up to 2^20
+    assert estimation.estimation_backend("mass_cut", columns=16384) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=16385) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=65536) == "triton"  # FlexPrefill 32K
+    assert estimation.estimation_backend("mass_cut", columns=1 << 20) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1) == "xla"
+    with pytest.raises(ValueError, match="exceed"):
+        estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1, impl="triton",
+                                      strict=True)
     # a named kernel runs the ops whose shapes it takes; the others run on XLA, unless strict
     assert estimation.estimation_backend("last_query_sums", rows=100, impl="triton") == "xla"
     with pytest.raises(ValueError, match="power of two"):
@@ -92,6 +100,7 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
     device("tpu")  # the TPU kernels are opt-in
     assert estimation.estimation_backend("mass_cut", columns=64) == "xla"
     assert estimation.estimation_backend("mass_cut", columns=64, impl="mosaic_tpu") == "mosaic_tpu"
+    assert estimation.estimation_backend("mass_cut", columns=65536, impl="mosaic_tpu") == "xla"
     device("cpu")
     assert estimation.estimation_backend("mass_cut", columns=64) == "xla"
     assert estimation.estimation_backend("mass_cut", columns=64, impl="triton",

@@ -1,5 +1,8 @@
-"""The register-resident cut search (pallas_kernels/gpu/mass_cut_triton.py, interpret mode) against
-the XLA bit search and the sort-based selection it serves (jaxprefill.sparse.select)."""
+"""The cut searches (pallas_kernels/gpu/mass_cut_triton.py: register-resident rows;
+pallas_kernels/gpu/mass_cut_wide_triton.py: wide rows, one program per row; the TPU kernel), in
+interpret mode, against the XLA bit search and the sort-based selection they serve
+(jaxprefill.sparse.select: cumulative_keep); and the GPU kernels' lowering for
+CUDA (Triton IR generation and its power-of-two tensor rules; the Triton compile needs a GPU)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +12,11 @@ import pytest
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
-from pallas_kernels import estimation
+from pallas_kernels import backends, estimation
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton
+from pallas_kernels.gpu.mass_cut_wide_triton import mass_cut_wide_triton
 from pallas_kernels.tpu.mass_cut_tpu import mass_cut_tpu
 
 KERNELS = {  # both backends' kernels in interpret mode (TPU: uninitialized memory reads NaN)
@@ -83,6 +87,13 @@ def test_bad_inputs_are_named():
         mass_cut_tpu(s, jnp.zeros((2,)), jnp.zeros((2,)), block_rows=12, interpret=True)
     with pytest.raises(ValueError, match="XLA estimators"):
         estimation.mass_cut(s, jnp.zeros((2,)), jnp.zeros((2,)), impl="xla")
+    wide = jnp.ones((1, (1 << 20) + 1))
+    with pytest.raises(ValueError, match="exceed"):
+        mass_cut_wide_triton(wide, jnp.zeros((1,)), jnp.zeros((1,)), interpret=True)
+    with pytest.raises(ValueError, match="tile"):
+        mass_cut_wide_triton(s, jnp.zeros((2,)), jnp.zeros((2,)), tile=48, interpret=True)
+    with pytest.raises(ValueError, match="digit_bits"):
+        mass_cut_wide_triton(s, jnp.zeros((2,)), jnp.zeros((2,)), digit_bits=5, interpret=True)
 
 
 def test_policy_layouts_unchanged_by_the_kernel():
@@ -127,3 +138,111 @@ def test_tpu_impls_dispatch_to_the_tpu_kernels():
     gpu = estimation.pooled_block_scores(qx, kx, jnp.asarray([50]), 0, r=8, scale=0.1,
                                          impl="triton", interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(gpu), atol=1e-6, err_msg=str(seed))
+
+
+# ---- wide rows: mass_cut_wide_triton (one program per row, the row walked in tiles) --------
+
+WIDE_CASES = [  # shape, ties, kernel arguments
+    ((2, 3, 16384 + 1000), False, {}),  # leading dims; 5 tiles of 4096, the last one padded
+    ((5, 20001), True, {}),  # exact ties at the cut
+    ((1, 65536 + 37), False, {}),
+    # few columns, many small tiles: each digit width (31 bits = 31 x 1, 1 + 15 x 2, 1 + 10 x 3,
+    # 3 + 7 x 4: the first digit takes the leftover bits)
+    ((6, 300), True, dict(tile=16, digit_bits=1)),
+    ((6, 300), False, dict(tile=32, digit_bits=3)),
+    ((6, 300), True, dict(tile=64, digit_bits=4)),
+]
+
+
+def _wide_problem(seed: int, shape, ties: bool):
+    """(s, base, goal) float32 with edge rows first, then random rows whose goal lies half an
+    entry past the mass of their k largest entries (k random, the entry above 1e-4 of the
+    row's mass), so no float summation order can move the cut. Edge rows (where there are at
+    least 5 rows): goal 0 (no cut qualifies: 0xFFFFFFFF), goal above the total (every entry
+    kept: cut 0), all zeros, one value throughout (ties at the cut)."""
+    rng = np.random.default_rng(seed)
+    s = np.asarray(_scores(seed, shape, ties)).reshape(-1, shape[-1]).copy()
+    rows = s.shape[0]
+    special = rows >= 5
+    if special:
+        s[2] = 0.0
+        s[3] = 0.5
+    base = 0.1 * s.sum(-1, dtype=np.float64)
+    srt = -np.sort(-s, axis=-1).astype(np.float64)
+    big = np.maximum(1, (srt > 1e-4 * srt.sum(-1, keepdims=True)).sum(-1))
+    k = rng.integers(0, big)  # the cut's entry, 0-based
+    goal = base + np.cumsum(srt, -1)[np.arange(rows), k] - srt[np.arange(rows), k] / 2
+    if special:
+        goal[0] = 0.0
+        goal[1] = 2 * (base[1] + s[1].sum(dtype=np.float64)) + 1
+        goal[2] = 1.0
+    lead = shape[:-1]
+    return (jnp.asarray(s.reshape(shape)), jnp.asarray(base.reshape(lead), jnp.float32),
+            jnp.asarray(goal.reshape(lead), jnp.float32))
+
+
+@pytest.mark.parametrize("shape, ties, kwargs", WIDE_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
+def test_wide_kernel_cut_equals_reference(shape, ties, kwargs):
+    seed = int(np.random.default_rng().integers(2**31))
+    s, base, goal = _wide_problem(seed, shape, ties)
+    out = mass_cut_wide_triton(s, base, goal, interpret=True, **kwargs)
+    ref = estimation.mass_cut_reference(s, base, goal)
+    assert out.dtype == jnp.uint32 and out.shape == shape[:-1]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
+    flat = np.asarray(out).reshape(-1)
+    if flat.size >= 5:  # the edge rows of _wide_problem
+        key_half = int(np.float32(0.5).view(np.uint32)) | 0x80000000
+        assert list(flat[:4]) == [0xFFFFFFFF, 0x80000000, 0x80000000, key_half]
+    # the random rows' cut is the key of their (k+1)-th largest entry: not trivially 0 / all
+    assert ((flat > 0x80000000) & (flat < 0xFFFFFFFF)).any()
+
+
+def test_mass_cut_dispatches_wide_rows_to_the_wide_kernel(monkeypatch):
+    seed = int(np.random.default_rng().integers(2**31))
+    wide, calls = estimation._mass_cut_wide, []
+
+    def spy(s, *args, **kwargs):
+        calls.append(s.shape[-1])
+        return wide(s, *args, **kwargs)
+
+    monkeypatch.setattr(estimation, "_mass_cut_wide", spy)
+    for m in (16384, 16385):  # the register-resident kernel's last width, then the wide one
+        s, base, goal = _wide_problem(seed + m, (2, m), ties=False)
+        out = estimation.mass_cut(s, base, goal, impl="triton", interpret=True)
+        np.testing.assert_array_equal(np.asarray(out),
+                                      np.asarray(estimation.mass_cut_reference(s, base, goal)),
+                                      err_msg=f"seed {seed + m}")
+    assert calls == [16385]
+
+
+def test_cumulative_keep_over_wide_rows_equals_sort():
+    """FlexPrefill's query-aware selection at 32K tokens keeps a mass share of rows of 65536
+    pooled blocks: wide rows take the wide kernel (here a smaller width above 16384)."""
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 9, (2, 16384 + 700)) * 2.0 ** -16  # exact sums (as above), ties
+    s = jnp.asarray(x, jnp.float32)
+    valid = jnp.asarray(rng.random(s.shape) < 0.9)
+    forced = jnp.asarray(rng.random(s.shape) < 0.01)
+    out = select.cumulative_keep(s, valid, 0.9, forced, how=Estimation("triton", interpret=True))
+    ref = est.cumulative_keep_sort(s, valid, 0.9, forced)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
+
+
+# ---- lowering for CUDA (no GPU needed) --------------------------------------------------
+
+@pytest.mark.parametrize("shape, kernel", [((9, 65536), "mass_cut_wide_triton"),
+                                           ((2 * 9, 32768), "mass_cut_wide_triton"),
+                                           ((3, 20001), "mass_cut_wide_triton"),
+                                           ((9, 16384), "mass_cut_triton")])
+def test_triton_kernels_lower_for_cuda(shape, kernel, monkeypatch):
+    # through the dispatcher on a pretend GPU ("auto" picks triton; the width picks the kernel):
+    # FlexPrefill's query-aware rows at 32K tokens [B * Hq, nq * n] and its stacked budgets
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    sds = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    text = jax.jit(estimation.mass_cut).trace(
+        sds(shape, f32), sds(shape[:-1], f32), sds(shape[:-1], f32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert kernel in text

@@ -33,7 +33,7 @@ from pallas_kernels._estimation_common import cut_key, mass_cut_rows
 from pallas_kernels.gpu._triton_common import CompilerParams as _CompilerParams, pow2 as _pow2
 
 _TILE_ELEMS = 4096  # rows x columns per program: 32 floats per thread with 4 warps
-MAX_COLUMNS = 16384  # wider rows would spill registers; callers keep the XLA search
+MAX_COLUMNS = 16384  # wider rows would spill registers: mass_cut_wide_triton takes them
 
 
 def _kernel(s_ref, base_ref, goal_ref, cut_ref):
