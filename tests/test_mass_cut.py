@@ -1,8 +1,10 @@
 """The cut searches (pallas_kernels/gpu/mass_cut_triton.py: register-resident rows;
 pallas_kernels/gpu/mass_cut_wide_triton.py: wide rows, one program per row; the TPU kernel), in
-interpret mode, against the XLA bit search and the sort-based selection they serve
-(jaxprefill.sparse.select: cumulative_keep); and the GPU kernels' lowering for
+interpret mode, against the XLA bit search and the sort-based selections they serve
+(jaxprefill.sparse.select: cumulative_keep, mass_count); and the GPU kernels' lowering for
 CUDA (Triton IR generation and its power-of-two tensor rules; the Triton compile needs a GPU)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
+from jaxprefill.sparse.flexprefill import mass_count_sort
 from pallas_kernels import backends, estimation
 from jax.experimental.pallas import tpu as pltpu
 
@@ -216,6 +219,30 @@ def test_mass_cut_dispatches_wide_rows_to_the_wide_kernel(monkeypatch):
     assert calls == [16385]
 
 
+@pytest.mark.parametrize("m", [999, 16384 + 1000])  # the register kernel, the wide kernel
+def test_mass_count_through_the_kernel_equals_xla_and_sort(m):
+    # Dyadic masses (0 to 4 units of 2^-bits(m), rows of 0.8 to 1.6): every partial sum is
+    # exact in float32, so the kernel, the XLA search and the sort agree in any summation
+    # order; 4 distinct positive values: ties at every cut.
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    shape = (2, 1, 2, m)  # FlexPrefill's stacked [vertical, slash] budgets, [2, B, Hq, S]
+    x = (rng.integers(0, 5, shape) * 2.0 ** -m.bit_length()).astype(np.float32)
+    x = jnp.asarray(np.where(rng.random(shape) < 0.1, -x, x))  # negative entries never count
+    valid = rng.random(shape) < 0.9
+    valid[0, 0, 0] = False  # a row with nothing valid
+    valid = jnp.asarray(valid)
+    kernel = Estimation("triton", interpret=True)
+    for gamma in (0.375, 0.75):  # dyadic too: the tied group's share is exact
+        got = select.mass_count(x, valid, gamma, how=kernel)
+        xla = select.mass_count(x, valid, gamma, how=Estimation("xla"))
+        want = mass_count_sort(x, valid, gamma)
+        msg = f"seed {seed} gamma {gamma}"
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(xla), err_msg=msg)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=msg)
+        assert int(got[0, 0, 0]) == 0 and 0 < int(got[1, 0, 1]) < m
+
+
 def test_cumulative_keep_over_wide_rows_equals_sort():
     """FlexPrefill's query-aware selection at 32K tokens keeps a mass share of rows of 65536
     pooled blocks: wide rows take the wide kernel (here a smaller width above 16384)."""
@@ -246,3 +273,13 @@ def test_triton_kernels_lower_for_cuda(shape, kernel, monkeypatch):
         sds(shape, f32), sds(shape[:-1], f32), sds(shape[:-1], f32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert kernel in text
+
+
+def test_mass_count_lowers_with_the_kernel_for_cuda(monkeypatch):
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    sds = jax.ShapeDtypeStruct
+    fn = functools.partial(select.mass_count, gamma=0.95, how=Estimation())
+    text = jax.jit(fn).trace(sds((2, 1, 9, 32768), jnp.float32),
+                             sds((2, 1, 9, 32768), jnp.bool_)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mass_cut_wide_triton" in text

@@ -52,14 +52,17 @@ def test_topk_and_cumulative_keep_equal_sort(m, ties):
     assert 0 < np.asarray(got).sum() < valid.sum()
 
 
+@pytest.mark.parametrize("impl", ["xla", "triton"])  # triton: the mass-cut kernel, interpreted
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-def test_mass_count_equals_sort(ties):
+def test_mass_count_equals_sort(ties, impl):
     rng = np.random.default_rng(5 + ties)
     x = scores(rng, (2, 5, 999), ties)
     x = x / x.sum(-1, keepdims=True)  # a distribution, as FlexPrefill's vertical / slash
     valid = rng.random(x.shape) < 0.9
+    how = Estimation(impl, interpret=impl != "xla")
     for gamma in (0.5, 0.95):
-        got = jax.jit(select.mass_count, static_argnums=2)(x, valid, gamma)
+        got = jax.jit(lambda *a: select.mass_count(*a, how=how), static_argnums=2)(x, valid,
+                                                                                  gamma)
         want = mass_count_sort(jnp.asarray(x), jnp.asarray(valid), gamma)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert np.asarray(got).min() > 0

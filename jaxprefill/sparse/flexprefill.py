@@ -49,9 +49,10 @@ def js_distance(p: jax.Array, q: jax.Array, eps: float = 1e-10) -> jax.Array:
 
 def mass_count(x: jax.Array, valid: jax.Array, gamma: float, *, how: Estimation) -> jax.Array:
     """Number of largest entries of x [..., S] whose cumulative sum stays <= gamma (valid only).
-    Threshold search (no sort; :func:`mass_count_sort` is the reference)."""
+    Threshold search (no sort; :func:`mass_count_sort` is the reference); its cut runs on the
+    estimation kernel where ``how`` gives one (GPUs), else on the XLA search."""
     if not how.sort:
-        return select.mass_count(x, valid, gamma)
+        return select.mass_count(x, valid, gamma, how=how)
     return mass_count_sort(x, valid, gamma)
 
 

@@ -31,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import estimation
 from jaxprefill.scatter import distinct_drops
@@ -181,7 +182,7 @@ def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array,
               how: Estimation) -> jax.Array:
     """uint32 [...]: the smallest key U with base + (mass of s_free above U) < goal. On GPUs one
     pass of the Pallas kernel (:func:`pallas_kernels.estimation.mass_cut`; TPU kernel opt-in:
-    ``Estimation(impl="mosaic_tpu")``), else 32 XLA passes."""
+    ``Estimation(impl="mosaic_tpu")``), else the XLA radix search (32 / RADIX_BITS passes)."""
     impl = how.backend("mass_cut", columns=s_free.shape[-1])
     if impl != "xla":
         return estimation.mass_cut(s_free, base, goal, impl=impl, interpret=how.interpret)
@@ -194,18 +195,28 @@ def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array,
     return _search(cond, s_free.shape[:-1])
 
 
-def mass_count(x: jax.Array, valid: jax.Array, gamma: float) -> jax.Array:
+def mass_count(x: jax.Array, valid: jax.Array, gamma: float, *, how: Estimation) -> jax.Array:
     """int32 [...]: how many of the largest positive valid entries of x [..., m] have an
-    inclusive descending cumulative sum <= gamma (FlexPrefill's budget), without a sort."""
+    inclusive descending cumulative sum <= gamma (FlexPrefill's budget), without a sort.
+
+    The cut (the smallest key U with mass(key > U) <= gamma) is a mass cut with base 0 and
+    goal nextafter(gamma, +inf), since a float32 sum is <= gamma exactly when it is < the
+    next float: on GPUs the estimation kernel (as :func:`_mass_cut`), else the XLA search."""
     if gamma >= 1.0:
         return valid.sum(-1)
     s = jnp.where(valid & (x > 0), x, 0.0).astype(jnp.float32)
     key = sort_key(s)
+    impl = how.backend("mass_cut", columns=s.shape[-1])
+    if impl != "xla":
+        g = np.nextafter(np.float32(gamma), np.float32(np.inf))  # x <= gamma <=> x < g
+        base = jnp.zeros(s.shape[:-1], jnp.float32)
+        goal = jnp.full(s.shape[:-1], g, jnp.float32)
+        cut = estimation.mass_cut(s, base, goal, impl=impl, interpret=how.interpret)[..., None]
+    else:
+        def cond(u):  # mass of the entries strictly above u <= gamma
+            return jnp.sum(jnp.where(above(key, u), s[..., None, :], 0.0), axis=-1) <= gamma
 
-    def cond(u):  # mass of the entries strictly above u <= gamma
-        return jnp.sum(jnp.where(above(key, u), s[..., None, :], 0.0), axis=-1) <= gamma
-
-    cut = _search(cond, s.shape[:-1])[..., None]
+        cut = _search(cond, s.shape[:-1])[..., None]
     gt = (key > cut) & (s > 0)
     mass_gt = jnp.sum(jnp.where(gt, s, 0.0), axis=-1)
     eq = (key == cut) & (s > 0)
