@@ -196,3 +196,7 @@ def test_threshold_search_bench_runs_tiny(tmp_path):
     columns = json.loads((tmp_path / "bench_threshold_search.json").read_text())["columns"]
     assert [r["shape"] for r in columns] == list(bench.TINY_COLUMNS)
     assert all(r["equal"] and r["cells_ms"] > 0 for r in columns)
+    kernels = json.loads((tmp_path / "bench_threshold_search.json").read_text())["kernels"]
+    assert [r["shape"] for r in kernels] == list(bench.TINY_KERNELS)
+    for r in kernels:  # interpret mode on the CPU: the wide kernel beside the XLA search
+        assert r["kernel_rows_differ"] == 0 and r["kernel_ms"] > 0 and r["xla_ms"] > 0

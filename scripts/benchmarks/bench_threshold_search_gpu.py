@@ -20,6 +20,19 @@ widths, the library's width with its steps unrolled (``select.RADIX_UNROLL``: st
 steps instead of a loop). Each variant prints as it is timed. Timings:
 ``scripts.common.timing.time_ms``.
 
+Then the mass-cut kernels (``pallas_kernels.estimation.mass_cut``, impl "triton") against
+the XLA radix search they replace (``select._mass_cut`` with ``Estimation("xla")``), at
+FlexPrefill's 32K shapes: the query-aware rows [1, 9, 65536] (``cumulative_keep`` over the
+pooled block matrix, nq x n = 256 x 256) and the stacked vertical / slash budgets
+[2, 1, 9, 32768] (``select.mass_count``: kernel, XLA search, sort), and the 128K query-aware
+rows [1, 32, 2^20] (the wide kernel's limit, ``mass_cut_wide_triton.MAX_COLUMNS``: 128 MB of
+rows, past L2). Rows wider than 16384 take the wide kernel; beside the library's call, its
+variants (digit width, tile, warps, pipeline stages). Every kernel's cut and count is checked
+to be one within float rounding (``check_estimation_gpu.mass_cut_misses`` /
+``mass_count_misses``; exit 1 if not), and its rows differing from the XLA search's counted.
+This section queues calls (``sample_ms=20``: device time per call, the launch hidden), unlike
+the width sweep above (one call per sample). ``--tiny`` runs small shapes in interpret mode.
+
 Then the key-column choice (``jaxprefill.sparse.columns.top_columns``: 64 ascending positions
 per head) at [1, 9, 32768] and [1, 32, 131072]: ``select.top_positions`` (two top-k over
 cells, the library's path) against the radix top-k mask + list compaction (its path before)
@@ -29,6 +42,7 @@ and one ``lax.top_k`` over the whole row + a sort of the 64; all three must agre
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -39,6 +53,10 @@ import numpy as np
 
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
+from jaxprefill.sparse.flexprefill import mass_count_sort
+from pallas_kernels import estimation
+from pallas_kernels.gpu.mass_cut_wide_triton import mass_cut_wide_triton
+from scripts.checks.check_estimation_gpu import mass_count_misses, mass_cut_misses
 from scripts.common.timing import time_ms
 
 SHAPES = {"smollm_keys32k": (1, 9, 32768), "smollm_blockrows": (1, 9, 256, 256),
@@ -83,6 +101,67 @@ def run(shapes: dict, reps: int) -> tuple[list, bool]:
             print(f"  {name:12s} topk {row[f'topk_ms_{name}']:.3f} ms  mass "
                   f"{row[f'mass_ms_{name}']:.3f} ms  {'equal' if same else 'MISMATCH'}",
                   flush=True)
+        results.append(row)
+    return results, ok
+
+
+KERNEL_SHAPES = {"flex32k_qa_rows": ("mass_cut", (1, 9, 65536)),
+                 "flex32k_budgets": ("mass_count", (2, 1, 9, 32768)),
+                 "flex128k_qa_rows": ("mass_cut", (1, 32, 1 << 20))}
+TINY_KERNELS = {"qa_rows": ("mass_cut", (1, 2, 16384 + 100)),
+                "budgets": ("mass_count", (2, 1, 2, 16384 + 100))}
+# mass_cut_wide_triton's arguments beside its defaults (tile 4096, 2 bits, 8 warps, 2 stages)
+WIDE_VARIANTS = {
+    "bits1": dict(digit_bits=1), "bits3": dict(digit_bits=3), "tile2048": dict(tile=2048),
+    "tile8192": dict(tile=8192), "warps4": dict(num_warps=4), "stages1": dict(num_stages=1)}
+
+
+def run_kernels(shapes: dict, reps: int, interpret: bool) -> tuple[list, bool]:
+    """Times the mass-cut kernels against the XLA radix search (module docstring); ok when
+    every kernel's cut and count is one within float rounding (``check_estimation_gpu``'s
+    ``mass_cut_misses`` / ``mass_count_misses``); rows differing from the XLA search are
+    counted."""
+    results, ok = [], True
+    triton = Estimation("triton", interpret=interpret)
+    for label, (op, shape) in shapes.items():
+        u = jax.random.uniform(jax.random.key(2), shape, jnp.float32)
+        s = jnp.where(u < 0.2, 0.0, u ** 8)  # zeros and a heavy tail, like block masses
+        row = dict(shape=label, op=op, dims=list(shape))
+        if op == "mass_count":  # FlexPrefill's budgets: distributions over valid keys, 0.9
+            x = s / s.sum(-1, keepdims=True)
+            valid = jnp.ones(shape, bool)
+            fns = {"xla": lambda a: select.mass_count(a, valid, 0.9, how=XLA),
+                   "kernel": lambda a: select.mass_count(a, valid, 0.9, how=triton),
+                   "sort": lambda a: mass_count_sort(a, valid, 0.9)}
+            args = (x,)
+        else:  # cumulative_keep's cut at gamma 0.95 (no forced entries)
+            base, goal = jnp.zeros(shape[:-1]), 0.95 * s.sum(-1)
+            fns = {"xla": lambda *a: select._mass_cut(*a, XLA),
+                   "kernel": lambda *a: estimation.mass_cut(*a, impl="triton",
+                                                            interpret=interpret)}
+            if not interpret:  # the wide kernel's variants (interpret mode: the library's only)
+                fns.update({f"wide_{n}": functools.partial(mass_cut_wide_triton, **kw)
+                            for n, kw in WIDE_VARIANTS.items()})
+            args = (s, base, goal)
+        want = None
+        for name, fn in fns.items():
+            f = jax.jit(fn)
+            got = np.asarray(f(*args))
+            if name == "xla":
+                want = got
+            elif op == "mass_count":
+                row[f"{name}_rows_differ"] = int((got != want).sum())
+                if name == "kernel":
+                    row[f"{name}_not_a_count"] = misses = mass_count_misses(x, valid, 0.9, got)
+                    ok &= misses == 0
+            else:
+                row[f"{name}_rows_differ"] = int((got != want).sum())
+                row[f"{name}_not_a_cut"] = misses = mass_cut_misses(s, base, goal, got)
+                ok &= misses == 0
+            row[f"{name}_ms"] = time_ms(f, *args, reps=reps, sample_ms=None if interpret
+                                        else 20).ms
+        print(f"kernels {label:16s} {str(shape):20s} " + "  ".join(
+            f"{n} {row[f'{n}_ms']:.3f} ms" for n in fns), flush=True)
         results.append(row)
     return results, ok
 
@@ -133,17 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reps = 2 if args.tiny else args.reps
         columns, ok_columns = run_columns(TINY_COLUMNS if args.tiny else COLUMN_SHAPES, reps)
+        kernels, ok_kernels = run_kernels(TINY_KERNELS if args.tiny else KERNEL_SHAPES, reps,
+                                          interpret=jax.default_backend() != "gpu")
         results, ok = run(TINY if args.tiny else SHAPES, reps)
-        ok &= ok_columns
+        ok &= ok_columns and ok_kernels
     finally:
         select.RADIX_BITS, select.RADIX_UNROLL = default_bits, default_unroll
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_threshold_search.json").write_text(json.dumps(dict(
         device=jax.devices()[0].device_kind, jax=jax.__version__, radix_bits=default_bits,
-        results=results, columns=columns), indent=1))
+        results=results, columns=columns, kernels=kernels), indent=1))
     if not ok:
-        print("MISMATCH: a search's top-k differs from the sort", flush=True)
+        print("MISMATCH: a search's top-k differs from the sort, or a kernel's cut from the XLA "
+              "search", flush=True)
     return 0 if ok else 1
 
 
