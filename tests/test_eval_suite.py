@@ -160,17 +160,29 @@ def test_report_tables_pair_configs_on_the_same_prompts(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the run
+def eval_command_setup(tmp_path, monkeypatch, model, tok):
+    """`jaxprefill eval` wired to (model, tok) with a streaming config file: (parser, config
+    path)."""
+    import argparse
+
+    monkeypatch.setattr(cli, "load_model",
+                        lambda name, dtype, adapter=None, overrides=None: (model, tok))
+    (tmp_path / "streaming.yaml").write_text(
+        "policy: streaming\nmin_length: 64\nkernel: xla\n"
+        "params: {block_size: 16, sink: 16, local: 32}\n")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    return parser, str(tmp_path / "streaming.yaml")
+
+
 def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkeypatch,
                                                                 capsys):
     """`jaxprefill eval` on a tiny random model, dense + streaming: every answer recorded with
     its fields, one prefill shape per length, stats on the sampled prompts, the report files;
     a rerun computes nothing, a lost tail (torn line included) is recomputed, a changed run is
     refused."""
-    import argparse
-
     model, tok = tiny_model(), HashTokenizer()
-    monkeypatch.setattr(cli, "load_model",
-                        lambda name, dtype, adapter=None, overrides=None: (model, tok))
+    parser, streaming = eval_command_setup(tmp_path, monkeypatch, model, tok)
     shapes = []
     real = suite.greedy_answers
 
@@ -179,14 +191,9 @@ def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkey
         return real(model, tok, tokens, lengths, cfg, steps, cache_len)
 
     monkeypatch.setattr(suite, "greedy_answers", spy)
-    (tmp_path / "streaming.yaml").write_text(
-        "policy: streaming\nmin_length: 64\nkernel: xla\n"
-        "params: {block_size: 16, sink: 16, local: 32}\n")
     out = tmp_path / "out"
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
     args = parser.parse_args(
-        ["eval", "--model", "tiny", "--sparse", str(tmp_path / "streaming.yaml"), "--tasks",
+        ["eval", "--model", "tiny", "--sparse", streaming, "--tasks",
          "passkey", "niah_multikey", "qa", "--lengths", "200", "--depths", "0.2", "0.8",
          "--samples", "2", "--batch-size", "4", "--max-new-tokens", "3", "--stats-prompts", "2",
          "--stats-rows", "8", "--out-dir", str(out)])
@@ -201,7 +208,7 @@ def test_eval_command_tiny_model_fixed_shapes_report_and_resume(tmp_path, monkey
     assert len(answers) == 12 and all(set(r) == keys for r in answers)
     assert all(r["tokens"] <= 200 and isinstance(r["correct"], bool) for r in answers)
     plan = suite.EvalPlan(("passkey", "niah_multikey", "qa"), (200,), (0.2, 0.8), 2)
-    configs = {"dense": None, "streaming": SparseConfig.parse(str(tmp_path / "streaming.yaml"))}
+    configs = {"dense": None, "streaming": SparseConfig.parse(streaming)}
     assert {(r["config"], r["prompt_id"]) for r in answers} == {
         (c, p.prompt_id) for c in configs for p in suite.plan_samples(plan)}
     summary = json.loads((out / "summary.json").read_text())
@@ -244,15 +251,13 @@ def test_eval_command_interrupted_writes_a_partial_report_and_resumes(tmp_path, 
     """SIGTERM during the second batch (as `timeout` sends): the first batch's answers stay on
     disk, the command exits as interrupted (130) after writing a report marked partial, and the
     rerun computes only what is missing."""
-    import argparse
     import os
     import signal
 
     from jaxprefill.cli import run_command
 
     model, tok = tiny_model(), HashTokenizer()
-    monkeypatch.setattr(cli, "load_model",
-                        lambda name, dtype, adapter=None, overrides=None: (model, tok))
+    parser, streaming = eval_command_setup(tmp_path, monkeypatch, model, tok)
     calls, kill_at = [], [2]
     real = suite.greedy_answers
 
@@ -263,13 +268,8 @@ def test_eval_command_interrupted_writes_a_partial_report_and_resumes(tmp_path, 
         return real(*a, **k)
 
     monkeypatch.setattr(suite, "greedy_answers", killed_on_second)
-    (tmp_path / "streaming.yaml").write_text(
-        "policy: streaming\nmin_length: 64\nkernel: xla\n"
-        "params: {block_size: 16, sink: 16, local: 32}\n")
     out = tmp_path / "out"
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    argv = ["eval", "--model", "tiny", "--sparse", str(tmp_path / "streaming.yaml"), "--tasks",
+    argv = ["eval", "--model", "tiny", "--sparse", streaming, "--tasks",
             "passkey", "qa", "--lengths", "200", "--depths", "0.5", "--samples", "2",
             "--batch-size", "2", "--max-new-tokens", "2", "--stats-prompts", "0",
             "--out-dir", str(out)]
