@@ -61,7 +61,8 @@ OPS = ("last_query_sums", "pooled_block_scores", "mass_cut")
 @dataclasses.dataclass(frozen=True)
 class EstimationCall:
     """What the estimation backends look at: the op and the sizes its kernels depend on
-    (rows: R last queries; cell: r rows per pooled cell, square; columns: m per mass-cut row)."""
+    (rows: R last queries, or the rows of a mass cut; cell: r rows per pooled cell, square;
+    columns: m per mass-cut row)."""
 
     op: str
     rows: int | None = None
@@ -85,12 +86,27 @@ def _kernel_shapes(max_columns: int):
     return refusal
 
 
+# The wide mass-cut kernel re-reads its rows once per pass and counts on L2 to serve them; past
+# this many bytes of rows per call (H100 L2: 50 MB) the passes would stream from HBM on a few
+# SMs, and "auto" keeps XLA's whole-GPU passes (FlexPrefill's pooled matrix at 128K tokens: 32
+# rows of 2^20, 128 MB). The GPU benchmark times that shape on both.
+WIDE_CUT_L2_BYTES = 32 << 20
+
+
 def _large_cells(call: EstimationCall) -> str | None:
     # One tile holds whole cells: cells above 64 rows leave a tile one or two cells wide, and the
     # XLA estimator has been the path for them since the kernel was introduced.
     if call.op == "pooled_block_scores" and call.cell and call.cell > 64:
         return f"cells of {call.cell} rows (> 64) are estimated by XLA"
     return None
+
+
+def _gpu_preferences(call: EstimationCall) -> str | None:
+    if (call.op == "mass_cut" and call.rows and call.columns > mass_cut_triton.MAX_COLUMNS
+            and call.rows * call.columns * 4 > WIDE_CUT_L2_BYTES):
+        return (f"{call.rows} rows of {call.columns} entries ({call.rows * call.columns * 4 >> 20}"
+                f" MiB) exceed the {WIDE_CUT_L2_BYTES >> 20} MiB the wide kernel keeps in L2")
+    return _large_cells(call)
 
 
 def _reference_refusal(call: EstimationCall) -> str | None:
@@ -101,7 +117,7 @@ def _reference_refusal(call: EstimationCall) -> str | None:
 
 BACKENDS = (
     backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_wide_triton.MAX_COLUMNS),
-                     prefer_not=_large_cells),
+                     prefer_not=_gpu_preferences),
     backends.Backend("mosaic_tpu", ("tpu",), _kernel_shapes(mass_cut_tpu.MAX_COLUMNS),
                      prefer_not=_large_cells, auto=False, auto_note="opt-in: verified in TPU interpret mode only"),
     backends.Backend("xla"),

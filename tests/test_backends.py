@@ -90,6 +90,12 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
     assert estimation.estimation_backend("mass_cut", columns=65536) == "triton"  # FlexPrefill 32K
     assert estimation.estimation_backend("mass_cut", columns=1 << 20) == "triton"
     assert estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1) == "xla"
+    # wide rows beyond what stays in L2 (32 x 2^20 floats: 128 MiB): "auto" keeps XLA
+    assert estimation.estimation_backend("mass_cut", columns=65536, rows=9) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=1 << 20, rows=32) == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=16384, rows=4096) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=1 << 20, rows=32, impl="triton",
+                                         strict=True) == "triton"
     with pytest.raises(ValueError, match="exceed"):
         estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1, impl="triton",
                                       strict=True)

@@ -183,7 +183,7 @@ def _mass_cut(s_free: jax.Array, base: jax.Array, goal: jax.Array,
     """uint32 [...]: the smallest key U with base + (mass of s_free above U) < goal. On GPUs one
     pass of the Pallas kernel (:func:`pallas_kernels.estimation.mass_cut`; TPU kernel opt-in:
     ``Estimation(impl="mosaic_tpu")``), else the XLA radix search (32 / RADIX_BITS passes)."""
-    impl = how.backend("mass_cut", columns=s_free.shape[-1])
+    impl = how.backend("mass_cut", columns=s_free.shape[-1], rows=math.prod(s_free.shape[:-1]))
     if impl != "xla":
         return estimation.mass_cut(s_free, base, goal, impl=impl, interpret=how.interpret)
     key = sort_key(s_free)
@@ -206,7 +206,7 @@ def mass_count(x: jax.Array, valid: jax.Array, gamma: float, *, how: Estimation)
         return valid.sum(-1)
     s = jnp.where(valid & (x > 0), x, 0.0).astype(jnp.float32)
     key = sort_key(s)
-    impl = how.backend("mass_cut", columns=s.shape[-1])
+    impl = how.backend("mass_cut", columns=s.shape[-1], rows=math.prod(s.shape[:-1]))
     if impl != "xla":
         g = np.nextafter(np.float32(gamma), np.float32(np.inf))  # x <= gamma <=> x < g
         base = jnp.zeros(s.shape[:-1], jnp.float32)
