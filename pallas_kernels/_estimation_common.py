@@ -46,21 +46,28 @@ def per_row(x: Any, b: int, name: str) -> jax.Array:
 
 
 def mass_cut_rows(s: jax.Array, base: jax.Array, goal: jax.Array, max_columns: int, name: str,
-                  row_multiple: int, columns: int) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+                  row_multiple: int, columns: int, weight: jax.Array | None = None,
+                  ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, int]:
     """Checks mass_cut's arguments and flattens them to rows: (s [rows_p, columns] float32,
-    base [rows_p], goal [rows_p], rows), rows padded to a multiple of ``row_multiple``.
-    Padding has zero mass (never above a cut) and goal 0 (no cut qualifies: 2^31 - 1)."""
+    weight [rows_p, columns] float32 or None, base [rows_p], goal [rows_p], rows), rows padded
+    to a multiple of ``row_multiple``. Padding has zero mass (never above a cut: its key is 0
+    and its weight 0) and goal 0 (no cut qualifies: 2^31 - 1)."""
     lead, m = s.shape[:-1], s.shape[-1]
     if m > max_columns:
         raise ValueError(f"{name}: rows of {m} entries exceed {max_columns}")
     if base.shape != lead or goal.shape != lead:
         raise ValueError(f"base {base.shape} and goal {goal.shape} must have shape {lead}")
+    if weight is not None and weight.shape != s.shape:
+        raise ValueError(f"{name}: weight {weight.shape} must have the shape of s {s.shape}")
     rows = max(1, math.prod(lead))
     pad_r = -rows % row_multiple
-    x = jnp.pad(s.astype(jnp.float32).reshape(rows, m), ((0, pad_r), (0, columns - m)))
+
+    def matrix(a: jax.Array) -> jax.Array:
+        return jnp.pad(a.astype(jnp.float32).reshape(rows, m), ((0, pad_r), (0, columns - m)))
+
     b = jnp.pad(base.astype(jnp.float32).reshape(rows), (0, pad_r))
     g = jnp.pad(goal.astype(jnp.float32).reshape(rows), (0, pad_r))
-    return x, b, g, rows
+    return matrix(s), None if weight is None else matrix(weight), b, g, rows
 
 
 def cut_key(cut: jax.Array, rows: int, lead: tuple[int, ...]) -> jax.Array:

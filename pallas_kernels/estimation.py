@@ -12,7 +12,8 @@ in registers:
 - :func:`mass_cut`: the per-row cut of a cumulative-mass block selection (XAttention's
   threshold, FlexPrefill / ProxyAttn / PBS gamma, FlexPrefill's budget count), searched on
   registers after one read (rows of up to 16384 entries) or, for wider rows, by one program per
-  row re-reading it from L2, 2 bits per pass.
+  row re-reading it from L2, 2 bits per pass. Optionally weighted: each entry ordered by its
+  value but counting its own mass (FlexPrefill's chunk rows: the uniform prefix rows).
 
 Backends (one resolver, :func:`estimation_backend`, per op and shape; "auto" takes the first
 that runs the call):
@@ -26,7 +27,8 @@ that runs the call):
 
 Kernel shapes: last_query_sums takes R >= 16 last queries, R a power of two; pooled_block_scores
 square cells of r rows, r a power of two ("auto" sends cells above 64 rows to XLA); mass_cut rows
-of at most ``MAX_COLUMNS`` entries (GPU: 2^20, ``mass_cut_wide_triton``; TPU: 32768).
+of at most ``MAX_COLUMNS`` entries (GPU: 2^20, ``mass_cut_wide_triton``; TPU: 32768), weighted
+on GPUs only (TPU: XLA).
 A named kernel backend runs every op whose shapes it takes and the XLA path runs the others
 (:func:`estimation_backend`); the kernel entry points below are strict.
 ``interpret=True`` runs a kernel in interpret mode on any device (tests). The TPU kernels in
@@ -62,20 +64,23 @@ OPS = ("last_query_sums", "pooled_block_scores", "mass_cut")
 class EstimationCall:
     """What the estimation backends look at: the op and the sizes its kernels depend on
     (rows: R last queries, or the rows of a mass cut; cell: r rows per pooled cell, square;
-    columns: m per mass-cut row)."""
+    columns: m per mass-cut row; weighted: a mass cut with a weight per entry)."""
 
     op: str
     rows: int | None = None
     cell: int | None = None
     columns: int | None = None
+    weighted: bool = False
 
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _kernel_shapes(max_columns: int):
+def _kernel_shapes(max_columns: int, weights: bool = True):
     def refusal(call: EstimationCall) -> str | None:
+        if call.op == "mass_cut" and call.weighted and not weights:
+            return "its mass cut takes no weights (weighted cuts run on XLA)"
         if call.op == "last_query_sums" and not (call.rows >= 16 and _pow2(call.rows)):
             return f"its tile takes R >= 16 last queries, a power of two (got {call.rows})"
         if call.op == "pooled_block_scores" and not (call.cell and _pow2(call.cell)):
@@ -102,10 +107,13 @@ def _large_cells(call: EstimationCall) -> str | None:
 
 
 def _gpu_preferences(call: EstimationCall) -> str | None:
-    if (call.op == "mass_cut" and call.rows and call.columns > mass_cut_triton.MAX_COLUMNS
-            and call.rows * call.columns * 4 > WIDE_CUT_L2_BYTES):
-        return (f"{call.rows} rows of {call.columns} entries ({call.rows * call.columns * 4 >> 20}"
-                f" MiB) exceed the {WIDE_CUT_L2_BYTES >> 20} MiB the wide kernel keeps in L2")
+    if call.op == "mass_cut" and call.rows and call.columns > mass_cut_triton.MAX_COLUMNS:
+        entry = 8 if call.weighted else 4  # bytes re-read per entry and pass: s (and weight)
+        size = call.rows * call.columns * entry
+        if size > WIDE_CUT_L2_BYTES:
+            what = "weighted entries" if call.weighted else "entries"
+            return (f"{call.rows} rows of {call.columns} {what} ({size / 2**20:.1f} MiB) exceed"
+                    f" the {WIDE_CUT_L2_BYTES >> 20} MiB the wide kernel keeps in L2")
     return _large_cells(call)
 
 
@@ -118,7 +126,8 @@ def _reference_refusal(call: EstimationCall) -> str | None:
 BACKENDS = (
     backends.Backend("triton", ("gpu",), _kernel_shapes(mass_cut_wide_triton.MAX_COLUMNS),
                      prefer_not=_gpu_preferences),
-    backends.Backend("mosaic_tpu", ("tpu",), _kernel_shapes(mass_cut_tpu.MAX_COLUMNS),
+    backends.Backend("mosaic_tpu", ("tpu",),
+                     _kernel_shapes(mass_cut_tpu.MAX_COLUMNS, weights=False),
                      prefer_not=_large_cells, auto=False, auto_note="opt-in: verified in TPU interpret mode only"),
     backends.Backend("xla"),
     backends.Backend("reference", (), _reference_refusal, auto=False,
@@ -129,9 +138,11 @@ IMPLS = ("auto",) + tuple(b.name for b in BACKENDS)
 
 def estimation_backend(op: str, *, impl: str = "auto", interpret: bool = False,
                        rows: int | None = None, cell: int | None = None,
-                       columns: int | None = None, strict: bool = False) -> str:
+                       columns: int | None = None, weighted: bool = False,
+                       strict: bool = False) -> str:
     """The implementation of estimation op ``op`` for these sizes (see module). "xla" means
-    the caller's XLA path (``jaxprefill.sparse.estimators``).
+    the caller's XLA path (``jaxprefill.sparse.estimators``). ``weighted``: a mass cut with a
+    weight per entry (:func:`mass_cut`), which the TPU kernel does not take.
 
     A named kernel backend runs on its device (or in interpret mode) or raises; an op whose
     shapes its kernel does not take runs on "xla" instead (logged at debug level): a policy's
@@ -140,7 +151,7 @@ def estimation_backend(op: str, *, impl: str = "auto", interpret: bool = False,
     """
     if op not in OPS:
         raise ValueError(f"unknown estimation op {op!r}; one of {OPS}")
-    call = EstimationCall(op, rows, cell, columns)
+    call = EstimationCall(op, rows, cell, columns, weighted)
     named = {b.name: b for b in BACKENDS}.get(impl)
     if named is not None and named.name != "xla" and not strict:
         on_device = interpret or not named.platforms or backends.platform() in named.platforms
@@ -155,7 +166,7 @@ def _tpu_interpret(interpret: bool) -> Any:
     return pltpu.InterpretParams() if interpret else False
 
 
-def _kernel_impl(op: str, impl: str, interpret: bool, **sizes: int) -> str:
+def _kernel_impl(op: str, impl: str, interpret: bool, **sizes: int | bool) -> str:
     """The kernel that runs ``op`` here (entry points below run kernels, not the XLA path)."""
     name = estimation_backend(op, impl=impl, interpret=interpret, strict=True, **sizes)
     if name == "xla":
@@ -237,38 +248,42 @@ def pooled_block_scores(qx: jax.Array, kx: jax.Array, valid_rows: jax.Array,
                                    interpret=_tpu_interpret(interpret), **kernel_kwargs)
 
 
-def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array) -> jax.Array:
+def mass_cut_reference(s: jax.Array, base: jax.Array, goal: jax.Array,
+                       weight: jax.Array | None = None) -> jax.Array:
     """uint32 [...]: per row of s [..., m] (entries >= 0) the smallest key U (key = the
     order-preserving uint32 of ``jaxprefill.sparse.select.sort_key``: bits + 2^31 for x >= 0)
-    with ``base + sum(s[key > U]) < goal``; 0xFFFFFFFF where none. 31 passes of a row sum."""
+    with ``base + sum(weight[key(s) > U]) < goal``; 0xFFFFFFFF where none. weight float32
+    [..., m] >= 0 is the mass of each entry (None: the entry itself). 31 passes of a row sum."""
     s = s.astype(jnp.float32)
     key = jax.lax.bitcast_convert_type(s, jnp.int32)
+    mass = s if weight is None else weight.astype(jnp.float32)
 
     def bit_step(b, ans):
         bit = 30 - b
         cand = ans | ((jnp.int32(1) << bit) - 1)
-        above = jnp.sum(jnp.where(key > cand[..., None], s, 0.0), axis=-1)
+        above = jnp.sum(jnp.where(key > cand[..., None], mass, 0.0), axis=-1)
         return jnp.where(base + above < goal, ans, ans | (jnp.int32(1) << bit))
 
     cut = jax.lax.fori_loop(0, 31, bit_step, jnp.zeros(s.shape[:-1], jnp.int32))
     return jax.lax.bitcast_convert_type(cut, jnp.uint32) | jnp.uint32(0x80000000)
 
 
-def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, *, impl: str = "auto",
-             interpret: bool = False) -> jax.Array:
+def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, weight: jax.Array | None = None,
+             *, impl: str = "auto", interpret: bool = False) -> jax.Array:
     """Cut of a cumulative-mass selection per row (:func:`mass_cut_reference` semantics): the
     GPU kernel loads rows of up to 16384 entries once and searches on registers; wider rows
     (up to 2^20) stay in L2 and one program per row searches 2 bits per pass over them, where
-    XLA reads the whole matrix once per 4-bit pass. s float32 [..., m] >= 0, base / goal
-    float32 [...] -> uint32 [...]."""
+    XLA reads the whole matrix once per 4-bit pass. s float32 [..., m] >= 0 (the order), base /
+    goal float32 [...], weight float32 [..., m] >= 0 (the mass of each entry; None: s itself;
+    GPU kernels and the reference only) -> uint32 [...]."""
     m = s.shape[-1]
-    name = _kernel_impl("mass_cut", impl, interpret, columns=m)
+    name = _kernel_impl("mass_cut", impl, interpret, columns=m, weighted=weight is not None)
     if name == "reference":
-        return mass_cut_reference(s, base, goal)
+        return mass_cut_reference(s, base, goal, weight)
     if name == "triton":
         if m <= mass_cut_triton.MAX_COLUMNS:  # the faster kernel where the rows fit registers
-            return _mass_cut_triton(s, base, goal, interpret=interpret)
-        return _mass_cut_wide(s, base, goal, interpret=interpret)
+            return _mass_cut_triton(s, base, goal, weight, interpret=interpret)
+        return _mass_cut_wide(s, base, goal, weight, interpret=interpret)
     return _mass_cut_tpu(s, base, goal, interpret=_tpu_interpret(interpret))
 
 

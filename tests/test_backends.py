@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxprefill.attention import dispatch
+from jaxprefill.sparse.estimation import Estimation
 from pallas_kernels import BlockSparseLayout, backends, block_sparse_backend, mla_decode_backend
 from pallas_kernels import estimation
 from pallas_kernels.gpu import mosaic_common
@@ -116,6 +117,37 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
                                       strict=True)
     with pytest.raises(ValueError, match="runs on gpu, not cpu"):  # the device is never skipped
         estimation.estimation_backend("mass_cut", columns=64, impl="triton")
+
+
+def test_weighted_mass_cuts_run_on_gpu_kernels_and_on_xla_on_tpus(device):
+    cut = lambda **kw: estimation.estimation_backend("mass_cut", weighted=True, **kw)  # noqa: E731
+    device("gpu", hopper=True)
+    assert cut(columns=999, rows=32) == "triton"
+    assert cut(columns=999, rows=32, impl="triton", strict=True) == "triton"
+    # FlexPrefill's chunk rows: 1024 prefix + 128 x 1024 scores (16.1 MiB plain)
+    assert estimation.estimation_backend("mass_cut", columns=1024 + (128 << 10),
+                                         rows=32) == "triton"
+    # weighted, the wide kernel re-reads s and weight: twice the bytes against the L2 bound
+    chunk = dict(columns=1024 + (128 << 10))
+    assert cut(rows=16, **chunk) == "triton"  # 16.1 MiB
+    assert cut(rows=32, **chunk) == "xla"  # 32.2 MiB: past the 32 MiB kept in L2
+    assert cut(rows=32, impl="triton", strict=True, **chunk) == "triton"  # named: it runs
+    device("tpu")  # the TPU kernel takes no weights: XLA, named or not; strict names why
+    assert cut(columns=64) == "xla"
+    assert cut(columns=64, impl="mosaic_tpu") == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=64, impl="mosaic_tpu") == "mosaic_tpu"
+    with pytest.raises(ValueError, match="mosaic_tpu.*takes no weights"):
+        cut(columns=64, impl="mosaic_tpu", strict=True)
+    assert cut(columns=64, impl="reference") == "reference"
+    device("cpu")
+    assert cut(columns=64) == "xla"
+    assert cut(columns=64, impl="triton", interpret=True) == "triton"
+    assert cut(columns=64, impl="mosaic_tpu", interpret=True) == "xla"
+    # Estimation.backend forwards the sizes, weighted included
+    assert Estimation("mosaic_tpu", interpret=True).backend("mass_cut", columns=64,
+                                                            weighted=True) == "xla"
+    assert Estimation("triton", interpret=True).backend("mass_cut", columns=64,
+                                                        weighted=True) == "triton"
 
 
 def test_mla_decode_backends(device):

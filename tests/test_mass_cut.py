@@ -1,8 +1,10 @@
 """The cut searches (pallas_kernels/gpu/mass_cut_triton.py: register-resident rows;
 pallas_kernels/gpu/mass_cut_wide_triton.py: wide rows, one program per row; the TPU kernel), in
 interpret mode, against the XLA bit search and the sort-based selections they serve
-(jaxprefill.sparse.select: cumulative_keep, mass_count); and the GPU kernels' lowering for
-CUDA (Triton IR generation and its power-of-two tensor rules; the Triton compile needs a GPU)."""
+(jaxprefill.sparse.select: cumulative_keep, mass_count); the weighted cuts of the GPU kernels
+(entries ordered by s, counting their weight) against the weighted reference; and the GPU
+kernels' lowering for CUDA (Triton IR generation and its power-of-two tensor rules; the Triton
+compile needs a GPU)."""
 
 import functools
 
@@ -257,22 +259,124 @@ def test_cumulative_keep_over_wide_rows_equals_sort():
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"seed {seed}")
 
 
+# ---- weighted cuts: entries ordered by s, counting weight ---------------------------------
+
+WEIGHTED_CASES = [  # kernel, shape, ties, kernel arguments
+    ("register", (3, 5, 37), False, {}),
+    ("register", (7, 999), True, {}),
+    ("wide", (5, 20001), True, {}),  # one tile of 4096 short of 5: the last one padded
+    ("wide", (2, 3, 16384 + 1000), False, {}),
+    ("wide", (6, 300), True, dict(tile=32, digit_bits=3)),  # many tiles, 1 + 10 x 3 bits
+]
+WEIGHTED_KERNELS = {"register": mass_cut_triton, "wide": mass_cut_wide_triton}
+
+
+def _weighted_problem(seed: int, shape, ties: bool):
+    """(s, weight, base, goal) float32 with edge rows first, then random rows. s orders the
+    entries (heavy-tailed, zeros; ties: few distinct values); weight is an independent mass of
+    0 to 15 units of 2^-10 (also where s is 0: such entries are never above a cut), so every
+    partial sum and base is exact in float32 in any summation order and the kernels must equal
+    the reference bit for bit; goal a random share of base + the row's weight. Edge rows (at
+    least 5 rows): goal 0 (no cut qualifies: 0xFFFFFFFF), goal above base + total (every entry
+    counts: cut 0), s all zero (nothing above any cut: cut 0), s one value throughout (the cut
+    is that value's key)."""
+    rng = np.random.default_rng(seed)
+    s = np.asarray(_scores(seed, shape, ties)).reshape(-1, shape[-1]).copy()
+    rows = s.shape[0]
+    w = rng.integers(0, 16, s.shape) * 2.0 ** -10
+    s[2], s[3] = 0.0, 0.5
+    base = np.floor(rng.uniform(0, 0.2, rows) * w.sum(-1)) * 2.0 ** -10  # dyadic, mostly > 0
+    goal = base + rng.uniform(0.3, 1.0, rows) * w.sum(-1)
+    goal[0] = 0.0
+    goal[1] = 2 * (base[1] + w[1].sum()) + 1
+    goal[2] = base[2] + 1.0
+    lead = shape[:-1]
+    as_f32 = lambda x, sh: jnp.asarray(x.reshape(sh), jnp.float32)  # noqa: E731
+    return as_f32(s, shape), as_f32(w, shape), as_f32(base, lead), as_f32(goal, lead)
+
+
+@pytest.mark.parametrize("kernel, shape, ties, kwargs", WEIGHTED_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
+def test_weighted_kernel_cut_equals_reference(kernel, shape, ties, kwargs):
+    seed = int(np.random.default_rng().integers(2**31))
+    s, w, base, goal = _weighted_problem(seed, shape, ties)
+    out = np.asarray(WEIGHTED_KERNELS[kernel](s, base, goal, w, interpret=True, **kwargs))
+    ref = np.asarray(estimation.mass_cut_reference(s, base, goal, w))
+    assert out.dtype == np.uint32 and out.shape == shape[:-1]
+    np.testing.assert_array_equal(out, ref, err_msg=f"seed {seed}")
+    flat = out.reshape(-1)
+    key_half = int(np.float32(0.5).view(np.uint32)) | 0x80000000
+    assert list(flat[:4]) == [0xFFFFFFFF, 0x80000000, 0x80000000, key_half], f"seed {seed}"
+    assert ((flat > 0x80000000) & (flat < 0xFFFFFFFF)).any()  # random rows: inner cuts
+    # the weights matter: the entries' own masses cut elsewhere
+    plain = np.asarray(estimation.mass_cut_reference(s, base, goal))
+    assert (plain != ref).any(), f"seed {seed}"
+
+
+@pytest.mark.parametrize("kernel", sorted(WEIGHTED_KERNELS))
+def test_unweighted_kernels_read_one_matrix(kernel):
+    """weight=None keeps the single-input kernel (no copy of s as weight) and equals
+    weight=s."""
+    seed = int(np.random.default_rng().integers(2**31))
+    s, _, base, goal = _weighted_problem(seed, (5, 300), ties=True)
+    fn = functools.partial(WEIGHTED_KERNELS[kernel], interpret=True)
+    arity = {}
+    for label, args in (("plain", (s, base, goal)), ("weighted", (s, base, goal, s))):
+        calls = list(_pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr))
+        assert len(calls) == 1
+        arity[label] = len(calls[0].invars)
+    assert arity == {"plain": 3, "weighted": 4}  # s (, weight), base, goal
+    np.testing.assert_array_equal(np.asarray(fn(s, base, goal)),
+                                  np.asarray(fn(s, base, goal, s)), err_msg=f"seed {seed}")
+
+
+def _pallas_calls(jaxpr):
+    """The pallas_call equations of a jaxpr, nested ones (jit) included."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            yield e
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", p)  # ClosedJaxpr -> Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from _pallas_calls(inner)
+
+
+def test_weighted_mass_cut_dispatch():
+    """estimation.mass_cut with weight: the reference and both Triton kernels agree; the TPU
+    kernel takes no weights (a named mosaic_tpu call raises with the reason)."""
+    seed = int(np.random.default_rng().integers(2**31))
+    for m in (16384, 16385):  # the register-resident kernel's last width, then the wide one
+        s, w, base, goal = _weighted_problem(seed + m, (5, m), ties=False)
+        ref = np.asarray(estimation.mass_cut(s, base, goal, w, impl="reference"))
+        out = np.asarray(estimation.mass_cut(s, base, goal, w, impl="triton", interpret=True))
+        np.testing.assert_array_equal(out, ref, err_msg=f"seed {seed + m}")
+    with pytest.raises(ValueError, match="takes no weights"):
+        estimation.mass_cut(s[:, :64], base, goal, w[:, :64], impl="mosaic_tpu",
+                            interpret=True)
+    with pytest.raises(ValueError, match="weight"):
+        mass_cut_triton(s[:, :64], base, goal, w[:, :63], interpret=True)
+
+
 # ---- lowering for CUDA (no GPU needed) --------------------------------------------------
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("shape, kernel", [((9, 65536), "mass_cut_wide_triton"),
                                            ((2 * 9, 32768), "mass_cut_wide_triton"),
                                            ((3, 20001), "mass_cut_wide_triton"),
                                            ((9, 16384), "mass_cut_triton")])
-def test_triton_kernels_lower_for_cuda(shape, kernel, monkeypatch):
+def test_triton_kernels_lower_for_cuda(shape, kernel, weighted, monkeypatch):
     # through the dispatcher on a pretend GPU ("auto" picks triton; the width picks the kernel):
     # FlexPrefill's query-aware rows at 32K tokens [B * Hq, nq * n] and its stacked budgets
     monkeypatch.setattr(backends, "platform", lambda: "gpu")
     sds = jax.ShapeDtypeStruct
     f32 = jnp.float32
-    text = jax.jit(estimation.mass_cut).trace(
-        sds(shape, f32), sds(shape[:-1], f32), sds(shape[:-1], f32)).lower(
+    args = [sds(shape, f32), sds(shape[:-1], f32), sds(shape[:-1], f32)]
+    if weighted:
+        args.append(sds(shape, f32))
+    text = jax.jit(estimation.mass_cut).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert kernel in text
+    assert (f"{kernel}_weighted" in text) == weighted
 
 
 def test_mass_count_lowers_with_the_kernel_for_cuda(monkeypatch):
@@ -283,3 +387,4 @@ def test_mass_count_lowers_with_the_kernel_for_cuda(monkeypatch):
                              sds((2, 1, 9, 32768), jnp.bool_)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mass_cut_wide_triton" in text
+

@@ -66,9 +66,10 @@ class Estimation:
             raise ValueError(f"unknown estimation key(s) {bad}; known: {', '.join(known)}")
         return cls(**items)
 
-    def backend(self, op: str, **sizes: int) -> str:
+    def backend(self, op: str, **sizes: int | bool) -> str:
         """The implementation of estimation op ``op`` for these sizes ("xla": the caller's
-        XLA path)."""
+        XLA path); ``sizes``: the keywords of ``estimation_backend`` (rows, cell, columns,
+        weighted)."""
         return estimation.estimation_backend(op, impl=self.impl, interpret=self.interpret,
                                              **sizes)
 

@@ -5,7 +5,10 @@ Same semantics and reference as :mod:`pallas_kernels.gpu.mass_cut_triton` (refer
 :func:`pallas_kernels.estimation.mass_cut_reference`): ``s`` float32 [rows, m], every entry >= 0,
 ``base`` and ``goal`` float32 [rows]; per row the smallest int32 ``u`` in [0, 2^31 - 1] (the
 bits of a non-negative float order like its value) with ``base + sum(s[bits(s) > u]) < goal``,
-2^31 - 1 where none; returned as the uint32 key ``u + 2^31`` of ``select.sort_key``.
+2^31 - 1 where none; returned as the uint32 key ``u + 2^31`` of ``select.sort_key``. With
+``weight`` (float32 [rows, m] >= 0) entry j is ordered by s[j] but counts weight[j]:
+``base + sum(weight[bits(s) > u]) < goal`` (a static flag: without it the kernel is the
+single-input program).
 
 Why a second kernel. The register-resident kernel holds a tile of whole rows in registers,
 which stops at 16384 columns (``mass_cut_triton.MAX_COLUMNS``). FlexPrefill's query-aware
@@ -31,7 +34,8 @@ passes, memory-bound, ~1.9 clocks per entry; 2 bits: 16 passes at ~0.07, ~1.1; 3
 ~0.16, ~1.8; 4 bits: 8 x ~0.35, ~2.8 (and 15 accumulators spill registers).
 
 Padding: the wrapper pads each row with zeros to a multiple of the tile (zero mass is never
-above a cut). Rows may be any width up to ``MAX_COLUMNS``.
+above a cut). Rows may be any width up to ``MAX_COLUMNS``. Weighted rows read twice the bytes
+per pass (s and weight tiles side by side), which the resolver's L2 bound counts.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pallas_kernels._estimation_common import cut_key, mass_cut_rows
 from pallas_kernels.gpu._triton_common import CompilerParams as _CompilerParams, pow2 as _pow2
 
 TILE = 4096  # entries per load: 16 per thread with 8 warps, 3 accumulators: ~80 registers
+# (weighted: 16 more for the tile of masses)
 DIGIT_BITS = 2  # bits of the cut per pass (module docstring)
 # The widest row the backends send here: 1M entries (FlexPrefill's pooled matrix at 128K
 # tokens, nq x n = 1024 x 1024). The row count is not bounded by this; past ~50 MB of rows per
@@ -59,7 +64,11 @@ def _digits(digit_bits: int) -> tuple[int, int]:
     return 31 % digit_bits, 31 // digit_bits
 
 
-def _kernel(s_ref, base_ref, goal_ref, cut_ref, *, tile: int, n_tiles: int, digit_bits: int):
+def _kernel(*refs, tile: int, n_tiles: int, digit_bits: int, weighted: bool):
+    if weighted:
+        s_ref, w_ref, base_ref, goal_ref, cut_ref = refs
+    else:
+        s_ref, base_ref, goal_ref, cut_ref = refs
     base, goal = base_ref[0], goal_ref[0]  # float32 scalars of this row
 
     def digit(ans, shift, n_cand):
@@ -71,7 +80,8 @@ def _kernel(s_ref, base_ref, goal_ref, cut_ref, *, tile: int, n_tiles: int, digi
             start = pl.multiple_of(t * tile, tile)
             x = s_ref[pl.ds(start, tile)]  # [tile] float32 >= 0
             key = lax.bitcast_convert_type(x, jnp.int32)
-            return tuple(a + jnp.where(key > c, x, 0.0) for a, c in zip(acc, cands))
+            mass = w_ref[pl.ds(start, tile)] if weighted else x  # [tile] float32 >= 0
+            return tuple(a + jnp.where(key > c, mass, 0.0) for a, c in zip(acc, cands))
 
         zeros = tuple(jnp.zeros((tile,), jnp.float32) for _ in cands)
         acc = lax.fori_loop(0, n_tiles, tile_step, zeros)
@@ -96,14 +106,17 @@ def _kernel(s_ref, base_ref, goal_ref, cut_ref, *, tile: int, n_tiles: int, digi
 
 @functools.partial(jax.jit, static_argnames=("tile", "digit_bits", "num_warps", "num_stages",
                                              "interpret"))
-def mass_cut_wide_triton(s: jax.Array, base: jax.Array, goal: jax.Array, *, tile: int = TILE,
+def mass_cut_wide_triton(s: jax.Array, base: jax.Array, goal: jax.Array,
+                         weight: jax.Array | None = None, *, tile: int = TILE,
                          digit_bits: int = DIGIT_BITS, num_warps: int = 8,
                          num_stages: int = 2, interpret: bool = False) -> jax.Array:
     """uint32 [...]: per row of s [..., m] the cut of ``select.cumulative_keep`` (module doc).
 
     Args:
-        s: float32 [..., m], entries >= 0; m <= MAX_COLUMNS (any m: rows are padded).
+        s: float32 [..., m], entries >= 0 (the order); m <= MAX_COLUMNS (any m: rows are
+            padded).
         base, goal: float32 [...] (mass already taken, mass to reach).
+        weight: float32 [..., m] >= 0, the mass of each entry; None: the entry itself.
         tile: entries per load, a power of two (rows narrower than it: the next power of two
             of m).
         digit_bits: bits of the cut fixed per pass, 1 to 4 (2^digit_bits - 1 accumulators).
@@ -118,23 +131,25 @@ def mass_cut_wide_triton(s: jax.Array, base: jax.Array, goal: jax.Array, *, tile
     lead, m = s.shape[:-1], s.shape[-1]
     t = min(tile, max(16, _pow2(m)))
     n_tiles = -(-m // t)
-    x, b, g, rows = mass_cut_rows(s, base, goal, MAX_COLUMNS, "mass_cut_wide_triton", 1,
-                                  n_tiles * t)
+    x, w, b, g, rows = mass_cut_rows(s, base, goal, MAX_COLUMNS, "mass_cut_wide_triton", 1,
+                                     n_tiles * t, weight)
     if rows * n_tiles * t >= 2 ** 31:  # the Triton lowering computes element offsets in int32
         raise ValueError(f"mass_cut_wide_triton: {rows} rows of {n_tiles * t} entries exceed "
                          "int32 offsets")
+    row_spec = pl.BlockSpec((None, n_tiles * t), lambda i: (i, 0))  # the whole row
+    matrices = (x,) if w is None else (x, w)
     cut = pl.pallas_call(
-        functools.partial(_kernel, tile=t, n_tiles=n_tiles, digit_bits=digit_bits),
+        functools.partial(_kernel, tile=t, n_tiles=n_tiles, digit_bits=digit_bits,
+                          weighted=w is not None),
         grid=(rows,),
-        in_specs=[pl.BlockSpec((None, n_tiles * t), lambda i: (i, 0)),  # the whole row
-                  pl.BlockSpec((1,), lambda i: (i,)),
-                  pl.BlockSpec((1,), lambda i: (i,))],
+        in_specs=[row_spec] * len(matrices) + [pl.BlockSpec((1,), lambda i: (i,)),
+                                               pl.BlockSpec((1,), lambda i: (i,))],
         out_specs=pl.BlockSpec((1,), lambda i: (i,)),
         out_shape=jax.ShapeDtypeStruct((rows,), jnp.int32),
         compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="mass_cut_wide_triton",
-    )(x, b, g)
+        name="mass_cut_wide_triton" if w is None else "mass_cut_wide_triton_weighted",
+    )(*matrices, b, g)
     return cut_key(cut, rows, lead)
 
 

@@ -5,6 +5,8 @@ reference :func:`pallas_kernels.estimation.mass_cut_reference`): ``s`` float32 [
 ``base`` and ``goal`` float32 [rows]; per row the smallest int32 ``u`` (over the low 31 bits: the
 bits of a non-negative float order like its value) with ``base + sum(s[bits(s) > u]) < goal``,
 2^31 - 1 where none; returned as the uint32 key ``u + 2^31`` of ``select.sort_key``.
+Unlike the GPU kernels it takes no ``weight`` (a mass per entry other than the entry itself):
+the resolver sends weighted cuts to XLA on TPUs (``estimation._kernel_shapes``).
 
 Design: grid over tiles of ``block_rows`` rows (``"parallel"``); a tile [block_rows, m_pad]
 sits in VMEM and the 31-step bit search runs on it (one compare/select/lane-reduction per
@@ -68,8 +70,8 @@ def mass_cut_tpu(s: jax.Array, base: jax.Array, goal: jax.Array, *, block_rows: 
         raise ValueError(f"block_rows must be a multiple of 8, got {block_rows}")
     lead, m = s.shape[:-1], s.shape[-1]
     r = min(block_rows, _round_up(max(1, math.prod(lead)), 8))
-    x, b, g, rows = mass_cut_rows(s, base, goal, MAX_COLUMNS, "mass_cut_tpu", r,
-                                  _round_up(m, 128))
+    x, _, b, g, rows = mass_cut_rows(s, base, goal, MAX_COLUMNS, "mass_cut_tpu", r,
+                                     _round_up(m, 128))
     n_prog = x.shape[0] // r
     b, g = b[:, None], g[:, None]  # [rows, 1] columns: legal (8k, 1) blocks
     cut = pl.pallas_call(
