@@ -4,7 +4,7 @@ interpret mode, against the XLA bit search and the sort-based selections they se
 (jaxprefill.sparse.select: cumulative_keep, mass_count); the weighted cuts of the GPU kernels
 (entries ordered by s, counting their weight) against the weighted reference; and the GPU
 kernels' lowering for CUDA (Triton IR generation and its power-of-two tensor rules; the Triton
-compile needs a GPU)."""
+compile needs a GPU), FlexPrefill's chunk rows through the weighted kernel included."""
 
 import functools
 
@@ -16,7 +16,7 @@ import pytest
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
-from jaxprefill.sparse.flexprefill import mass_count_sort
+from jaxprefill.sparse.flexprefill import keep_after_uniform_prefix, mass_count_sort
 from pallas_kernels import backends, estimation
 from jax.experimental.pallas import tpu as pltpu
 
@@ -388,3 +388,15 @@ def test_mass_count_lowers_with_the_kernel_for_cuda(monkeypatch):
         lowering_platforms=("cuda",)).as_text()
     assert "mass_cut_wide_triton" in text
 
+
+def test_chunk_rows_lower_with_the_weighted_kernel_for_cuda(monkeypatch):
+    # FlexPrefill's chunk rows on a pretend GPU ("auto"): SmolLM2's 9 heads at 32K tokens, a
+    # chunk of 128 query blocks after the uniform prefix: 256 prefix + 128 x 256 scores
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    sds = jax.ShapeDtypeStruct
+    fn = functools.partial(keep_after_uniform_prefix, gamma=0.95, how=Estimation())
+    text = jax.jit(fn).trace(sds((1, 9, 128 * 256), jnp.float32),
+                             sds((1, 9, 128 * 256), jnp.bool_), value=sds((1, 256), jnp.float32),
+                             count=sds((1, 256), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mass_cut_wide_triton_weighted" in text

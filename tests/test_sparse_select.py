@@ -6,6 +6,8 @@ rows with nothing valid; odd row lengths.
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,8 @@ import pytest
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
-from jaxprefill.sparse.flexprefill import mass_count_sort
+from jaxprefill.sparse.flexprefill import (keep_after_uniform_prefix, mass_count_sort,
+                                           uniform_prefix, uniform_prefix_cut)
 from pallas_kernels.layout import block_mask_to_layout_arrays
 
 
@@ -66,6 +69,65 @@ def test_mass_count_equals_sort(ties, impl):
         want = mass_count_sort(jnp.asarray(x), jnp.asarray(valid), gamma)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert np.asarray(got).min() > 0
+
+
+@pytest.mark.parametrize("n, nr", [(37, 5), (41, 410)])  # kernels: register-resident, wide
+def test_keep_after_uniform_prefix_kernel_equals_xla_and_sort(n, nr):
+    """FlexPrefill's chunk rows (:func:`keep_after_uniform_prefix`): [uniform prefix; scores]
+    with prefix entry i of value 1/(i+1) counted i+1 times. Its cut as one weighted mass cut
+    (the Triton kernel, interpreted; 37 + 185 and 41 + 16810 columns) equals the XLA search's,
+    ties between prefix values and scores included, and the kept scores equal the XLA path's
+    and the sort's. Rows: windows after 5 rows, none, all but 3; one row with nothing valid."""
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    b, h, m = 3, 4, n * nr
+    row0 = jnp.asarray([5, 0, n - 3], jnp.int32)
+    value, count = uniform_prefix(types.SimpleNamespace(n=n, row0=row0))  # [1, n], [B, n]
+    # pooled-softmax-like scores, 40% exactly a prefix value (the same float32: ties)
+    same = np.asarray(value)[0, rng.integers(0, n, (b, h, m))]
+    x = np.where(rng.random((b, h, m)) < 0.4, same, 0.5 * rng.random((b, h, m)))
+    x = np.where(rng.random(x.shape) < 0.2, 0.0, x).astype(np.float32)
+    valid = rng.random(x.shape) < 0.9
+    valid[1, 2] = False  # no prefix (row0 0), nothing valid: nothing kept
+    x, valid = jnp.asarray(x), jnp.asarray(valid)
+    kernel = Estimation("triton", interpret=True)
+    gammas = (0.6, 0.9, 0.97)
+
+    @jax.jit
+    def cuts(x, valid):  # the cut as keep_after_uniform_prefix computes it, both ways
+        s = jnp.where(valid, x, 0.0)
+        pv = jnp.broadcast_to(value[:, None, :], (b, h, n))
+        pcount = jnp.broadcast_to(count[:, None, :], (b, h, n))
+        pmass = pv * pcount
+        out = []
+        for gamma in gammas:
+            goal = gamma * (s.sum(-1) + pmass.sum(-1))
+            out.append([uniform_prefix_cut(s, valid, pv, pcount, pmass, goal, how=how)
+                        for how in (kernel, Estimation("xla"))])
+        return out
+
+    @jax.jit
+    def keeps(x, valid):
+        return [[keep_after_uniform_prefix(x, valid, gamma, value, count, how=how)
+                 for how in (kernel, Estimation("xla"), Estimation(selection="sort"))]
+                for gamma in gammas]
+
+    pkey = np.asarray(select.sort_key(value))[0]  # [n]
+    skey = np.asarray(select.sort_key(jnp.where(valid, x, -1.0)))  # invalid: below every cut
+    tied = 0
+    for gamma, (got, want), kept in zip(gammas, cuts(x, valid), keeps(x, valid)):
+        msg = f"seed {seed} gamma {gamma}"
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_array_equal(got, want, err_msg=msg)
+        assert got[1, 2] == 0xFFFFFFFF, msg
+        live = np.arange(n)[None, :] < np.asarray(row0)[:, None]  # [B, n]
+        at_prefix = ((pkey == got[..., None]) & live[:, None]).any(-1)
+        tied += int((at_prefix & (skey == got[..., None]).any(-1)).sum())
+        k, xla, srt = (np.asarray(a) for a in kept)
+        np.testing.assert_array_equal(k, xla, err_msg=msg)
+        np.testing.assert_array_equal(k, srt, err_msg=msg)
+        assert 0 < k.sum() < np.asarray(valid).sum() and not k[1, 2].any(), msg
+    assert tied > 0, f"seed {seed}: no cut at a prefix value tied with a score"
 
 
 @pytest.mark.parametrize("n,cap", [(9, 9), (300, 300), (300, 17), (1100, 1100)])

@@ -29,10 +29,12 @@ whole-prefix chunk path), so their pooled softmax is uniform, 1/(i+1) over i+1 c
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import estimation
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import Geometry, Policy
@@ -73,6 +75,43 @@ def uniform_prefix(geo: Geometry) -> tuple[jax.Array, jax.Array]:
     return value, count
 
 
+def _prefix_above(pkey: jax.Array, pmass: jax.Array, u: jax.Array) -> jax.Array:
+    """float32 [B, H, C]: the prefix mass pmass [B, H, P] whose keys pkey [B, H, P] are strictly
+    above each candidate cut u uint32 [B, H, C]."""
+    return jnp.sum(jnp.where(select.above(pkey, u), pmass[..., None, :], 0.0), axis=-1)
+
+
+def uniform_prefix_cut(s: jax.Array, valid: jax.Array, pv: jax.Array, pcount: jax.Array,
+                       pmass: jax.Array, goal: jax.Array, *, how: Estimation) -> jax.Array:
+    """uint32 [B, H]: the cut of :func:`keep_after_uniform_prefix`, the smallest key U
+    (``select.sort_key``) with (mass of the prefix entries and valid scores above U) < goal.
+
+    s, valid [B, H, M] (s 0 where invalid); pv, pcount, pmass [B, H, P]: the prefix values,
+    their counts and masses pv x pcount. A prefix entry is ordered by its value but weighs its
+    mass, so where ``how`` gives a kernel (GPUs) this is one weighted mass cut
+    (:func:`pallas_kernels.estimation.mass_cut`) over [prefix; scores], else the XLA radix
+    search. Both return the same key (sums differ in float order only): ties at the cut are
+    the caller's.
+    """
+    rows = math.prod(s.shape[:-1])
+    impl = how.backend("mass_cut", columns=pv.shape[-1] + s.shape[-1], rows=rows, weighted=True)
+    if impl != "xla":
+        live = pcount > 0  # prefix rows before row0; the others weigh 0 and never count
+        values = jnp.concatenate([jnp.where(live, pv, 0.0), s], axis=-1)
+        weights = jnp.concatenate([jnp.where(live, pmass, 0.0), s], axis=-1)
+        base = jnp.zeros(goal.shape, jnp.float32)
+        return estimation.mass_cut(values, base, goal.astype(jnp.float32), weights, impl=impl,
+                                   interpret=how.interpret)
+    key, pkey = select.sort_key(s), select.sort_key(pv)
+
+    def cond(u):  # mass strictly above u < goal (as select.cumulative_keep); u [B, H, C]
+        hit = valid[..., None, :] & select.above(key, u)
+        mass = jnp.sum(jnp.where(hit, s[..., None, :], 0.0), axis=-1)
+        return mass + _prefix_above(pkey, pmass, u) < goal[..., None]
+
+    return select._search(cond, s.shape[:-1])
+
+
 def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
                               value: jax.Array, count: jax.Array, *,
                               how: Estimation) -> jax.Array:
@@ -82,6 +121,8 @@ def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
     scores, valid [B, H, M]; the prefix has count[b, i] entries of value[0, i] each (value,
     count [1 or B, P]), all before the scores in index order (the rows before the window).
     Same threshold / sort semantics as the whole-prompt call; sums differ in float order only.
+    The threshold search (not the sort) finds its cut as :func:`uniform_prefix_cut`: the
+    weighted mass-cut kernel where ``how`` gives one (GPUs), else the XLA search.
     """
     if gamma >= 1.0:
         return valid
@@ -103,19 +144,11 @@ def keep_after_uniform_prefix(scores: jax.Array, valid: jax.Array, gamma: float,
                                   before < goal[..., None], axis=-1, inplace=False)
         return keep[..., pshape[-1]:] & valid
     key, pkey = select.sort_key(s), select.sort_key(pv)
-
-    def prefix_above(u):  # prefix mass with value strictly above u [B, H, C]
-        return jnp.sum(jnp.where(select.above(pkey, u), pmass[..., None, :], 0.0), axis=-1)
-
-    def cond(u):  # mass strictly above u < goal (as select.cumulative_keep); u [B, H, C]
-        hit = valid[..., None, :] & select.above(key, u)
-        mass = jnp.sum(jnp.where(hit, s[..., None, :], 0.0), axis=-1)
-        return mass + prefix_above(u) < goal[..., None]
-
-    cut = select._search(cond, s.shape[:-1])
+    cut = uniform_prefix_cut(s, valid, pv, pcount, pmass, goal, how=how)
     gt = valid & (key > cut[..., None])
     eq = valid & (key == cut[..., None])
-    before = jnp.sum(jnp.where(gt, s, 0.0), axis=-1) + prefix_above(cut[..., None])[..., 0]
+    before = (jnp.sum(jnp.where(gt, s, 0.0), axis=-1)
+              + _prefix_above(pkey, pmass, cut[..., None])[..., 0])
     # earlier entries tied at the cut: the prefix's ties, then the scores' own
     ties = jnp.sum(jnp.where(pkey == cut[..., None], pcount, 0.0), axis=-1)
     rank = (select.prefix_count(eq) - 1).astype(jnp.float32) + ties[..., None]
