@@ -26,8 +26,12 @@ FlexPrefill's 32K shapes: the query-aware rows [1, 9, 65536] (``cumulative_keep`
 pooled block matrix, nq x n = 256 x 256) and the stacked vertical / slash budgets
 [2, 1, 9, 32768] (``select.mass_count``: kernel, XLA search, sort), and the 128K query-aware
 rows [1, 32, 2^20] (the wide kernel's limit, ``mass_cut_wide_triton.MAX_COLUMNS``: 128 MB of
-rows, past L2). Rows wider than 16384 take the wide kernel; beside the library's call, its
-variants (digit width, tile, warps, pipeline stages). Every kernel's cut and count is checked
+rows, past L2), and FlexPrefill's chunk rows at 128K tokens (``flexprefill.uniform_prefix_cut``:
+32 heads, 1024 uniform prefix rows + 128 x 1024 pooled scores, a weighted cut of 132096 entries
+per row: the weighted wide kernel, named, against the XLA search of the prefix condition;
+"auto" sends this call to XLA while its 32 MiB L2 bound holds). Rows wider than 16384 take the
+wide kernel; beside the library's call, its variants (digit width, tile, warps, pipeline
+stages). Every kernel's cut and count is checked
 to be one within float rounding (``check_estimation_gpu.mass_cut_misses`` /
 ``mass_count_misses``; exit 1 if not), and its rows differing from the XLA search's counted.
 This section queues calls (``sample_ms=20``: device time per call, the launch hidden), unlike
@@ -56,7 +60,9 @@ from jaxprefill.sparse.estimation import Estimation
 from jaxprefill.sparse.flexprefill import mass_count_sort
 from pallas_kernels import estimation
 from pallas_kernels.gpu.mass_cut_wide_triton import mass_cut_wide_triton
-from scripts.checks.check_estimation_gpu import mass_count_misses, mass_cut_misses
+from jaxprefill.sparse.flexprefill import uniform_prefix_cut
+from scripts.checks.check_estimation_gpu import (chunk_rows, mass_count_misses, mass_cut_misses,
+                                                 weighted_operands)
 from scripts.common.timing import time_ms
 
 SHAPES = {"smollm_keys32k": (1, 9, 32768), "smollm_blockrows": (1, 9, 256, 256),
@@ -105,11 +111,14 @@ def run(shapes: dict, reps: int) -> tuple[list, bool]:
     return results, ok
 
 
+# shapes: mass_cut / mass_count the rows; prefix_cut (B, Hq, n key blocks, nr chunk rows)
 KERNEL_SHAPES = {"flex32k_qa_rows": ("mass_cut", (1, 9, 65536)),
                  "flex32k_budgets": ("mass_count", (2, 1, 9, 32768)),
-                 "flex128k_qa_rows": ("mass_cut", (1, 32, 1 << 20))}
+                 "flex128k_qa_rows": ("mass_cut", (1, 32, 1 << 20)),
+                 "flex128k_chunk_rows": ("prefix_cut", (1, 32, 1024, 128))}
 TINY_KERNELS = {"qa_rows": ("mass_cut", (1, 2, 16384 + 100)),
-                "budgets": ("mass_count", (2, 1, 2, 16384 + 100))}
+                "budgets": ("mass_count", (2, 1, 2, 16384 + 100)),
+                "chunk_rows": ("prefix_cut", (1, 2, 128, 128))}
 # mass_cut_wide_triton's arguments beside its defaults (tile 4096, 2 bits, 8 warps, 2 stages)
 WIDE_VARIANTS = {
     "bits1": dict(digit_bits=1), "bits3": dict(digit_bits=3), "tile2048": dict(tile=2048),
@@ -124,10 +133,18 @@ def run_kernels(shapes: dict, reps: int, interpret: bool) -> tuple[list, bool]:
     results, ok = [], True
     triton = Estimation("triton", interpret=interpret)
     for label, (op, shape) in shapes.items():
-        u = jax.random.uniform(jax.random.key(2), shape, jnp.float32)
-        s = jnp.where(u < 0.2, 0.0, u ** 8)  # zeros and a heavy tail, like block masses
         row = dict(shape=label, op=op, dims=list(shape))
-        if op == "mass_count":  # FlexPrefill's budgets: distributions over valid keys, 0.9
+        if op != "prefix_cut":
+            u = jax.random.uniform(jax.random.key(2), shape, jnp.float32)
+            s = jnp.where(u < 0.2, 0.0, u ** 8)  # zeros and a heavy tail, like block masses
+        if op == "prefix_cut":  # FlexPrefill's chunk rows: the cut of [uniform prefix; scores]
+            args = chunk_rows(jax.random.key(2), *shape)
+            fns = {"xla": lambda *a: uniform_prefix_cut(*a, how=XLA),
+                   "kernel": lambda *a: uniform_prefix_cut(*a, how=triton)}
+            s, _, pv, pcount, pmass, goal = args
+            values, weights = weighted_operands(s, pv, pcount, pmass)
+            base = jnp.zeros(goal.shape, jnp.float32)
+        elif op == "mass_count":  # FlexPrefill's budgets: distributions over valid keys, 0.9
             x = s / s.sum(-1, keepdims=True)
             valid = jnp.ones(shape, bool)
             fns = {"xla": lambda a: select.mass_count(a, valid, 0.9, how=XLA),
@@ -154,6 +171,11 @@ def run_kernels(shapes: dict, reps: int, interpret: bool) -> tuple[list, bool]:
                 if name == "kernel":
                     row[f"{name}_not_a_count"] = misses = mass_count_misses(x, valid, 0.9, got)
                     ok &= misses == 0
+            elif op == "prefix_cut":
+                row[f"{name}_rows_differ"] = int((got != want).sum())
+                row[f"{name}_not_a_cut"] = misses = mass_cut_misses(values, base, goal, got,
+                                                                    weight=weights)
+                ok &= misses == 0
             else:
                 row[f"{name}_rows_differ"] = int((got != want).sum())
                 row[f"{name}_not_a_cut"] = misses = mass_cut_misses(s, base, goal, got)

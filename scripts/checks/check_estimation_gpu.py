@@ -13,7 +13,10 @@
    one-program-per-row kernel: FlexPrefill's query-aware rows at 32K tokens [1, 9, 65536], an
    odd width), each differing row also checked to be a cut within float rounding (float64
    sums); then ``select.mass_count`` (FlexPrefill's budget) through the kernel against the XLA
-   search and the sort at [2, 1, 9, 32768] (the stacked vertical / slash budgets at 32K).
+   search and the sort at [2, 1, 9, 32768] (the stacked vertical / slash budgets at 32K); then
+   the weighted cut of FlexPrefill's chunk rows at 128K tokens (``uniform_prefix_cut``: 32
+   heads, 1024 uniform prefix rows + 128 x 1024 pooled scores, the wide kernel) against the
+   weighted reference and the XLA search, checked the same way.
 4. Every policy that uses them builds its layout with the kernels (``estimation="auto"``, the
    Triton kernels on GPUs) and with the XLA estimators (``estimation="xla"``) at 16K tokens
    (structured q/k, bf16): the fraction of blocks that differ (bf16 sums in another order may
@@ -28,6 +31,7 @@ import argparse
 import json
 import sys
 import traceback
+import types
 from pathlib import Path
 
 import jax
@@ -40,7 +44,7 @@ from jaxprefill.sparse import Estimation
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import make_geometry
-from jaxprefill.sparse.flexprefill import mass_count_sort
+from jaxprefill.sparse.flexprefill import mass_count_sort, uniform_prefix, uniform_prefix_cut
 from jaxprefill.sparse.xattention import antidiagonal_operands
 from pallas_kernels.estimation import (last_query_sums, mass_cut, mass_cut_reference,
                                        pooled_block_scores)
@@ -130,17 +134,18 @@ def check_pooled_scores() -> list[dict]:
     return rows
 
 
-def mass_cut_misses(s, base, goal, cut, rtol: float = 1e-5) -> int:
+def mass_cut_misses(s, base, goal, cut, rtol: float = 1e-5, weight=None) -> int:
     """Rows where ``cut`` (uint32 keys [...]) is not the mass cut of s [..., m] (>= 0) within
     float rounding: in float64, base + mass above u must be < goal (unless u is the last key:
     no cut qualifies) and base + mass at or above u must reach goal (unless u is the first),
-    each to rtol x (base + row total)."""
+    each to rtol x (base + row total). weight [..., m]: the mass of each entry (None: s)."""
     s = np.asarray(s, np.float32).reshape(-1, np.shape(s)[-1])
     key = s.view(np.int32).astype(np.int64)
     u = (np.asarray(cut).reshape(-1).astype(np.int64) & 0x7FFFFFFF)[:, None]
     base = np.asarray(base, np.float64).reshape(-1)
     goal = np.asarray(goal, np.float64).reshape(-1)
-    s64 = s.astype(np.float64)
+    s64 = s.astype(np.float64) if weight is None else np.asarray(weight, np.float64).reshape(
+        s.shape)
     above = base + np.where(key > u, s64, 0.0).sum(-1)
     at = base + np.where(key >= u, s64, 0.0).sum(-1)
     tol = rtol * (base + s64.sum(-1))
@@ -192,7 +197,7 @@ def check_mass_cut() -> list[dict]:
             traceback.print_exc()
             rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
         print(json.dumps(rows[-1]), flush=True)
-    return rows + check_mass_count()
+    return rows + check_mass_count() + check_weighted_cut()
 
 
 def check_mass_count(shape=(2, 1, 9, 32768)) -> list[dict]:
@@ -235,6 +240,61 @@ def check_mass_count(shape=(2, 1, 9, 32768)) -> list[dict]:
             rows.append(dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def chunk_rows(key: jax.Array, b: int, h: int, n: int, nr: int, gamma: float = 0.95):
+    """FlexPrefill's chunk rows at the last chunk of a prompt of n key blocks: nr query-block
+    rows of pooled softmax (a heavy tail over each row's causal blocks) after the n - nr
+    uniform prefix rows. Returns ``uniform_prefix_cut``'s arguments: (s [b, h, nr * n],
+    valid, pv, pcount, pmass [b, h, n], goal [b, h])."""
+    row0 = n - nr
+    value, count = uniform_prefix(types.SimpleNamespace(n=n, row0=jnp.full((b,), row0)))
+    causal = jnp.arange(n)[None, :] <= (row0 + jnp.arange(nr))[:, None]  # [nr, n]
+    e = jnp.where(causal, jax.random.uniform(key, (b, h, nr, n)) ** 8, 0.0)
+    s = (e / e.sum(-1, keepdims=True)).reshape(b, h, nr * n)
+    valid = jnp.broadcast_to(causal.reshape(-1), s.shape)
+    pv = jnp.broadcast_to(value[:, None, :], (b, h, n))
+    pcount = jnp.broadcast_to(count[:, None, :], (b, h, n))
+    pmass = pv * pcount
+    goal = gamma * (s.sum(-1) + pmass.sum(-1))
+    return s, valid, pv, pcount, pmass, goal
+
+
+def weighted_operands(s, pv, pcount, pmass) -> tuple[jax.Array, jax.Array]:
+    """The weighted cut's (values, weights) over [prefix; scores], as ``uniform_prefix_cut``
+    builds them."""
+    live = pcount > 0
+    return (jnp.concatenate([jnp.where(live, pv, 0.0), s], axis=-1),
+            jnp.concatenate([jnp.where(live, pmass, 0.0), s], axis=-1))
+
+
+def check_weighted_cut(shape=(1, 32, 1024, 128), interpret: bool = False) -> list[dict]:
+    """FlexPrefill's chunk rows (``uniform_prefix_cut`` with ``Estimation("triton")``: the
+    weighted kernel; shape (B, Hq, n key blocks, nr chunk rows)) against the weighted reference
+    over [prefix; scores] and the XLA search (``Estimation("xla")``): as :func:`check_mass_cut`,
+    at most one row or 0.1% of rows may differ from the reference, each a cut within rounding.
+    ``interpret``: a CPU smoke run (small shapes)."""
+    b, h, n, nr = shape
+    name = f"weighted_cut_chunk_rows_B{b}_H{h}_P{n}_M{nr * n}"
+    try:
+        args = chunk_rows(jax.random.key(500), b, h, n, nr)
+        s, _, pv, pcount, pmass, goal = args
+        kernel = Estimation("triton", interpret=interpret)
+        out = np.asarray(jax.jit(lambda *a: uniform_prefix_cut(*a, how=kernel))(*args))
+        xla = np.asarray(jax.jit(lambda *a: uniform_prefix_cut(*a, how=XLA))(*args))
+        values, weights = weighted_operands(s, pv, pcount, pmass)
+        base = jnp.zeros(goal.shape, jnp.float32)
+        ref = np.asarray(jax.jit(mass_cut_reference)(values, base, goal, weights))
+        n_differ = int((out != ref).sum())
+        misses = mass_cut_misses(values, base, goal, out, weight=weights)
+        ok = misses == 0 and n_differ <= max(1, ref.size // 1000)
+        row = dict(case=name, ok=ok, rows_differ=n_differ / ref.size,
+                   rows_differ_xla=int((out != xla).sum()) / ref.size, rows_not_a_cut=misses)
+    except Exception as e:  # report, never skip silently
+        traceback.print_exc()
+        row = dict(case=name, ok=False, error=f"{type(e).__name__}: {e}"[:300])
+    print(json.dumps(row), flush=True)
+    return [row]
 
 
 POLICIES = {
