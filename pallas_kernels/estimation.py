@@ -92,10 +92,10 @@ def _kernel_shapes(max_columns: int, weights: bool = True):
 
 
 # The wide mass-cut kernel re-reads its rows once per pass and counts on L2 to serve them; past
-# this many bytes of rows per call (H100 L2: 50 MB) the passes would stream from HBM on a few
-# SMs, and "auto" keeps XLA's whole-GPU passes (FlexPrefill's pooled matrix at 128K tokens: 32
-# rows of 2^20, 128 MB). The GPU benchmark times that shape on both.
-WIDE_CUT_L2_BYTES = 32 << 20
+# this many bytes of rows per call (about 80% of an H100's 50 MB L2) the passes would stream
+# from HBM on a few SMs, and "auto" keeps XLA's whole-GPU passes (FlexPrefill's pooled matrix
+# at 128K tokens: 32 rows of 2^20, 128 MiB). The GPU benchmark times that shape on both.
+WIDE_CUT_L2_BYTES = 40 << 20
 
 
 def _large_cells(call: EstimationCall) -> str | None:
