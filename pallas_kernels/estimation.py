@@ -91,10 +91,14 @@ def _kernel_shapes(max_columns: int, weights: bool = True):
     return refusal
 
 
-# The wide mass-cut kernel re-reads its rows once per pass and counts on L2 to serve them; past
-# this many bytes of rows per call (about 80% of an H100's 50 MB L2) the passes would stream
-# from HBM on a few SMs, and "auto" keeps XLA's whole-GPU passes (FlexPrefill's pooled matrix
-# at 128K tokens: 32 rows of 2^20, 128 MiB). The GPU benchmark times that shape on both.
+# The wide mass-cut kernel runs one program per row, so a call is as slow as its longest row.
+# Measured on an H100 (scripts/benchmarks/bench_threshold_search_gpu.py, 2026-12-08) against
+# XLA's radix passes: 18 rows of 32768 (FlexPrefill's budgets at 32K) 0.096 ms vs 0.161; 9 rows
+# of 65536 (its query-aware rows at 32K) 0.132 vs 0.103; weighted, 32 rows of 132096 (its chunk
+# rows at 128K) 0.636 vs 0.521. "auto" sends it rows of at most this many entries.
+WIDE_CUT_AUTO_COLUMNS = 32768
+# It also re-reads its rows once per pass and counts on L2 to serve them; past this many bytes
+# of rows per call (about 80% of an H100's 50 MB L2) the passes would stream from HBM.
 WIDE_CUT_L2_BYTES = 40 << 20
 
 
@@ -107,6 +111,9 @@ def _large_cells(call: EstimationCall) -> str | None:
 
 
 def _gpu_preferences(call: EstimationCall) -> str | None:
+    if call.op == "mass_cut" and call.columns > WIDE_CUT_AUTO_COLUMNS:
+        return (f"rows of {call.columns} entries (> {WIDE_CUT_AUTO_COLUMNS}): XLA's passes beat "
+                f"one program per row there (H100)")
     if call.op == "mass_cut" and call.rows and call.columns > mass_cut_triton.MAX_COLUMNS:
         entry = 8 if call.weighted else 4  # bytes re-read per entry and pass: s (and weight)
         size = call.rows * call.columns * entry

@@ -85,18 +85,20 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
     assert estimation.estimation_backend("pooled_block_scores", cell=128) == "xla"
     assert estimation.estimation_backend("pooled_block_scores", cell=128, impl="triton",
                                          strict=True) == "triton"
-    # mass cut: rows in registers up to 16384 entries, then the wide kernel up to 2^20
+    # mass cut: rows in registers up to 16384 entries, then the wide kernel; "auto" gives it
+    # rows of up to 32768 (measured: wider rows go faster on XLA's passes), named up to 2^20
     assert estimation.estimation_backend("mass_cut", columns=16384) == "triton"
     assert estimation.estimation_backend("mass_cut", columns=16385) == "triton"
-    assert estimation.estimation_backend("mass_cut", columns=65536) == "triton"  # FlexPrefill 32K
-    assert estimation.estimation_backend("mass_cut", columns=1 << 20) == "triton"
-    assert estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1) == "xla"
-    # wide rows beyond what stays in L2 (32 x 2^20 floats: 128 MiB): "auto" keeps XLA
-    assert estimation.estimation_backend("mass_cut", columns=65536, rows=9) == "triton"
-    assert estimation.estimation_backend("mass_cut", columns=1 << 20, rows=32) == "xla"
-    assert estimation.estimation_backend("mass_cut", columns=16384, rows=4096) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=32768, rows=18) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=32769) == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=65536, rows=9) == "xla"
     assert estimation.estimation_backend("mass_cut", columns=1 << 20, rows=32, impl="triton",
                                          strict=True) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1) == "xla"
+    # many rows beyond what stays in L2 (400 x 32768 floats: 50 MiB): "auto" keeps XLA
+    assert estimation.estimation_backend("mass_cut", columns=32768, rows=320) == "triton"
+    assert estimation.estimation_backend("mass_cut", columns=32768, rows=400) == "xla"
+    assert estimation.estimation_backend("mass_cut", columns=16384, rows=4096) == "triton"
     with pytest.raises(ValueError, match="exceed"):
         estimation.estimation_backend("mass_cut", columns=(1 << 20) + 1, impl="triton",
                                       strict=True)
@@ -124,13 +126,12 @@ def test_weighted_mass_cuts_run_on_gpu_kernels_and_on_xla_on_tpus(device):
     device("gpu", hopper=True)
     assert cut(columns=999, rows=32) == "triton"
     assert cut(columns=999, rows=32, impl="triton", strict=True) == "triton"
-    # FlexPrefill's chunk rows: 1024 prefix + 128 x 1024 scores (16.1 MiB plain)
-    assert estimation.estimation_backend("mass_cut", columns=1024 + (128 << 10),
-                                         rows=32) == "triton"
     # weighted, the wide kernel re-reads s and weight: twice the bytes against the L2 bound
+    assert cut(columns=32768, rows=160) == "triton"  # 40 MiB
+    assert cut(columns=32768, rows=161) == "xla"
+    # FlexPrefill's chunk rows at 128K: 1024 prefix + 128 x 1024 scores, XLA's (measured)
     chunk = dict(columns=1024 + (128 << 10))
-    assert cut(rows=32, **chunk) == "triton"  # 32.2 MiB
-    assert cut(rows=40, **chunk) == "xla"  # 40.3 MiB: past the 40 MiB kept in L2
+    assert cut(rows=32, **chunk) == "xla"
     assert cut(rows=32, impl="triton", strict=True, **chunk) == "triton"  # named: it runs
     device("tpu")  # the TPU kernel takes no weights: XLA, named or not; strict names why
     assert cut(columns=64) == "xla"

@@ -365,7 +365,7 @@ def test_weighted_mass_cut_dispatch():
                                            ((3, 20001), "mass_cut_wide_triton"),
                                            ((9, 16384), "mass_cut_triton")])
 def test_triton_kernels_lower_for_cuda(shape, kernel, weighted, monkeypatch):
-    # through the dispatcher on a pretend GPU ("auto" picks triton; the width picks the kernel):
+    # through the dispatcher on a pretend GPU (triton named; the width picks the kernel):
     # FlexPrefill's query-aware rows at 32K tokens [B * Hq, nq * n] and its stacked budgets
     monkeypatch.setattr(backends, "platform", lambda: "gpu")
     sds = jax.ShapeDtypeStruct
@@ -373,8 +373,8 @@ def test_triton_kernels_lower_for_cuda(shape, kernel, weighted, monkeypatch):
     args = [sds(shape, f32), sds(shape[:-1], f32), sds(shape[:-1], f32)]
     if weighted:
         args.append(sds(shape, f32))
-    text = jax.jit(estimation.mass_cut).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    cut = functools.partial(estimation.mass_cut, impl="triton")
+    text = jax.jit(cut).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert kernel in text
     assert (f"{kernel}_weighted" in text) == weighted
 
@@ -391,12 +391,12 @@ def test_mass_count_lowers_with_the_kernel_for_cuda(monkeypatch):
 
 def test_chunk_rows_lower_with_the_weighted_kernel_for_cuda(monkeypatch):
     # FlexPrefill's chunk rows on a pretend GPU ("auto"): SmolLM2's 9 heads at 32K tokens, a
-    # chunk of 128 query blocks after the uniform prefix: 256 prefix + 128 x 256 scores
+    # chunk of 64 query blocks after the uniform prefix: 256 prefix + 64 x 256 scores
     monkeypatch.setattr(backends, "platform", lambda: "gpu")
     sds = jax.ShapeDtypeStruct
     fn = functools.partial(keep_after_uniform_prefix, gamma=0.95, how=Estimation())
-    text = jax.jit(fn).trace(sds((1, 9, 128 * 256), jnp.float32),
-                             sds((1, 9, 128 * 256), jnp.bool_), value=sds((1, 256), jnp.float32),
+    text = jax.jit(fn).trace(sds((1, 9, 64 * 256), jnp.float32),
+                             sds((1, 9, 64 * 256), jnp.bool_), value=sds((1, 256), jnp.float32),
                              count=sds((1, 256), jnp.float32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "mass_cut_wide_triton_weighted" in text

@@ -11,9 +11,12 @@ bits of a non-negative float order like its value) with ``base + sum(s[bits(s) >
 single-input program).
 
 Why a second kernel. The register-resident kernel holds a tile of whole rows in registers,
-which stops at 16384 columns (``mass_cut_triton.MAX_COLUMNS``). FlexPrefill's query-aware
-threshold at 32K tokens searches rows of 65536 pooled blocks and its budget rows of 32768
-keys; on the XLA radix search they cost 8 dependent passes of whole-matrix reductions each.
+which stops at 16384 columns (``mass_cut_triton.MAX_COLUMNS``). FlexPrefill's budget rows at
+32K tokens are 32768 keys long; on the XLA radix search they cost 8 dependent passes of
+whole-matrix reductions (H100: 0.161 ms for the 18 rows, 0.096 here). A call takes as long as
+its longest row, one program each: 9 rows of 65536 (FlexPrefill's query-aware rows at 32K)
+took 0.132 ms against XLA's 0.103, so the resolver gives this kernel rows of at most 32768
+entries (``pallas_kernels.estimation.WIDE_CUT_AUTO_COLUMNS``).
 Here one program owns one row, which stays in global memory: the rows of one call are a few MB
 (9 x 65536 floats: 2.4 MB), so after the first pass every re-read hits L2 (rows of <= 32768
 floats, 128 KB, may stay in the SM's L1). Each search pass walks the row in tiles of ``tile``
@@ -26,9 +29,10 @@ digit is the number of candidates whose condition is still false. The condition 
 u and each candidate sums exactly the entries the bit-by-bit search sums at the same u, so the
 cut equals the bitwise search's up to float summation order. The first digit takes the
 31 mod digit_bits leftover bits. Default 2 bits: 16 passes (1 + 15 x 2 bits) of 3 candidates.
-Why 2, from a rough model of one program on one H100 SM (not measured; the GPU benchmark
-``scripts/benchmarks/bench_threshold_search_gpu.py`` times the widths): a pass reads 4 bytes
-per entry at ~64 B/clock from L2 (1/16 clock per entry) and spends ~3 instructions per
+Why 2, from a rough model of one program on one H100 SM (the GPU benchmark
+``scripts/benchmarks/bench_threshold_search_gpu.py`` times the widths; at 9 x 65536 and
+32 x 2^20 3-bit digits and 4 warps ran faster, rows of 32768 are not swept yet): a pass reads
+4 bytes per entry at ~64 B/clock from L2 (1/16 clock per entry) and spends ~3 instructions per
 candidate (compare, select, add) at 128 lanes per clock (~1/43 clock per entry). Bitwise: 31
 passes, memory-bound, ~1.9 clocks per entry; 2 bits: 16 passes at ~0.07, ~1.1; 3 bits: 11 x
 ~0.16, ~1.8; 4 bits: 8 x ~0.35, ~2.8 (and 15 accumulators spill registers).

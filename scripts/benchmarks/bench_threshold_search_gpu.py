@@ -3,44 +3,39 @@
     python -m scripts.benchmarks.bench_threshold_search_gpu --out DIR     # GPU
     python -m scripts.benchmarks.bench_threshold_search_gpu --tiny --out DIR   # CPU smoke run
 
-`jaxprefill.sparse.select` finds a per-row cut by a radix search that fixes ``RADIX_BITS`` bits
-per dependent pass (32 / bits passes of 2^bits - 1 candidate cuts each). Wide digits mean few
-passes (what short rows pay for: a kernel launch each) but 2^bits - 1 comparisons per entry
-and pass (what long rows pay for). Per shape and width this prints the median ms of
-``topk_mask`` (count cut: MInference's vertical / slash top-k) and ``mass_count`` (mass cut:
-FlexPrefill's budget), and the sort-based reference (``jax.lax.top_k``); every variant's mask
-is checked against the reference (exit 1 on a mismatch).
+Three sections, in this order (each prints as it goes; timings:
+``scripts.common.timing.time_ms``):
 
-Shapes, smallest first (batch 1): SmolLM2's 9 heads at 32K, one row of keys per head [1, 9,
-32768] and its block rows [1, 9, 256, 256] (the 32K model's searches); Llama-3-8B heads: one
-row of 32K / 128K keys per head [1, 32, 131072] (a chunk's vertical sums over the cache
-view), two stacked searches [1, 32, 2, 131072] (MInference's vertical and slash together), and
-block rows [1, 32, 128, 1024] (a chunk's 128 query blocks over 1024 key blocks). Beside the
-widths, the library's width with its steps unrolled (``select.RADIX_UNROLL``: straight-line
-steps instead of a loop). Each variant prints as it is timed. Timings:
-``scripts.common.timing.time_ms``.
+1. The mass-cut kernels (``pallas_kernels.estimation.mass_cut``, impl "triton") against the
+   XLA radix search (``select._mass_cut`` with ``Estimation("xla")``) at FlexPrefill's shapes:
+   the budget rows at 32K as plain cuts [2, 9, 32768] (where "auto" uses the wide kernel: its
+   variants timed beside it) and through ``select.mass_count`` [2, 1, 9, 32768] (kernel, XLA,
+   sort); the query-aware rows [1, 9, 65536] (``cumulative_keep`` over the pooled block matrix,
+   256 x 256) and [1, 32, 2^20] at 128K; the chunk rows at 128K
+   (``flexprefill.uniform_prefix_cut``: 32 heads, 1024 uniform prefix rows + 128 x 1024 pooled
+   scores, a weighted cut of 132096 entries per row). Rows wider than 16384 take the wide
+   kernel (named here; "auto" gives it rows of at most 32768). Every cut and count is checked
+   to be one within float rounding (``check_estimation_gpu.mass_cut_misses`` /
+   ``mass_count_misses``; exit 1 if not), rows differing from the XLA search are counted. The
+   calls are queued (``sample_ms=20``: device time per call, the launch hidden).
+2. The key-column choice (``jaxprefill.sparse.columns.top_columns``: 64 ascending positions
+   per head) at [1, 9, 32768] and [1, 32, 131072]: ``select.top_positions`` (two top-k over
+   cells, the library's path) against the radix top-k mask + list compaction and one
+   ``lax.top_k`` over the whole row + a sort of the 64; all three must agree.
+3. The radix search per digit width. ``jaxprefill.sparse.select`` finds a per-row cut fixing
+   ``RADIX_BITS`` bits per dependent pass (32 / bits passes of 2^bits - 1 candidate cuts
+   each): wide digits mean few passes (what short rows pay for: a kernel launch each) but more
+   comparisons per entry and pass (what long rows pay for). Per shape and width: the median ms
+   of ``topk_mask`` (count cut: MInference's vertical / slash top-k) and ``mass_count``
+   (FlexPrefill's budget) beside the sort-based reference (``jax.lax.top_k``), every mask
+   checked against it; also the library's width with its steps unrolled
+   (``select.RADIX_UNROLL``). One call per sample. Shapes, smallest first (batch 1):
+   SmolLM2's 9 heads at 32K [1, 9, 32768] and its block rows [1, 9, 256, 256]; Llama-3-8B
+   heads: [1, 32, 32768], [1, 32, 131072] (a chunk's vertical sums over the cache view), two
+   stacked searches [1, 32, 2, 131072] (MInference's vertical and slash together) and block
+   rows [1, 32, 128, 1024].
 
-Then the mass-cut kernels (``pallas_kernels.estimation.mass_cut``, impl "triton") against
-the XLA radix search they replace (``select._mass_cut`` with ``Estimation("xla")``), at
-FlexPrefill's 32K shapes: the query-aware rows [1, 9, 65536] (``cumulative_keep`` over the
-pooled block matrix, nq x n = 256 x 256) and the stacked vertical / slash budgets
-[2, 1, 9, 32768] (``select.mass_count``: kernel, XLA search, sort), and the 128K query-aware
-rows [1, 32, 2^20] (the wide kernel's limit, ``mass_cut_wide_triton.MAX_COLUMNS``: 128 MB of
-rows, past L2), and FlexPrefill's chunk rows at 128K tokens (``flexprefill.uniform_prefix_cut``:
-32 heads, 1024 uniform prefix rows + 128 x 1024 pooled scores, a weighted cut of 132096 entries
-per row: the weighted wide kernel, named, against the XLA search of the prefix condition;
-"auto" sends this call to XLA while its 32 MiB L2 bound holds). Rows wider than 16384 take the
-wide kernel; beside the library's call, its variants (digit width, tile, warps, pipeline
-stages). Every kernel's cut and count is checked
-to be one within float rounding (``check_estimation_gpu.mass_cut_misses`` /
-``mass_count_misses``; exit 1 if not), and its rows differing from the XLA search's counted.
-This section queues calls (``sample_ms=20``: device time per call, the launch hidden), unlike
-the width sweep above (one call per sample). ``--tiny`` runs small shapes in interpret mode.
-
-Then the key-column choice (``jaxprefill.sparse.columns.top_columns``: 64 ascending positions
-per head) at [1, 9, 32768] and [1, 32, 131072]: ``select.top_positions`` (two top-k over
-cells, the library's path) against the radix top-k mask + list compaction (its path before)
-and one ``lax.top_k`` over the whole row + a sort of the 64; all three must agree.
+``--tiny`` runs small shapes (the kernels in interpret mode).
 """
 
 from __future__ import annotations
@@ -112,7 +107,8 @@ def run(shapes: dict, reps: int) -> tuple[list, bool]:
 
 
 # shapes: mass_cut / mass_count the rows; prefix_cut (B, Hq, n key blocks, nr chunk rows)
-KERNEL_SHAPES = {"flex32k_qa_rows": ("mass_cut", (1, 9, 65536)),
+KERNEL_SHAPES = {"flex32k_budget_rows": ("mass_cut", (2, 9, 32768)),  # the wide kernel's variants
+                 "flex32k_qa_rows": ("mass_cut", (1, 9, 65536)),
                  "flex32k_budgets": ("mass_count", (2, 1, 9, 32768)),
                  "flex128k_qa_rows": ("mass_cut", (1, 32, 1 << 20)),
                  "flex128k_chunk_rows": ("prefix_cut", (1, 32, 1024, 128))}
@@ -233,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{default_bits}", flush=True)
     try:
         reps = 2 if args.tiny else args.reps
-        columns, ok_columns = run_columns(TINY_COLUMNS if args.tiny else COLUMN_SHAPES, reps)
         kernels, ok_kernels = run_kernels(TINY_KERNELS if args.tiny else KERNEL_SHAPES, reps,
                                           interpret=jax.default_backend() != "gpu")
+        columns, ok_columns = run_columns(TINY_COLUMNS if args.tiny else COLUMN_SHAPES, reps)
         results, ok = run(TINY if args.tiny else SHAPES, reps)
         ok &= ok_columns and ok_kernels
     finally:
