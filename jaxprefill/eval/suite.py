@@ -13,9 +13,9 @@ length and the dense decode step once per length.
 Resumable: each finished batch is appended to ``answers.jsonl`` (flushed and fsynced) before
 the next starts; rerunning the same command skips the (config, prompt) pairs already answered
 with the same prompt tokens (``prompt_sha``). An interrupted run raises :class:`Interrupted`
-with the answers it holds, so the command can still report them. ``run.json`` records what the answers depend on
-(model, adapter, dtype, split, generation length, each config's fingerprint): a rerun that
-differs is refused rather than mixing answers.
+with the answers it holds, so the command can still report them. ``run.json`` records what
+the answers depend on (model, adapter, dtype, split, generation length, each config's
+fingerprint): a rerun that differs is refused rather than mixing answers.
 """
 
 from __future__ import annotations
