@@ -81,6 +81,16 @@ def _prefix_above(pkey: jax.Array, pmass: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(select.above(pkey, u), pmass[..., None, :], 0.0), axis=-1)
 
 
+def prefix_cut_operands(s: jax.Array, pv: jax.Array, pcount: jax.Array,
+                        pmass: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The weighted mass cut's (values, weights) [B, H, P + M] over [prefix; scores]: a prefix
+    entry is ordered by its value pv and weighs its mass pmass (0 for both past row0, where
+    pcount is 0: never above a cut); a score is both."""
+    live = pcount > 0
+    return (jnp.concatenate([jnp.where(live, pv, 0.0), s], axis=-1),
+            jnp.concatenate([jnp.where(live, pmass, 0.0), s], axis=-1))
+
+
 def uniform_prefix_cut(s: jax.Array, valid: jax.Array, pv: jax.Array, pcount: jax.Array,
                        pmass: jax.Array, goal: jax.Array, *, how: Estimation) -> jax.Array:
     """uint32 [B, H]: the cut of :func:`keep_after_uniform_prefix`, the smallest key U
@@ -96,9 +106,7 @@ def uniform_prefix_cut(s: jax.Array, valid: jax.Array, pv: jax.Array, pcount: ja
     rows = math.prod(s.shape[:-1])
     impl = how.backend("mass_cut", columns=pv.shape[-1] + s.shape[-1], rows=rows, weighted=True)
     if impl != "xla":
-        live = pcount > 0  # prefix rows before row0; the others weigh 0 and never count
-        values = jnp.concatenate([jnp.where(live, pv, 0.0), s], axis=-1)
-        weights = jnp.concatenate([jnp.where(live, pmass, 0.0), s], axis=-1)
+        values, weights = prefix_cut_operands(s, pv, pcount, pmass)
         base = jnp.zeros(goal.shape, jnp.float32)
         return estimation.mass_cut(values, base, goal.astype(jnp.float32), weights, impl=impl,
                                    interpret=how.interpret)

@@ -52,12 +52,10 @@ import numpy as np
 
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
-from jaxprefill.sparse.flexprefill import mass_count_sort
+from jaxprefill.sparse.flexprefill import mass_count_sort, prefix_cut_operands, uniform_prefix_cut
 from pallas_kernels import estimation
 from pallas_kernels.gpu.mass_cut_wide_triton import mass_cut_wide_triton
-from jaxprefill.sparse.flexprefill import uniform_prefix_cut
-from scripts.checks.check_estimation_gpu import (chunk_rows, mass_count_misses, mass_cut_misses,
-                                                 weighted_operands)
+from scripts.checks.check_estimation_gpu import chunk_rows, mass_count_misses, mass_cut_misses
 from scripts.common.timing import time_ms
 
 SHAPES = {"smollm_keys32k": (1, 9, 32768), "smollm_blockrows": (1, 9, 256, 256),
@@ -138,7 +136,7 @@ def run_kernels(shapes: dict, reps: int, interpret: bool) -> tuple[list, bool]:
             fns = {"xla": lambda *a: uniform_prefix_cut(*a, how=XLA),
                    "kernel": lambda *a: uniform_prefix_cut(*a, how=triton)}
             s, _, pv, pcount, pmass, goal = args
-            values, weights = weighted_operands(s, pv, pcount, pmass)
+            values, weights = prefix_cut_operands(s, pv, pcount, pmass)
             base = jnp.zeros(goal.shape, jnp.float32)
         elif op == "mass_count":  # FlexPrefill's budgets: distributions over valid keys, 0.9
             x = s / s.sum(-1, keepdims=True)

@@ -44,7 +44,8 @@ from jaxprefill.sparse import Estimation
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.base import make_geometry
-from jaxprefill.sparse.flexprefill import mass_count_sort, uniform_prefix, uniform_prefix_cut
+from jaxprefill.sparse.flexprefill import (mass_count_sort, prefix_cut_operands, uniform_prefix,
+                                           uniform_prefix_cut)
 from jaxprefill.sparse.xattention import antidiagonal_operands
 from pallas_kernels.estimation import (last_query_sums, mass_cut, mass_cut_reference,
                                        pooled_block_scores)
@@ -260,14 +261,6 @@ def chunk_rows(key: jax.Array, b: int, h: int, n: int, nr: int, gamma: float = 0
     return s, valid, pv, pcount, pmass, goal
 
 
-def weighted_operands(s, pv, pcount, pmass) -> tuple[jax.Array, jax.Array]:
-    """The weighted cut's (values, weights) over [prefix; scores], as ``uniform_prefix_cut``
-    builds them."""
-    live = pcount > 0
-    return (jnp.concatenate([jnp.where(live, pv, 0.0), s], axis=-1),
-            jnp.concatenate([jnp.where(live, pmass, 0.0), s], axis=-1))
-
-
 def check_weighted_cut(shape=(1, 32, 1024, 128), interpret: bool = False) -> list[dict]:
     """FlexPrefill's chunk rows (``uniform_prefix_cut`` with ``Estimation("triton")``: the
     weighted kernel; shape (B, Hq, n key blocks, nr chunk rows)) against the weighted reference
@@ -282,7 +275,7 @@ def check_weighted_cut(shape=(1, 32, 1024, 128), interpret: bool = False) -> lis
         kernel = Estimation("triton", interpret=interpret)
         out = np.asarray(jax.jit(lambda *a: uniform_prefix_cut(*a, how=kernel))(*args))
         xla = np.asarray(jax.jit(lambda *a: uniform_prefix_cut(*a, how=XLA))(*args))
-        values, weights = weighted_operands(s, pv, pcount, pmass)
+        values, weights = prefix_cut_operands(s, pv, pcount, pmass)
         base = jnp.zeros(goal.shape, jnp.float32)
         ref = np.asarray(jax.jit(mass_cut_reference)(values, base, goal, weights))
         n_differ = int((out != ref).sum())
