@@ -72,7 +72,7 @@ def sparse_call(cfg: SparseConfig | None, layer: int | None, q: jax.Array, k: ja
     offset = None
     if kind == "chunk":
         offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (q.shape[0],))
-    return Prefill(kind, layer, sm_scale, cfg.min_length, cfg.kernel,
+    return Prefill(kind, layer, sm_scale, cfg.min_length, cfg.kernel, cfg.kernel_config,
                    lengths=lengths if kind != "packed" else None, q_offset=offset,
                    segment_ids=segment_ids[0] if kind == "packed" else None)
 

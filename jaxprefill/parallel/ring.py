@@ -267,6 +267,8 @@ def prompt_attention(ctx: ContextParallel, q: jax.Array, k: jax.Array, v: jax.Ar
     impl, axis = _kernel_name(ctx, call), ctx.axis
     if differentiable:
         impl = backward.differentiable_kernel(ctx.kernel, "auto" if call is None else call.kernel)
+    if call is not None and call.kernel_config is not None and impl == call.kernel:
+        options = {**options, "config": call.kernel_config}  # the sparse config's knobs
     has_seg, has_len = segment_ids is not None, lengths is not None
     table = zigzag.chunk_table(n, zig)
     # Dense zigzag steps are never empty; everything else may be (a cond skips the kernel).

@@ -236,7 +236,8 @@ class Policy:
             layout = layout_for(self, q, k, call)
         return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=call.sm_scale,
                                       q_offset=call.q_offset, segment_ids=call.segment_ids,
-                                      impl=call.kernel, **self.kernel_options(k.shape[1]))
+                                      impl=call.kernel, config=call.kernel_config,
+                                      **self.kernel_options(k.shape[1]))
 
     # ------------------------------------------------------------------------------- shared
     def finish(self, mask: jax.Array, geo: Geometry, min_length: int,

@@ -17,7 +17,9 @@ wins; a rule without ``range`` matches every layer; ``range: [start, stop)``, st
 ``estimation`` (how every policy's estimation runs: an implementation name, auto | xla | triton
 | mosaic_tpu | reference, or a mapping with ``impl``, ``interpret``, ``selection``, ``extent``: see
 :class:`jaxprefill.sparse.Estimation`), ``kernel`` (the block-sparse implementation: auto | xla
-| reference | triton | mosaic_gpu | mosaic_tpu; a named one that cannot run a call raises), ``recall_target`` /
+| reference | triton | mosaic_gpu | mosaic_tpu; a named one that cannot run a call raises; or a
+mapping ``{impl: mosaic_gpu, persistent: true, num_stages: 2, order: groups}`` that also sets
+the Mosaic GPU kernel's tuning knobs, :class:`BlockSparseMosaicConfig`), ``recall_target`` /
 ``recall_probes`` (the recall guard of every policy: heads whose exact attention recall on probe
 rows is below the target run dense; :mod:`jaxprefill.sparse.recall_guard`).
 Layers no rule matches are dense. Unknown keys raise, naming them.
@@ -31,6 +33,7 @@ from typing import Any
 
 
 from pallas_kernels import IMPLS as KERNELS
+from pallas_kernels.gpu.block_sparse_mosaic import BlockSparseMosaicConfig
 from jaxprefill.config import read_yaml
 from jaxprefill.sparse import registry
 from jaxprefill.sparse.base import Policy
@@ -59,10 +62,16 @@ class SparseConfig:
     rules: tuple[LayerRule, ...]
     min_length: int = 1024
     kernel: str = "auto"
+    # The Mosaic GPU kernel's tuning knobs (None: its defaults); only with kernel "mosaic_gpu",
+    # so that a config naming knobs never runs another backend without them.
+    kernel_config: BlockSparseMosaicConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(f"sparse kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel_config is not None and self.kernel != "mosaic_gpu":
+            raise ValueError(f"sparse kernel tuning knobs are for mosaic_gpu; name it "
+                             f"(kernel: {{impl: mosaic_gpu, ...}}), not {self.kernel!r}")
         if self.min_length < 0:
             raise ValueError(f"min_length must be >= 0, got {self.min_length}")
 
@@ -152,7 +161,24 @@ class SparseConfig:
             params = {**common, **(rule.get("params") or {})}
             rules.append(LayerRule(int(start), None if stop is None else int(stop),
                                    registry.get(rule["policy"], **params)))
-        return cls(tuple(rules), int(data.get("min_length", 1024)), data.get("kernel", "auto"))
+        kernel, knobs = _kernel(data.get("kernel", "auto"))
+        return cls(tuple(rules), int(data.get("min_length", 1024)), kernel, knobs)
+
+
+def _kernel(value: Any) -> tuple[str, BlockSparseMosaicConfig | None]:
+    """(implementation name, Mosaic GPU knobs or None) of a config's ``kernel`` entry: a name,
+    or a mapping with ``impl`` and the fields of :class:`BlockSparseMosaicConfig`."""
+    if not isinstance(value, dict):
+        return value, None
+    knobs = {f.name for f in dataclasses.fields(BlockSparseMosaicConfig)}
+    bad = sorted(set(value) - knobs - {"impl"})
+    if bad:
+        raise ValueError(f"kernel: unknown key(s) {bad}; known: {sorted(knobs | {'impl'})}")
+    fields = {k: v for k, v in value.items() if k != "impl"}
+    try:
+        return value.get("impl", "auto"), BlockSparseMosaicConfig(**fields) if fields else None
+    except ValueError as e:
+        raise ValueError(f"kernel: {e}") from e
 
 
 def names_file(spec: str) -> bool:

@@ -217,4 +217,5 @@ class PBS(Policy):
         layout = BlockSparseLayout(kv_idx, kv_cnt, geo.block, geo.block, 2 * geo.n)
         k2, v2 = self.keys_values(k, v, perm, geo)
         return block_sparse_attention(q, k2, v2, layout, causal=True, sm_scale=call.sm_scale,
-                                      q_offset=geo.n * geo.block, impl=call.kernel)
+                                      q_offset=geo.n * geo.block, impl=call.kernel,
+                                      config=call.kernel_config)

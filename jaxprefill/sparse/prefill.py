@@ -54,6 +54,8 @@ class Prefill:
     min_length: rows (prompt, truncated chunk view, packed document) shorter than this are dense.
     kernel: the block-sparse implementation ("auto" or a backend name of
       ``pallas_kernels.block_sparse_attention``).
+    kernel_config: that kernel's tuning knobs (``BlockSparseMosaicConfig`` with kernel
+      "mosaic_gpu"), or None for its defaults.
     lengths: int32 [B]; prompt: valid tokens per right-padded row; chunk: valid queries of each
       row's chunk; packed: unused.
     q_offset: int32 [B], chunk only: key index of each row's first query.
@@ -65,6 +67,7 @@ class Prefill:
     sm_scale: float
     min_length: int = 0
     kernel: str = "auto"
+    kernel_config: Any = None
     lengths: Any = None
     q_offset: Any = None
     segment_ids: Any = None

@@ -105,6 +105,8 @@ class BlockSparseMosaicConfig:
     def __post_init__(self) -> None:
         if self.num_stages not in (2, 3):
             raise ValueError(f"num_stages must be 2 or 3, got {self.num_stages}")
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"persistent must be true or false, got {self.persistent!r}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 

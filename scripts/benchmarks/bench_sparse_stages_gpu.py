@@ -165,7 +165,8 @@ def kernel_fn(cfg: SparseConfig, layer: int, window: int | None) -> Callable:
         call = classify(cfg, layer, window, q, k, off, lens, seg)
         return block_sparse_attention(q, k, v, layout, causal=True, sm_scale=call.sm_scale,
                                       q_offset=call.q_offset, segment_ids=call.segment_ids,
-                                      impl=call.kernel, **policy.kernel_options(k.shape[1]))
+                                      impl=call.kernel, config=call.kernel_config,
+                                      **policy.kernel_options(k.shape[1]))
     return jax.jit(kernel)
 
 
@@ -357,7 +358,8 @@ class Bench:
             if type(policy).attend is Policy.attend:
                 kern = self.t(kernel, c.q, c.k, c.v, layout, c.off, c.lens, c.seg)
                 kb = block_sparse_backend(c.q, c.k, c.v, layout, impl=call.kernel,
-                                          blasst_threshold=blasst)
+                                          blasst_threshold=blasst, config=call.kernel_config)
+                kb += "" if call.kernel_config is None else f" {call.kernel_config}"
             else:  # pbs: its attend permutes K/V and runs the kernel over [K'; K] (the layout's)
                 kern = attn - est
                 keys = jnp.zeros((1, layout.num_kv_blocks * layout.block_k, *c.k.shape[2:]),
