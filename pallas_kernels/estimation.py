@@ -14,6 +14,10 @@ in registers:
   registers after one read (rows of up to 16384 entries) or, for wider rows, by one program per
   row re-reading it from L2, 2 bits per pass. Optionally weighted: each entry ordered by its
   value but counting its own mass (FlexPrefill's chunk rows: the uniform prefix rows).
+- :func:`top_positions`: the positions of each long row's few largest entries (the key columns:
+  64 of 32K keys per head), exact, by the DSA indexer's top-k (:mod:`pallas_kernels._dsa_common`:
+  a k-th order key search per segment of 8192 on registers, then a tournament over the
+  segments' winners).
 
 Backends (one resolver, :func:`estimation_backend`, per op and shape; "auto" takes the first
 that runs the call):
@@ -28,7 +32,9 @@ that runs the call):
 Kernel shapes: last_query_sums takes R >= 16 last queries, R a power of two; pooled_block_scores
 square cells of r rows, r a power of two ("auto" sends cells above 64 rows to XLA); mass_cut rows
 of at most ``MAX_COLUMNS`` entries (GPU: 2^20, ``mass_cut_wide_triton``; TPU: 32768), weighted
-on GPUs only (TPU: XLA).
+on GPUs only (TPU: XLA); top_positions any row (GPU; TPU: segments of at most 32768, the
+k-th key search its kernel, the compaction XLA's). "auto" keeps top_positions on XLA's
+two-level ``lax.top_k`` until the kernel is timed against it on a GPU.
 A named kernel backend runs every op whose shapes it takes and the XLA path runs the others
 (:func:`estimation_backend`); the kernel entry points below are strict.
 ``interpret=True`` runs a kernel in interpret mode on any device (tests). The TPU kernels in
@@ -40,31 +46,33 @@ pytest-xdist), so wait for a TPU-interpret result before dispatching more work.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import backends
-from pallas_kernels.gpu import mass_cut_triton, mass_cut_wide_triton
+from pallas_kernels import _dsa_common, backends
+from pallas_kernels.gpu import dsa_index_triton, mass_cut_triton, mass_cut_wide_triton
 from pallas_kernels.gpu.last_query_stats_triton import last_query_sums_triton
 from pallas_kernels.gpu.mass_cut_triton import mass_cut_triton as _mass_cut_triton
 from pallas_kernels.gpu.mass_cut_wide_triton import mass_cut_wide_triton as _mass_cut_wide
 from pallas_kernels.gpu.pooled_scores_triton import pooled_block_scores_triton
-from pallas_kernels.tpu import mass_cut_tpu
+from pallas_kernels.tpu import dsa_index_tpu, mass_cut_tpu
 from pallas_kernels.tpu.last_query_stats_tpu import last_query_sums_tpu
 from pallas_kernels.tpu.mass_cut_tpu import mass_cut_tpu as _mass_cut_tpu
 from pallas_kernels.tpu.pooled_scores_tpu import pooled_block_scores_tpu
 
-OPS = ("last_query_sums", "pooled_block_scores", "mass_cut")
+OPS = ("last_query_sums", "pooled_block_scores", "mass_cut", "top_positions")
 
 
 @dataclasses.dataclass(frozen=True)
 class EstimationCall:
     """What the estimation backends look at: the op and the sizes its kernels depend on
-    (rows: R last queries, or the rows of a mass cut; cell: r rows per pooled cell, square;
-    columns: m per mass-cut row; weighted: a mass cut with a weight per entry)."""
+    (rows: R last queries, or the rows of a mass cut or top_positions; cell: r rows per pooled
+    cell, square; columns: m per row; weighted: a mass cut with a weight per entry)."""
 
     op: str
     rows: int | None = None
@@ -111,6 +119,8 @@ def _large_cells(call: EstimationCall) -> str | None:
 
 
 def _gpu_preferences(call: EstimationCall) -> str | None:
+    if call.op == "top_positions":
+        return "not yet timed against XLA's two-level lax.top_k on a GPU (opt-in)"
     if call.op == "mass_cut" and call.columns > WIDE_CUT_AUTO_COLUMNS:
         return (f"rows of {call.columns} entries (> {WIDE_CUT_AUTO_COLUMNS}): XLA's passes beat "
                 f"one program per row there (H100)")
@@ -294,5 +304,45 @@ def mass_cut(s: jax.Array, base: jax.Array, goal: jax.Array, weight: jax.Array |
     return _mass_cut_tpu(s, base, goal, interpret=_tpu_interpret(interpret))
 
 
+def top_positions_reference(scores: jax.Array, valid: jax.Array, count: int) -> jax.Array:
+    """int32 [..., c], c = min(count, m): positions of the c largest valid entries of each row
+    of scores [..., m] (ties: the lower position; -0.0 == 0.0), ascending, -1 after the last
+    (rows with fewer valid entries). By one stable sort of the whole row."""
+    m = scores.shape[-1]
+    c = max(1, min(count, m))
+    key = _dsa_common.order_key(scores, jnp.broadcast_to(valid, scores.shape))
+    # descending order key, then ascending position: the complement of the unsigned image
+    down = ~jax.lax.bitcast_convert_type(key ^ _dsa_common.INVALID, jnp.uint32)
+    pos = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), scores.shape)
+    down, pos = jax.lax.sort((down, pos), dimension=-1, num_keys=2)
+    taken = down[..., :c] != jnp.uint32(0xFFFFFFFF)  # INVALID's image is 0, its complement ~0
+    pos = jnp.sort(jnp.where(taken, pos[..., :c], m), axis=-1)
+    return jnp.where(pos < m, pos, -1).astype(jnp.int32)
+
+
+def top_positions(scores: jax.Array, valid: jax.Array, count: int, *, impl: str = "auto",
+                  interpret: bool = False) -> jax.Array:
+    """:func:`top_positions_reference`'s result on a kernel: the scores become the DSA
+    indexer's int32 order keys (``INVALID`` where not ``valid``), and its exact top-k
+    (segments of a row searched on registers, then a tournament over their winners) returns
+    each row's selection in position order. scores float32 [..., m], valid bool broadcastable
+    to it -> int32 [..., min(count, m)]."""
+    lead, m = scores.shape[:-1], scores.shape[-1]
+    c = max(1, min(count, m))
+    name = _kernel_impl("top_positions", impl, interpret, rows=math.prod(lead), columns=m)
+    if name == "reference":
+        return top_positions_reference(scores, valid, count)
+    key = _dsa_common.order_key(scores, jnp.broadcast_to(valid, scores.shape)).reshape(-1, m)
+    if name == "triton":
+        seg_topk = functools.partial(dsa_index_triton.segment_topk_triton, interpret=interpret)
+        width = dsa_index_triton.MAX_COLUMNS
+    else:
+        seg_topk = _dsa_common.kth_select(functools.partial(
+            dsa_index_tpu.kth_key_tpu, interpret=_tpu_interpret(interpret)))
+        width = dsa_index_tpu.MAX_COLUMNS
+    return _dsa_common.topk_keys(key, c, seg_topk, width).reshape(*lead, c)
+
+
 __all__ = ["BACKENDS", "IMPLS", "EstimationCall", "estimation_backend", "last_query_sums",
-           "last_query_sums_reference", "mass_cut", "mass_cut_reference", "pooled_block_scores"]
+           "last_query_sums_reference", "mass_cut", "mass_cut_reference", "pooled_block_scores",
+           "top_positions", "top_positions_reference"]

@@ -121,6 +121,22 @@ def test_estimation_backends_follow_the_kernel_shapes(device):
         estimation.estimation_backend("mass_cut", columns=64, impl="triton")
 
 
+def test_top_positions_kernels_are_opt_in_until_timed(device):
+    """The key-column top-k: "auto" keeps XLA's two-level lax.top_k on every device (the
+    kernel is not timed against it yet); a named kernel runs it, for any row length."""
+    top = lambda **kw: estimation.estimation_backend("top_positions", rows=9, **kw)  # noqa: E731
+    device("gpu", hopper=True)
+    assert top(columns=32768) == "xla"
+    assert top(columns=1 << 20, impl="triton") == "triton"
+    assert Estimation("triton").backend("top_positions", rows=9, columns=32768) == "triton"
+    device("tpu")
+    assert top(columns=32768) == "xla"
+    assert top(columns=1 << 20, impl="mosaic_tpu") == "mosaic_tpu"
+    device("cpu")
+    assert top(columns=32768) == "xla"
+    assert top(columns=32768, impl="reference") == "reference"
+
+
 def test_weighted_mass_cuts_run_on_gpu_kernels_and_on_xla_on_tpus(device):
     cut = lambda **kw: estimation.estimation_backend("mass_cut", weighted=True, **kw)  # noqa: E731
     device("gpu", hopper=True)

@@ -38,10 +38,15 @@ def last_query_mass(q, k, b, length):
     return (p / p.sum(-1, keepdims=True)).sum(1)
 
 
-def test_top_columns_are_the_keys_the_last_queries_attend_most():
+@pytest.mark.parametrize("how", [sparse.Estimation(),
+                                 sparse.Estimation("triton", interpret=True)],
+                         ids=["auto", "triton"])
+def test_top_columns_are_the_keys_the_last_queries_attend_most(how):
+    """Both paths of the choice: XLA's two-level top-k ("auto") and, named, the Triton
+    kernels (last-query sums, then the DSA top-k) in interpret mode."""
     q, k, _ = inputs()
     lengths = jnp.asarray(LENGTHS, jnp.int32)
-    geo = make_geometry(q, k, BLOCK, lengths, sparse.Estimation())
+    geo = make_geometry(q, k, BLOCK, lengths, how)
     cols = np.asarray(jax.jit(lambda q, k: top_columns(q, k, geo, 12))(q, k))
     assert cols.shape == (B, HQ, 12)
     for b, length in enumerate(LENGTHS):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxprefill.sparse import estimators as est
+from pallas_kernels import estimation
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
 from jaxprefill.sparse.flexprefill import (keep_after_uniform_prefix, mass_count_sort,
@@ -173,6 +174,16 @@ def test_minference_column_positions_equal_the_sort_reference(s, cap):
     np.testing.assert_array_equal(np.asarray(fast), want)
 
 
+KERNELS = ("triton", "mosaic_tpu")
+
+
+def kernel_top_positions(impl: str, count: int):
+    """estimation.top_positions on a kernel in interpret mode, jitted whole: the TPU
+    interpreter's callbacks must not meet eager dispatches (pallas_kernels.estimation)."""
+    return jax.jit(lambda x, valid: estimation.top_positions(x, valid, count, impl=impl,
+                                                             interpret=True))
+
+
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("m,count", [(2500, 16), (4099, 64), (300, 40), (37, 64), (64, 64)])
 def test_top_positions_equal_the_sort_reference(m, count, ties):
@@ -189,6 +200,12 @@ def test_top_positions_equal_the_sort_reference(m, count, ties):
         x[2, 3] = 0.5
         x[0, 1, ::3] = -0.0  # ties with the row's +0.0 entries
     got = np.asarray(jax.jit(select.top_positions, static_argnums=2)(x, valid, count))
+    # the kernels (interpret mode) and the stable-sort reference of pallas_kernels.estimation
+    kernels = [estimation.top_positions_reference(x, valid, count)]
+    if m >= 2500:  # rows within one register segment; longer rows: the next test
+        kernels += [kernel_top_positions(impl, count)(x, valid) for impl in KERNELS]
+    for other in kernels:
+        np.testing.assert_array_equal(np.asarray(other), got)
     c = min(count, m)
     sel = est.topk_mask_sort(jnp.asarray(x), jnp.asarray(valid), jnp.asarray(c))
     want = np.full((3, 4, c), -1)
@@ -200,6 +217,35 @@ def test_top_positions_equal_the_sort_reference(m, count, ties):
         first = np.flatnonzero(valid[2, 3])[:c]
         np.testing.assert_array_equal(got[2, 3, :len(first)], first)
     assert (got[1, 2] == -1).all() and (got[2, 1] >= 0).sum() == valid[2, 1].sum()
+
+
+@pytest.mark.parametrize("m", [20011, 40000])
+def test_top_positions_kernels_take_rows_longer_than_a_segment(m):
+    """Rows of several register segments (8192 entries on Triton, 32768 on the TPU kernel) go
+    through the tournament: each segment keeps its top c, and the top c of those is the row's.
+    A tie at the cut spanning segments (lower positions win), +0.0 / -0.0 ties, invalid
+    entries, a row with fewer valid entries than c, an empty row; the kernels in interpret
+    mode against the stable-sort reference and the XLA path."""
+    rng = np.random.default_rng(m)
+    x = rng.random((2, 3, m)).astype(np.float32)
+    valid = rng.random((2, 3, m)) < 0.9
+    x[0, 0, ::97] = 2.0  # more entries at the top value than c, in every segment
+    x[0, 1] = 0.0
+    x[0, 1, 1::2] = -0.0
+    valid[1, 0] = False
+    valid[1, 1] = False
+    valid[1, 1, -5:] = True  # 5 valid entries, the last ones
+    want = np.asarray(estimation.top_positions_reference(x, valid, 64))
+    np.testing.assert_array_equal(np.asarray(select.top_positions(x, valid, 64)), want)
+    for impl in KERNELS:
+        got = kernel_top_positions(impl, 64)(x, valid)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=impl)
+    tops = np.arange(0, m, 97)
+    np.testing.assert_array_equal(want[0, 0], tops[valid[0, 0, tops]][:64])
+    np.testing.assert_array_equal(want[0, 1], np.flatnonzero(valid[0, 1])[:64])
+    assert (want[1, 0] == -1).all()
+    np.testing.assert_array_equal(want[1, 1, :5], np.arange(m - 5, m))
+    assert (want[1, 1, 5:] == -1).all()
 
 
 @pytest.mark.parametrize("bits", [1, 2, 8])

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import BlockSparseLayout, with_columns
+from pallas_kernels import BlockSparseLayout, estimation, with_columns
 from jaxprefill.sparse import estimators as est
 from jaxprefill.sparse import select
 from jaxprefill.sparse.estimation import Estimation
@@ -39,6 +39,10 @@ def top_columns(q: jax.Array, k: jax.Array, geo: Geometry, count: int) -> jax.Ar
     valid = (jnp.arange(geo.S)[None, :] < geo.lengths[:, None])[:, None, :]
     c = max(1, min(count, geo.S))
     if not geo.estimation.sort:
+        how = geo.estimation
+        impl = how.backend("top_positions", rows=geo.B * geo.Hq, columns=geo.S)
+        if impl != "xla":
+            return estimation.top_positions(vert, valid, c, impl=impl, interpret=how.interpret)
         return select.top_positions(vert, valid, c)
     sel = est.topk_mask(vert, valid, jnp.asarray(c), how=geo.estimation)
     return ascending_positions(sel, c, geo.estimation)

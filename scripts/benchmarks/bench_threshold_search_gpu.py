@@ -3,7 +3,7 @@
     python -m scripts.benchmarks.bench_threshold_search_gpu --out DIR     # GPU
     python -m scripts.benchmarks.bench_threshold_search_gpu --tiny --out DIR   # CPU smoke run
 
-Three sections, in this order (each prints as it goes; timings:
+Three sections, run 2, 1, 3 (the shortest first; each prints as it goes; timings:
 ``scripts.common.timing.time_ms``):
 
 1. The mass-cut kernels (``pallas_kernels.estimation.mass_cut``, impl "triton") against the
@@ -20,8 +20,10 @@ Three sections, in this order (each prints as it goes; timings:
    calls are queued (``sample_ms=20``: device time per call, the launch hidden).
 2. The key-column choice (``jaxprefill.sparse.columns.top_columns``: 64 ascending positions
    per head) at [1, 9, 32768] and [1, 32, 131072]: ``select.top_positions`` (two top-k over
-   cells, the library's path) against the radix top-k mask + list compaction and one
-   ``lax.top_k`` over the whole row + a sort of the 64; all three must agree.
+   cells, the library's "auto" path) against the Triton kernel path
+   (``pallas_kernels.estimation.top_positions``: the DSA indexer's segment top-k and
+   tournament; opt-in until timed), the radix top-k mask + list compaction and one
+   ``lax.top_k`` over the whole row + a sort of the 64; all must agree.
 3. The radix search per digit width. ``jaxprefill.sparse.select`` finds a per-row cut fixing
    ``RADIX_BITS`` bits per dependent pass (32 / bits passes of 2^bits - 1 candidate cuts
    each): wide digits mean few passes (what short rows pay for: a kernel launch each) but more
@@ -186,8 +188,9 @@ COLUMN_SHAPES = {"smollm_keys32k": (1, 9, 32768), "keys128k": (1, 32, 131072)}
 TINY_COLUMNS = {"keys": (1, 4, 2048)}
 
 
-def run_columns(shapes: dict, reps: int, count: int = 64) -> tuple[list, bool]:
-    """Times the three ways to the key columns (module docstring); ok when all agree."""
+def run_columns(shapes: dict, reps: int, interpret: bool, count: int = 64
+                ) -> tuple[list, bool]:
+    """Times the ways to the key columns (module docstring); ok when all agree."""
     from jaxprefill.sparse.columns import ascending_positions
     from jaxprefill.sparse.estimation import Estimation
 
@@ -197,6 +200,8 @@ def run_columns(shapes: dict, reps: int, count: int = 64) -> tuple[list, bool]:
         valid = jnp.ones(shape, bool)
         variants = {
             "cells": lambda s: select.top_positions(s, valid, count),
+            "triton_topk": lambda s: estimation.top_positions(s, valid, count, impl="triton",
+                                                              interpret=interpret),
             "radix_mask": lambda s: ascending_positions(select.topk_mask(s, valid, count),
                                                         count, Estimation()),
             "top_k_row": lambda s: jnp.sort(jax.lax.top_k(s, count)[1], axis=-1),
@@ -227,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{default_bits}", flush=True)
     try:
         reps = 2 if args.tiny else args.reps
+        interpret = jax.default_backend() != "gpu"
+        columns, ok_columns = run_columns(TINY_COLUMNS if args.tiny else COLUMN_SHAPES, reps,
+                                          interpret)
         kernels, ok_kernels = run_kernels(TINY_KERNELS if args.tiny else KERNEL_SHAPES, reps,
-                                          interpret=jax.default_backend() != "gpu")
-        columns, ok_columns = run_columns(TINY_COLUMNS if args.tiny else COLUMN_SHAPES, reps)
+                                          interpret=interpret)
         results, ok = run(TINY if args.tiny else SHAPES, reps)
         ok &= ok_columns and ok_kernels
     finally:
