@@ -161,7 +161,8 @@ def block_sparse_attention(
     if name == "mosaic_gpu" and layout.has_columns:  # no column path in the kernel: Triton's
         triton_columns = functools.partial(_KERNELS["triton"], interpret=bool(interpret))
         out, lse = column_merge.with_merged_columns(_KERNELS[name], q, k, v, layout,
-                                                    columns=triton_columns, **kw)
+                                                    columns=triton_columns,
+                                                    columns_prior=True, **kw)
     else:
         out, lse = _KERNELS[name](q, k, v, layout, **kw)
     return (out, lse) if return_lse else out

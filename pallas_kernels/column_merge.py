@@ -10,7 +10,9 @@ twice. Exact: the result equals a kernel with a column path up to float rounding
 The column part runs as :func:`column_attention` (XLA; any device) or, on NVIDIA GPUs, as a
 kernel with a column path over :func:`columns_only` (no listed blocks): the Triton kernel then
 reads each query tile and its gathered columns once, where the XLA form moves float32 copies
-of q and of the output through memory.
+of q and of the output through memory. Given the blocks' result as its starting softmax
+(``prior``, ``columns_prior=True``), the Triton kernel also does the merge: one pass fewer
+over the output.
 
 Memory: query blocks go through ``lax.map`` in batches whose float32 logits stay within
 ``LOGITS_BYTES`` ([B, Hq, block_q, C] per query block, C the column list length).
@@ -112,14 +114,19 @@ def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,
 
 def with_merged_columns(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
                         layout: BlockSparseLayout, *, columns: Callable | None = None,
-                        **kw) -> tuple[jax.Array, jax.Array]:
+                        columns_prior: bool = False, **kw) -> tuple[jax.Array, jax.Array]:
     """``kernel`` (a blocks-only backend: (q, k, v, layout, **kw) -> (out, lse)) over the
     layout's blocks, merged with the attention over its columns: ``columns`` (a backend with
     a column path, the same signature; run over :func:`columns_only`) or, when None,
-    :func:`column_attention`. Returns (out in q.dtype, lse float32)."""
+    :func:`column_attention`. ``columns_prior``: ``columns`` takes ``prior=(out, lse)``, the
+    blocks' result, and returns the merged softmax itself (the Triton kernel). Returns (out in
+    q.dtype, lse float32)."""
     blocks = dataclasses.replace(layout, col_idx=None, col_cnt=None)
     out_b, lse_b = kernel(q, k, v, blocks, **kw)
     cols = {key: kw[key] for key in ("causal", "sm_scale", "q_offset", "segment_ids") if key in kw}
+    if columns is not None and columns_prior:
+        out, lse = columns(q, k, v, columns_only(layout), prior=(out_b, lse_b), **cols)
+        return out.astype(q.dtype), lse
     if columns is None:
         out_c, lse_c = column_attention(q, k, v, layout, **cols)
     else:

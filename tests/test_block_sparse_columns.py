@@ -228,12 +228,13 @@ def test_triton_columns_compiled_matches_numpy():
         assert_close(out, lse, *p.reference(), low_precision=True)
 
 
-@pytest.mark.parametrize("columns", ["xla", "triton"])
+@pytest.mark.parametrize("columns", ["xla", "triton", "triton_prior"])
 @pytest.mark.parametrize("cfg", sorted(CFGS))
 def test_columns_merged_outside_a_blocks_only_kernel_match_numpy(cfg, columns):
     """The column path of backends without one (Mosaic GPU): the XLA kernel over the blocks
     alone, the columns in XLA or by the Triton kernel (interpret mode) over the columns alone,
-    merged by logsumexp (column_merge) == the float64 reference with columns; rows with only
+    merged by logsumexp (column_merge), or by the Triton kernel starting from the blocks'
+    softmax (``prior``, no merge pass) == the float64 reference with columns; rows with only
     columns and empty rows included (0, lse -inf, no NaN)."""
     from pallas_kernels.column_merge import with_merged_columns
     from pallas_kernels.xla.block_sparse_xla import block_sparse_attention_xla
@@ -247,7 +248,7 @@ def test_columns_merged_outside_a_blocks_only_kernel_match_numpy(cfg, columns):
     seg = None if p.seg_q is None else SegmentIds(jnp.asarray(p.seg_q), jnp.asarray(p.seg_kv))
     out, lse = jax.jit(lambda q, k, v, lay, off: with_merged_columns(
         block_sparse_attention_xla, q, k, v, lay, columns=col_kernel, causal=True, q_offset=off,
-        segment_ids=seg))(jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(),
+        segment_ids=seg, columns_prior=columns == "triton_prior"))(jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(),
                           jnp.asarray(p.q_offset))
     assert out.dtype == p.q.dtype and not np.isnan(np.asarray(out, np.float32)).any()
     try:
@@ -277,3 +278,34 @@ def test_mosaic_gpu_takes_columns_by_merge(monkeypatch):
     assert_close(out, lse, *p.reference(), low_precision=True)
     mosaic_backend = next(b for b in attention.BACKENDS if b.name == "mosaic_gpu")
     assert mosaic_backend.prefer_not(attention.BlockSparseCall(p.q, p.k, p.v, p.layout())) is None
+
+
+def test_merged_columns_lower_for_cuda_with_the_triton_kernel_continuing_the_blocks(monkeypatch):
+    """On a (pretend) Hopper, a column layout through impl="mosaic_gpu" lowers to Mosaic GPU
+    over the blocks and one Triton call over the columns that takes the blocks' output and lse
+    as its starting softmax: no separate merge of the two outputs is traced."""
+    from pallas_kernels import attention, backends
+    from pallas_kernels.gpu import block_sparse_triton
+
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    monkeypatch.setattr(attention.mosaic_common, "is_hopper", lambda: True)
+    seen = []
+    real = block_sparse_triton.block_sparse_attention_triton
+
+    def spy(*a, prior=None, **kw):
+        seen.append(prior is not None)
+        return real(*a, prior=prior, **kw)
+
+    monkeypatch.setitem(attention._KERNELS, "triton", spy)
+    p = random_problem(3, B=1, Sq=512, Sk=512, Hq=9, Hkv=3, Dqk=64, Dv=64, block_q=128,
+                       block_k=128, per_kv_head=False, density=0.3, empty_row_frac=0.0,
+                       columns=20, dtype=jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, lay: block_sparse_attention(q, k, v, lay, impl="mosaic_gpu"))
+    text = fn.trace(jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v),
+                    p.layout()).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "block_sparse_attention_triton" in text
+    assert seen == [True]
+    with pytest.raises(ValueError, match="BLASST"):
+        real(jnp.asarray(p.q), jnp.asarray(p.k), jnp.asarray(p.v), p.layout(),
+             blasst_threshold=0.5, prior=(jnp.asarray(p.q), jnp.zeros((1, 9, 512))),
+             interpret=True)

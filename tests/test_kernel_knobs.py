@@ -39,9 +39,13 @@ def mosaic_stand_in(monkeypatch):
     monkeypatch.setattr(kernels.backends, "platform", lambda: "gpu")
     monkeypatch.setattr(kernels.mosaic_common, "is_hopper", lambda: True)
     monkeypatch.setitem(kernels._KERNELS, "mosaic_gpu", stand_in)
-    # XAttention's key columns run on Triton beside Mosaic GPU's blocks (merged), here on XLA
-    monkeypatch.setitem(kernels._KERNELS, "triton", lambda *a, interpret=False, **kw:
-                        kernels.block_sparse_attention_xla(*a, **kw))
+    # XAttention's key columns run on Triton after Mosaic GPU's blocks, continuing their
+    # softmax (prior); here on XLA, merged
+    def columns(*a, interpret=False, prior=None, **kw):
+        out, lse = kernels.block_sparse_attention_xla(*a, **kw)
+        return kernels.column_merge.merge(*prior, out, lse)
+
+    monkeypatch.setitem(kernels._KERNELS, "triton", columns)
     return seen
 
 

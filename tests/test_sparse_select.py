@@ -248,6 +248,19 @@ def test_top_positions_kernels_take_rows_longer_than_a_segment(m):
     assert (want[1, 1, 5:] == -1).all()
 
 
+def test_top_positions_kernel_lowers_for_cuda(monkeypatch):
+    """The key columns' shape at 32K on SmolLM2 ([1, 9, 32768], 64 columns) on a pretend GPU:
+    segment top-k calls (the segments, then the tournament over their winners)."""
+    from pallas_kernels import backends
+
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    sds = jax.ShapeDtypeStruct
+    fn = jax.jit(lambda x, valid: estimation.top_positions(x, valid, 64, impl="triton"))
+    text = fn.trace(sds((1, 9, 32768), jnp.float32), sds((1, 1, 32768), jnp.bool_)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("dsa_segment_topk_triton") >= 2
+
+
 @pytest.mark.parametrize("bits", [1, 2, 8])
 def test_radix_search_equals_binary_search(bits):
     """The cut search fixes RADIX_BITS bits per pass; any digit width gives the bit-by-bit

@@ -28,6 +28,10 @@ its KV head; it loops over the listed blocks with ``pl.ds(kv_idx[t] * block_k, b
   power of two of ``block_k`` chunks; ``col_cnt`` rides in the metadata's 4th slot) in chunks
   of ``block_k`` positions, gathering K/V rows with a vector index (``k_ref[pos, :]``) and
   masking by the gathered positions (causal, segment ids, padding past ``col_cnt``).
+- A prior softmax (``prior=(out, lse)``: a blocks-only kernel's result over other keys of the
+  same rows) starts the online softmax instead of an empty one: ``acc = out``, ``m = lse``
+  (base 2), ``l = 1`` (0 for rows it left empty), so the result is one softmax over both key
+  sets and the separate log-sum-exp merge pass (``pallas_kernels.column_merge``) is not needed.
 - BLASST (``blasst_threshold``): rows whose tile max is below their running max by more than
   ``ln(lambda)`` get zero probabilities; a tile that every row skips takes a ``lax.cond`` branch
   that skips the exp, the V load and the P.V MMA (the Q.K MMA is needed for the decision).
@@ -58,11 +62,13 @@ from pallas_kernels.online_softmax import normalize_rows
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
-            causal: bool, qk_scale: float, has_seg: bool, has_cols: bool,
+            causal: bool, qk_scale: float, has_seg: bool, has_cols: bool, has_prior: bool,
             log2_thr: float | None, n_sub: int, bq_sub: int, gk: int, bk: int, seq_k: int,
             precision: Any, n_alias: int):
     if has_cols:
         col_ref, rest = rest[0], rest[1:]
+    if has_prior:
+        po_ref, plse_ref, rest = rest[0], rest[1], rest[2:]
     rest = rest[n_alias:]  # skip the aliased poison inputs
     if has_seg:
         qs_ref, ks_ref, o_ref, lse_ref = rest
@@ -137,11 +143,16 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, meta_ref, *rest,
         return fold(carry, k, lambda: v_ref[kpos, :], ok)
 
     dv = o_ref.shape[-1]
-    carry = (
-        jnp.zeros((m_rows, dv), jnp.float32),
-        jnp.full((m_rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((m_rows,), jnp.float32),
-    )
+    if has_prior:  # the prior's normalized output weighs exp2(lse2 - m) = 1 at m = lse2
+        m0 = plse_ref[...].reshape(m_rows) * _LOG2E
+        carry = (po_ref[...].reshape(m_rows, dv).astype(jnp.float32), m0,
+                 jnp.where(m0 == -jnp.inf, 0.0, 1.0))
+    else:
+        carry = (
+            jnp.zeros((m_rows, dv), jnp.float32),
+            jnp.full((m_rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((m_rows,), jnp.float32),
+        )
     carry = lax.fori_loop(0, n_full, functools.partial(block_body, masked=False), carry)
     carry = lax.fori_loop(n_full, cnt, functools.partial(block_body, masked=True), carry)
     if has_cols:
@@ -173,6 +184,7 @@ def block_sparse_attention_triton(
     pack_gqa: bool | None = None,
     poison_output: bool = False,
     f32_dot: str = "tf32x3",
+    prior: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas GPU (Triton lowering) block-sparse attention.
 
@@ -196,6 +208,10 @@ def block_sparse_attention_triton(
             ignored for 16-bit inputs and in interpret mode (exact there). H100, S=8192,
             causal (docs/performance.md): max error / max |out| 5-7e-7 for tf32x3 and 3-4e-7
             for ieee and for XLA's block gather, which tf32x3 outruns 2.7-5.1x.
+        prior: ``(out [B, Sq, Hq, Dv], lse [B, Hq, Sq])`` of attention over a key set disjoint
+            from this layout's (a blocks-only kernel's result, for the column merge): the
+            result is the softmax over both (module docstring). Not with BLASST, whose skip
+            test needs the running max of logits.
         Others: see ``block_sparse_attention``.
     Returns:
         ``out [B, Sq, Hq, Dv]`` (``q.dtype``), ``lse [B, Hq, Sq]`` float32.
@@ -214,6 +230,8 @@ def block_sparse_attention_triton(
     log_thr = _prep.blasst_log_threshold(blasst_threshold)
     log2_thr = None if log_thr is None else log_thr * _LOG2E  # the kernel works in base 2
     has_cols = layout.has_columns
+    if prior is not None and log2_thr is not None:
+        raise ValueError("block_sparse_attention_triton: a prior softmax does not go with BLASST")
 
     can_pack = d.Hl == d.Hkv and d.G > 1 and _is_pow2(d.G)
     pack = can_pack and (pack_gqa if pack_gqa is not None else bq < block_m)
@@ -268,6 +286,12 @@ def block_sparse_attention_triton(
                 [cidx, jnp.repeat(cidx[..., -1:], c_p - cidx.shape[-1], axis=-1)], axis=-1)
         in_specs.append(pl.BlockSpec((None, None, None, c_p), row_map))
         args.append(cidx)
+    if prior is not None:  # in the kernel's own layouts: [B, S, hp, gk, Dv], lse [B, S, hp, gk]
+        p_out, p_lse = prior
+        p_out = _prep.pad_axis(_prep.pad_axis(p_out, 1, sq_pad), 3, dv_p)
+        p_lse = _prep.pad_axis(p_lse.astype(jnp.float32).transpose(0, 2, 1), 1, sq_pad)
+        in_specs += [o_spec, lse_spec]
+        args += [p_out.reshape(d.B, sq_pad, hp, gk, dv_p), p_lse.reshape(d.B, sq_pad, hp, gk)]
     n_fixed = len(args)
     if seg is not None:
         in_specs += [pl.BlockSpec((None, bq_sub), lambda h, b, s: (b, i_of(s))),
@@ -296,7 +320,7 @@ def block_sparse_attention_triton(
     precision = f32_dot_precision(f32_dot, q.dtype, interpret)
     kernel = functools.partial(
         _kernel, causal=causal, qk_scale=scale * _LOG2E, has_seg=seg is not None,
-        has_cols=has_cols, log2_thr=log2_thr, n_sub=n_sub,
+        has_cols=has_cols, has_prior=prior is not None, log2_thr=log2_thr, n_sub=n_sub,
         bq_sub=bq_sub, gk=gk, bk=bk, seq_k=d.Sk, precision=precision, n_alias=n_alias)
     out, lse = pl.pallas_call(
         kernel,

@@ -2,13 +2,15 @@
 
 One block-sparse attention call at the 32K SmolLM2 shapes (9 query / 3 KV heads of 64, bf16,
 blocks of 128, per-KV-head lists at ``--density``, ``--columns`` random key columns a row),
-timed four ways in one run, each output compared with Triton's:
+timed five ways in one run, each output compared with Triton's:
 
   * ``triton``: the Triton kernel with its column path (what "auto" runs for such layouts);
   * ``mosaic_blocks``: Mosaic GPU over the listed blocks only (no columns: the floor);
   * ``mosaic+xla_columns``: Mosaic GPU, the columns in XLA (`column_merge.column_attention`);
-  * ``mosaic+triton_columns``: Mosaic GPU, the columns by the Triton kernel over the columns
-    alone (`impl="mosaic_gpu"` now), merged by logsumexp.
+  * ``mosaic+triton_columns_merge``: Mosaic GPU, the columns by the Triton kernel over the
+    columns alone, merged by logsumexp in XLA (the previous library path);
+  * ``mosaic+triton_columns``: Mosaic GPU, then the Triton kernel over the columns starting
+    from the blocks' softmax (``prior``: no merge pass; `impl="mosaic_gpu"` now).
 
     python -m scripts.benchmarks.bench_column_merge_gpu --out DIR
 """
@@ -27,6 +29,7 @@ import numpy as np
 from pallas_kernels import block_sparse_attention
 from pallas_kernels.column_merge import with_merged_columns
 from pallas_kernels.gpu.block_sparse_mosaic import block_sparse_attention_mosaic
+from pallas_kernels.gpu.block_sparse_triton import block_sparse_attention_triton
 from pallas_kernels.testing import random_problem
 from scripts.common.timing import time_ms
 
@@ -52,6 +55,9 @@ def main(argv=None) -> int:
             q, k, v, blocks, impl="mosaic_gpu")),
         "mosaic+xla_columns": jax.jit(lambda q, k, v, lay: with_merged_columns(
             block_sparse_attention_mosaic, q, k, v, lay, causal=True)[0]),
+        "mosaic+triton_columns_merge": jax.jit(lambda q, k, v, lay: with_merged_columns(
+            block_sparse_attention_mosaic, q, k, v, lay, causal=True,
+            columns=block_sparse_attention_triton)[0]),
         "mosaic+triton_columns": jax.jit(lambda q, k, v, lay: block_sparse_attention(
             q, k, v, lay, impl="mosaic_gpu")),
     }
