@@ -86,6 +86,7 @@ from pallas_kernels import estimation as pk_estimation
 from pallas_kernels.layout import structured_layout
 from scripts.benchmarks.bench_sparse_ttft_gpu import (POLICIES, engine_config, llama3_8b_shapes,
                                                       path_spec, policy_config, ttft)
+from scripts.common.model_args import add_model_source
 from scripts.common.timing import time_ms
 
 NAME = "bench_sparse_stages_gpu"
@@ -459,12 +460,7 @@ def load(args: argparse.Namespace) -> tuple[Any, list[int], str]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a bundled model name or a model path (real weights)")
-    src.add_argument("--gguf", help="a .gguf file (real weights)")
-    p.add_argument("--adapter", help="an adapter over --model / --gguf (jp.load's adapter=: a "
-                   ".safetensors file or a training run's output_dir)")
-    p.add_argument("--task", default="passkey", help="jaxprefill eval task of a real prompt")
+    add_model_source(p)
     p.add_argument("--layers", type=int, help="layers of the random model (default 2)")
     p.add_argument("--layer", type=int, help="the layer whose q/k/v the stages use (default: "
                    "the middle one)")
