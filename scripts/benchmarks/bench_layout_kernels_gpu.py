@@ -48,6 +48,7 @@ from pallas_kernels import block_sparse_attention, block_sparse_backend
 from pallas_kernels.gpu.block_sparse_mosaic import BlockSparseMosaicConfig
 from pallas_kernels.layout import structured_layout
 from scripts.benchmarks.bench_sparse_stages_gpu import load, policy_spec
+from scripts.benchmarks.synthetic_weights import add_weights_arg
 from scripts.common.model_args import add_model_source
 from scripts.common.timing import time_ms
 
@@ -59,6 +60,7 @@ DEFAULT_MOSAIC = ('{}', '{"persistent": true}', '{"num_stages": 3}', '{"order": 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_source(p)
+    add_weights_arg(p)
     p.add_argument("--seq", type=int, default=32768)
     p.add_argument("--at", type=int, nargs="+", help="layers (default: three spread over it)")
     p.add_argument("--policies", nargs="+", default=["xattention", "flexprefill"],

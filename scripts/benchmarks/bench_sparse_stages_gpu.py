@@ -3,8 +3,8 @@
   python -m scripts.benchmarks.bench_sparse_stages_gpu --layers 2 --seq 131072 --chunk 16384 \
       --out $OUT
 
-Model: Llama-3-8B shapes, random weights, `--layers` layers, `--seq` random tokens (as
-bench_sparse_ttft_gpu); or `--model NAME|PATH` / `--gguf PATH` (e.g. the bundled
+Model: Llama-3-8B shapes, random weights (`--weights local`: local attention by construction,
+synthetic_weights), `--layers` layers, `--seq` random tokens (as bench_sparse_ttft_gpu); or `--model NAME|PATH` / `--gguf PATH` (e.g. the bundled
 `smollm2-135m-32k`, all its layers) with a real `jaxprefill eval` prompt of about `--seq` tokens
 (`--task`). `--tiny`: a tiny float32 model, one sample per stage (CPU smoke run). Engine paths:
 chunked (`--chunk`-token chunks against the cached prefix; the cache view is one bucket of
@@ -86,6 +86,7 @@ from pallas_kernels import estimation as pk_estimation
 from pallas_kernels.layout import structured_layout
 from scripts.benchmarks.bench_sparse_ttft_gpu import (POLICIES, engine_config, llama3_8b_shapes,
                                                       path_spec, policy_config, ttft)
+from scripts.benchmarks.synthetic_weights import add_weights_arg, random_llama
 from scripts.common.model_args import add_model_source
 from scripts.common.timing import time_ms
 
@@ -451,17 +452,17 @@ def load(args: argparse.Namespace) -> tuple[Any, list[int], str]:
         return model, ids, (f"{source}{with_adapter} ({model.config.num_layers} layers), "
                             f"{args.task} prompt")
     cfg = llama3_8b_shapes(args.layers or 2, args.tiny)
-    dtype = jnp.dtype(args.dtype)
-    model = jp.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
+    model, weights = random_llama(cfg, jnp.dtype(args.dtype), args.weights)
     ids = np.random.default_rng(0).integers(1, cfg.vocab_size, args.seq).tolist()
     what = "tiny Llama" if args.tiny else "Llama-3-8B shapes"
-    return model, ids, f"{what}, {cfg.num_layers} layers, random weights, random tokens"
+    return model, ids, f"{what}, {cfg.num_layers} layers, {weights}, random tokens"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_source(p)
     p.add_argument("--layers", type=int, help="layers of the random model (default 2)")
+    add_weights_arg(p)
     p.add_argument("--layer", type=int, help="the layer whose q/k/v the stages use (default: "
                    "the middle one)")
     p.add_argument("--seq", type=int, default=32768)

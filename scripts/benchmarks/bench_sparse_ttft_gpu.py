@@ -6,7 +6,9 @@
 
 Default model: Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab
 128256) with random bf16 weights and `--layers` decoder layers (a few: compile time; report
-TTFT per layer too), on a prompt of `--seq` random tokens. `--model` (a `jp.load` source,
+TTFT per layer too), on a prompt of `--seq` random tokens; `--weights local` gives that model
+local attention by construction (scripts/benchmarks/synthetic_weights.py: plain random weights
+leave the data-dependent policies nothing to skip). `--model` (a `jp.load` source,
 `--adapter` too) times a real model instead, all its layers, in bf16, on a real prompt: the
 eval's test-split NIAH prompt of up to `--seq` tokens over prose. One request,
 max_new_tokens=1, so TTFT is the whole prefill plus the first token's sampling. Two engine
@@ -38,11 +40,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import jaxprefill as jp
 from jaxprefill.infer import Engine, EngineConfig, Request
 from jaxprefill.sparse import SparseConfig
+from scripts.benchmarks.synthetic_weights import add_weights_arg, random_llama
 
 POLICIES = {
     "dense": None,
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=["chunked", "row"])
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
     p.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    add_weights_arg(p)
     p.add_argument("--model", help="a jp.load source (bundled name, directory, .gguf) instead "
                    "of random Llama-3-8B shapes; --layers is then ignored")
     p.add_argument("--adapter", help="with --model: an adapter applied while loading")
@@ -147,8 +150,8 @@ def main() -> None:
         what = f"{args.model}{' + ' + args.adapter if args.adapter else ''} (real weights, bf16)"
     else:
         cfg = llama3_8b_shapes(args.layers, args.tiny)
-        model = jp.Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-        what = f"{args.layers} layers of Llama-3-8B shapes (random bf16)"
+        model, weights = random_llama(cfg, dtype, args.weights)
+        what = f"{args.layers} layers of Llama-3-8B shapes ({weights}, bf16)"
         prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, args.seq).tolist()
     print(f"prompt {len(prompt)} tokens; model init {time.perf_counter() - t0:.1f}s; "
           f"{jax.devices()[0].device_kind}", flush=True)

@@ -40,6 +40,7 @@ import numpy as np
 from jaxprefill.infer import Engine, Request
 from scripts.benchmarks.bench_sparse_stages_gpu import buckets, load, policy_spec
 from scripts.benchmarks.bench_sparse_ttft_gpu import engine_config, path_spec
+from scripts.benchmarks.synthetic_weights import add_weights_arg
 from scripts.common.model_args import add_model_source
 
 # (class, pattern on the lower-cased op name); the first match wins
@@ -168,6 +169,7 @@ def markdown(result: dict) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_source(p)
+    add_weights_arg(p)
     p.add_argument("--seq", type=int, default=32768)
     p.add_argument("--path", choices=["row", "chunked"], default="row")
     p.add_argument("--chunk", type=int, default=4096)
