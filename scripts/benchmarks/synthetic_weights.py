@@ -62,8 +62,10 @@ def localize(model: jp.Llama, *, seed: int = 0, noise: float = 0.3, head_noise: 
     rng = np.random.default_rng(seed)
     u = rng.standard_normal(e)
     u /= np.linalg.norm(u) / math.sqrt(e)  # RMS 1, as after the attention norm
-    emb = u[None] + noise * rng.standard_normal((cfg.vocab_size, e))
-    model.embed[...] = jnp.asarray(emb, model.embed[...].dtype)
+    # drawn on the device: the table is [V, E] (525M values at Llama-3-8B's shapes)
+    table = model.embed[...]
+    noisy = jax.random.normal(jax.random.key(seed), table.shape, jnp.float32)
+    model.embed[...] = (jnp.asarray(u, jnp.float32)[None] + noise * noisy).astype(table.dtype)
     # |W^T u|^2 ~ d * std^2 * e; over sqrt(d): the logit at offset 0
     std = math.sqrt(logit / (math.sqrt(d) * e))
     for layer in model.layers:
