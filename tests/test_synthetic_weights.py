@@ -1,4 +1,4 @@
-"""scripts.benchmarks.synthetic_weights: random Llama weights with local attention by
+"""scripts.common.synthetic_weights: random Llama weights with local attention by
 construction (for speed runs where plain random weights make every policy dense)."""
 
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 from jaxprefill import sparse
 from jaxprefill.eval.probe import layer_qkv
 from scripts.benchmarks.bench_sparse_ttft_gpu import llama3_8b_shapes
-from scripts.benchmarks.synthetic_weights import local_mass, random_llama
+from scripts.common.synthetic_weights import local_mass, random_llama
 
 
 def test_local_weights_concentrate_attention_near_the_query_in_every_layer():

@@ -48,8 +48,8 @@ from pallas_kernels import block_sparse_attention, block_sparse_backend
 from pallas_kernels.gpu.block_sparse_mosaic import BlockSparseMosaicConfig
 from pallas_kernels.layout import structured_layout
 from scripts.benchmarks.bench_sparse_stages_gpu import load, policy_spec
-from scripts.benchmarks.synthetic_weights import add_weights_arg
 from scripts.common.model_args import add_model_source
+from scripts.common.synthetic_weights import add_weights_arg
 from scripts.common.timing import time_ms
 
 NAME = "bench_layout_kernels_gpu"

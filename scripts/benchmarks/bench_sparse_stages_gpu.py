@@ -4,7 +4,8 @@
       --out $OUT
 
 Model: Llama-3-8B shapes, random weights (`--weights local`: local attention by construction,
-synthetic_weights), `--layers` layers, `--seq` random tokens (as bench_sparse_ttft_gpu); or `--model NAME|PATH` / `--gguf PATH` (e.g. the bundled
+scripts/common/synthetic_weights.py), `--layers` layers, `--seq` random tokens (as
+bench_sparse_ttft_gpu); or `--model NAME|PATH` / `--gguf PATH` (e.g. the bundled
 `smollm2-135m-32k`, all its layers) with a real `jaxprefill eval` prompt of about `--seq` tokens
 (`--task`). `--tiny`: a tiny float32 model, one sample per stage (CPU smoke run). Engine paths:
 chunked (`--chunk`-token chunks against the cached prefix; the cache view is one bucket of
@@ -86,8 +87,8 @@ from pallas_kernels import estimation as pk_estimation
 from pallas_kernels.layout import structured_layout
 from scripts.benchmarks.bench_sparse_ttft_gpu import (POLICIES, engine_config, llama3_8b_shapes,
                                                       path_spec, policy_config, ttft)
-from scripts.benchmarks.synthetic_weights import add_weights_arg, random_llama
 from scripts.common.model_args import add_model_source
+from scripts.common.synthetic_weights import add_weights_arg, random_llama
 from scripts.common.timing import time_ms
 
 NAME = "bench_sparse_stages_gpu"

@@ -7,7 +7,7 @@
 Default model: Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab
 128256) with random bf16 weights and `--layers` decoder layers (a few: compile time; report
 TTFT per layer too), on a prompt of `--seq` random tokens; `--weights local` gives that model
-local attention by construction (scripts/benchmarks/synthetic_weights.py: plain random weights
+local attention by construction (scripts/common/synthetic_weights.py: plain random weights
 leave the data-dependent policies nothing to skip). `--model` (a `jp.load` source,
 `--adapter` too) times a real model instead, all its layers, in bf16, on a real prompt: the
 eval's test-split NIAH prompt of up to `--seq` tokens over prose. One request,
@@ -44,7 +44,7 @@ import numpy as np
 import jaxprefill as jp
 from jaxprefill.infer import Engine, EngineConfig, Request
 from jaxprefill.sparse import SparseConfig
-from scripts.benchmarks.synthetic_weights import add_weights_arg, random_llama
+from scripts.common.synthetic_weights import add_weights_arg, random_llama
 
 POLICIES = {
     "dense": None,

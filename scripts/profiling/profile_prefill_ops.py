@@ -40,8 +40,8 @@ import numpy as np
 from jaxprefill.infer import Engine, Request
 from scripts.benchmarks.bench_sparse_stages_gpu import buckets, load, policy_spec
 from scripts.benchmarks.bench_sparse_ttft_gpu import engine_config, path_spec
-from scripts.benchmarks.synthetic_weights import add_weights_arg
 from scripts.common.model_args import add_model_source
+from scripts.common.synthetic_weights import add_weights_arg
 
 # (class, pattern on the lower-cased op name); the first match wins
 CLASSES = [

@@ -24,9 +24,8 @@ lines besides the noise), so accuracy means nothing here; only densities and tim
 
 from __future__ import annotations
 
-import math
-
 import argparse
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ WEIGHTS = {"random": "random weights",
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=sorted(WEIGHTS), default="random",
                    help="the random model's weights: plain random, or with local attention by "
-                   "construction (scripts/benchmarks/synthetic_weights.py)")
+                   "construction (scripts/common/synthetic_weights.py)")
 
 
 def random_llama(cfg: jp.ModelConfig, dtype, weights: str) -> tuple[jp.Llama, str]:
